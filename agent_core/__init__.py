@@ -1,0 +1,1 @@
+"""AutoCode's agent: plan -> execute -> evaluate -> repair."""

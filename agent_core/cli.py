@@ -1,0 +1,187 @@
+"""The `autocode` command line: run, chat, history, show."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent_core.config import ConfigError, Settings, load_dotenv_file
+from tools.registry import ToolError
+
+EXIT_OK, EXIT_UNSATISFACTORY, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autocode", description="AutoCode: an AI code agent for teams.")
+    parser.add_argument("--db", type=Path, help="SQLite file (default $AUTOCODE_DB or ./autocode.db)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one task and print the answer")
+    run.add_argument("task")
+    run.add_argument("--conversation", default="console", help="conversation key (follow-ups see its history)")
+    run.add_argument("--tools", type=Path, help="Python file defining TOOLS = [...] (default $AUTOCODE_TOOLS)")
+    run.add_argument("--max-iterations", type=int, help="plan/repair iterations (default 3)")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    chat = sub.add_parser("chat", help="a console conversation with live progress")
+    chat.add_argument("--conversation", default="console")
+    chat.add_argument("--tools", type=Path)
+    chat.add_argument("--max-iterations", type=int)
+
+    history = sub.add_parser("history", help="recent runs, or one conversation's messages")
+    history.add_argument("--conversation")
+    history.add_argument("--limit", type=int, default=20)
+
+    show = sub.add_parser("show", help="everything about one run")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    load_dotenv_file()
+    try:
+        settings = Settings.from_env().with_overrides(
+            db_path=args.db,
+            tools_file=getattr(args, "tools", None),
+            max_iterations=getattr(args, "max_iterations", None),
+        )
+        if args.command in ("run", "chat"):
+            return asyncio.run(_run_or_chat(args, settings))
+        return _history(args, settings) if args.command == "history" else _show(args, settings)
+    except (ConfigError, ToolError) as exc:
+        print(f"autocode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_core.app import build_agent
+    from bots.console import ConsoleRenderer, chat
+
+    settings.require_llm()
+    agent = build_agent(settings)
+    try:
+        if args.command == "chat":
+            return await chat(agent, args.conversation)
+        if not args.json:
+            agent.events.subscribe(ConsoleRenderer(sys.stderr))
+        result = await agent.run(args.task, args.conversation)
+    finally:
+        await agent.llm.close()
+        agent.storage.close()
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+    elif result.status == "succeeded":
+        print(result.answer)
+    else:
+        print(f"Run {result.run_id} {result.status}: {result.error}", file=sys.stderr)
+        if result.answer:
+            print(result.answer)
+    return EXIT_OK if result.status == "succeeded" else EXIT_UNSATISFACTORY
+
+
+def _open_storage(settings: Settings):
+    from storage.db import Storage
+
+    if not settings.db_path.exists():
+        raise ConfigError(f"no database at {settings.db_path} (nothing has run yet, or set AUTOCODE_DB)")
+    return Storage(settings.db_path)
+
+
+def _history(args: argparse.Namespace, settings: Settings) -> int:
+    storage = _open_storage(settings)
+    if args.conversation:
+        for message in storage.recent_messages(args.conversation, max_chars=10**9)[-args.limit:]:
+            who = "you" if message["role"] == "user" else "autocode"
+            print(f"{message['created_at'][:19]}  {who:>8}  [{message['run_id']}]  {message['text']}")
+    else:
+        for run in storage.list_runs(limit=args.limit):
+            print(f"{run['id']}  {run['created_at'][:19]}  {run['status']:<9}  {run['conversation']:<16}  "
+                  f"{_one_line(run['task'], 70)}")
+    return EXIT_OK
+
+
+def _one_line(text: str | None, limit: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_details(storage: Any, run_id: str) -> dict[str, Any] | None:
+    run = storage.get_run(run_id)
+    if run is None:
+        return None
+    decode = lambda text: None if text is None else json.loads(text)  # noqa: E731
+    return {
+        "run": {**{k: v for k, v in run.items() if k != "plan_json"}, "plan": decode(run["plan_json"])},
+        "steps": [{**{k: v for k, v in s.items() if k != "output_json"}, "output": decode(s["output_json"])}
+                  for s in storage.steps(run_id)],
+        "evaluations": [{**{k: v for k, v in e.items() if k != "evaluation_json"},
+                         "evaluation": decode(e["evaluation_json"])} for e in storage.evaluations(run_id)],
+        "llm_calls": storage.llm_calls(run_id),
+        "usage": storage.usage(run_id),
+    }
+
+
+def _show(args: argparse.Namespace, settings: Settings) -> int:
+    details = run_details(_open_storage(settings), args.run_id)
+    if details is None:
+        print(f"autocode: no run {args.run_id}", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
+    if args.json:
+        print(json.dumps(details, ensure_ascii=False, indent=2))
+        return EXIT_OK
+    run = details["run"]
+    print(f"Run {run['id']} · {run['status']} · conversation {run['conversation']} · {run['iterations']} iteration(s)")
+    print(f"Task: {run['task']}")
+    if run["answer"]:
+        print(f"Answer: {run['answer']}")
+    if run["error"]:
+        print(f"Error: {run['error']}")
+    for iteration in sorted({s["iteration"] for s in details["steps"]} | {e["iteration"] for e in details["evaluations"]}):
+        print(f"\n=== Iteration {iteration}")
+        for step in (s for s in details["steps"] if s["iteration"] == iteration):
+            print(f"--- [{step['position'] + 1}] {step['tool_name']}: {step['status']} ({step['duration_ms']} ms)")
+            print(_indent(step["code"]))
+            if step["output"] is not None:
+                print("  output: " + _one_line(json.dumps(step["output"], ensure_ascii=False), 500))
+            for name in ("stdout", "stderr"):
+                if (step[name] or "").strip():
+                    print(f"  {name}:\n" + _indent(step[name].rstrip(), 4))
+            if step["error"]:
+                print(f"  error: {step['error']}")
+            if step["traceback"]:
+                print(_indent(step["traceback"].rstrip(), 4))
+        for evaluation in (e for e in details["evaluations"] if e["iteration"] == iteration):
+            verdict = "satisfactory" if evaluation["satisfactory"] else f"retry from {evaluation['retry_from'] or '-'}"
+            print(f"--- evaluator: {verdict}. {evaluation['thoughts']}")
+    print("\nLLM calls:")
+    for call in details["llm_calls"]:
+        error = f"  error: {call['error']}" if call["error"] else ""
+        print(f"  {call['purpose']:<9} it={call['iteration'] or '-'}  {call['model']}  {call['response_format']:<11} "
+              f"{call['duration_ms']:>6} ms  {call['prompt_tokens']}+{call['completion_tokens']} tokens{error}")
+    usage = details["usage"]
+    print(f"Total: {usage['llm_calls']} calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+          "completion tokens")
+    return EXIT_OK
+
+
+def _indent(text: str | None, spaces: int = 4) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in (text or "").splitlines())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

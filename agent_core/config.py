@@ -1,0 +1,115 @@
+"""All configuration, read from the environment (and a `.env` file) in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_MODEL = "gpt-4o-mini"
+
+LLM_SETUP_HELP = """\
+No LLM is configured. AutoCode talks to any OpenAI-compatible endpoint:
+  OpenAI:     export OPENAI_API_KEY=sk-...            (optional: AUTOCODE_MODEL=gpt-4o-mini)
+  Ollama:     export OPENAI_BASE_URL=http://localhost:11434/v1 AUTOCODE_MODEL=qwen2.5-coder:7b
+  llama.cpp:  export OPENAI_BASE_URL=http://localhost:8080/v1
+  vLLM:       export OPENAI_BASE_URL=http://localhost:8000/v1 AUTOCODE_MODEL=<served model name>
+The same variables can be put in a .env file in the working directory."""
+
+
+class ConfigError(Exception):
+    """A configuration problem the operator must fix (the CLI exits with code 2)."""
+
+
+def load_dotenv_file(path: Path | None = None) -> None:
+    """Load `.env` from the working directory without overriding variables already set."""
+    from dotenv import load_dotenv
+
+    load_dotenv(path or Path.cwd() / ".env", override=False)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob AutoCode reads; build it with `Settings.from_env()`."""
+
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    model: str = DEFAULT_MODEL
+    llm_timeout: float = 120.0
+    llm_max_retries: int = 3
+    db_path: Path = Path("autocode.db")
+    tools_file: Path | None = None
+    max_iterations: int = 3
+    history_chars: int = 4000
+    step_timeout: float = 60.0
+    step_memory_mb: int = 1024
+    step_max_output_kb: int = 256
+    step_max_log_kb: int = 64
+    workdir_mb: int = 256
+    workdir_root: Path | None = None
+    tool_timeout: float = 60.0
+    nominatim_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        tools = env.get("AUTOCODE_TOOLS", "").strip()
+        root = env.get("AUTOCODE_WORKDIR_ROOT", "").strip()
+        return cls(
+            openai_api_key=env.get("OPENAI_API_KEY") or None,
+            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            model=env.get("AUTOCODE_MODEL", "").strip() or DEFAULT_MODEL,
+            llm_timeout=_float(env, "AUTOCODE_LLM_TIMEOUT", 120.0),
+            llm_max_retries=_int(env, "AUTOCODE_LLM_MAX_RETRIES", 3, minimum=0),
+            db_path=Path(env.get("AUTOCODE_DB", "").strip() or "autocode.db"),
+            tools_file=Path(tools) if tools else None,
+            max_iterations=_int(env, "AUTOCODE_MAX_ITERATIONS", 3),
+            history_chars=_int(env, "AUTOCODE_HISTORY_CHARS", 4000, minimum=0),
+            step_timeout=_float(env, "AUTOCODE_STEP_TIMEOUT", 60.0),
+            step_memory_mb=_int(env, "AUTOCODE_STEP_MEMORY_MB", 1024, minimum=64),
+            step_max_output_kb=_int(env, "AUTOCODE_STEP_MAX_OUTPUT_KB", 256),
+            step_max_log_kb=_int(env, "AUTOCODE_STEP_MAX_LOG_KB", 64),
+            workdir_mb=_int(env, "AUTOCODE_WORKDIR_MB", 256),
+            workdir_root=Path(root) if root else None,
+            tool_timeout=_float(env, "AUTOCODE_TOOL_TIMEOUT", 60.0),
+            nominatim_url=env.get("AUTOCODE_NOMINATIM_URL", "").strip() or None,
+        )
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        """A copy with CLI flags applied (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def llm_configured(self) -> bool:
+        return bool(self.openai_api_key or self.openai_base_url)
+
+    def require_llm(self) -> None:
+        if not self.llm_configured:
+            raise ConfigError(LLM_SETUP_HELP)

@@ -1,0 +1,176 @@
+"""The LLM client: AsyncOpenAI against any OpenAI-compatible endpoint.
+
+Structured calls ask for a strict JSON schema and fall back to json_object, then plain text, when a server
+rejects the format; the working format is remembered. Replies are parsed tolerantly and re-asked (quoting
+the error) at most twice. Transport retries (429/5xx/timeouts, with backoff) are the openai client's own.
+Every HTTP call is recorded with its purpose, model, duration, token usage and error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import openai
+from openai import AsyncOpenAI
+from pydantic import BaseModel
+
+from agent_core.config import Settings
+from agent_core.plan import ReplyError, parse_reply
+from storage.db import Storage, now
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("json_schema", "json_object", "text")
+MAX_REASKS = 2
+_BAD_REPLY_ECHO_CHARS = 4000
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class LLMError(Exception):
+    """The LLM could not give a usable answer; the message is safe to show to users."""
+
+
+@dataclass(frozen=True)
+class CallContext:
+    run_id: str | None = None
+    iteration: int | None = None
+
+
+def describe_api_error(exc: Exception, base_url: str, timeout: float) -> str:
+    if isinstance(exc, openai.APITimeoutError):
+        return f"The LLM at {base_url} did not answer within {timeout:g}s."
+    if isinstance(exc, openai.APIConnectionError):
+        return f"Could not reach the LLM at {base_url}."
+    if isinstance(exc, openai.AuthenticationError):
+        return "The LLM server rejected the API key (HTTP 401); check OPENAI_API_KEY."
+    if isinstance(exc, openai.NotFoundError):
+        return "The LLM server does not know the model or endpoint (HTTP 404); check AUTOCODE_MODEL and OPENAI_BASE_URL."
+    if isinstance(exc, openai.RateLimitError):
+        return "The LLM server kept answering 'rate limited' (HTTP 429) after retries."
+    if isinstance(exc, openai.APIStatusError):
+        return f"The LLM server answered HTTP {exc.status_code}: {_short(exc.message)}"
+    return f"The LLM call failed: {type(exc).__name__}"
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class LLMClient:
+    def __init__(self, settings: Settings, storage: Storage | None = None, client: AsyncOpenAI | None = None):
+        settings.require_llm()
+        self.settings = settings
+        self.model = settings.model
+        self.storage = storage
+        self.client = client or AsyncOpenAI(
+            api_key=settings.openai_api_key or "not-needed",  # local servers ignore it, the client requires one
+            base_url=settings.openai_base_url,
+            timeout=settings.llm_timeout,
+            max_retries=settings.llm_max_retries,
+        )
+        self._format_level = 0  # index into FORMATS of the best format this server accepted
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.base_url).rstrip("/")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def structured(
+        self,
+        *,
+        purpose: str,
+        messages: list[dict[str, str]],
+        schema_name: str,
+        schema: dict[str, Any],
+        shape_hint: str,
+        model: type[Model],
+        validate: Callable[[Model], None] | None = None,
+        context: CallContext = CallContext(),
+    ) -> Model:
+        """Ask for one JSON object of `model`; re-ask up to twice with the error when it does not parse."""
+        conversation = list(messages)
+        for attempt in range(MAX_REASKS + 1):
+            text = await self._structured_call(purpose, conversation, schema_name, schema, shape_hint, context)
+            try:
+                value = parse_reply(text, model)
+                if validate:
+                    validate(value)
+                return value
+            except ReplyError as exc:
+                log.warning("%s reply unusable (attempt %d): %s", purpose, attempt + 1, exc)
+                error = str(exc)
+            conversation += [
+                {"role": "assistant", "content": text[:_BAD_REPLY_ECHO_CHARS]},
+                {"role": "user", "content": f"That reply could not be used: {error}. "
+                 "Send the complete JSON object again, nothing else."},
+            ]
+        raise LLMError(f"The LLM's {purpose} reply was unusable after {MAX_REASKS + 1} attempts: {error}")
+
+    async def text(self, *, purpose: str, messages: list[dict[str, str]], context: CallContext = CallContext()) -> str:
+        return await self._call(purpose, messages, "text", None, context)
+
+    async def _structured_call(
+        self, purpose: str, messages: list[dict[str, str]], schema_name: str, schema: dict[str, Any],
+        shape_hint: str, context: CallContext,
+    ) -> str:
+        while True:
+            fmt = FORMATS[self._format_level]
+            if fmt == "json_schema":
+                response_format = {"type": "json_schema", "json_schema": {"name": schema_name, "strict": True, "schema": schema}}
+                sent = messages
+            else:
+                # Without a schema the shape travels in the prompt instead.
+                response_format = {"type": "json_object"} if fmt == "json_object" else None
+                sent = [*messages[:1], {"role": "system", "content": shape_hint}, *messages[1:]]
+            try:
+                return await self._call(purpose, sent, fmt, response_format, context)
+            except openai.BadRequestError:
+                if fmt == "text":
+                    raise LLMError(f"The LLM server rejected the {purpose} request (HTTP 400).") from None
+                self._format_level += 1
+                log.warning("LLM server rejected response_format %s; falling back to %s", fmt, FORMATS[self._format_level])
+
+    async def _call(
+        self, purpose: str, messages: list[dict[str, str]], fmt: str, response_format: dict[str, Any] | None,
+        context: CallContext,
+    ) -> str:
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        request_chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(response_format)) if response_format else 0)
+        record: dict[str, Any] = {
+            "run_id": context.run_id, "iteration": context.iteration, "purpose": purpose, "model": self.model,
+            "response_format": fmt, "started_at": now(), "request_chars": request_chars,
+            "prompt_tokens": 0, "completion_tokens": 0, "retries": 0, "response_chars": 0,
+        }
+        started = time.monotonic()
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
+            record["retries"] = raw.retries_taken
+            completion = raw.parse()
+            usage = completion.usage
+            content = (completion.choices[0].message.content or "") if completion.choices else ""
+            record.update(
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                response_chars=len(content),
+            )
+            return content
+        except openai.BadRequestError as exc:
+            record["error"] = describe_api_error(exc, self.base_url, self.settings.llm_timeout)
+            raise
+        except openai.OpenAIError as exc:
+            record["error"] = describe_api_error(exc, self.base_url, self.settings.llm_timeout)
+            raise LLMError(record["error"]) from None
+        finally:
+            record["duration_ms"] = int((time.monotonic() - started) * 1000)
+            if self.storage is not None:
+                self.storage.add_llm_call(record)

@@ -1,0 +1,359 @@
+"""The agent loop: plan -> execute -> evaluate -> repair, one fresh run at a time with all state in SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_core import prompts
+from agent_core.checks import CheckError, check_subtask
+from agent_core.config import Settings
+from agent_core.events import (
+    EvaluationDone, EventBus, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
+    StepStarted, event_data, event_type,
+)
+from agent_core.llm import CallContext, LLMClient, LLMError
+from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
+from agent_core.sandbox import Executor, Limits, StepRequest
+from storage.db import Storage
+from tools.host import ToolHost
+from tools.registry import ToolSet, describe_functions, describe_guides
+
+log = logging.getLogger(__name__)
+
+# What the evaluator sees of each step: enough to judge and repair, small enough to stay cheap.
+VIEW_CODE_CHARS = 1500
+VIEW_OUTPUT_CHARS = 800
+VIEW_ERROR_CHARS = 700
+VIEW_LOG_CHARS = 300
+
+
+@dataclass
+class StepRecord:
+    """One execution of one subtask (or its failed static check)."""
+
+    iteration: int
+    index: int  # 0-based position in the plan
+    tool_name: str
+    status: str  # ok | error
+    code: str
+    input_from: str | None = None
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    conversation: str
+    status: str  # succeeded | failed | cancelled
+    answer: str
+    error: str | None
+    iterations: int
+    steps: list[StepRecord] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "conversation": self.conversation,
+            "status": self.status,
+            "answer": self.answer,
+            "error": self.error,
+            "iterations": self.iterations,
+            "steps": [
+                {"iteration": s.iteration, "tool_name": s.tool_name, "status": s.status, "output": s.output,
+                 "error": s.error, "duration_ms": s.duration_ms}
+                for s in self.steps
+            ],
+            "usage": self.usage,
+        }
+
+
+def _clip(text: str | None, limit: int, keep: str = "head") -> str:
+    text = (text or "").strip()
+    if len(text) <= limit:
+        return text
+    return text[:limit] + " …" if keep == "head" else "… " + text[-limit:]
+
+
+def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None) -> str:
+    if not messages:
+        return ""
+    lines = ["Conversation so far:"]
+    for message in messages:
+        who = "User" if message["role"] == "user" else "AutoCode"
+        text = message["text"] if limit_each is None else _clip(message["text"], limit_each)
+        lines.append(f"{who}: {text}")
+    return "\n".join(lines)
+
+
+class Agent:
+    """Runs tasks. Holds no per-run state: every `run()` starts from the database."""
+
+    def __init__(
+        self, settings: Settings, storage: Storage, llm: LLMClient, toolset: ToolSet, executor: Executor,
+        events: EventBus | None = None,
+    ):
+        self.settings = settings
+        self.storage = storage
+        self.llm = llm
+        self.toolset = toolset
+        self.executor = executor
+        self.events = events or EventBus()
+        self.limits = Limits(
+            timeout_s=settings.step_timeout, memory_mb=settings.step_memory_mb,
+            max_output_kb=settings.step_max_output_kb, max_log_kb=settings.step_max_log_kb,
+            file_size_mb=settings.workdir_mb,
+        )
+        libraries = ", ".join(toolset.libraries) or "none"
+        self._planner_system = prompts.render(
+            "planner_system", libraries=libraries, guides=describe_guides(toolset),
+            functions=describe_functions(toolset),
+        )
+        self._evaluator_system = prompts.render(
+            "evaluator_system", libraries=libraries,
+            functions=", ".join(f.split(" ->")[0] for t in toolset.tools for f in t.functions.values()) or "none",
+        )
+
+    async def run(self, task: str, conversation: str = "console") -> RunResult:
+        task = task.strip()
+        run_id = self.storage.create_run(conversation, task)
+        history = self.storage.recent_messages(conversation, self.settings.history_chars)
+        self.storage.add_message(conversation, "user", task, run_id)
+        return await _Run(self, run_id, conversation, task, history).execute()
+
+    async def emit(self, event: RunEvent) -> None:
+        self.storage.add_event(event.run_id, event_type(event), event_data(event))
+        await self.events.emit(event)
+
+
+class _Run:
+    """The state of one run while it executes."""
+
+    def __init__(self, agent: Agent, run_id: str, conversation: str, task: str, history: list[dict[str, Any]]):
+        self.agent = agent
+        self.settings = agent.settings
+        self.storage = agent.storage
+        self.run_id = run_id
+        self.conversation = conversation
+        self.task = task
+        self.history = history
+        self.iteration = 0
+        self.records: list[StepRecord] = []
+        self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout)
+
+    def _context(self) -> CallContext:
+        return CallContext(self.run_id, self.iteration or None)
+
+    async def _llm_helper(self, prompt: str, system: str) -> str:
+        messages = [
+            {"role": "system", "content": system or prompts.render("helper_system")},
+            {"role": "user", "content": prompt},
+        ]
+        return await self.agent.llm.text(purpose="helper", messages=messages, context=self._context())
+
+    async def execute(self) -> RunResult:
+        await self.agent.emit(RunStarted(self.run_id, self.conversation, self.task))
+        workdir = Path(tempfile.mkdtemp(prefix=f"autocode-{self.run_id}-", dir=self.settings.workdir_root))
+        (workdir / "outputs").mkdir()
+        status, answer, error = "failed", "", None
+        try:
+            status, answer, error = await self._loop(workdir)
+        except LLMError as exc:
+            error = str(exc)
+        except asyncio.CancelledError:
+            status, error = "cancelled", "The run was cancelled."
+            raise
+        except Exception as exc:  # a bug of ours: the user gets a short message, the operator the traceback
+            log.exception("run %s crashed", self.run_id)
+            error = f"Internal error ({type(exc).__name__}); see the server log for run {self.run_id}."
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            await self._finish(status, answer, error)
+        return self._result(status, answer, error)
+
+    async def _loop(self, workdir: Path) -> tuple[str, str, str | None]:
+        plan = await self._plan()
+        outputs: dict[str, dict[str, Any]] = {}
+        start = 0
+        previous_failure: tuple[str, str] | None = None
+        for self.iteration in range(1, self.settings.max_iterations + 1):
+            self.storage.update_run(self.run_id, plan=plan.model_dump(), iterations=self.iteration)
+            current = await self._execute_steps(plan, start, outputs, workdir)
+            failure = next((r for r in current if not r.ok), None)
+            if failure is not None:
+                signature = (failure.tool_name, failure.error or "")
+                if signature == previous_failure:
+                    return "failed", "", (
+                        f"Stopped: step {failure.tool_name} failed twice in a row with the same error: {failure.error}"
+                    )
+                previous_failure = signature
+            else:
+                previous_failure = None
+
+            evaluation = await self._evaluate(plan, start, current)
+            if evaluation.satisfactory:
+                return "succeeded", evaluation.final_answer.strip(), None
+            if not evaluation.new_subtasks:
+                return "failed", evaluation.final_answer.strip(), f"The task could not be completed: {evaluation.thoughts}"
+            if self.iteration == self.settings.max_iterations:
+                break
+            retry_from = evaluation.retry_from.strip()
+            start = plan.index_of(retry_from)  # validated by Evaluation.check_against
+            plan = plan.repaired(retry_from, evaluation.new_subtasks)
+            kept = [s.tool_name for s in plan.subtasks[:start]]
+            outputs = {name: outputs[name] for name in kept}
+            await self.agent.emit(RepairPlanned(
+                self.run_id, self.iteration + 1, retry_from, [s.tool_name for s in plan.subtasks],
+                [s.tool_name for s in plan.subtasks[:start]],
+            ))
+        return "failed", evaluation.final_answer.strip(), (
+            f"No satisfactory result after {self.settings.max_iterations} iterations: {evaluation.thoughts}"
+        )
+
+    async def _plan(self) -> Plan:
+        messages = [
+            {"role": "system", "content": self.agent._planner_system},
+            {"role": "user", "content": prompts.render(
+                "planner_user", history=_history_text(self.history), task=self.task)},
+        ]
+        plan = await self.agent.llm.structured(
+            purpose="plan", messages=messages, schema_name="plan", schema=PLAN_SCHEMA,
+            shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
+        )
+        await self.agent.emit(PlanReady(
+            self.run_id, 1, plan.main_task_thought, [s.tool_name for s in plan.subtasks],
+            [s.description for s in plan.subtasks],
+        ))
+        return plan
+
+    async def _execute_steps(
+        self, plan: Plan, start: int, outputs: dict[str, dict[str, Any]], workdir: Path,
+    ) -> list[StepRecord]:
+        """Run subtasks from `start` until one fails; earlier outputs are reused, not re-run."""
+        done: list[StepRecord] = []
+        total = len(plan.subtasks)
+        names = [s.tool_name for s in plan.subtasks]
+        for index in range(start, total):
+            subtask = plan.subtasks[index]
+            await self.agent.emit(StepStarted(
+                self.run_id, self.iteration, index + 1, total, subtask.tool_name, subtask.description))
+            record = StepRecord(self.iteration, index, subtask.tool_name, "error", subtask.code)
+            try:
+                checked = check_subtask(subtask, names[:index], self.agent.toolset)
+            except CheckError as exc:
+                record.error = f"Check failed: {exc}"
+            else:
+                record.code, record.input_from = checked.code, checked.input_from
+                result = await self.agent.executor.run_step(StepRequest(
+                    code=checked.code, function=subtask.tool_name,
+                    input=None if checked.input_from is None else outputs[checked.input_from],
+                    workdir=workdir, limits=self.agent.limits,
+                    tool_names=self.tool_host.names, on_call=self.tool_host.call,
+                ))
+                record.status = "ok" if result.ok else "error"
+                record.output, record.error, record.traceback = result.output, result.error, result.traceback
+                record.stdout, record.stderr, record.duration_ms = result.stdout, result.stderr, result.duration_ms
+            self._store_step(record, subtask.description)
+            done.append(record)
+            await self.agent.emit(StepFinished(
+                self.run_id, self.iteration, index + 1, total, subtask.tool_name, record.ok, record.duration_ms,
+                record.error, _clip(json.dumps(record.output, ensure_ascii=False), 200) if record.ok else "",
+            ))
+            if not record.ok:
+                break
+            outputs[subtask.tool_name] = record.output or {}
+        return done
+
+    def _store_step(self, record: StepRecord, description: str) -> None:
+        self.records.append(record)
+        self.storage.add_step({
+            "run_id": self.run_id, "iteration": record.iteration, "position": record.index,
+            "tool_name": record.tool_name, "input_from_tool": record.input_from or "", "description": description,
+            "code": record.code, "status": record.status,
+            "output_json": None if record.output is None else json.dumps(record.output, ensure_ascii=False),
+            "stdout": record.stdout, "stderr": record.stderr, "error": record.error, "traceback": record.traceback,
+            "duration_ms": record.duration_ms,
+        })
+
+    def _steps_view(self, plan: Plan, start: int, current: list[StepRecord]) -> str:
+        kept = {r.tool_name: r for r in self.records if r.ok and r.index < start}
+        ran = {r.tool_name: r for r in current}
+        blocks = []
+        for index, subtask in enumerate(plan.subtasks):
+            record = (kept if index < start else ran).get(subtask.tool_name)
+            head = f"[{index + 1}] {subtask.tool_name}"
+            if index:
+                head += f"(previous_output from {subtask.input_from_tool or plan.subtasks[index - 1].tool_name})"
+            if record is None:
+                status = "not run"
+            elif record.iteration < self.iteration:
+                status = f"ok, kept from iteration {record.iteration}"
+            else:
+                status = f"{record.status} in {record.duration_ms} ms"
+            lines = [f"{head}: {status}. {subtask.description}".rstrip(". ") + ".", "```", _clip(subtask.code, VIEW_CODE_CHARS), "```"]
+            if record is not None:
+                if record.ok:
+                    lines.append("output: " + _clip(json.dumps(record.output, ensure_ascii=False), VIEW_OUTPUT_CHARS))
+                else:
+                    lines.append("error: " + _clip(record.error, VIEW_ERROR_CHARS))
+                    if record.traceback:
+                        lines.append("traceback: " + _clip(record.traceback, VIEW_ERROR_CHARS, keep="tail"))
+                for name, text in (("stdout", record.stdout), ("stderr", record.stderr)):
+                    if text.strip():
+                        lines.append(f"{name}: " + _clip(text, VIEW_LOG_CHARS, keep="tail"))
+            blocks.append("\n".join(lines))
+        return "\n".join(blocks)
+
+    async def _evaluate(self, plan: Plan, start: int, current: list[StepRecord]) -> Evaluation:
+        messages = [
+            {"role": "system", "content": self.agent._evaluator_system},
+            {"role": "user", "content": prompts.render(
+                "evaluator_user", history=_history_text(self.history[-2:], 400), task=self.task,
+                iteration=f"{self.iteration} of {self.settings.max_iterations}", steps=self._steps_view(plan, start, current),
+            )},
+        ]
+        evaluation = await self.agent.llm.structured(
+            purpose="evaluate", messages=messages, schema_name="evaluation", schema=EVALUATION_SCHEMA,
+            shape_hint=prompts.render("evaluation_shape"), model=Evaluation,
+            validate=lambda e: e.check_against(plan), context=self._context(),
+        )
+        self.storage.add_evaluation({
+            "run_id": self.run_id, "iteration": self.iteration, "satisfactory": int(evaluation.satisfactory),
+            "thoughts": evaluation.thoughts, "final_answer": evaluation.final_answer,
+            "retry_from": evaluation.retry_from, "evaluation_json": evaluation.model_dump_json(),
+        })
+        await self.agent.emit(EvaluationDone(self.run_id, self.iteration, evaluation.satisfactory, evaluation.thoughts))
+        return evaluation
+
+    async def _finish(self, status: str, answer: str, error: str | None) -> None:
+        self.storage.finish_run(self.run_id, status, answer, error, self.iteration)
+        reply = answer or (error or "")
+        if reply:
+            self.storage.add_message(self.conversation, "assistant", reply, self.run_id)
+        usage = self.storage.usage(self.run_id)
+        await self.agent.emit(RunFinished(self.run_id, status, answer, error, self.iteration, usage))
+
+    def _result(self, status: str, answer: str, error: str | None) -> RunResult:
+        return RunResult(
+            self.run_id, self.conversation, status, answer, error, self.iteration, list(self.records),
+            self.storage.usage(self.run_id),
+        )
+
+
+__all__ = ["Agent", "RunResult", "StepRecord"]

@@ -1,0 +1,90 @@
+"""Runs inside the sandboxed child process; imports nothing from AutoCode.
+
+Usage: python -I -B child.py FD. FD is a Unix socket to the parent carrying newline-delimited JSON:
+parent -> child: the job, then replies to tool calls; child -> parent: tool calls, then the result.
+"""
+
+import builtins
+import itertools
+import json
+import linecache
+import os
+import socket
+import sys
+import traceback
+
+_HERE = os.path.abspath(__file__)
+
+
+class ToolCallError(Exception):
+    """A trusted tool reported an error."""
+
+
+def _jsonable(value):
+    # numpy scalars and arrays are common in generated code; everything else must already be JSON.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _format_traceback(exc):
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) != _HERE]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def main():
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
+
+    def send(message):
+        wfile.write(json.dumps(message, default=_jsonable, allow_nan=False).encode() + b"\n")
+        wfile.flush()
+
+    job = json.loads(rfile.readline())
+    ids = itertools.count(1)
+
+    def make_stub(name):
+        def stub(*args, **kwargs):
+            call_id = next(ids)
+            send({"op": "call", "id": call_id, "name": name, "args": list(args), "kwargs": kwargs})
+            line = rfile.readline()
+            if not line:
+                raise ToolCallError(f"{name}: the tool host closed the connection")
+            reply = json.loads(line)
+            if not reply.get("ok"):
+                raise ToolCallError(f"{name}: {reply.get('error')}")
+            return reply.get("value")
+
+        stub.__name__ = stub.__qualname__ = name
+        return stub
+
+    filename = f"<{job['function']}>"
+    source = job["code"]
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": "__autocode_step__", "__builtins__": builtins}
+    for name in job["tools"]:
+        namespace[name] = make_stub(name)
+
+    try:
+        exec(compile(source, filename, "exec"), namespace)
+        function = namespace[job["function"]]
+        result = function(job["input"]) if job["has_input"] else function()
+        if not isinstance(result, dict):
+            raise TypeError(f"{job['function']} returned {type(result).__name__}, not a dict")
+        try:
+            payload = json.dumps({"op": "result", "output": result}, default=_jsonable, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{job['function']} returned a dict that is not JSON: {exc}") from None
+        wfile.write(payload.encode() + b"\n")
+        wfile.flush()
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt are step errors too
+        send({"op": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": _format_traceback(exc)})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the step's atexit hooks and finalizers: the result is already sent
+
+
+if __name__ == "__main__":
+    main()

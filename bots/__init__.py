@@ -1,0 +1,1 @@
+"""Chat adapters: they turn platform events into tasks and render run events back."""

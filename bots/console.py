@@ -1,0 +1,73 @@
+"""Console adapter: progress lines for run events, and a local chat loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TextIO
+
+from agent_core.events import (
+    EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+)
+from agent_core.loop import Agent
+
+
+class ConsoleRenderer:
+    """Writes one short line per run event."""
+
+    def __init__(self, stream: TextIO = sys.stderr):
+        self.stream = stream
+
+    def __call__(self, event: RunEvent) -> None:
+        line = self.format(event)
+        if line:
+            print(line, file=self.stream, flush=True)
+
+    @staticmethod
+    def format(event: RunEvent) -> str | None:
+        match event:
+            case RunStarted(run_id=run_id):
+                return f"· run {run_id} started"
+            case PlanReady(steps=steps):
+                return f"· plan: {' → '.join(steps)}"
+            case StepStarted(iteration=it, index=i, total=n, tool_name=name):
+                return f"  [{it}.{i}/{n}] {name} …"
+            case StepFinished(index=i, total=n, tool_name=name, ok=True, duration_ms=ms):
+                return f"  [{i}/{n}] {name} ok ({ms} ms)"
+            case StepFinished(index=i, total=n, tool_name=name, error=error, duration_ms=ms):
+                return f"  [{i}/{n}] {name} failed ({ms} ms): {error}"
+            case EvaluationDone(satisfactory=True):
+                return "· evaluator: satisfactory"
+            case EvaluationDone(thoughts=thoughts):
+                return f"· evaluator: not yet — {thoughts}"
+            case RepairPlanned(retry_from=name, reused=reused):
+                kept = f" (keeping {', '.join(reused)})" if reused else ""
+                return f"· repair from {name}{kept}"
+            case RunFinished(status=status, usage=usage):
+                return (f"· run {status}: {usage.get('llm_calls', 0)} LLM calls, "
+                        f"{usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens")
+        return None
+
+
+async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    """A console conversation: each line is a task; /reset clears the history, /exit (or EOF) quits."""
+    agent.events.subscribe(ConsoleRenderer(stdout))
+    print(f"AutoCode chat (conversation {conversation!r}). Type a task; /reset clears history; /exit quits.",
+          file=stdout, flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        print("> ", end="", file=stdout, flush=True)
+        line = await loop.run_in_executor(None, stdin.readline)
+        if not line:
+            return 0
+        task = line.strip()
+        if not task:
+            continue
+        if task in ("/exit", "/quit"):
+            return 0
+        if task == "/reset":
+            removed = agent.storage.clear_conversation(conversation)
+            print(f"History cleared ({removed} messages).", file=stdout, flush=True)
+            continue
+        result = await agent.run(task, conversation)
+        print(result.answer or f"Sorry, that did not work: {result.error}", file=stdout, flush=True)

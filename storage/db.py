@@ -1,0 +1,222 @@
+"""SQLite persistence for conversations, messages, runs, steps, evaluations, LLM calls and run events."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(6)
+
+
+# Schema: created on start, idempotent. Columns hold JSON as TEXT where marked *_json.
+_TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
+    "conversations": ({"key": str, "created_at": str, "updated_at": str}, "key", []),
+    "messages": (
+        {"id": int, "conversation": str, "role": str, "text": str, "run_id": str, "created_at": str},
+        "id",
+        ["conversation"],
+    ),
+    "runs": (
+        {
+            "id": str, "conversation": str, "task": str, "status": str, "answer": str, "error": str,
+            "iterations": int, "plan_json": str, "created_at": str, "finished_at": str,
+        },
+        "id",
+        ["conversation"],
+    ),
+    "steps": (
+        {
+            "id": int, "run_id": str, "iteration": int, "position": int, "tool_name": str,
+            "input_from_tool": str, "description": str, "code": str, "status": str, "output_json": str,
+            "stdout": str, "stderr": str, "error": str, "traceback": str, "duration_ms": int,
+            "started_at": str,
+        },
+        "id",
+        ["run_id"],
+    ),
+    "evaluations": (
+        {
+            "id": int, "run_id": str, "iteration": int, "satisfactory": int, "thoughts": str,
+            "final_answer": str, "retry_from": str, "evaluation_json": str, "created_at": str,
+        },
+        "id",
+        ["run_id"],
+    ),
+    "llm_calls": (
+        {
+            "id": int, "run_id": str, "iteration": int, "purpose": str, "model": str, "response_format": str,
+            "started_at": str, "duration_ms": int, "prompt_tokens": int, "completion_tokens": int,
+            "retries": int, "request_chars": int, "response_chars": int, "error": str,
+        },
+        "id",
+        ["run_id"],
+    ),
+    "events": (
+        {"id": int, "run_id": str, "type": str, "data_json": str, "created_at": str},
+        "id",
+        ["run_id"],
+    ),
+}
+
+
+class Storage:
+    """One SQLite file (WAL mode). Safe to share between threads of one process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        if fresh:
+            os.chmod(self.path, 0o600)  # the DB holds conversations: keep it private to the server user
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._lock = threading.RLock()
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        with self._lock:
+            for name, (columns, pk, indexes) in _TABLES.items():
+                table = self.db.table(name)
+                if not table.exists():
+                    table.create(columns, pk=pk, not_null=set() if pk != "key" else {"key"})
+                    for column in indexes:
+                        table.create_index([column], if_not_exists=True)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _insert(self, table: str, row: dict[str, Any]) -> int:
+        with self._lock, self.db.conn:
+            return self.db.table(table).insert(row).last_pk
+
+    def _update(self, table: str, pk: Any, changes: dict[str, Any]) -> None:
+        with self._lock, self.db.conn:
+            self.db.table(table).update(pk, changes)
+
+    def _rows(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query(sql, params))
+
+    # conversations and messages
+    def touch_conversation(self, key: str) -> None:
+        stamp = now()
+        with self._lock, self.db.conn:
+            self.db.execute(
+                "INSERT INTO conversations (key, created_at, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET updated_at = excluded.updated_at",
+                (key, stamp, stamp),
+            )
+
+    def add_message(self, conversation: str, role: str, text: str, run_id: str | None = None) -> None:
+        self.touch_conversation(conversation)
+        self._insert(
+            "messages",
+            {"conversation": conversation, "role": role, "text": text, "run_id": run_id, "created_at": now()},
+        )
+
+    def recent_messages(self, conversation: str, max_chars: int) -> list[dict[str, Any]]:
+        """The newest messages of a conversation that fit in `max_chars`, oldest first."""
+        picked: list[dict[str, Any]] = []
+        used = 0
+        for row in self._rows(
+            "SELECT role, text, run_id, created_at FROM messages WHERE conversation = ? ORDER BY id DESC",
+            (conversation,),
+        ):
+            used += len(row["text"] or "")
+            if used > max_chars:
+                break
+            picked.append(row)
+        return picked[::-1]
+
+    def clear_conversation(self, conversation: str) -> int:
+        with self._lock, self.db.conn:
+            return self.db.execute("DELETE FROM messages WHERE conversation = ?", (conversation,)).rowcount
+
+    def conversations(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM conversations ORDER BY updated_at DESC")
+
+    # runs
+    def create_run(self, conversation: str, task: str) -> str:
+        self.touch_conversation(conversation)
+        run_id = new_run_id()
+        self._insert(
+            "runs",
+            {"id": run_id, "conversation": conversation, "task": task, "status": "running",
+             "iterations": 0, "created_at": now()},
+        )
+        return run_id
+
+    def update_run(self, run_id: str, **changes: Any) -> None:
+        if "plan" in changes:
+            changes["plan_json"] = json.dumps(changes.pop("plan"))
+        self._update("runs", run_id, changes)
+
+    def finish_run(self, run_id: str, status: str, answer: str | None, error: str | None, iterations: int) -> None:
+        self._update(
+            "runs", run_id,
+            {"status": status, "answer": answer, "error": error, "iterations": iterations, "finished_at": now()},
+        )
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return rows[0] if rows else None
+
+    def list_runs(self, conversation: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        if conversation:
+            return self._rows(
+                "SELECT * FROM runs WHERE conversation = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (conversation, limit),
+            )
+        return self._rows("SELECT * FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
+
+    # steps, evaluations, LLM calls, events
+    def add_step(self, row: dict[str, Any]) -> int:
+        return self._insert("steps", row)
+
+    def steps(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM steps WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def add_evaluation(self, row: dict[str, Any]) -> int:
+        return self._insert("evaluations", {**row, "created_at": now()})
+
+    def evaluations(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM evaluations WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def add_llm_call(self, row: dict[str, Any]) -> int:
+        return self._insert("llm_calls", row)
+
+    def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM llm_calls WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def usage(self, run_id: str) -> dict[str, int]:
+        row = self._rows(
+            "SELECT COUNT(*) AS llm_calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
+            "COALESCE(SUM(completion_tokens), 0) AS completion_tokens FROM llm_calls WHERE run_id = ?",
+            (run_id,),
+        )[0]
+        return {k: int(v) for k, v in row.items()}
+
+    def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
+        self._insert(
+            "events", {"run_id": run_id, "type": type_, "data_json": json.dumps(data, default=str), "created_at": now()}
+        )
+
+    def events(self, run_id: str) -> Iterator[dict[str, Any]]:
+        yield from self._rows("SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,))

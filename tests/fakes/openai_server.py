@@ -1,0 +1,307 @@
+"""A scriptable, OpenAI-compatible HTTP server for tests (standard library only).
+
+Tests queue replies (``reply``, ``reply_json``, ``error``) or set a ``responder``;
+every request is recorded so tests can assert on what the client really sent.
+Real HTTP is used so the real ``openai`` client (retries, timeouts, error classes)
+is exercised end to end.
+
+    with FakeOpenAI() as srv:
+        srv.reply("hello")
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test")
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+__all__ = ["FakeOpenAI", "RecordedRequest", "NO_REPLY_MESSAGE"]
+
+NO_REPLY_MESSAGE = "fake openai server: no scripted reply left"
+MODEL_ID = "fake-model"
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 429: "rate_limit_error"}
+
+Spec = dict[str, Any]
+Responder = Callable[[dict[str, Any]], "Spec | None"]
+
+
+@dataclass
+class RecordedRequest:
+    """One HTTP request as received; the response fields are filled once it is answered.
+
+    ``headers`` keys are lower-cased; ``body`` is the parsed JSON object, or None.
+    """
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+    raw: bytes
+    response_status: int = 0
+    response_body: bytes = b""
+
+
+@dataclass
+class _Reply:
+    """A scripted answer: a chat completion (status 200) or an OpenAI-style error."""
+
+    content: str = ""
+    status: int = 200
+    message: str = "fake openai server error"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> _Reply:
+        """Build from a responder spec, e.g. {"content": "hi"}, {"json": {...}}, {"status": 500}."""
+        spec = dict(spec)
+        if "json" in spec:
+            spec["content"] = json.dumps(spec.pop("json"))
+        return cls(**spec)
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error envelope, so the client raises the matching exception class."""
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _text_len(content: Any) -> int:
+    """Characters in a message content: a string or a list of text parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return 0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: FakeOpenAI
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client (e.g. one that timed out) has gone away."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Silence the default per-request stderr logging."""
+
+    def do_GET(self) -> None:
+        self._handle(b"")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._handle(self.rfile.read(length) if length else b"")
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        rec = RecordedRequest(
+            path=self.path.split("?", 1)[0],
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body if isinstance(body, dict) else None,
+            raw=raw,
+        )
+        fake = self.server.fake
+        fake._record(rec)
+        status, payload, headers, delay = fake._answer(self.command, rec)
+        if delay > 0 and fake._stopping.wait(delay):
+            self.close_connection = True
+            return  # server is stopping: don't bother answering
+        data = json.dumps(payload).encode()
+        rec.response_body, rec.response_status = data, status  # body first: status marks "answered"
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True  # client gave up (timeout); nothing to do
+
+
+class FakeOpenAI:
+    """In-process OpenAI-compatible server on 127.0.0.1 with FIFO scripted replies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[_Reply] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._responder: Responder | None = None
+        self._rejected_formats: set[str] = set()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._counter = 0
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> FakeOpenAI:
+        """Bind an ephemeral port and serve in a daemon thread."""
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.fake = self
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name="FakeOpenAI", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake any delayed handlers, and release the port."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (server must be started)."""
+        if self._server is None:
+            raise RuntimeError("FakeOpenAI is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """URL to pass as ``base_url`` to an OpenAI client."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- scripting -------------------------------------------------------
+    def reply(self, content: str, *, prompt_tokens: int | None = None,
+              completion_tokens: int | None = None, delay: float = 0.0) -> FakeOpenAI:
+        """Queue a normal chat completion whose message content is ``content``."""
+        return self._push(_Reply(content=content, prompt_tokens=prompt_tokens,
+                                 completion_tokens=completion_tokens, delay=delay))
+
+    def reply_json(self, obj: Any, *, prompt_tokens: int | None = None,
+                   completion_tokens: int | None = None, delay: float = 0.0) -> FakeOpenAI:
+        """Queue a chat completion whose content is ``json.dumps(obj)``."""
+        return self.reply(json.dumps(obj), prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens, delay=delay)
+
+    def error(self, status: int, message: str = "fake openai server error", *,
+              headers: dict[str, str] | None = None, delay: float = 0.0) -> FakeOpenAI:
+        """Queue an OpenAI-style error answer with ``status`` and extra ``headers``."""
+        return self._push(_Reply(status=status, message=message, headers=dict(headers or {}), delay=delay))
+
+    def responder(self, fn: Responder | None) -> FakeOpenAI:
+        """Answer dynamically when the queue is empty: ``fn(body)`` returns a spec dict or None.
+
+        A spec takes the keys content / json / status / message / headers / delay /
+        prompt_tokens / completion_tokens. None falls through to the "no reply" 500.
+        """
+        with self._lock:
+            self._responder = fn
+        return self
+
+    def reject_response_format(self, *types: str) -> FakeOpenAI:
+        """Answer 400 (without consuming a reply) when ``response_format.type`` is in ``types``."""
+        with self._lock:
+            self._rejected_formats.update(types)
+        return self
+
+    # -- inspection ------------------------------------------------------
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Snapshot of every request received so far, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    def chat_requests(self) -> list[dict[str, Any]]:
+        """Bodies of all chat completion requests, rejected ones included."""
+        return [r.body or {} for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def remaining(self) -> int:
+        """Number of scripted replies not consumed yet."""
+        with self._lock:
+            return len(self._queue)
+
+    # -- internals -------------------------------------------------------
+    def _push(self, reply: _Reply) -> FakeOpenAI:
+        with self._lock:
+            self._queue.append(reply)
+        return self
+
+    def _record(self, rec: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(rec)
+
+    def _answer(self, method: str, rec: RecordedRequest) -> tuple[int, dict[str, Any], dict[str, str], float]:
+        """Decide (status, json payload, extra headers, delay) for a request."""
+        if method == "GET" and rec.path == "/v1/models":
+            model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "fake"}
+            return 200, {"object": "list", "data": [model]}, {}, 0.0
+        if method != "POST" or rec.path != "/v1/chat/completions":
+            return 404, _error_body(404, f"unknown endpoint {method} {rec.path}"), {}, 0.0
+        body = rec.body
+        if body is None:
+            return 400, _error_body(400, "request body must be a JSON object"), {}, 0.0
+        if body.get("stream"):
+            return 400, _error_body(400, "fake openai server: streaming is not supported"), {}, 0.0
+        fmt = body.get("response_format")
+        fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
+        with self._lock:
+            if fmt_type in self._rejected_formats:
+                return 400, _error_body(400, f"response_format type {fmt_type} is not supported"), {}, 0.0
+            reply = self._queue.popleft() if self._queue else None
+            responder = self._responder
+            self._counter += 1
+            n = self._counter
+        if reply is None and responder is not None:
+            try:
+                spec = responder(body)
+                reply = _Reply.from_spec(spec) if spec is not None else None
+            except Exception as exc:  # a broken responder must show up in the test, not hang it
+                return 500, _error_body(500, f"fake openai server: responder failed: {exc!r}"), {}, 0.0
+        if reply is None:
+            return 500, _error_body(500, NO_REPLY_MESSAGE), {}, 0.0
+        if reply.status != 200:
+            return reply.status, _error_body(reply.status, reply.message), reply.headers, reply.delay
+        messages = body.get("messages") or []
+        prompt = reply.prompt_tokens
+        if prompt is None:
+            prompt = max(1, sum(_text_len(m.get("content")) for m in messages if isinstance(m, dict)) // 4)
+        completion = reply.completion_tokens
+        if completion is None:
+            completion = max(1, len(reply.content) // 4)
+        payload = {
+            "id": f"chatcmpl-fake-{n}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL_ID,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+        }
+        return 200, payload, reply.headers, reply.delay
