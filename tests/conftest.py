@@ -1,0 +1,91 @@
+"""Shared fixtures: a scripted OpenAI-compatible server over real HTTP, settings on a temp SQLite file,
+and helpers to write plans and evaluations the way an LLM would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_core.app import build_agent
+from agent_core.config import Settings
+from tests.fakes.openai_server import FakeOpenAI
+
+
+@pytest.fixture
+def llm_server():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, llm_server: FakeOpenAI):
+    def make(**overrides: Any) -> Settings:
+        base = Settings(
+            openai_api_key="sk-test-key-never-in-sandbox",
+            openai_base_url=llm_server.base_url,
+            model="fake-model",
+            llm_timeout=10,
+            llm_max_retries=1,
+            db_path=tmp_path / "autocode.db",
+            step_timeout=20,
+            workdir_root=tmp_path,
+        )
+        return base.with_overrides(**overrides)
+
+    return make
+
+
+@pytest.fixture
+async def make_agent(make_settings):
+    agents = []
+
+    def make(**overrides: Any):
+        agent = build_agent(make_settings(**overrides))
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        await agent.llm.close()
+        agent.storage.close()
+
+
+def subtask(name: str, code: str, input_from: str = "", imports: list[str] | None = None,
+            description: str = "") -> dict[str, Any]:
+    return {
+        "tool_name": name, "input_from_tool": input_from, "description": description or f"do {name}",
+        "imports": imports or [], "thought": "", "code": code,
+    }
+
+
+def plan(*subtasks: dict[str, Any], thought: str = "simple") -> dict[str, Any]:
+    return {"main_task": "task", "main_task_thought": thought, "subtasks": list(subtasks)}
+
+
+def verdict(answer: str = "", *, ok: bool = True, retry_from: str = "", new: list[dict[str, Any]] | None = None,
+            thoughts: str = "looks right") -> dict[str, Any]:
+    return {"satisfactory": ok, "thoughts": thoughts, "final_answer": answer, "retry_from": retry_from,
+            "new_subtasks": new or []}
+
+
+def user_prompt(request_body: dict[str, Any]) -> str:
+    """All non-system message text of a chat request."""
+    return "\n".join(m["content"] for m in request_body["messages"] if m["role"] != "system")
+
+
+def request_text(request_body: dict[str, Any]) -> str:
+    return json.dumps(request_body)
+
+
+# Three chained steps used by several tests: numbers -> total -> sentence.
+STEP_NUMBERS = subtask("get_numbers", "def get_numbers():\n    return {'numbers': [1, 2, 3]}")
+STEP_TOTAL = subtask(
+    "add_up", "def add_up(previous_output):\n    return {'total': sum(previous_output['numbers'])}", "get_numbers",
+)
+STEP_SENTENCE = subtask(
+    "describe", "def describe(previous_output):\n    return {'sentence': f\"The total is {previous_output['total']}.\"}",
+    "add_up",
+)
