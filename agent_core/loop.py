@@ -91,6 +91,15 @@ def _clip(text: str | None, limit: int, keep: str = "head") -> str:
     return text[:limit] + " …" if keep == "head" else "… " + text[-limit:]
 
 
+def _traceback_frames(traceback: str | None) -> str:
+    """The frames of a traceback without its header and final line (the error is shown on its own)."""
+    lines = (traceback or "").strip().splitlines()
+    if lines and lines[0].startswith("Traceback"):
+        lines = lines[1:]
+    frames = [line for line in lines if line.startswith(" ")]
+    return "\n".join(frames)
+
+
 def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None) -> str:
     if not messages:
         return ""
@@ -306,14 +315,17 @@ class _Run:
                 status = f"ok, kept from iteration {record.iteration}"
             else:
                 status = f"{record.status} in {record.duration_ms} ms"
-            lines = [f"{head}: {status}. {subtask.description}".rstrip(". ") + ".", "```", _clip(subtask.code, VIEW_CODE_CHARS), "```"]
+            lines = [f"{head}: {status}. {subtask.description}".rstrip(". ") + "."]
+            if index >= start:  # kept steps were judged before; their code would only cost tokens
+                lines += ["```", _clip(subtask.code, VIEW_CODE_CHARS), "```"]
             if record is not None:
                 if record.ok:
                     lines.append("output: " + _clip(json.dumps(record.output, ensure_ascii=False), VIEW_OUTPUT_CHARS))
                 else:
                     lines.append("error: " + _clip(record.error, VIEW_ERROR_CHARS))
-                    if record.traceback:
-                        lines.append("traceback: " + _clip(record.traceback, VIEW_ERROR_CHARS, keep="tail"))
+                    frames = _traceback_frames(record.traceback)
+                    if frames:
+                        lines.append("traceback:\n" + _clip(frames, VIEW_ERROR_CHARS, keep="tail"))
                 for name, text in (("stdout", record.stdout), ("stderr", record.stderr)):
                     if text.strip():
                         lines.append(f"{name}: " + _clip(text, VIEW_LOG_CHARS, keep="tail"))

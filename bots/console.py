@@ -32,10 +32,10 @@ class ConsoleRenderer:
                 return f"· plan: {' → '.join(steps)}"
             case StepStarted(iteration=it, index=i, total=n, tool_name=name):
                 return f"  [{it}.{i}/{n}] {name} …"
-            case StepFinished(index=i, total=n, tool_name=name, ok=True, duration_ms=ms):
-                return f"  [{i}/{n}] {name} ok ({ms} ms)"
-            case StepFinished(index=i, total=n, tool_name=name, error=error, duration_ms=ms):
-                return f"  [{i}/{n}] {name} failed ({ms} ms): {error}"
+            case StepFinished(iteration=it, index=i, total=n, tool_name=name, ok=True, duration_ms=ms):
+                return f"  [{it}.{i}/{n}] {name} ok ({ms} ms)"
+            case StepFinished(iteration=it, index=i, total=n, tool_name=name, error=error, duration_ms=ms):
+                return f"  [{it}.{i}/{n}] {name} failed ({ms} ms): {error}"
             case EvaluationDone(satisfactory=True):
                 return "· evaluator: satisfactory"
             case EvaluationDone(thoughts=thoughts):

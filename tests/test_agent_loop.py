@@ -366,3 +366,25 @@ async def test_llm_error_status_is_stored_without_the_key(make_agent, llm_server
     assert result.status == "failed"
     assert "rejected the API key" in result.error
     assert "sk-test" not in json.dumps(agent.storage.llm_calls(result.run_id))
+
+
+async def test_builtin_geocode_tool_and_geopy_distances(make_agent, llm_server, monkeypatch):
+    from tests.fakes.nominatim_server import FakeNominatim
+
+    step = subtask("closest", textwrap.dedent("""
+        def closest():
+            from geopy.distance import geodesic
+            a, b = geocode("Paris"), geocode("Brussels")
+            km = geodesic((a["latitude"], a["longitude"]), (b["latitude"], b["longitude"])).km
+            return {"km": round(km), "unknown": geocode("Atlantis")}
+    """), imports=["geopy"])
+    llm_server.reply_json(plan(step))
+    llm_server.reply_json(verdict("264 km"))
+    with FakeNominatim({"Paris": (48.8566, 2.3522), "Brussels": (50.8503, 4.3517)}) as nominatim:
+        monkeypatch.setenv("AUTOCODE_NOMINATIM_URL", nominatim.url)
+        agent = make_agent()
+        result = await agent.run("How far is Paris from Brussels?")
+
+    assert result.status == "succeeded", result.error
+    assert result.steps[0].output == {"km": 264, "unknown": None}
+    assert nominatim.queries == ["Paris", "Brussels", "Atlantis"]

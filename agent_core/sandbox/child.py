@@ -34,11 +34,21 @@ def _format_traceback(exc):
     return "".join(lines)
 
 
+def _flush_logs():
+    # Before any message: the parent kills the process group once the result arrives.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a full log file (RLIMIT_FSIZE) or a closed stream
+            pass
+
+
 def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
     rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
 
     def send(message):
+        _flush_logs()
         wfile.write(json.dumps(message, default=_jsonable, allow_nan=False).encode() + b"\n")
         wfile.flush()
 
@@ -77,12 +87,11 @@ def main():
             payload = json.dumps({"op": "result", "output": result}, default=_jsonable, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{job['function']} returned a dict that is not JSON: {exc}") from None
+        _flush_logs()
         wfile.write(payload.encode() + b"\n")
         wfile.flush()
     except BaseException as exc:  # SystemExit and KeyboardInterrupt are step errors too
         send({"op": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": _format_traceback(exc)})
-    sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(0)  # skip the step's atexit hooks and finalizers: the result is already sent
 
 

@@ -1,0 +1,16 @@
+"""The repair scenario's LLM traffic stays within the budget (characters are deterministic, unlike time)."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("llm_traffic", Path(__file__).parents[1] / "bench" / "llm_traffic.py")
+llm_traffic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(llm_traffic)
+
+
+async def test_repair_scenario_traffic_within_budget():
+    report = await llm_traffic.measure()
+    assert len(report["calls"]) == 3
+    assert report["answer"].startswith("Paris and Brussels")
+    assert report["total"]["chars"] <= llm_traffic.BUDGET_CHARS
+    assert report["total"]["http_request_bytes"] + report["total"]["http_response_bytes"] <= llm_traffic.BUDGET_CHARS
