@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import json_repair
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,7 +34,7 @@ class Subtask(BaseModel):
             raise ValueError(f"tool_name {value!r} is not a Python identifier")
         return value
 
-    @field_validator("input_from_tool")
+    @field_validator("input_from_tool", mode="before")
     @classmethod
     def _strip(cls, value: str | None) -> str:
         return (value or "").strip()
@@ -94,9 +94,8 @@ class Evaluation(BaseModel):
         if plan.index_of(self.retry_from.strip()) is None:
             names = ", ".join(s.tool_name for s in plan.subtasks)
             raise ReplyError(f"retry_from {self.retry_from!r} is not a subtask of the plan ({names})")
-        repaired = plan.repaired(self.retry_from.strip(), self.new_subtasks)
         try:
-            Plan.model_validate(repaired.model_dump())
+            plan.repaired(self.retry_from.strip(), self.new_subtasks)  # validates, e.g. duplicate names
         except ValidationError as exc:
             raise ReplyError(describe_validation_error(exc)) from None
 
@@ -140,33 +139,59 @@ EVALUATION_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-_FENCE = re.compile(r"```[A-Za-z]*\s*\n(.*?)```", re.S)
+_DECODER = json.JSONDecoder(strict=False)  # strict=False: raw newlines inside strings are common
+
+
+def _first_object(candidate: Any) -> dict[str, Any] | None:
+    if isinstance(candidate, list):
+        candidate = next((item for item in candidate if isinstance(item, dict)), None)
+    return candidate if isinstance(candidate, dict) and candidate else None
+
+
+def json_candidates(text: str) -> Iterator[dict[str, Any]]:
+    """JSON objects an LLM reply may mean, most plausible first: the object at the first brace as written,
+    then repaired (Python literals, trailing commas, unquoted keys), then any later complete object."""
+    start = text.find("{")
+    if start == -1:
+        return
+    positions = [m.start() for m in re.finditer(r"\{", text)]
+    try:
+        value, _ = _DECODER.raw_decode(text, start)
+        if isinstance(value, dict) and value:
+            yield value
+    except ValueError:
+        pass
+    try:
+        repaired = _first_object(json_repair.loads(text[start:]))
+    except Exception:  # the repair library raises on some hopeless inputs
+        repaired = None
+    if repaired is not None:
+        yield repaired
+    for position in positions[1:]:
+        try:
+            value, _ = _DECODER.raw_decode(text, position)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and value:
+            yield value
+
+
+def _is_json_list(text: str) -> bool:
+    try:
+        return isinstance(_DECODER.decode(text), list)
+    except ValueError:
+        return False
 
 
 def extract_json_object(text: str) -> dict[str, Any]:
-    """Find the JSON object in an LLM reply: fenced, wrapped in prose, Python literals, trailing commas."""
+    """The most plausible JSON object in an LLM reply (fenced, wrapped in prose, Python literals, trailing commas)."""
     text = (text or "").strip()
     if not text:
         raise ReplyError("the reply was empty; answer with one JSON object")
-    candidates: list[str] = []
-    start, end = text.find("{"), text.rfind("}")
-    if start != -1 and end > start:
-        candidates.append(text[start : end + 1])
-    candidates += [m.group(1) for m in _FENCE.finditer(text)]
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    for candidate in candidates:
-        try:
-            value = json_repair.loads(candidate)
-        except Exception:  # the repair library raises on some hopeless inputs
-            continue
-        if isinstance(value, dict) and value:
-            return value
+    if text.startswith("[") and _is_json_list(text):
+        raise ReplyError("the reply is a JSON list; answer with one JSON object, not a list")
+    for candidate in json_candidates(text):
+        return candidate
     raise ReplyError("the reply contains no JSON object; answer with one JSON object and nothing else")
 
 
@@ -182,9 +207,16 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 def parse_reply(text: str, model: type[Model]) -> Model:
-    """Parse and validate one reply, raising ReplyError with a message fit to quote back to the LLM."""
-    data = extract_json_object(text)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ReplyError(f"the JSON does not match the expected object: {describe_validation_error(exc)}") from None
+    """Parse and validate one reply, raising ReplyError with a message fit to quote back to the LLM.
+
+    Every plausible object in the reply is tried; the error quoted is the most plausible one's."""
+    text = (text or "").strip()
+    extract_json_object(text)  # raises the clear errors: empty reply, a list, no object at all
+    first_error: ValidationError | None = None
+    for candidate in json_candidates(text):
+        try:
+            return model.model_validate(candidate)
+        except ValidationError as exc:
+            first_error = first_error or exc
+    assert first_error is not None
+    raise ReplyError(f"the JSON does not match the expected object: {describe_validation_error(first_error)}") from None

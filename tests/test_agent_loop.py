@@ -388,3 +388,16 @@ async def test_builtin_geocode_tool_and_geopy_distances(make_agent, llm_server, 
     assert result.status == "succeeded", result.error
     assert result.steps[0].output == {"km": 264, "unknown": None}
     assert nominatim.queries == ["Paris", "Brussels", "Atlantis"]
+
+
+async def test_llm_timeout_is_retried(make_agent, llm_server):
+    llm_server.reply_json(plan(STEP_NUMBERS), delay=3)  # longer than the client's timeout: retried
+    llm_server.reply_json(plan(STEP_NUMBERS))
+    llm_server.reply_json(verdict("1, 2, 3"))
+    agent = make_agent(llm_timeout=1)
+
+    result = await agent.run("numbers")
+
+    assert result.status == "succeeded"
+    assert len(llm_server.chat_requests()) == 3
+    assert agent.storage.llm_calls(result.run_id)[0]["retries"] == 1

@@ -117,7 +117,9 @@ class ToolSet:
     def exact_function(self, name: str) -> Callable[..., Any]:
         """The operator's function, defined once from its code_example in the trusted host."""
         if name not in self._callables:
-            tool = next(t for t in self.tools if t.kind == "exact" and name in t.functions)
+            tool = next((t for t in self.tools if t.kind == "exact" and name in t.functions), None)
+            if tool is None:
+                raise KeyError(f"no trusted tool named {name!r}")
             namespace: dict[str, Any] = {"__name__": f"autocode_tool_{name}"}
             exec(compile(tool.code_example, f"<tool {name}>", "exec"), namespace)  # trusted operator code
             for fn_name in tool.functions:

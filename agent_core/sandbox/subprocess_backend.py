@@ -81,7 +81,7 @@ def describe_exit(returncode: int | None, limits: Limits) -> str:
 
 
 class SubprocessExecutor:
-    """Runs each step as `python -I -B child.py` in its own session, so a timeout kills its whole group."""
+    """Runs each step as `python -I -B -u child.py` (unbuffered: output printed before a kill is kept) in its own session, so a timeout kills its whole group."""
 
     name = "subprocess"
 
@@ -97,7 +97,7 @@ class SubprocessExecutor:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 try:
                     proc = await asyncio.create_subprocess_exec(
-                        self.python, "-I", "-B", str(CHILD_SCRIPT), str(child_sock.fileno()),
+                        self.python, "-I", "-B", "-u", str(CHILD_SCRIPT), str(child_sock.fileno()),
                         stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
                         cwd=request.workdir, env=child_environment(request.workdir),
                         pass_fds=(child_sock.fileno(),), start_new_session=True,
@@ -138,7 +138,9 @@ class SubprocessExecutor:
             return StepResult(ok=False, error=f"TimeoutError: the step did not finish within {limits.timeout_s:g}s")
         except (ValueError, asyncio.LimitOverrunError):
             return StepResult(
-                ok=False, error=f"OutputTooLarge: the step's result is larger than {limits.max_output_kb} KB"
+                ok=False,
+                error=f"OutputTooLarge: the step's result (or a tool call's arguments) is larger than "
+                f"{limits.max_output_kb} KB",
             )
         except (ConnectionError, BrokenPipeError):
             await asyncio.wait_for(proc.wait(), 1.0)
