@@ -20,7 +20,7 @@ from agent_core.events import (
 )
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
-from agent_core.sandbox import Executor, Limits, StepRequest
+from agent_core.sandbox import Executor, Limits, StepRequest, StepResult
 from storage.db import Storage
 from tools.host import ToolHost
 from tools.registry import ToolSet, describe_functions, describe_guides
@@ -34,26 +34,19 @@ VIEW_ERROR_CHARS = 700
 VIEW_LOG_CHARS = 300
 
 
-@dataclass
-class StepRecord:
-    """One execution of one subtask (or its failed static check)."""
+@dataclass(kw_only=True)
+class StepRecord(StepResult):
+    """One execution of one subtask (or its failed static check) within a run."""
 
     iteration: int
     index: int  # 0-based position in the plan
     tool_name: str
-    status: str  # ok | error
     code: str
     input_from: str | None = None
-    output: dict[str, Any] | None = None
-    error: str | None = None
-    traceback: str | None = None
-    stdout: str = ""
-    stderr: str = ""
-    duration_ms: int = 0
 
     @property
-    def ok(self) -> bool:
-        return self.status == "ok"
+    def status(self) -> str:
+        return "ok" if self.ok else "error"
 
 
 @dataclass
@@ -262,22 +255,19 @@ class _Run:
             subtask = plan.subtasks[index]
             await self.agent.emit(StepStarted(
                 self.run_id, self.iteration, index + 1, total, subtask.tool_name, subtask.description))
-            record = StepRecord(self.iteration, index, subtask.tool_name, "error", subtask.code)
+            step = {"iteration": self.iteration, "index": index, "tool_name": subtask.tool_name}
             try:
                 checked = check_subtask(subtask, names[:index], self.agent.toolset)
             except CheckError as exc:
-                record.error = f"Check failed: {exc}"
+                record = StepRecord(ok=False, error=f"Check failed: {exc}", code=subtask.code, **step)
             else:
-                record.code, record.input_from = checked.code, checked.input_from
                 result = await self.agent.executor.run_step(StepRequest(
                     code=checked.code, function=subtask.tool_name,
                     input=None if checked.input_from is None else outputs[checked.input_from],
                     workdir=workdir, limits=self.agent.limits,
                     tool_names=self.tool_host.names, on_call=self.tool_host.call,
                 ))
-                record.status = "ok" if result.ok else "error"
-                record.output, record.error, record.traceback = result.output, result.error, result.traceback
-                record.stdout, record.stderr, record.duration_ms = result.stdout, result.stderr, result.duration_ms
+                record = StepRecord(**vars(result), code=checked.code, input_from=checked.input_from, **step)
             self._store_step(record, subtask.description)
             done.append(record)
             await self.agent.emit(StepFinished(
