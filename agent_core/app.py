@@ -6,7 +6,8 @@ from agent_core.config import Settings
 from agent_core.events import EventBus
 from agent_core.llm import LLMClient
 from agent_core.loop import Agent
-from agent_core.sandbox import Executor, default_executor
+from agent_core.sandbox import Executor
+from agent_core.sandbox.pool import SandboxExecutor
 from storage.db import Storage
 from tools.registry import build_toolset
 
@@ -16,4 +17,13 @@ def build_agent(settings: Settings, executor: Executor | None = None, storage: S
     toolset = build_toolset(settings.tools_file)
     storage = storage or Storage(settings.db_path)
     llm = LLMClient(settings, storage)
-    return Agent(settings, storage, llm, toolset, executor or default_executor(), EventBus())
+    return Agent(settings, storage, llm, toolset, executor or build_executor(settings, toolset.libraries), EventBus())
+
+
+def build_executor(settings: Settings, preload: list[str] | None = None) -> SandboxExecutor:
+    """Raises SandboxUnavailable when AUTOCODE_SANDBOX_BACKEND=bwrap cannot work on this host."""
+    return SandboxExecutor(
+        backend=settings.sandbox_backend, network=settings.sandbox_network, warm=settings.sandbox_warm,
+        uid_base=settings.sandbox_uid_base, max_workers=settings.sandbox_max_workers,
+        workdir_mb=settings.workdir_mb, workdir_root=settings.workdir_root, preload=preload,
+    )

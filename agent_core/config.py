@@ -55,6 +55,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob AutoCode reads; build it with `Settings.from_env()`."""
@@ -75,7 +82,14 @@ class Settings:
     workdir_mb: int = 256
     workdir_root: Path | None = None
     tool_timeout: float = 60.0
-    nominatim_url: str | None = None
+    step_max_procs: int = 64
+    sandbox_backend: str = "auto"  # auto | bwrap | process
+    sandbox_network: bool = False
+    sandbox_warm: int = 2
+    sandbox_uid_base: int = 61000
+    sandbox_max_workers: int = 64
+    artifact_max_mb: int = 10
+    artifacts_max_mb: int = 25
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -99,7 +113,14 @@ class Settings:
             workdir_mb=_int(env, "AUTOCODE_WORKDIR_MB", 256),
             workdir_root=Path(root) if root else None,
             tool_timeout=_float(env, "AUTOCODE_TOOL_TIMEOUT", 60.0),
-            nominatim_url=env.get("AUTOCODE_NOMINATIM_URL", "").strip() or None,
+            step_max_procs=_int(env, "AUTOCODE_STEP_MAX_PROCS", 64),
+            sandbox_backend=_choice(env, "AUTOCODE_SANDBOX_BACKEND", ("auto", "bwrap", "process"), "auto"),
+            sandbox_network=_choice(env, "AUTOCODE_SANDBOX_NETWORK", ("off", "on"), "off") == "on",
+            sandbox_warm=_int(env, "AUTOCODE_SANDBOX_WARM", 2, minimum=0),
+            sandbox_uid_base=_int(env, "AUTOCODE_SANDBOX_UID_BASE", 61000, minimum=1000),
+            sandbox_max_workers=_int(env, "AUTOCODE_SANDBOX_MAX_WORKERS", 64),
+            artifact_max_mb=_int(env, "AUTOCODE_ARTIFACT_MAX_MB", 10),
+            artifacts_max_mb=_int(env, "AUTOCODE_ARTIFACTS_MAX_MB", 25),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

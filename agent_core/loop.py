@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agent_core import prompts
@@ -20,7 +17,7 @@ from agent_core.events import (
 )
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
-from agent_core.sandbox import Executor, Limits, StepRequest, StepResult
+from agent_core.sandbox import Executor, Limits, Sandbox, SandboxUnavailable, StepRequest, StepResult
 from storage.db import Storage
 from tools.host import ToolHost
 from tools.registry import ToolSet, describe_functions, describe_guides
@@ -59,6 +56,7 @@ class RunResult:
     iterations: int
     steps: list[StepRecord] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # name, mime, size; data in storage
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +72,7 @@ class RunResult:
                 for s in self.steps
             ],
             "usage": self.usage,
+            "artifacts": self.artifacts,
         }
 
 
@@ -120,7 +119,7 @@ class Agent:
         self.limits = Limits(
             timeout_s=settings.step_timeout, memory_mb=settings.step_memory_mb,
             max_output_kb=settings.step_max_output_kb, max_log_kb=settings.step_max_log_kb,
-            file_size_mb=settings.workdir_mb,
+            file_size_mb=settings.workdir_mb, max_procs=settings.step_max_procs,
         )
         libraries = ", ".join(toolset.libraries) or "none"
         self._planner_system = prompts.render(
@@ -157,6 +156,7 @@ class _Run:
         self.history = history
         self.iteration = 0
         self.records: list[StepRecord] = []
+        self.artifacts: list[dict[str, Any]] = []
         self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout)
 
     def _context(self) -> CallContext:
@@ -171,13 +171,16 @@ class _Run:
 
     async def execute(self) -> RunResult:
         await self.agent.emit(RunStarted(self.run_id, self.conversation, self.task))
-        workdir = Path(tempfile.mkdtemp(prefix=f"autocode-{self.run_id}-", dir=self.settings.workdir_root))
-        (workdir / "outputs").mkdir()
         status, answer, error = "failed", "", None
+        sandbox: Sandbox | None = None
         try:
-            status, answer, error = await self._loop(workdir)
+            sandbox = await self.agent.executor.open(self.run_id)
+            status, answer, error = await self._loop(sandbox)
         except LLMError as exc:
             error = str(exc)
+        except SandboxUnavailable as exc:
+            log.error("run %s: no sandbox: %s", self.run_id, exc)
+            error = "The sandbox could not start, so no code ran; the operator can run `autocode doctor`."
         except asyncio.CancelledError:
             status, error = "cancelled", "The run was cancelled."
             raise
@@ -185,18 +188,34 @@ class _Run:
             log.exception("run %s crashed", self.run_id)
             error = f"Internal error ({type(exc).__name__}); see the server log for run {self.run_id}."
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if sandbox is not None:
+                await asyncio.shield(self._close_sandbox(sandbox, keep_outputs=status != "cancelled"))
             await self._finish(status, answer, error)
         return self._result(status, answer, error)
 
-    async def _loop(self, workdir: Path) -> tuple[str, str, str | None]:
+    async def _close_sandbox(self, sandbox: Sandbox, keep_outputs: bool) -> None:
+        """Store the files the steps left under outputs/ as the run's artifacts, then destroy the sandbox."""
+        try:
+            if keep_outputs and self.records:
+                mib = 1024 * 1024
+                collected = await sandbox.collect_outputs(
+                    self.settings.artifact_max_mb * mib, self.settings.artifacts_max_mb * mib)
+                for artifact in collected.artifacts:
+                    self.storage.add_artifact(self.run_id, artifact.name, artifact.mime, artifact.data)
+                    self.artifacts.append({"name": artifact.name, "mime": artifact.mime, "size": len(artifact.data)})
+                for note in collected.skipped:
+                    log.warning("run %s: output not kept: %s", self.run_id, note)
+        finally:
+            await sandbox.close()
+
+    async def _loop(self, sandbox: Sandbox) -> tuple[str, str, str | None]:
         plan = await self._plan()
         outputs: dict[str, dict[str, Any]] = {}
         start = 0
         previous_failure: tuple[str, str] | None = None
         for self.iteration in range(1, self.settings.max_iterations + 1):
             self.storage.update_run(self.run_id, plan=plan.model_dump(), iterations=self.iteration)
-            current = await self._execute_steps(plan, start, outputs, workdir)
+            current = await self._execute_steps(plan, start, outputs, sandbox)
             failure = next((r for r in current if not r.ok), None)
             if failure is not None:
                 signature = (failure.tool_name, failure.error or "")
@@ -245,7 +264,7 @@ class _Run:
         return plan
 
     async def _execute_steps(
-        self, plan: Plan, start: int, outputs: dict[str, dict[str, Any]], workdir: Path,
+        self, plan: Plan, start: int, outputs: dict[str, dict[str, Any]], sandbox: Sandbox,
     ) -> list[StepRecord]:
         """Run subtasks from `start` until one fails; earlier outputs are reused, not re-run."""
         done: list[StepRecord] = []
@@ -261,10 +280,10 @@ class _Run:
             except CheckError as exc:
                 record = StepRecord(ok=False, error=f"Check failed: {exc}", code=subtask.code, **step)
             else:
-                result = await self.agent.executor.run_step(StepRequest(
+                result = await sandbox.run_step(StepRequest(
                     code=checked.code, function=subtask.tool_name,
                     input=None if checked.input_from is None else outputs[checked.input_from],
-                    workdir=workdir, limits=self.agent.limits,
+                    limits=self.agent.limits,
                     tool_names=self.tool_host.names, on_call=self.tool_host.call,
                 ))
                 record = StepRecord(**vars(result), code=checked.code, input_from=checked.input_from, **step)
@@ -354,7 +373,7 @@ class _Run:
     def _result(self, status: str, answer: str, error: str | None) -> RunResult:
         return RunResult(
             self.run_id, self.conversation, status, answer, error, self.iteration, list(self.records),
-            self.storage.usage(self.run_id),
+            self.storage.usage(self.run_id), list(self.artifacts),
         )
 
 

@@ -65,6 +65,11 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "id",
         ["run_id"],
     ),
+    "artifacts": (
+        {"id": int, "run_id": str, "name": str, "mime": str, "size": int, "data": bytes, "created_at": str},
+        "id",
+        ["run_id"],
+    ),
     "events": (
         {"id": int, "run_id": str, "type": str, "data_json": str, "created_at": str},
         "id",
@@ -212,6 +217,16 @@ class Storage:
             (run_id,),
         )[0]
         return {k: int(v) for k, v in row.items()}
+
+    def add_artifact(self, run_id: str, name: str, mime: str, data: bytes) -> int:
+        return self._insert(
+            "artifacts",
+            {"run_id": run_id, "name": name, "mime": mime, "size": len(data), "data": data, "created_at": now()},
+        )
+
+    def artifacts(self, run_id: str, with_data: bool = False) -> list[dict[str, Any]]:
+        columns = "id, run_id, name, mime, size, created_at" + (", data" if with_data else "")
+        return self._rows(f"SELECT {columns} FROM artifacts WHERE run_id = ? ORDER BY id", (run_id,))
 
     def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
         self._insert(

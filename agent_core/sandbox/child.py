@@ -1,7 +1,8 @@
-"""Runs inside the sandboxed child process; imports nothing from AutoCode.
+"""One step, inside the sandbox: imports nothing from AutoCode (it runs under `python -I`).
 
-Usage: python -I -B child.py FD. FD is a Unix socket to the parent carrying newline-delimited JSON:
-parent -> child: the job, then replies to tool calls; child -> parent: tool calls, then the result.
+`run_job(fd)` is called in a freshly forked, already confined process. FD is a Unix socket to the server
+carrying newline-delimited JSON: server -> step: the job, then replies to tool calls; step -> server: tool
+calls, then the result.
 """
 
 import builtins
@@ -43,8 +44,9 @@ def _flush_logs():
             pass
 
 
-def main():
-    sock = socket.socket(fileno=int(sys.argv[1]))
+def run_job(fd):
+    """Run the job read from socket FD and exit the process."""
+    sock = socket.socket(fileno=fd)
     rfile, wfile = sock.makefile("rb"), sock.makefile("wb")
 
     def send(message):
@@ -94,6 +96,3 @@ def main():
         send({"op": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": _format_traceback(exc)})
     os._exit(0)  # skip the step's atexit hooks and finalizers: the result is already sent
 
-
-if __name__ == "__main__":
-    main()

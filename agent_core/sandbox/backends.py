@@ -1,0 +1,183 @@
+"""How a sandbox worker is launched: inside bubblewrap namespaces, or as a plain process (the fallback for
+hosts without user/mount namespaces, e.g. Docker's default seccomp profile)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RUNTIME_DIR = Path(__file__).resolve().parent  # worker.py, child.py, confine.py
+SANDBOX_RUNTIME = "/opt/autocode-sandbox"  # where RUNTIME_DIR appears inside bubblewrap
+SANDBOX_WORKDIR = "/work"
+# System paths a step may read (interpreter, shared libraries, certificates, time zones).
+SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ssl",
+                    "/etc/ca-certificates", "/etc/localtime", "/etc/mime.types", "/usr/share/zoneinfo"]
+NETWORK_READ_ONLY = ["/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf"]
+
+
+def python_roots() -> list[str]:
+    """Directories the step's interpreter needs: its prefix, and site-packages living elsewhere."""
+    roots: list[str] = []
+    for path in (sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]):
+        path = os.path.realpath(path)
+        if not any(path == r or path.startswith(r + os.sep) for r in roots) and os.path.isdir(path):
+            roots.append(path)
+    return roots
+
+
+def traversable_by_others(path: str) -> bool:
+    """Can a uid with no special rights reach `path` (o+x on every ancestor)?"""
+    current = Path(path)
+    for directory in [current, *current.parents]:
+        try:
+            if not directory.stat().st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Launch:
+    argv: list[str]
+    workdir: str  # as the worker sees it
+    host_workdir: Path | None  # the same directory on the host, when there is one to clean up
+    config: dict = field(default_factory=dict)  # extra worker configuration
+
+
+class BwrapLauncher:
+    """User, pid, net, ipc, uts (and cgroup) namespaces; read-only binds; a size-capped tmpfs workdir."""
+
+    name = "bwrap"
+
+    def __init__(self, bwrap: str, is_root: bool, workdir_mb: int, network: bool):
+        self.bwrap = bwrap
+        self.is_root = is_root
+        self.workdir_mb = workdir_mb
+        self.network = network
+
+    def protections(self) -> list[str]:
+        found = ["pid, ipc, uts, mount namespaces", "size-capped tmpfs working directory",
+                 "--clearenv, --die-with-parent, --new-session"]
+        found.append("user namespace (unprivileged bwrap)" if not self.is_root else "real uid drop per run")
+        found.append("network namespace with slirp4netns (no host loopback)" if self.network
+                     else "network namespace without interfaces (no network)")
+        return found
+
+    def prepare(self, worker_fd: int, info_fd: int | None) -> Launch:
+        args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                "--unshare-net", "--die-with-parent", "--new-session", "--clearenv"]
+        if self.is_root:
+            # Privileged mode: no user namespace; the worker keeps just enough to drop steps to their uid.
+            args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]
+        else:
+            args += ["--unshare-user", "--disable-userns"]
+        made: set[str] = set()
+        read_only = [*SYSTEM_READ_ONLY, *(NETWORK_READ_ONLY if self.network else [])]
+        for path in [*read_only, *python_roots()]:
+            if os.path.exists(path):
+                args += self._parents(path, made) + ["--ro-bind", path, path]
+        args += self._parents(SANDBOX_RUNTIME, made) + ["--ro-bind", str(RUNTIME_DIR), SANDBOX_RUNTIME]
+        if self.network:
+            args += ["--ro-bind-data", "0", "/etc/resolv.conf"]  # slirp4netns's DNS, see DNS_CONFIG
+        size = str(self.workdir_mb * 1024 * 1024)
+        args += ["--proc", "/proc", "--dev", "/dev",
+                 "--perms", "0777", "--size", size, "--tmpfs", SANDBOX_WORKDIR,
+                 "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+                 "--chdir", SANDBOX_WORKDIR]
+        if info_fd is not None:
+            args += ["--info-fd", str(info_fd)]
+        args += ["--", sys.executable, "-I", "-B", "-u", f"{SANDBOX_RUNTIME}/worker.py", str(worker_fd)]
+        return Launch(args, SANDBOX_WORKDIR, None, {
+            "pid_namespace": True,
+            "read_only": [*read_only, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
+            "read_write": ["/tmp", "/dev/null", "/dev/shm"],
+        })
+
+    @staticmethod
+    def _parents(path: str, made: set[str]) -> list[str]:
+        """bwrap creates missing parents 0700; create them 0755 so the step's uid can traverse them."""
+        args: list[str] = []
+        for parent in reversed(Path(path).parents[:-1]):  # skip "/"
+            key = str(parent)
+            if key not in made:
+                made.add(key)
+                args += ["--perms", "0755", "--dir", key]
+        return args
+
+
+DNS_CONFIG = b"nameserver 10.0.2.3\n"
+
+
+class ProcessLauncher:
+    """No namespaces: the worker is a plain child; steps get a real uid drop, rlimits, Landlock and seccomp."""
+
+    name = "process"
+
+    def __init__(self, is_root: bool, workdir_root: Path | None):
+        self.is_root = is_root
+        self.base = Path(workdir_root or tempfile.gettempdir()) / "autocode-sandbox"
+
+    def protections(self) -> list[str]:
+        return ["real uid drop per run" if self.is_root else "NO uid separation (not running as root)",
+                "private working directory (mode 0700)", "process-group and per-uid kill"]
+
+    def prepare(self, worker_fd: int, info_fd: int | None) -> Launch:
+        self.base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o711)  # others may traverse to their own directory but not list
+        workdir = Path(tempfile.mkdtemp(prefix="run-", dir=self.base))
+        roots = python_roots()
+        return Launch(
+            [sys.executable, "-I", "-B", "-u", str(RUNTIME_DIR / "worker.py"), str(worker_fd)],
+            str(workdir), workdir,
+            {
+                "pid_namespace": False,
+                "read_only": [*SYSTEM_READ_ONLY, *NETWORK_READ_ONLY, *roots, str(RUNTIME_DIR), "/proc", "/dev",
+                              "/etc/resolv.conf"],
+                "read_write": ["/dev/null", "/dev/shm"],
+                # Reach a Python under e.g. /root (mode 0700) through descriptors opened before the uid drop.
+                "reroot": [r for r in roots if self.is_root and not traversable_by_others(r)],
+            },
+        )
+
+
+def bwrap_works(bwrap: str, is_root: bool) -> str | None:
+    """None when bubblewrap can create its namespaces here, else the reason."""
+    args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--ro-bind", "/", "/",
+            "--proc", "/proc", "--dev", "/dev"]
+    if not is_root:
+        args.append("--unshare-user")
+    try:
+        proc = subprocess.run([*args, "true"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bubblewrap failed to start: {exc}"
+    if proc.returncode != 0:
+        return f"bubblewrap cannot create namespaces here: {proc.stderr.strip() or proc.returncode}"
+    return None
+
+
+def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, network: bool):
+    """The launcher for `backend` (auto|bwrap|process), and the reason a fallback was taken (or None)."""
+    is_root = os.geteuid() == 0
+    if backend in ("auto", "bwrap"):
+        bwrap = shutil.which("bwrap")
+        reason = "bubblewrap (bwrap) is not installed" if bwrap is None else bwrap_works(bwrap, is_root)
+        if network and reason is None and shutil.which("slirp4netns") is None:
+            reason = "AUTOCODE_SANDBOX_NETWORK=on needs slirp4netns, which is not installed"
+        if reason is None:
+            return BwrapLauncher(bwrap, is_root, workdir_mb, network), None
+        if backend == "bwrap":
+            from agent_core.sandbox import SandboxUnavailable
+
+            raise SandboxUnavailable(f"AUTOCODE_SANDBOX_BACKEND=bwrap but {reason}")
+        return ProcessLauncher(is_root, workdir_root), reason
+    return ProcessLauncher(is_root, workdir_root), "AUTOCODE_SANDBOX_BACKEND=process"

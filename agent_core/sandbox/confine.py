@@ -1,0 +1,331 @@
+"""Kernel confinement for the sandbox child: a seccomp filter and a Landlock ruleset.
+
+Applied in the freshly forked child after it has dropped to a non-root uid and set its rlimits,
+right before untrusted code runs. Both layers are best effort: where the kernel or libseccomp
+lacks support, the apply functions return a short reason string instead of raising, so the
+caller can log it (and `autocode doctor` can report it) while the uid drop and rlimits remain.
+
+This module is imported by the child under `python -I`, so it imports only the standard library;
+`pyseccomp` is imported lazily inside the functions, and a missing library means "unavailable".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import stat
+from types import ModuleType
+
+__all__ = [
+    "LANDLOCK_FS_RIGHTS",
+    "SECCOMP_BLOCKED_SYSCALLS",
+    "SECCOMP_CLONE_NAMESPACE_FLAGS",
+    "SECCOMP_ENOSYS_SYSCALLS",
+    "SECCOMP_NETWORK_RULE",
+    "SECCOMP_RULES",
+    "apply_landlock",
+    "apply_seccomp",
+    "probe",
+]
+
+# ---------------------------------------------------------------------------------------------
+# seccomp
+# ---------------------------------------------------------------------------------------------
+
+# Syscalls that fail with EPERM for the untrusted code: debugging/reading other processes,
+# namespaces and mounts, kernel keyrings, BPF, perf, module and kexec loading, swap, reboot,
+# userfaultfd (a kernel-exploit helper), file handles (escape from bind mounts) and io_uring
+# (a large attack surface that also bypasses seccomp argument checks on the socket rule).
+SECCOMP_BLOCKED_SYSCALLS: tuple[str, ...] = (
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "bpf",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "perf_event_open",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "io_uring_setup",
+)
+
+# personality() is blocked except for the read-only query personality(0xffffffff): changing the
+# execution domain (e.g. ADDR_NO_RANDOMIZE) is never needed by generated code.
+_PERSONALITY_QUERY = 0xFFFFFFFF
+
+# clone() stays allowed (threads, fork, subprocess) unless its flags create a namespace; blocking
+# unshare/setns alone would be pointless if clone(CLONE_NEWUSER | ...) still worked.
+SECCOMP_CLONE_NAMESPACE_FLAGS: dict[str, int] = {
+    "CLONE_NEWNS": 0x00020000,
+    "CLONE_NEWCGROUP": 0x02000000,
+    "CLONE_NEWUTS": 0x04000000,
+    "CLONE_NEWIPC": 0x08000000,
+    "CLONE_NEWUSER": 0x10000000,
+    "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}
+
+# clone3() passes its flags in a struct that seccomp cannot inspect, so it answers ENOSYS: glibc
+# (>= 2.34) and other runtimes then fall back to clone(), whose flags are checked above. This is
+# what Docker's default profile does; threads, fork and subprocess keep working.
+SECCOMP_ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)
+
+# With allow_network=False: socket(domain, ...) with domain != AF_UNIX fails with EPERM.
+# socketpair() and AF_UNIX sockets (the channel to the parent) stay allowed.
+SECCOMP_NETWORK_RULE = "socket(domain != AF_UNIX) -> EPERM"
+
+
+# The whole rule set, human-readable (for `autocode doctor`); the last rule only without network.
+SECCOMP_RULES: tuple[str, ...] = (
+    *(f"{name} -> EPERM" for name in SECCOMP_BLOCKED_SYSCALLS),
+    "personality(persona != 0xffffffff) -> EPERM",
+    *(f"clone(flags & {flag}) -> EPERM" for flag in SECCOMP_CLONE_NAMESPACE_FLAGS),
+    *(f"{name} -> ENOSYS" for name in SECCOMP_ENOSYS_SYSCALLS),
+    SECCOMP_NETWORK_RULE,
+)
+
+
+def _import_pyseccomp() -> tuple[ModuleType | None, str | None]:
+    """Return (module, None) or (None, reason) when pyseccomp or libseccomp is unavailable."""
+    try:
+        import pyseccomp  # noqa: PLC0415 - lazy on purpose: a missing library means "unavailable"
+    except ImportError as exc:
+        return None, f"pyseccomp is not installed ({exc})"
+    except (OSError, RuntimeError) as exc:  # pyseccomp loads libseccomp when imported
+        return None, f"libseccomp could not be loaded ({exc})"
+    return pyseccomp, None
+
+
+def _kernel_seccomp_reason() -> str | None:
+    """Why this kernel cannot take a seccomp filter, or None when it can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_get_seccomp = 21
+    if libc.prctl(ctypes.c_int(pr_get_seccomp), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
+        return f"the kernel has no seccomp support ({os.strerror(ctypes.get_errno())})"
+    try:
+        with open("/proc/sys/kernel/seccomp/actions_avail", encoding="ascii") as f:
+            actions = f.read().split()
+    except OSError:
+        return None  # older kernels lack the file; the load itself will tell
+    if "errno" not in actions or "allow" not in actions:
+        return f"the kernel's seccomp lacks the errno/allow actions ({' '.join(actions)})"
+    return None
+
+
+def apply_seccomp(*, allow_network: bool) -> str | None:
+    """Install the sandbox's seccomp filter on the calling process (and its future children).
+
+    Default action ALLOW; the syscalls in SECCOMP_BLOCKED_SYSCALLS, personality() other than the
+    query, and namespace-creating clone() fail with EPERM (not kill, so the code sees an ordinary
+    PermissionError); clone3() fails with ENOSYS; without allow_network, socket() for any domain
+    but AF_UNIX fails with EPERM. Sets NO_NEW_PRIVS (required for a non-root uid) and syncs the
+    filter to all threads. Returns None on success, or a short reason when seccomp is unavailable.
+    """
+    seccomp, reason = _import_pyseccomp()
+    if seccomp is None:
+        return reason
+    eperm = seccomp.ERRNO(errno.EPERM)
+    try:
+        filt = seccomp.SyscallFilter(seccomp.ALLOW)
+        filt.set_attr(seccomp.Attr.CTL_NNP, 1)  # libseccomp's default too; be explicit
+        try:
+            filt.set_attr(seccomp.Attr.CTL_TSYNC, 1)  # also confine threads that already exist
+        except OSError:
+            pass  # very old libseccomp/kernel: the freshly forked child is single-threaded anyway
+
+        def syscall_number(name: str) -> int | None:
+            number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
+            return None if number == -1 else number  # -1: a name this libseccomp does not know
+
+        for name in SECCOMP_BLOCKED_SYSCALLS:
+            if (number := syscall_number(name)) is not None:
+                filt.add_rule(eperm, number)
+        if (number := syscall_number("personality")) is not None:
+            filt.add_rule(eperm, number, seccomp.Arg(0, seccomp.NE, _PERSONALITY_QUERY))
+        if (number := syscall_number("clone")) is not None:
+            for flag in SECCOMP_CLONE_NAMESPACE_FLAGS.values():
+                filt.add_rule(eperm, number, seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        for name in SECCOMP_ENOSYS_SYSCALLS:
+            if (number := syscall_number(name)) is not None:
+                filt.add_rule(seccomp.ERRNO(errno.ENOSYS), number)
+        if not allow_network:
+            filt.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
+    except OSError as exc:
+        return f"libseccomp could not build the filter ({exc})"
+
+    if (reason := _kernel_seccomp_reason()) is not None:
+        return reason
+    try:
+        filt.load()
+    except OSError as exc:
+        return f"the kernel refused the seccomp filter ({exc})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Landlock
+# ---------------------------------------------------------------------------------------------
+
+# The same numbers on x86_64, aarch64 and every other architecture with the unified syscall table.
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+
+# Filesystem access rights, each with the first Landlock ABI version that knows it.
+LANDLOCK_FS_RIGHTS: dict[str, tuple[int, int]] = {
+    "execute": (1 << 0, 1),
+    "write_file": (1 << 1, 1),
+    "read_file": (1 << 2, 1),
+    "read_dir": (1 << 3, 1),
+    "remove_dir": (1 << 4, 1),
+    "remove_file": (1 << 5, 1),
+    "make_char": (1 << 6, 1),
+    "make_dir": (1 << 7, 1),
+    "make_reg": (1 << 8, 1),
+    "make_sock": (1 << 9, 1),
+    "make_fifo": (1 << 10, 1),
+    "make_block": (1 << 11, 1),
+    "make_sym": (1 << 12, 1),
+    "refer": (1 << 13, 2),
+    "truncate": (1 << 14, 3),
+    "ioctl_dev": (1 << 15, 5),
+}
+
+
+def _rights(*names: str) -> int:
+    mask = 0
+    for name in names:
+        mask |= LANDLOCK_FS_RIGHTS[name][0]
+    return mask
+
+
+_READ_ONLY_RIGHTS = _rights("execute", "read_file", "read_dir")
+# The only rights the kernel accepts on a rule for a non-directory (anything else is EINVAL).
+_FILE_RIGHTS = _rights("execute", "write_file", "read_file", "truncate", "ioctl_dev")
+
+# Every argument of the variadic syscall() is passed as a C long (or a pointer), never a bare int.
+_c_long = ctypes.c_long
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64)]  # ABI 4+ fields stay unused (size 8)
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # __attribute__((packed)) in the uapi header: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _landlock_abi(libc: ctypes.CDLL) -> tuple[int | None, str | None]:
+    """The running kernel's Landlock ABI version, or (None, reason)."""
+    abi = libc.syscall(_c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.c_void_p(None), _c_long(0),
+                       _c_long(_LANDLOCK_CREATE_RULESET_VERSION))
+    if abi < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return None, "the kernel has no Landlock support (ENOSYS)"
+        if err == errno.EOPNOTSUPP:
+            return None, "Landlock is disabled in this kernel (EOPNOTSUPP)"
+        return None, f"Landlock version query failed ({os.strerror(err)})"
+    return int(abi), None
+
+
+def _handled_rights(abi: int) -> int:
+    return _rights(*(name for name, (_, since) in LANDLOCK_FS_RIGHTS.items() if since <= abi))
+
+
+def apply_landlock(*, read_only: list[str], read_write: list[str]) -> str | None:
+    """Restrict the calling process (and its future children) to the given filesystem paths.
+
+    Handles every filesystem right the running Landlock ABI knows, so anything not granted here is
+    denied: `read_only` paths get read_file, read_dir and execute; `read_write` paths get all
+    rights. Missing paths are skipped; a regular file gets only the file-level rights. Already
+    open file descriptors keep working. Sets NO_NEW_PRIVS (required for a non-root uid). Returns
+    None on success, or a short reason when Landlock is unavailable (old or unconfigured kernel).
+    """
+    libc = _libc()
+    abi, reason = _landlock_abi(libc)
+    if abi is None:
+        return reason
+    handled = _handled_rights(abi)
+
+    attr = _RulesetAttr(handled_access_fs=handled)
+    ruleset_fd = libc.syscall(_c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                              _c_long(ctypes.sizeof(attr)), _c_long(0))
+    if ruleset_fd < 0:
+        err = ctypes.get_errno()
+        return f"landlock_create_ruleset failed ({os.strerror(err)})"
+    try:
+        for paths, wanted in ((read_only, _READ_ONLY_RIGHTS), (read_write, handled)):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue  # missing (or unreachable) paths are skipped
+                try:
+                    allowed = wanted & handled
+                    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                        allowed &= _FILE_RIGHTS
+                    if not allowed:
+                        continue
+                    rule = _PathBeneathAttr(allowed_access=allowed, parent_fd=fd)
+                    if libc.syscall(_c_long(_SYS_LANDLOCK_ADD_RULE), _c_long(ruleset_fd),
+                                    _c_long(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
+                                    _c_long(0)) < 0:
+                        err = ctypes.get_errno()
+                        return f"landlock_add_rule failed for {path!r} ({os.strerror(err)})"
+                finally:
+                    os.close(fd)
+
+        if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
+            return f"prctl(PR_SET_NO_NEW_PRIVS) failed ({os.strerror(ctypes.get_errno())})"
+        if libc.syscall(_c_long(_SYS_LANDLOCK_RESTRICT_SELF), _c_long(ruleset_fd), _c_long(0)) < 0:
+            return f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
+    finally:
+        os.close(ruleset_fd)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# probe
+# ---------------------------------------------------------------------------------------------
+
+
+def probe() -> dict[str, object]:
+    """Report which confinements this machine supports, applying nothing.
+
+    Returns {"landlock_abi": int | None, "seccomp": bool, "seccomp_reason": str | None}; seccomp
+    is True when pyseccomp imports, libseccomp loads and the kernel offers the needed actions.
+    """
+    abi, _ = _landlock_abi(_libc())
+    _, reason = _import_pyseccomp()
+    if reason is None:
+        reason = _kernel_seccomp_reason()
+    return {"landlock_abi": abi, "seccomp": reason is None, "seccomp_reason": reason}

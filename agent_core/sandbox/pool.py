@@ -1,0 +1,477 @@
+"""The sandbox executor: a warm pool of workers, one per run, each with its own uid and working directory.
+
+A worker is started ahead of time (interpreter up, declared libraries imported); a run takes one and keeps it
+for all its steps, so steps share files; each step is a fresh process forked from the worker, dropped to the
+run's uid and confined. When the run ends the worker is killed with everything in it, and the pool refills.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import io
+import json
+import logging
+import math
+import mimetypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent_core.sandbox import (
+    Artifact, CollectedOutputs, Limits, SandboxUnavailable, StepRequest, StepResult,
+)
+from agent_core.sandbox.backends import DNS_CONFIG, BwrapLauncher, choose_launcher
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 30.0
+CONTROL_TIMEOUT_S = 10.0
+# Host variables a step may see: none are secrets. OPENBLAS_* keeps numpy correct on some CPUs.
+_PASSTHROUGH = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TZ")
+
+
+class WorkerDied(Exception):
+    """The worker stopped answering; the run's sandbox is gone."""
+
+
+def worker_environment(workdir: str) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": f"{workdir}/.matplotlib",
+    }
+    env.update({k: os.environ[k] for k in _PASSTHROUGH if k in os.environ})
+    return env
+
+
+def read_capped(path: Path, cap_bytes: int) -> str:
+    """Head and tail of a log file, with a marker for what was left out."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if size <= cap_bytes:
+            return handle.read().decode("utf-8", "replace")
+        half = cap_bytes // 2
+        head = handle.read(half)
+        handle.seek(size - half)
+        tail = handle.read()
+    omitted = size - 2 * half
+    return f"{head.decode('utf-8', 'replace')}\n[... {omitted} bytes omitted ...]\n{tail.decode('utf-8', 'replace')}"
+
+
+def describe_exit(returncode: int | None, limits: Limits) -> str:
+    if returncode is None:
+        return "the step process did not finish"
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        hint = {
+            signal.SIGKILL: " (killed: memory or process limits, or an external kill)",
+            signal.SIGXCPU: f" (CPU time limit of {cpu_seconds(limits)}s exceeded)",
+            signal.SIGSEGV: " (crashed; possibly out of memory)",
+            signal.SIGSYS: " (a forbidden system call)",
+        }.get(sig, "")
+        return f"the step process was killed by {sig.name}{hint} before returning a result"
+    return f"the step process exited with code {returncode} before returning a result"
+
+
+def cpu_seconds(limits: Limits) -> int:
+    return math.ceil(limits.timeout_s) + 1
+
+
+class UidPool:
+    """One uid per live worker, so RLIMIT_NPROC and kill(-1) are per run. None when not root."""
+
+    def __init__(self, base: int, count: int):
+        self.free = list(range(base, base + count)) if os.geteuid() == 0 else []
+        self.enabled = os.geteuid() == 0
+
+    def take(self) -> int | None:
+        if not self.enabled:
+            return None
+        if not self.free:
+            raise SandboxUnavailable("all sandbox uids are in use (raise AUTOCODE_SANDBOX_MAX_WORKERS)")
+        return self.free.pop(0)
+
+    def give_back(self, uid: int | None) -> None:
+        if uid is not None:
+            self.free.append(uid)
+
+
+class Worker:
+    """The server's handle on one worker process; it also is the run's `Sandbox`."""
+
+    def __init__(self, executor: "SandboxExecutor", uid: int | None):
+        self.executor = executor
+        self.uid = uid
+        self.proc: asyncio.subprocess.Process | None = None
+        self.control: socket.socket | None = None
+        self.host_workdir: Path | None = None
+        self.slirp: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.dead = False
+        self.closed = False
+        self._lock = asyncio.Lock()
+
+    # --- life cycle ------------------------------------------------------------------------------------
+    async def start(self, preload: list[str]) -> None:
+        launcher = self.executor.launcher
+        control, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pass_fds = [worker_end.fileno()]
+        info_read = info_write = dns_read = None
+        if isinstance(launcher, BwrapLauncher) and launcher.network:
+            info_read, info_write = os.pipe()
+            dns_read, dns_write = os.pipe()
+            os.write(dns_write, DNS_CONFIG)
+            os.close(dns_write)
+            pass_fds += [info_write, dns_read]
+        launch = launcher.prepare(worker_end.fileno(), info_write)
+        if dns_read is not None:
+            launch.argv[launch.argv.index("--ro-bind-data") + 1] = str(dns_read)
+        self.host_workdir = launch.host_workdir
+        if self.host_workdir is not None and self.uid is not None:
+            os.chown(self.host_workdir, self.uid, self.uid)
+        stderr_log = tempfile.TemporaryFile()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *launch.argv, pass_fds=pass_fds, env=worker_environment(launch.workdir),
+                cwd=launch.workdir if launch.host_workdir else "/", start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_log,
+            )
+        finally:
+            worker_end.close()
+            for fd in (info_write, dns_read):
+                if fd is not None:
+                    os.close(fd)
+        control.setblocking(False)
+        self.control = control
+        try:
+            if info_read is not None:
+                await self._attach_network(info_read)
+            await self._send({
+                "uid": self.uid, "gid": self.uid, "workdir": launch.workdir, "preload": preload,
+                "network": self.executor.network, **launch.config,
+            })
+            self.ready = await asyncio.wait_for(self._receive(), WORKER_START_TIMEOUT_S)
+        except (WorkerDied, TimeoutError, OSError) as exc:
+            stderr_log.seek(0)
+            detail = stderr_log.read().decode("utf-8", "replace").strip()[-2000:]
+            await self.kill()
+            raise SandboxUnavailable(f"the sandbox worker did not start ({type(exc).__name__}): {detail}") from None
+        finally:
+            stderr_log.close()
+
+    async def _attach_network(self, info_read: int) -> None:
+        """Give the sandbox's network namespace outbound access through slirp4netns, host loopback excluded."""
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.run_in_executor(None, _read_json_object, info_read), 10)
+        ready_read, ready_write = os.pipe()
+        self.slirp = await asyncio.create_subprocess_exec(
+            "slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback", f"--ready-fd={ready_write}",
+            str(data["child-pid"]), "tap0",
+            pass_fds=[ready_write], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        os.close(ready_write)
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, os.read, ready_read, 1), 10)
+        finally:
+            os.close(ready_read)
+
+    async def kill(self) -> None:
+        """Kill the worker and everything in it; nothing of the run survives."""
+        self.dead = True
+        if self.proc is not None and self.proc.returncode is None:
+            _kill_group(self.proc.pid)
+        if self.uid is not None and not isinstance(self.executor.launcher, BwrapLauncher):
+            # Without a pid namespace a step may have left its session: end every process of the run's uid.
+            await asyncio.to_thread(_kill_uid, self.uid)
+        if self.proc is not None:
+            await self.proc.wait()
+        if self.slirp is not None and self.slirp.returncode is None:
+            self.slirp.kill()
+            await self.slirp.wait()
+        if self.control is not None:
+            self.control.close()
+        if self.host_workdir is not None:
+            shutil.rmtree(self.host_workdir, ignore_errors=True)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.dead:
+            await self.kill()
+        self.executor.uids.give_back(self.uid)
+
+    # --- control protocol --------------------------------------------------------------------------------
+    async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        assert self.control is not None
+        payload = json.dumps(message).encode()
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            self.control.sendmsg([payload], ancillary)
+        except OSError as exc:
+            raise WorkerDied(f"cannot reach the worker: {exc}") from None
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self.control is not None
+        data = await asyncio.get_running_loop().sock_recv(self.control, 1 << 20)
+        if not data:
+            raise WorkerDied("the worker exited")
+        return json.loads(data)
+
+    async def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = CONTROL_TIMEOUT_S):
+        await self._send(message, fds)
+        try:
+            return await asyncio.wait_for(self._receive(), timeout)
+        except TimeoutError:
+            raise WorkerDied("the worker did not answer") from None
+
+    # --- steps ---------------------------------------------------------------------------------------------
+    async def run_step(self, request: StepRequest) -> StepResult:
+        async with self._lock:
+            started = time.monotonic()
+            if self.dead:
+                return StepResult(ok=False, error="SandboxError: this run's sandbox was lost after an earlier failure")
+            try:
+                result = await self._run_step(request)
+            except WorkerDied as exc:
+                await self.kill()
+                result = StepResult(ok=False, error=f"SandboxError: {exc}; the run's working files are gone")
+            except asyncio.CancelledError:
+                await asyncio.shield(self.kill())  # cancellation kills the step's whole process tree at once
+                raise
+            result.duration_ms = int((time.monotonic() - started) * 1000)
+            return result
+
+    async def _run_step(self, request: StepRequest) -> StepResult:
+        limits = request.limits
+        ours, theirs = socket.socketpair()
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                await self._send({"op": "step", "limits": {
+                    "cpu_s": cpu_seconds(limits), "memory_mb": limits.memory_mb,
+                    "file_size_mb": limits.file_size_mb, "max_procs": limits.max_procs,
+                }}, [theirs.fileno(), out.fileno(), err.fileno()])
+            finally:
+                theirs.close()
+            try:
+                await asyncio.wait_for(self._receive(), CONTROL_TIMEOUT_S)  # {"op": "started"}
+            except TimeoutError:
+                raise WorkerDied("the worker did not start the step") from None
+            try:
+                result = await _converse(ours, request)
+            finally:
+                ours.close()
+                exited = await self._request({"op": "finish"})
+            if result.error is None and not result.ok:
+                result.error = describe_exit(exited.get("returncode"), limits)
+            cap = limits.max_log_kb * 1024
+            result.stdout = _read_capped_file(out, cap)
+            result.stderr = _read_capped_file(err, cap)
+        return result
+
+    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int) -> CollectedOutputs:
+        if self.dead:
+            return CollectedOutputs([], ["the run's sandbox was lost; its outputs with it"])
+        async with self._lock:
+            with tempfile.TemporaryFile() as archive:
+                try:
+                    report = await self._request(
+                        {"op": "collect", "max_file_bytes": max_file_bytes, "max_total_bytes": max_total_bytes},
+                        [archive.fileno()], timeout=60,
+                    )
+                except WorkerDied as exc:
+                    return CollectedOutputs([], [f"outputs could not be collected: {exc}"])
+                archive.seek(0)
+                artifacts = _read_archive(archive, {f["name"] for f in report.get("files", [])}, max_total_bytes)
+        return CollectedOutputs(artifacts, list(report.get("skipped", [])))
+
+
+def _read_json_object(fd: int) -> dict[str, Any]:
+    buffer = b""
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buffer += chunk
+        try:
+            return json.loads(buffer)
+        except ValueError:
+            continue
+    os.close(fd)
+    return json.loads(buffer)
+
+
+def _read_capped_file(handle: Any, cap_bytes: int) -> str:
+    return read_capped(Path(f"/proc/self/fd/{handle.fileno()}"), cap_bytes)
+
+
+def _read_archive(archive: Any, expected: set[str], max_total_bytes: int) -> list[Artifact]:
+    """Read (never extract) the tar the worker wrote: regular files it reported, within the cap."""
+    artifacts: list[Artifact] = []
+    total = 0
+    try:
+        with tarfile.open(fileobj=archive, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile() or member.name not in expected or total + member.size > max_total_bytes:
+                    continue
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                total += len(data)
+                mime = mimetypes.guess_type(member.name)[0] or "application/octet-stream"
+                artifacts.append(Artifact(member.name, data, mime))
+    except tarfile.TarError as exc:
+        log.warning("unreadable outputs archive: %s", exc)
+    return artifacts
+
+
+async def _converse(sock: socket.socket, request: StepRequest) -> StepResult:
+    """Send the job, answer tool calls, return the step's result (or its error)."""
+    limits = request.limits
+    line_limit = limits.max_output_kb * 1024 + 4096
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=line_limit)
+    job = {"code": request.code, "function": request.function, "input": request.input,
+           "has_input": request.input is not None, "tools": request.tool_names}
+    try:
+        writer.write(json.dumps(job).encode() + b"\n")
+        await writer.drain()
+        return await asyncio.wait_for(_serve(reader, writer, request), limits.timeout_s)
+    except TimeoutError:
+        return StepResult(ok=False, error=f"TimeoutError: the step did not finish within {limits.timeout_s:g}s")
+    except (ValueError, asyncio.LimitOverrunError):
+        return StepResult(ok=False, error=f"OutputTooLarge: the step's result (or a tool call's arguments) is "
+                          f"larger than {limits.max_output_kb} KB")
+    except (ConnectionError, BrokenPipeError):
+        return StepResult(ok=False)
+    finally:
+        writer.close()
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: StepRequest) -> StepResult:
+    while True:
+        line = await reader.readline()
+        if not line:
+            return StepResult(ok=False)  # died without a result; the exit status explains why
+        try:
+            message = json.loads(line)
+            op = message.get("op")
+        except (ValueError, AttributeError):
+            return StepResult(ok=False, error="ProtocolError: the step wrote garbage to its result channel")
+        if op == "result":
+            return StepResult(ok=True, output=message["output"])
+        if op == "error":
+            return StepResult(ok=False, error=message.get("error"), traceback=message.get("traceback"))
+        if op == "call":
+            reply = await _answer_call(message, request)
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await writer.drain()
+
+
+async def _answer_call(message: dict[str, Any], request: StepRequest) -> dict[str, Any]:
+    name = message.get("name")
+    if request.on_call is None or name not in request.tool_names:
+        return {"id": message.get("id"), "ok": False, "error": f"unknown tool {name!r}"}
+    try:
+        value = await request.on_call(name, list(message.get("args") or []), dict(message.get("kwargs") or {}))
+    except Exception as exc:  # a tool's failure is the step's error, reported to its code
+        return {"id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"id": message.get("id"), "ok": True, "value": value}
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (kill(-1) as that uid, in a short-lived child)."""
+    subprocess.run(["kill", "-s", "KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+class SandboxExecutor:
+    """The `Executor`: picks the backend, keeps warm workers, hands one to each run."""
+
+    def __init__(self, *, backend: str = "auto", network: bool = False, warm: int = 2, uid_base: int = 61000,
+                 max_workers: int = 64, workdir_mb: int = 256, workdir_root: Path | None = None,
+                 preload: list[str] | None = None):
+        self.launcher, self.fallback_reason = choose_launcher(backend, workdir_mb, workdir_root, network)
+        self.name = self.launcher.name
+        self.network = network
+        self.warm = warm
+        self.preload = preload or []
+        self.uids = UidPool(uid_base, max_workers)
+        self._idle: list[Worker] = []
+        self._refill: asyncio.Task | None = None
+        self._probe: dict[str, Any] = {}
+        if self.fallback_reason and backend == "auto":
+            log.warning("sandbox: using the fallback 'process' backend because %s; see `autocode doctor`",
+                        self.fallback_reason)
+        if self.uids.enabled is False:
+            log.warning("sandbox: not running as root, so steps run under the server's own uid")
+
+    async def start(self) -> None:
+        await self._fill()
+
+    async def _fill(self) -> None:
+        while len(self._idle) < self.warm:
+            worker = await self._new_worker()
+            self._idle.append(worker)
+
+    async def _new_worker(self) -> Worker:
+        worker = Worker(self, self.uids.take())
+        try:
+            await worker.start(self.preload)
+        except BaseException:
+            self.uids.give_back(worker.uid)
+            raise
+        self._probe = worker.ready.get("probe", {})
+        return worker
+
+    async def open(self, run_id: str) -> Worker:
+        if self._idle:
+            worker = self._idle.pop(0)
+            if self.warm and (self._refill is None or self._refill.done()):
+                self._refill = asyncio.create_task(self._fill())
+            return worker
+        return await self._new_worker()
+
+    async def stop(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            await worker.close()
+
+    def describe(self) -> dict[str, Any]:
+        confinement = []
+        if self._probe.get("landlock_abi"):
+            confinement.append(f"Landlock (ABI {self._probe['landlock_abi']}): file access limited per step")
+        if self._probe.get("seccomp"):
+            confinement.append("seccomp: ptrace, mount, unshare, bpf, keyctl… blocked"
+                               + ("" if self.network else "; sockets other than AF_UNIX blocked"))
+        return {
+            "backend": self.name,
+            "fallback_reason": self.fallback_reason,
+            "uid_drop": self.uids.enabled,
+            "network": "on" if self.network else "off",
+            "protections": [*self.launcher.protections(), "rlimits: CPU, address space, processes, file size, "
+                            "open files, no core dumps", "scrubbed environment", *confinement],
+            "probe": self._probe,
+        }

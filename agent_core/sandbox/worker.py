@@ -1,0 +1,336 @@
+"""The warm sandbox worker: one per run, started ahead of time, forks one confined process per step.
+
+Runs as `python -I -B -u worker.py FD` inside the sandbox (bubblewrap namespaces, or none in the fallback
+backend) and imports nothing from AutoCode but its siblings. FD is a SOCK_SEQPACKET control socket to the
+server: one JSON object per message, file descriptors attached with SCM_RIGHTS.
+
+  server -> worker: {"op": "step", "limits": {...}}      + fds [step socket, stdout file, stderr file]
+                    {"op": "finish"}                      kill every process of the step, report its exit
+                    {"op": "collect", "max_file_bytes", "max_total_bytes"}  + fd [file for a tar of outputs/]
+  worker -> server: {"op": "ready", ...} once, then {"op": "started", "pid"}, {"op": "exited", "returncode"},
+                    {"op": "collected", "files", "skipped"}
+
+The worker itself stays privileged enough to drop a step to the run's uid and to kill it; a step never
+runs with the worker's identity, so it cannot tamper with the worker.
+"""
+
+import array
+import ctypes
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import child  # noqa: E402
+import confine  # noqa: E402
+
+PR_SET_CHILD_SUBREAPER = 36
+MAX_FDS = 4
+
+
+def recv(sock):
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        return None, []
+    return json.loads(data), list(fds)
+
+
+def send(sock, message):
+    sock.sendall(json.dumps(message).encode())
+
+
+class Worker:
+    def __init__(self, sock, config):
+        self.sock = sock
+        self.uid = config.get("uid")  # None: cannot drop (the server is not root)
+        self.gid = config.get("gid")
+        self.workdir = config["workdir"]
+        self.network = bool(config.get("network"))
+        self.read_only = config.get("read_only", [])
+        self.read_write = [self.workdir, *config.get("read_write", [])]
+        self.in_pid_namespace = bool(config.get("pid_namespace"))
+        # Prefixes the step uid cannot traverse to (e.g. a Python under /root): reached through fds instead.
+        self.reroot = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in config.get("reroot", [])}
+        self.step_pid = None
+        self.status = None
+        self.confinement = {}
+
+    def preload(self, modules):
+        loaded = []
+        for name in modules:
+            try:
+                __import__(name)
+                loaded.append(name)
+            except Exception:  # a missing library fails the step that imports it, with its own error
+                pass
+        return loaded
+
+    # --- the step process -------------------------------------------------------------------------------
+    def start_step(self, limits, fds):
+        step_fd, out_fd, err_fd = fds[:3]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._become_step(limits, out_fd, err_fd)
+                child.run_job(step_fd)
+            finally:
+                os._exit(70)
+        for fd in fds:
+            os.close(fd)
+        self.step_pid, self.status = pid, None
+        return pid
+
+    def _become_step(self, limits, out_fd, err_fd):
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        mib = 1 << 20
+        cpu = int(limits["cpu_s"])
+        for which, value in (
+            (resource.RLIMIT_CPU, cpu),
+            (resource.RLIMIT_AS, limits["memory_mb"] * mib),
+            (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mib),
+            (resource.RLIMIT_NOFILE, 256),
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_NPROC, limits["max_procs"]),
+        ):
+            if which == resource.RLIMIT_NPROC and self.uid is None:
+                continue  # counted per uid: without our own uid it would count the operator's processes
+            resource.setrlimit(which, (value, value))
+        os.chdir(self.workdir)
+        if self.uid is not None:
+            os.setgroups([])
+            os.setresgid(self.gid, self.gid, self.gid)
+            os.setresuid(self.uid, self.uid, self.uid)
+        if self.reroot:
+            self._reroot_imports()
+        confine.apply_landlock(read_only=self._fd_paths(self.read_only), read_write=self.read_write)
+        confine.apply_seccomp(allow_network=self.network)
+
+    def _fd_paths(self, paths):
+        return [self._through_fd(path) for path in paths]
+
+    def _through_fd(self, path):
+        for prefix, fd in self.reroot.items():
+            if path == prefix or path.startswith(prefix + os.sep):
+                return f"/proc/self/fd/{fd}" + path[len(prefix):]
+        return path
+
+    def _reroot_imports(self):
+        sys.path[:] = [self._through_fd(p) for p in sys.path]
+        for module in list(sys.modules.values()):
+            search = getattr(module, "__path__", None)
+            if isinstance(search, list):
+                search[:] = [self._through_fd(p) for p in search]
+        sys.path_importer_cache.clear()
+
+    def finish_step(self):
+        """Kill everything the step started (setsid or not), then report how the step process ended."""
+        self._sweep()
+        if self.step_pid is not None and self.status is None:
+            _, status = os.waitpid(self.step_pid, 0)
+            self.status = status
+        self._reap()
+        returncode = None
+        if self.status is not None:
+            returncode = -os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else os.WEXITSTATUS(self.status)
+        self.step_pid = None
+        return returncode
+
+    def _sweep(self):
+        if self.uid is not None:
+            # kill(-1) as the step's uid reaches exactly the step's processes (and never this worker); a fork
+            # racing with it is aborted by the pending SIGKILL. Repeat while any live process of the uid remains.
+            for _ in range(20):
+                killer = os.fork()
+                if killer == 0:
+                    try:
+                        os.setresuid(self.uid, self.uid, self.uid)
+                        os.kill(-1, signal.SIGKILL)
+                        os.kill(-1, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    finally:
+                        os._exit(0)
+                os.waitpid(killer, 0)
+                self._reap()
+                if not self._uid_alive():
+                    return
+                time.sleep(0.005)
+            return
+        # Same uid as the worker: kill every other process we can see (all of them are the step's inside a pid
+        # namespace; outside one, the step's session and our reaped descendants).
+        for _ in range(50):
+            victims = [pid for pid in self._visible_pids() if pid not in (1, os.getpid())]
+            if not victims:
+                return
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self._reap()
+            time.sleep(0.002)
+
+    def _uid_alive(self):
+        """Is any process of the step's uid still running (zombies aside)?"""
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/status") as handle:
+                    status = handle.read()
+            except OSError:
+                continue
+            state = uid = None
+            for line in status.splitlines():
+                if line.startswith("State:"):
+                    state = line.split()[1]
+                elif line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                    break
+            if uid == self.uid and state != "Z":
+                return True
+        return False
+
+    def _visible_pids(self):
+        if self.in_pid_namespace:
+            return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        found = []
+        me = os.getpid()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ppid, session = int(fields[1]), int(fields[3])
+            if ppid == me or (self.step_pid is not None and session == self.step_pid):
+                found.append(int(name))
+        return found
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.step_pid:
+                self.status = status
+
+    # --- outputs -------------------------------------------------------------------------------------------
+    def collect(self, request, fds):
+        """Tar the regular files under outputs/ into the given fd, read with the step's own permissions."""
+        (out_fd,) = fds[:1]
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(reader)
+                if self.uid is not None:
+                    os.setgroups([])
+                    os.setresgid(self.gid, self.gid, self.gid)
+                    os.setresuid(self.uid, self.uid, self.uid)
+                report = _tar_outputs(os.path.join(self.workdir, "outputs"), out_fd,
+                                      request["max_file_bytes"], request["max_total_bytes"])
+                os.write(writer, json.dumps(report).encode())
+            finally:
+                os._exit(0)
+        os.close(writer)
+        os.close(out_fd)
+        chunks = []
+        while True:
+            chunk = os.read(reader, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(reader)
+        os.waitpid(pid, 0)
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError:
+            return {"files": [], "skipped": ["outputs could not be read"]}
+
+    def serve(self):
+        while True:
+            message, fds = recv(self.sock)
+            if message is None:
+                self.finish_step()
+                return
+            op = message.get("op")
+            if op == "step":
+                send(self.sock, {"op": "started", "pid": self.start_step(message["limits"], fds)})
+            elif op == "finish":
+                send(self.sock, {"op": "exited", "returncode": self.finish_step()})
+            elif op == "collect":
+                send(self.sock, {"op": "collected", **self.collect(message, fds)})
+            else:
+                for fd in fds:
+                    os.close(fd)
+                send(self.sock, {"op": "error", "error": f"unknown op {op!r}"})
+
+
+def _tar_outputs(root, out_fd, max_file_bytes, max_total_bytes):
+    files, skipped, total = [], [], 0
+    with os.fdopen(out_fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+        for directory, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(directory, name)
+                relative = os.path.relpath(path, root)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                except OSError:
+                    skipped.append(f"{relative} (not a regular file)")
+                    continue
+                with os.fdopen(fd, "rb") as handle:
+                    info = os.fstat(handle.fileno())
+                    if not (info.st_mode & 0o170000 == 0o100000):
+                        skipped.append(f"{relative} (not a regular file)")
+                        continue
+                    if info.st_size > max_file_bytes or total + info.st_size > max_total_bytes:
+                        skipped.append(f"{relative} ({info.st_size} bytes: over the size cap)")
+                        continue
+                    entry = tarfile.TarInfo(relative)
+                    entry.size = info.st_size
+                    entry.mtime = int(info.st_mtime)
+                    tar.addfile(entry, handle)
+                    total += info.st_size
+                    files.append({"name": relative, "size": info.st_size})
+    return {"files": files, "skipped": skipped}
+
+
+def main():
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    config, _ = recv(sock)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a step come back here to be reaped
+    except OSError:
+        pass
+    worker = Worker(sock, config)
+    os.makedirs(os.path.join(worker.workdir, "outputs"), exist_ok=True)
+    os.chmod(os.path.join(worker.workdir, "outputs"), 0o777)
+    loaded = worker.preload(config.get("preload", []))
+    send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded, "probe": confine.probe()})
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()
