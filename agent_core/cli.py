@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from agent_core.config import ConfigError, Settings, load_dotenv_file
+from agent_core.sandbox import SandboxUnavailable
 from tools.registry import ToolError
 
 EXIT_OK, EXIT_UNSATISFACTORY, EXIT_CONFIG = 0, 1, 2
@@ -41,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="everything about one run")
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
+    show.add_argument("--save-artifacts", type=Path, metavar="DIR", help="write the run's files into DIR")
+
+    doctor = sub.add_parser("doctor", help="check the configuration and which sandbox protections are active")
+    doctor.add_argument("--tools", type=Path)
+    doctor.add_argument("--json", action="store_true")
     return parser
 
 
@@ -59,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command in ("run", "chat"):
             return asyncio.run(_run_or_chat(args, settings))
+        if args.command == "doctor":
+            return asyncio.run(_doctor(args, settings))
         return _history(args, settings) if args.command == "history" else _show(args, settings)
-    except (ConfigError, ToolError) as exc:
+    except (ConfigError, ToolError, SandboxUnavailable) as exc:
         print(f"autocode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
@@ -80,6 +89,7 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
             agent.events.subscribe(ConsoleRenderer(sys.stderr))
         result = await agent.run(args.task, args.conversation)
     finally:
+        await agent.executor.stop()
         await agent.llm.close()
         agent.storage.close()
     if args.json:
@@ -132,11 +142,13 @@ def run_details(storage: Any, run_id: str) -> dict[str, Any] | None:
                          "evaluation": decode(e["evaluation_json"])} for e in storage.evaluations(run_id)],
         "llm_calls": storage.llm_calls(run_id),
         "usage": storage.usage(run_id),
+        "artifacts": storage.artifacts(run_id),
     }
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    details = run_details(_open_storage(settings), args.run_id)
+    storage = _open_storage(settings)
+    details = run_details(storage, args.run_id)
     if details is None:
         print(f"autocode: no run {args.run_id}", file=sys.stderr)
         return EXIT_UNSATISFACTORY
@@ -175,7 +187,67 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     usage = details["usage"]
     print(f"Total: {usage['llm_calls']} calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
           "completion tokens")
+    if details["artifacts"]:
+        print("Artifacts: " + ", ".join(f"{a['name']} ({a['mime']}, {a['size']} bytes)" for a in details["artifacts"]))
+    if args.save_artifacts:
+        _save_artifacts(storage, run["id"], args.save_artifacts)
     return EXIT_OK
+
+
+def _save_artifacts(storage: Any, run_id: str, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for artifact in storage.artifacts(run_id, with_data=True):
+        target = directory / Path(artifact["name"]).name  # flat: names come from the sandbox, trust no path
+        target.write_bytes(artifact["data"])
+        print(f"saved {target}")
+
+
+async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    """Configuration and sandbox report; starts one sandbox and runs a trivial step to prove it works."""
+    from agent_core.app import build_executor
+    from agent_core.sandbox import Limits, StepRequest
+    from tools.registry import build_toolset
+
+    report: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "database": str(settings.db_path.resolve()),
+        "llm": {"configured": settings.llm_configured, "base_url": settings.openai_base_url or "OpenAI",
+                "model": settings.model, "api_key": "set" if settings.openai_api_key else "not set"},
+    }
+    toolset = build_toolset(settings.tools_file)
+    report["tools"] = {"libraries": toolset.libraries, "trusted functions": toolset.trusted_names}
+    executor = build_executor(settings, toolset.libraries)
+    ok = True
+    try:
+        sandbox = await executor.open("doctor")
+        try:
+            probe = await sandbox.run_step(StepRequest(
+                code="def check():\n    import os\n    return {'uid': os.getuid(), 'cwd': os.getcwd()}",
+                function="check", input=None, limits=Limits(timeout_s=20)))
+        finally:
+            await sandbox.close()
+        ok = probe.ok and probe.output is not None and (probe.output["uid"] != 0 or os.geteuid() != 0)
+        report["sandbox_check"] = probe.output if probe.ok else probe.error
+    except SandboxUnavailable as exc:
+        ok, report["sandbox_check"] = False, str(exc)
+    finally:
+        await executor.stop()
+    report["sandbox"] = executor.describe()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK if ok else EXIT_UNSATISFACTORY
+    sandbox_info = report["sandbox"]
+    print(f"Python {report['python']}; database {report['database']}")
+    llm = report["llm"]
+    print(f"LLM: {'configured' if llm['configured'] else 'NOT configured'} — {llm['base_url']}, model {llm['model']}, "
+          f"API key {llm['api_key']}")
+    print(f"Tools: libraries {', '.join(toolset.libraries) or '-'}; trusted functions {', '.join(toolset.trusted_names)}")
+    print(f"Sandbox backend: {sandbox_info['backend']}"
+          + (f" (fallback: {sandbox_info['fallback_reason']})" if sandbox_info["fallback_reason"] else ""))
+    for protection in sandbox_info["protections"]:
+        print(f"  + {protection}")
+    print(f"Sandbox check: {'ok' if ok else 'FAILED'} — {report['sandbox_check']}")
+    return EXIT_OK if ok else EXIT_UNSATISFACTORY
 
 
 def _indent(text: str | None, spaces: int = 4) -> str:

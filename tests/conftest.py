@@ -49,6 +49,7 @@ async def make_agent(make_settings):
 
     yield make
     for agent in agents:
+        await agent.executor.stop()
         await agent.llm.close()
         agent.storage.close()
 

@@ -401,3 +401,34 @@ async def test_llm_timeout_is_retried(make_agent, llm_server):
     assert result.status == "succeeded"
     assert len(llm_server.chat_requests()) == 3
     assert agent.storage.llm_calls(result.run_id)[0]["retries"] == 1
+
+
+PNG_STEP = subtask("draw", textwrap.dedent("""
+    def draw():
+        import struct, zlib
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        raw = b"".join(b"\\x00" + b"\\xff\\x00\\x00" * 4 for _ in range(4))
+        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        with open("outputs/chart.png", "wb") as f:
+            f.write(png)
+        with open("scratch.txt", "w") as f:  # not under outputs/: not an artifact
+            f.write("temp")
+        return {"chart": "outputs/chart.png", "bytes": len(png)}
+"""))
+
+
+async def test_files_under_outputs_become_artifacts(make_agent, llm_server):
+    llm_server.reply_json(plan(PNG_STEP))
+    llm_server.reply_json(verdict("Here is the chart."))
+    agent = make_agent()
+
+    result = await agent.run("draw a red square")
+
+    assert result.status == "succeeded", result.error
+    size = result.steps[0].output["bytes"]
+    assert result.artifacts == [{"name": "chart.png", "mime": "image/png", "size": size}]
+    (stored,) = agent.storage.artifacts(result.run_id, with_data=True)
+    assert stored["name"] == "chart.png" and stored["data"].startswith(b"\x89PNG") and len(stored["data"]) == size
+    assert result.to_json()["artifacts"][0]["name"] == "chart.png"

@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_core.sandbox import SandboxUnavailable
+
 log = logging.getLogger(__name__)
 
 RUNTIME_DIR = Path(__file__).resolve().parent  # worker.py, child.py, confine.py
@@ -83,12 +85,13 @@ class BwrapLauncher:
             args += ["--unshare-user", "--disable-userns"]
         made: set[str] = set()
         read_only = [*SYSTEM_READ_ONLY, *(NETWORK_READ_ONLY if self.network else [])]
+        resolver = ["/etc/resolv.conf"] if self.network else []
         for path in [*read_only, *python_roots()]:
             if os.path.exists(path):
                 args += self._parents(path, made) + ["--ro-bind", path, path]
         args += self._parents(SANDBOX_RUNTIME, made) + ["--ro-bind", str(RUNTIME_DIR), SANDBOX_RUNTIME]
         if self.network:
-            args += ["--ro-bind-data", "0", "/etc/resolv.conf"]  # slirp4netns's DNS, see DNS_CONFIG
+            args += ["--perms", "0644", "--ro-bind-data", "0", "/etc/resolv.conf"]  # slirp4netns's DNS
         size = str(self.workdir_mb * 1024 * 1024)
         args += ["--proc", "/proc", "--dev", "/dev",
                  "--perms", "0777", "--size", size, "--tmpfs", SANDBOX_WORKDIR,
@@ -99,7 +102,7 @@ class BwrapLauncher:
         args += ["--", sys.executable, "-I", "-B", "-u", f"{SANDBOX_RUNTIME}/worker.py", str(worker_fd)]
         return Launch(args, SANDBOX_WORKDIR, None, {
             "pid_namespace": True,
-            "read_only": [*read_only, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
+            "read_only": [*read_only, *resolver, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
             "read_write": ["/tmp", "/dev/null", "/dev/shm"],
         })
 
@@ -123,13 +126,16 @@ class ProcessLauncher:
 
     name = "process"
 
-    def __init__(self, is_root: bool, workdir_root: Path | None):
+    def __init__(self, is_root: bool, workdir_root: Path | None, network: bool):
         self.is_root = is_root
+        self.network = network
         self.base = Path(workdir_root or tempfile.gettempdir()) / "autocode-sandbox"
 
     def protections(self) -> list[str]:
         return ["real uid drop per run" if self.is_root else "NO uid separation (not running as root)",
-                "private working directory (mode 0700)", "process-group and per-uid kill"]
+                "private working directory (mode 0700; no cap on total disk use)", "process-group and per-uid kill",
+                "NO network isolation: the host's network, loopback included" if self.network
+                else "network off through seccomp (needs seccomp)"]
 
     def prepare(self, worker_fd: int, info_fd: int | None) -> Launch:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -176,8 +182,6 @@ def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, ne
         if reason is None:
             return BwrapLauncher(bwrap, is_root, workdir_mb, network), None
         if backend == "bwrap":
-            from agent_core.sandbox import SandboxUnavailable
-
             raise SandboxUnavailable(f"AUTOCODE_SANDBOX_BACKEND=bwrap but {reason}")
-        return ProcessLauncher(is_root, workdir_root), reason
-    return ProcessLauncher(is_root, workdir_root), "AUTOCODE_SANDBOX_BACKEND=process"
+        return ProcessLauncher(is_root, workdir_root, network), reason
+    return ProcessLauncher(is_root, workdir_root, network), "AUTOCODE_SANDBOX_BACKEND=process"
