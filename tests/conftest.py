@@ -31,7 +31,6 @@ def make_settings(tmp_path: Path, llm_server: FakeOpenAI):
             llm_max_retries=1,
             db_path=tmp_path / "autocode.db",
             step_timeout=20,
-            workdir_root=tmp_path,
         )
         return base.with_overrides(**overrides)
 

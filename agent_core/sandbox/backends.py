@@ -71,8 +71,8 @@ class BwrapLauncher:
         found = ["pid, ipc, uts, mount namespaces", "size-capped tmpfs working directory",
                  "--clearenv, --die-with-parent, --new-session"]
         found.append("user namespace (unprivileged bwrap)" if not self.is_root else "real uid drop per run")
-        found.append("network namespace with slirp4netns (no host loopback)" if self.network
-                     else "network namespace without interfaces (no network)")
+        found.append("network namespace with slirp4netns; nftables allows only public internet addresses"
+                     if self.network else "network namespace without interfaces (no network)")
         return found
 
     def prepare(self, worker_fd: int, info_fd: int | None) -> Launch:
@@ -95,7 +95,7 @@ class BwrapLauncher:
         size = str(self.workdir_mb * 1024 * 1024)
         args += ["--proc", "/proc", "--dev", "/dev",
                  "--perms", "0777", "--size", size, "--tmpfs", SANDBOX_WORKDIR,
-                 "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+                 "--symlink", f"{SANDBOX_WORKDIR}/.tmp", "/tmp",  # one disk cap for everything a run writes
                  "--chdir", SANDBOX_WORKDIR]
         if info_fd is not None:
             args += ["--info-fd", str(info_fd)]
@@ -103,7 +103,8 @@ class BwrapLauncher:
         return Launch(args, SANDBOX_WORKDIR, None, {
             "pid_namespace": True,
             "read_only": [*read_only, *resolver, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
-            "read_write": ["/tmp", "/dev/null", "/dev/shm"],
+            "read_write": ["/dev/null", "/dev/shm"],  # /dev is the sandbox's own small tmpfs
+            "make_dirs": [f"{SANDBOX_WORKDIR}/.tmp"],
         })
 
     @staticmethod
@@ -118,9 +119,6 @@ class BwrapLauncher:
         return args
 
 
-DNS_CONFIG = b"nameserver 10.0.2.3\n"
-
-
 class ProcessLauncher:
     """No namespaces: the worker is a plain child; steps get a real uid drop, rlimits, Landlock and seccomp."""
 
@@ -130,6 +128,10 @@ class ProcessLauncher:
         self.is_root = is_root
         self.network = network
         self.base = Path(workdir_root or tempfile.gettempdir()) / "autocode-sandbox"
+        if is_root and not traversable_by_others(str(self.base.parent)):
+            raise SandboxUnavailable(
+                f"{self.base.parent} is not reachable by the sandbox uids (every parent needs o+x); "
+                "set AUTOCODE_WORKDIR_ROOT to a directory such as /var/tmp")
 
     def protections(self) -> list[str]:
         return ["real uid drop per run" if self.is_root else "NO uid separation (not running as root)",
@@ -149,7 +151,7 @@ class ProcessLauncher:
                 "pid_namespace": False,
                 "read_only": [*SYSTEM_READ_ONLY, *NETWORK_READ_ONLY, *roots, str(RUNTIME_DIR), "/proc", "/dev",
                               "/etc/resolv.conf"],
-                "read_write": ["/dev/null", "/dev/shm"],
+                "read_write": ["/dev/null"],  # not /dev/shm: the host's, shared between runs
                 # Reach a Python under e.g. /root (mode 0700) through descriptors opened before the uid drop.
                 "reroot": [r for r in roots if self.is_root and not traversable_by_others(r)],
             },
@@ -177,8 +179,9 @@ def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, ne
     if backend in ("auto", "bwrap"):
         bwrap = shutil.which("bwrap")
         reason = "bubblewrap (bwrap) is not installed" if bwrap is None else bwrap_works(bwrap, is_root)
-        if network and reason is None and shutil.which("slirp4netns") is None:
-            reason = "AUTOCODE_SANDBOX_NETWORK=on needs slirp4netns, which is not installed"
+        missing = [tool for tool in ("slirp4netns", "nft", "nsenter") if shutil.which(tool) is None]
+        if network and reason is None and missing:
+            reason = f"AUTOCODE_SANDBOX_NETWORK=on needs {', '.join(missing)} (Debian: slirp4netns, nftables)"
         if reason is None:
             return BwrapLauncher(bwrap, is_root, workdir_mb, network), None
         if backend == "bwrap":

@@ -28,7 +28,8 @@ from typing import Any
 from agent_core.sandbox import (
     Artifact, CollectedOutputs, Limits, SandboxUnavailable, StepRequest, StepResult,
 )
-from agent_core.sandbox.backends import DNS_CONFIG, BwrapLauncher, choose_launcher
+from agent_core.sandbox import network
+from agent_core.sandbox.backends import BwrapLauncher, choose_launcher
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Worker:
         if isinstance(launcher, BwrapLauncher) and launcher.network:
             info_read, info_write = os.pipe()
             dns_read, dns_write = os.pipe()
-            os.write(dns_write, DNS_CONFIG)
+            os.write(dns_write, network.DNS_CONFIG)
             os.close(dns_write)
             pass_fds += [info_write, dns_read]
         launch = launcher.prepare(worker_end.fileno(), info_write)
@@ -166,6 +167,8 @@ class Worker:
                 "network": self.executor.network, **launch.config,
             })
             self.ready = await asyncio.wait_for(self._receive(), WORKER_START_TIMEOUT_S)
+            if self.ready["op"] != "ready":
+                raise WorkerDied(f"the worker answered {self.ready['op']!r} instead of 'ready'")
         except (WorkerDied, TimeoutError, OSError) as exc:
             stderr_log.seek(0)
             detail = stderr_log.read().decode("utf-8", "replace").strip()[-2000:]
@@ -175,21 +178,9 @@ class Worker:
             stderr_log.close()
 
     async def _attach_network(self, info_read: int) -> None:
-        """Give the sandbox's network namespace outbound access through slirp4netns, host loopback excluded."""
         loop = asyncio.get_running_loop()
         data = await asyncio.wait_for(loop.run_in_executor(None, _read_json_object, info_read), 10)
-        ready_read, ready_write = os.pipe()
-        self.slirp = await asyncio.create_subprocess_exec(
-            "slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback", f"--ready-fd={ready_write}",
-            str(data["child-pid"]), "tap0",
-            pass_fds=[ready_write], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        os.close(ready_write)
-        try:
-            await asyncio.wait_for(loop.run_in_executor(None, os.read, ready_read, 1), 10)
-        finally:
-            os.close(ready_read)
+        self.slirp = await network.attach(data["child-pid"])
 
     async def kill(self) -> None:
         """Kill the worker and everything in it; nothing of the run survives."""
@@ -232,14 +223,23 @@ class Worker:
         data = await asyncio.get_running_loop().sock_recv(self.control, 1 << 20)
         if not data:
             raise WorkerDied("the worker exited")
-        return json.loads(data)
+        try:
+            message = json.loads(data)
+            message["op"]
+        except (ValueError, TypeError, KeyError):
+            raise WorkerDied("the worker sent garbage") from None
+        return message
 
-    async def _request(self, message: dict[str, Any], fds: list[int] | None = None, timeout: float = CONTROL_TIMEOUT_S):
+    async def _request(self, message: dict[str, Any], fds: list[int] | None = None, *, expect: str,
+                       timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         await self._send(message, fds)
         try:
-            return await asyncio.wait_for(self._receive(), timeout)
+            reply = await asyncio.wait_for(self._receive(), timeout)
         except TimeoutError:
             raise WorkerDied("the worker did not answer") from None
+        if reply["op"] != expect:
+            raise WorkerDied(f"the worker answered {reply['op']!r} instead of {expect!r}")
+        return reply
 
     # --- steps ---------------------------------------------------------------------------------------------
     async def run_step(self, request: StepRequest) -> StepResult:
@@ -270,14 +270,16 @@ class Worker:
             finally:
                 theirs.close()
             try:
-                await asyncio.wait_for(self._receive(), CONTROL_TIMEOUT_S)  # {"op": "started"}
+                started = await asyncio.wait_for(self._receive(), CONTROL_TIMEOUT_S)
             except TimeoutError:
                 raise WorkerDied("the worker did not start the step") from None
+            if started["op"] != "started":
+                raise WorkerDied(f"the worker answered {started['op']!r} instead of 'started'")
             try:
                 result = await _converse(ours, request)
             finally:
                 ours.close()
-                exited = await self._request({"op": "finish"})
+                exited = await self._request({"op": "finish"}, expect="exited")
             if result.error is None and not result.ok:
                 result.error = describe_exit(exited.get("returncode"), limits)
             cap = limits.max_log_kb * 1024
@@ -293,7 +295,7 @@ class Worker:
                 try:
                     report = await self._request(
                         {"op": "collect", "max_file_bytes": max_file_bytes, "max_total_bytes": max_total_bytes},
-                        [archive.fileno()], timeout=60,
+                        [archive.fileno()], expect="collected", timeout=60,
                     )
                 except WorkerDied as exc:
                     return CollectedOutputs([], [f"outputs could not be collected: {exc}"])

@@ -81,6 +81,7 @@ class Worker:
         pid = os.fork()
         if pid == 0:
             try:
+                self._close_inherited(keep=[step_fd, out_fd, err_fd, *self.reroot.values()])
                 self._become_step(limits, out_fd, err_fd)
                 child.run_job(step_fd)
             finally:
@@ -90,12 +91,24 @@ class Worker:
         self.step_pid, self.status = pid, None
         return pid
 
+    def _close_inherited(self, keep):
+        """A step must not hold the worker's control socket (it could forge the worker's replies)."""
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
     def _become_step(self, limits, out_fd, err_fd):
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
+        for fd in (null, out_fd, err_fd):
+            os.close(fd)
         mib = 1 << 20
         cpu = int(limits["cpu_s"])
         for which, value in (
@@ -242,7 +255,7 @@ class Worker:
         pid = os.fork()
         if pid == 0:
             try:
-                os.close(reader)
+                self._close_inherited(keep=[out_fd, writer])
                 if self.uid is not None:
                     os.setgroups([])
                     os.setresgid(self.gid, self.gid, self.gid)
@@ -325,8 +338,9 @@ def main():
     except OSError:
         pass
     worker = Worker(sock, config)
-    os.makedirs(os.path.join(worker.workdir, "outputs"), exist_ok=True)
-    os.chmod(os.path.join(worker.workdir, "outputs"), 0o777)
+    for directory in [os.path.join(worker.workdir, "outputs"), *config.get("make_dirs", [])]:
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o1777)
     loaded = worker.preload(config.get("preload", []))
     send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded, "probe": confine.probe()})
     worker.serve()

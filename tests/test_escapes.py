@@ -1,0 +1,865 @@
+"""Escape attempts through the real agent loop: the scripted LLM plans a subtask that attacks the host, the
+sandbox runs it, and the test checks that the attack got nothing and that the server is unharmed.
+
+Each attack catches its own exceptions and returns what it obtained, so the assertions are on facts ("the
+secret is not in what the step returned"), not on one error message. The backend is whatever
+AUTOCODE_SANDBOX_BACKEND selects (CI runs the file with bwrap and with the "process" fallback); attacks the
+fallback cannot stop are skipped there, and the skip reasons (pytest -rs) list them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_core.sandbox import confine
+from tests.conftest import plan, subtask, verdict
+from tests.escape_helpers import (
+    BACKEND_ENV, Canaries, TcpListener, database_is_intact, everything_the_run_exposed, expected_backend,
+    host_ipv4_address, processes_with, wait_no_sandbox_processes,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = secrets.token_hex(6)
+SECRET = f"escape-secret-{TOKEN}"
+API_KEY = "sk-test-key-never-in-sandbox"  # the key tests/conftest.py configures
+HOME_CANARY = Path.home() / f".autocode_escape_canary-{TOKEN}"
+HOST_PROBE = confine.probe()  # same kernel as the sandbox: Landlock / seccomp availability
+FALLBACK_IS_EXPECTED = expected_backend() == "process"
+# A uid range of this test process's own (default: 61000-61063): other AutoCode servers or test sessions on the
+# host would otherwise share the run uids, and a run's kill(-1) sweep or RLIMIT_NPROC would reach into ours
+# (and their steps would show up in our leftover-process checks).
+UID_BASE = 61064 + 64 * (os.getpid() % 64)
+
+
+def code(template: str, **values: Any) -> str:
+    """Dedent a step's source and put values in for its __PLACEHOLDERS__ (as Python literals)."""
+    source = textwrap.dedent(template).strip() + "\n"
+    for name, value in values.items():
+        source = source.replace(f"__{name.upper()}__", repr(value))
+    return source
+
+
+def fallback_cannot(agent, what: str, reason: str) -> None:
+    if agent.executor.name == "process":
+        pytest.skip(f"fallback backend cannot stop {what}: {reason}")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(autouse=True)
+def parent_secrets(monkeypatch):
+    """Secrets in the server's own environment, set before any agent (or sandbox worker) is built."""
+    monkeypatch.setenv("AUTOCODE_TEST_SECRET", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    return SECRET
+
+
+@pytest.fixture
+async def escape_agent(make_agent, parent_secrets):
+    """`make_agent` on the backend the environment selects, without warm workers, stopped afterwards.
+
+    The run directories get a root of their own that the run uids can traverse (mode 0711, like the default
+    /tmp/autocode-sandbox): under pytest's tmp_path (/tmp/pytest-of-root is 0700) the process fallback cannot
+    grant the step its working directory, and every write there fails.
+    """
+    agents = []
+    runs_root = Path(tempfile.mkdtemp(prefix=f"autocode-escape-{TOKEN}-"))
+    os.chmod(runs_root, 0o711)
+
+    def make(**overrides: Any):
+        overrides.setdefault("workdir_root", runs_root)
+        overrides.setdefault("sandbox_backend", BACKEND_ENV)
+        overrides.setdefault("sandbox_warm", 0)
+        overrides.setdefault("sandbox_uid_base", UID_BASE)
+        overrides.setdefault("sandbox_max_workers", 64)
+        overrides.setdefault("step_timeout", 5)
+        agent = make_agent(**overrides)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        await agent.executor.stop()
+    shutil.rmtree(runs_root, ignore_errors=True)
+
+
+@pytest.fixture
+def canaries():
+    """A secret file in the host's home directory (mode 0644) and the repository's README, watched."""
+    HOME_CANARY.write_text(f"home canary {SECRET}\n")
+    os.chmod(HOME_CANARY, 0o644)
+    watched = Canaries()
+    watched.watch(HOME_CANARY)
+    watched.watch(REPO / "README.md")
+    yield watched
+    HOME_CANARY.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def check_unharmed(llm_server, canaries):
+    """`await check(agent, *results)`: nothing leaked and the server, its files and the host are intact."""
+
+    async def check(agent, *results) -> None:
+        assert os.environ.get("AUTOCODE_TEST_SECRET") == SECRET
+        assert os.environ.get("OPENAI_API_KEY") == API_KEY
+        database_is_intact(agent.storage.path)
+        for result in results:
+            assert agent.storage.get_run(result.run_id)["status"] == result.status
+            exposed = everything_the_run_exposed(result, llm_server.chat_requests())
+            assert SECRET not in exposed
+            assert API_KEY not in exposed
+        canaries.verify()
+        settings = agent.settings
+        left = await wait_no_sandbox_processes(settings.sandbox_uid_base, settings.sandbox_max_workers)
+        assert left == [], f"processes of the sandbox uids outlived the run: {left}"
+        runs_root = Path(settings.workdir_root) / "autocode-sandbox"
+        if runs_root.exists():
+            assert list(runs_root.iterdir()) == [], "a run's working directory was left on the host"
+
+    return check
+
+
+async def run_attack(agent, llm_server, *steps: dict[str, Any], ok: bool = True):
+    llm_server.reply_json(plan(*steps, thought="attack"))
+    llm_server.reply_json(verdict("done" if ok else "", ok=ok, thoughts="attack finished"))
+    return await agent.run("attack the host")
+
+
+def output_of(result, index: int = 0) -> dict[str, Any]:
+    """The output of a step that must have run to completion (its error otherwise, for the failure message)."""
+    step = result.steps[index]
+    assert step.ok, f"step {step.tool_name} did not complete: {step.error}\n{step.traceback or ''}{step.stderr}"
+    return step.output
+
+
+async def run_still_works(agent, llm_server) -> None:
+    step = subtask("still_fine", "def still_fine():\n    return {'sum': sum(range(10))}")
+    result = await run_attack(agent, llm_server, step)
+    assert result.status == "succeeded", result.error
+    assert output_of(result) == {"sum": 45}
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+
+
+async def test_parent_environment_is_not_inherited(escape_agent, llm_server, check_unharmed):
+    step = subtask("read_env", code("""
+        import os
+        def read_env():
+            return {"env": dict(os.environ)}
+    """))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    env = output_of(result)["env"]
+    assert "AUTOCODE_TEST_SECRET" not in env and "OPENAI_API_KEY" not in env
+    assert SECRET not in json.dumps(env) and API_KEY not in json.dumps(env)
+    await check_unharmed(agent, result)
+
+
+async def test_proc_environ_of_other_processes_is_unreadable(escape_agent, llm_server, check_unharmed):
+    agent = escape_agent()
+    step = subtask("scan_proc", code("""
+        import os
+        def scan_proc():
+            wanted = ("AUTOCODE_TEST_" + "SECRET", "OPENAI_API_" + "KEY")
+            leaks, readable, denied = [], 0, 0
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{name}/environ", "rb") as handle:
+                        data = handle.read().decode("utf-8", "replace")
+                except OSError:
+                    denied += 1
+                    continue
+                readable += 1
+                if any(w in data for w in wanted):
+                    leaks.append({"pid": name, "environ": data})
+            server = f"/proc/{__SERVER_PID__}"
+            direct = {}
+            for what, path in (("environ", server + "/environ"), ("mem", server + "/mem"),
+                               ("root", server + "/root" + __DB_PATH__), ("cwd", server + "/cwd")):
+                try:
+                    if what == "cwd":
+                        direct[what] = {"got": os.listdir(path)}
+                    else:
+                        with open(path, "rb") as handle:
+                            direct[what] = {"got": handle.read(4096).decode("utf-8", "replace")}
+                except OSError as exc:
+                    direct[what] = {"error": f"{type(exc).__name__}: {exc}"}
+            return {"leaks": leaks, "readable": readable, "denied": denied, "direct": direct}
+    """, server_pid=os.getpid(), db_path=str(agent.storage.path.resolve())))
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    output = output_of(result)
+    assert output["leaks"] == []
+    for what, outcome in output["direct"].items():
+        assert "error" in outcome, f"/proc/<server pid>/{what} was readable: {outcome}"
+    await check_unharmed(agent, result)
+
+
+async def test_database_file_is_out_of_reach(escape_agent, llm_server, check_unharmed):
+    agent = escape_agent()
+    db_path = str(agent.storage.path.resolve())
+    step = subtask("steal_db", code("""
+        import os, sqlite3
+        def steal_db():
+            found = {}
+            def attempt(name, action):
+                try:
+                    found[name] = {"got": action()}
+                except Exception as exc:
+                    found[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            attempt("read", lambda: open(__DB__, "rb").read(64).decode("latin-1"))
+            attempt("list_dir", lambda: os.listdir(os.path.dirname(__DB__)))
+            attempt("sqlite", lambda: sqlite3.connect(f"file:{__DB__}?mode=ro", uri=True)
+                    .execute("SELECT task FROM runs").fetchall())
+            attempt("append", lambda: open(__DB__, "ab").write(b"garbage"))
+            return found
+    """, db=db_path))
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert {name: "error" in outcome for name, outcome in found.items()} == {
+        "read": True, "list_dir": True, "sqlite": True, "append": True}, found
+    await check_unharmed(agent, result)
+
+
+async def test_home_directory_canary_is_unreadable(escape_agent, llm_server, check_unharmed):
+    step = subtask("read_home", code("""
+        import os
+        def read_home():
+            found = {}
+            try:
+                found["canary"] = {"got": open(__CANARY__).read()}
+            except OSError as exc:
+                found["canary"] = {"error": f"{type(exc).__name__}: {exc}"}
+            try:
+                found["listing"] = {"got": os.listdir(__HOME__)}
+            except OSError as exc:
+                found["listing"] = {"error": f"{type(exc).__name__}: {exc}"}
+            return found
+    """, canary=str(HOME_CANARY), home=str(HOME_CANARY.parent)))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert "error" in found["canary"], found
+    assert HOME_CANARY.name not in json.dumps(found.get("listing"))
+    await check_unharmed(agent, result)
+
+
+async def test_world_readable_host_file_outside_the_sandbox_is_unreadable(escape_agent, llm_server, check_unharmed):
+    # Unlike the home directory (mode 0700), nothing but the sandbox itself protects this file.
+    folder = Path("/tmp") / f"autocode-escape-{TOKEN}"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(folder, 0o755)
+    canary = folder / "world-readable.txt"
+    canary.write_text(f"world readable {SECRET}\n")
+    os.chmod(canary, 0o644)
+    step = subtask("read_world", code("""
+        def read_world():
+            try:
+                return {"got": open(__CANARY__).read()}
+            except OSError as exc:
+                return {"error": f"{type(exc).__name__}: {exc}"}
+    """, canary=str(canary)))
+    agent = escape_agent()
+    try:
+        if agent.executor.name == "process" and not HOST_PROBE["landlock_abi"]:
+            pytest.skip("fallback backend cannot stop reading world-readable host files: Landlock is unavailable "
+                        "on this kernel, and the uid drop alone allows what every user may read")
+        result = await run_attack(agent, llm_server, step)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    assert result.status == "succeeded", result.error
+    assert "error" in output_of(result), output_of(result)
+    await check_unharmed(agent, result)
+
+
+async def test_project_directory_cannot_be_written(escape_agent, llm_server, check_unharmed):
+    planted = REPO / f"escape_probe_{TOKEN}.txt"
+    step = subtask("tamper_repo", code("""
+        def tamper_repo():
+            found = {}
+            try:
+                with open(__PLANTED__, "w") as handle:
+                    handle.write("planted by a step")
+                found["create"] = "created"
+            except OSError as exc:
+                found["create"] = f"{type(exc).__name__}: {exc}"
+            try:
+                with open(__README__, "a") as handle:
+                    handle.write("\\nappended by a step\\n")
+                found["append"] = "appended"
+            except OSError as exc:
+                found["append"] = f"{type(exc).__name__}: {exc}"
+            return found
+    """, planted=str(planted), readme=str(REPO / "README.md")))
+    agent = escape_agent()
+
+    try:
+        result = await run_attack(agent, llm_server, step)
+        assert not planted.exists(), "the step created a file in the project directory"
+    finally:
+        planted.unlink(missing_ok=True)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert found["create"] != "created" and found["append"] != "appended", found
+    assert found["create"].split(":")[0] in ("PermissionError", "FileNotFoundError", "OSError"), found
+    await check_unharmed(agent, result)  # README.md is a watched canary: unchanged bytes and mtime
+
+
+# ------------------------------------------------------------------------------------------------ network
+
+CONNECT = """
+    import socket
+    def connect_out():
+        found = {}
+        for host in __HOSTS__:
+            try:
+                with socket.create_connection((host, __PORT__), timeout=2):
+                    found[host] = "connected"
+            except OSError as exc:
+                found[host] = f"{type(exc).__name__}: {exc}"
+        return found
+"""
+
+
+async def test_network_off_cannot_reach_a_host_listener(escape_agent, llm_server, check_unharmed):
+    agent = escape_agent()
+    if agent.executor.name == "process" and not HOST_PROBE["seccomp"]:
+        pytest.skip("fallback backend cannot stop network access: seccomp is unavailable, and without a network "
+                    f"namespace nothing else blocks sockets ({HOST_PROBE['seccomp_reason']})")
+    with TcpListener("127.0.0.1") as listener:
+        step = subtask("connect_out", code(CONNECT, hosts=["127.0.0.1", "localhost"], port=listener.port))
+        result = await run_attack(agent, llm_server, step)
+        await asyncio.sleep(0.2)  # a connection still in flight would be recorded by now
+
+    assert result.status == "succeeded", result.error
+    assert "connected" not in output_of(result).values(), output_of(result)
+    assert listener.connections == []
+    await check_unharmed(agent, result)
+
+
+async def test_network_on_cannot_reach_host_loopback(escape_agent, llm_server, check_unharmed):
+    agent = escape_agent(sandbox_network=True)
+    fallback_cannot(agent, "connections to the host's loopback with network on",
+                    "without a network namespace the step shares the host's network stack")
+    with TcpListener("127.0.0.1") as listener:
+        step = subtask("connect_out", code(CONNECT, hosts=["127.0.0.1", "10.0.2.2"], port=listener.port))
+        result = await run_attack(agent, llm_server, step)
+        await asyncio.sleep(0.2)  # a connection still in flight would be recorded by now
+
+    assert result.status == "succeeded", result.error
+    assert "connected" not in output_of(result).values(), output_of(result)
+    assert listener.connections == []
+    await check_unharmed(agent, result)
+
+
+async def test_network_on_cannot_reach_host_services_through_the_host_address(
+    escape_agent, llm_server, check_unharmed,
+):
+    address = host_ipv4_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to try")
+    agent = escape_agent(sandbox_network=True)
+    fallback_cannot(agent, "connections to host services with network on",
+                    "without a network namespace the step shares the host's network stack")
+    with TcpListener("0.0.0.0") as listener:
+        step = subtask("connect_out", code(CONNECT, hosts=[address], port=listener.port))
+        result = await run_attack(agent, llm_server, step)
+        await asyncio.sleep(0.2)  # a connection still in flight would be recorded by now
+
+    assert result.status == "succeeded", result.error
+    assert "connected" not in output_of(result).values(), output_of(result)
+    assert listener.connections == []
+    await check_unharmed(agent, result)
+
+
+# ------------------------------------------------------------------------------------------------ resources
+
+
+async def test_fork_bomb_is_contained(escape_agent, llm_server, check_unharmed):
+    step = subtask("fork_bomb", code("""
+        import os
+        def fork_bomb():
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+    """))
+    agent = escape_agent(step_timeout=3, step_max_procs=32)
+
+    started = time.monotonic()
+    result = await run_attack(agent, llm_server, step, ok=False)
+    elapsed = time.monotonic() - started
+
+    assert result.status == "failed"
+    error = result.steps[0].error or ""
+    assert error.startswith("TimeoutError") or "killed" in error, error
+    assert elapsed < 15
+    await check_unharmed(agent, result)
+    await run_still_works(agent, llm_server)
+
+
+async def test_memory_bomb_is_a_memory_error(escape_agent, llm_server, check_unharmed):
+    caught = subtask("memory_bomb", code("""
+        def memory_bomb():
+            found = {}
+            try:
+                huge = bytearray(8 * 1024 ** 3)
+                found["bytearray"] = len(huge)
+            except MemoryError:
+                found["bytearray"] = "MemoryError"
+            chunks = []
+            try:
+                while True:
+                    chunks.append(bytearray(8 * 1024 ** 2))
+            except MemoryError:
+                found["growing_list_mib"] = 8 * len(chunks)
+            del chunks
+            return found
+    """))
+    uncaught = subtask("memory_bomb_uncaught", code("""
+        def memory_bomb_uncaught(previous_output):
+            hog = []
+            while True:
+                hog.append(" " * (16 * 1024 ** 2))
+    """), input_from="memory_bomb")
+    agent = escape_agent(step_memory_mb=256)
+
+    result = await run_attack(agent, llm_server, caught, uncaught, ok=False)
+
+    assert [s.status for s in result.steps] == ["ok", "error"]
+    found = output_of(result)
+    assert found["bytearray"] == "MemoryError"
+    assert found["growing_list_mib"] < 256
+    error = result.steps[1].error or ""
+    assert error.startswith("MemoryError") or "killed" in error, error
+    await check_unharmed(agent, result)
+    await run_still_works(agent, llm_server)
+
+
+async def test_infinite_loop_times_out(escape_agent, llm_server, check_unharmed):
+    step = subtask("spin", "def spin():\n    while True:\n        pass\n")
+    agent = escape_agent(step_timeout=2)
+
+    started = time.monotonic()
+    result = await run_attack(agent, llm_server, step, ok=False)
+    elapsed = time.monotonic() - started
+
+    error = result.steps[0].error or ""
+    assert error.startswith("TimeoutError"), error
+    assert 1.9 <= result.steps[0].duration_ms / 1000 <= 4.5
+    assert elapsed < 8
+    await check_unharmed(agent, result)
+
+
+async def test_sleep_past_the_timeout_times_out(escape_agent, llm_server, check_unharmed):
+    step = subtask("nap", "import time\ndef nap():\n    time.sleep(60)\n    return {'slept': 60}\n")
+    agent = escape_agent(step_timeout=2)
+
+    started = time.monotonic()
+    result = await run_attack(agent, llm_server, step, ok=False)
+    elapsed = time.monotonic() - started
+
+    assert (result.steps[0].error or "").startswith("TimeoutError"), result.steps[0].error
+    assert elapsed < 10
+    await check_unharmed(agent, result)
+
+
+async def test_one_huge_file_is_capped(escape_agent, llm_server, check_unharmed):
+    step = subtask("huge_file", code("""
+        def huge_file():
+            chunk = b"\\0" * (1024 * 1024)
+            written = 0
+            try:
+                with open("huge.bin", "wb") as handle:
+                    for _ in range(1024):
+                        handle.write(chunk)
+                        written += len(chunk)
+            except OSError as exc:
+                return {"written_mib": written // (1024 * 1024), "error": type(exc).__name__, "errno": exc.errno}
+            return {"written_mib": written // (1024 * 1024), "error": None, "errno": None}
+    """))
+    agent = escape_agent(workdir_mb=64)
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert found["error"] is not None, found
+    assert found["errno"] in (27, 28), found  # EFBIG (RLIMIT_FSIZE) or ENOSPC (the tmpfs cap)
+    assert found["written_mib"] <= 64 + 1
+    await check_unharmed(agent, result)
+
+
+async def test_many_files_stop_at_the_workdir_cap(escape_agent, llm_server, check_unharmed):
+    agent = escape_agent(workdir_mb=64)
+    fallback_cannot(agent, "filling the disk with many files",
+                    "the working directory is a plain host directory; only the size of each file is capped "
+                    "(RLIMIT_FSIZE), not the total")
+    step = subtask("many_files", code("""
+        import os
+        def many_files():
+            chunk = b"x" * 65536
+            made = 0
+            os.makedirs("many", exist_ok=True)
+            try:
+                for index in range(10000):
+                    with open(f"many/{index}.bin", "wb") as handle:
+                        handle.write(chunk)
+                    made += 1
+            except OSError as exc:
+                return {"made": made, "error": type(exc).__name__, "errno": exc.errno}
+            return {"made": made, "error": None, "errno": None}
+    """))
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert found["errno"] == 28, found  # ENOSPC
+    assert found["made"] * 64 <= 64 * 1024, found
+    await check_unharmed(agent, result)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+async def test_detached_processes_do_not_outlive_the_step(escape_agent, llm_server, check_unharmed):
+    marker = f"300.{int(TOKEN, 16) % 1000000}"  # `sleep 300.NNNNNN`: a command line no one else runs
+    spawn = subtask("spawn_daemons", code("""
+        import os, subprocess, time
+        def spawn_daemons():
+            sleeper = subprocess.Popen(["sleep", __MARKER__], start_new_session=True)
+            first = os.fork()
+            if first == 0:
+                try:
+                    os.setsid()
+                    if os.fork() == 0:
+                        with open("daemon.pid", "w") as handle:
+                            handle.write(str(os.getpid()))
+                        while True:
+                            time.sleep(1)
+                finally:
+                    os._exit(0)
+            os.waitpid(first, 0)
+            for _ in range(200):
+                if os.path.exists("daemon.pid") and open("daemon.pid").read():
+                    break
+                time.sleep(0.01)
+            return {"sleeper": sleeper.pid, "daemon": int(open("daemon.pid").read())}
+    """, marker=marker))
+    check = subtask("check_daemons", code("""
+        import os
+        def check_daemons(previous_output):
+            states = {}
+            for name, pid in previous_output.items():
+                try:
+                    with open(f"/proc/{pid}/stat") as handle:
+                        states[name] = handle.read().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    states[name] = "gone"
+            return states
+    """), input_from="spawn_daemons")
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, spawn, check)
+
+    assert result.status == "succeeded", result.error
+    pids = output_of(result)
+    assert set(pids) == {"sleeper", "daemon"}
+    assert all(state in ("gone", "Z", "X") for state in output_of(result, 1).values()), output_of(result, 1)
+    await check_unharmed(agent, result)
+    assert processes_with(f"sleep {marker}") == []
+
+
+async def test_ctypes_system_runs_only_inside_the_sandbox(escape_agent, llm_server, check_unharmed):
+    pwned = Path(f"/tmp/pwned_{TOKEN}")
+    step = subtask("call_libc", code("""
+        import ctypes, os
+        def call_libc():
+            libc = ctypes.CDLL(None)
+            status = libc.system(("id > " + __PWNED__ + " 2>&1; id > id.txt 2>&1; "
+                                  "cat /proc/1/environ > leak.txt 2>&1").encode())
+            found = {"status": status}
+            for name in (__PWNED__, "id.txt", "leak.txt"):
+                try:
+                    with open(name, "rb") as handle:
+                        found[name] = handle.read().decode("utf-8", "replace")
+                except OSError as exc:
+                    found[name] = f"{type(exc).__name__}: {exc}"
+            return found
+    """, pwned=str(pwned)))
+    agent = escape_agent()
+
+    try:
+        result = await run_attack(agent, llm_server, step)
+        assert not pwned.exists(), "libc system() wrote a file on the host"
+    finally:
+        pwned.unlink(missing_ok=True)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert "AUTOCODE_TEST_SECRET" not in json.dumps(found)
+    if "uid=" in found["id.txt"]:  # it ran: as the run's uid, not root
+        uid = int(re.search(r"uid=(\d+)", found["id.txt"]).group(1))
+        base = agent.settings.sandbox_uid_base
+        assert base <= uid < base + agent.settings.sandbox_max_workers
+    await check_unharmed(agent, result)
+
+
+async def test_python_introspection_reaches_nothing_of_the_server(escape_agent, llm_server, check_unharmed):
+    # smolagents-style escapes: they matter when generated code runs inside the server's interpreter. Here the
+    # step is another process, so walking frames, subclasses and the heap finds only the sandbox's own objects.
+    step = subtask("introspect", code("""
+        import gc, sys
+        def introspect():
+            server_names = {"Agent", "Storage", "SandboxExecutor", "Settings", "LLMClient", "ToolHost", "_Run",
+                            "FakeOpenAI", "pytest"}
+            needles = ("sk-test-" + "key", "AUTOCODE_TEST_" + "SECRET=", "OPENAI_API_" + "KEY")
+            findings, modules_seen = [], []
+
+            def inspect_globals(where, namespace):
+                modules_seen.append(namespace.get("__name__"))
+                for name in server_names & set(namespace):
+                    findings.append(f"{where}: global {name} in {namespace.get('__name__')}")
+
+            frame, depth = sys._getframe(), 0
+            while frame is not None:
+                inspect_globals(f"frame {depth}", frame.f_globals)
+                frame, depth = frame.f_back, depth + 1
+            try:
+                raise RuntimeError("walk my traceback")
+            except RuntimeError as exc:
+                frame = exc.__traceback__.tb_frame
+                while frame is not None:
+                    inspect_globals("traceback", frame.f_globals)
+                    frame = frame.f_back
+            for module in list(sys.modules):
+                if module.split(".")[0] in ("agent_core", "storage", "tools", "bots", "openai", "tests", "_pytest"):
+                    findings.append(f"module {module}")
+            for obj in gc.get_objects():
+                if isinstance(obj, dict):
+                    for value in list(obj.values()):
+                        if isinstance(value, str) and value not in needles and any(n in value for n in needles):
+                            findings.append("heap string: " + value[:200])
+            cat = None
+            for cls in ().__class__.__base__.__subclasses__():
+                if cls.__name__ == "_wrap_close":
+                    try:
+                        cat = cls.__init__.__globals__["popen"]("cat " + __CANARY__ + " 2>&1").read()
+                    except Exception as exc:
+                        cat = f"{type(exc).__name__}: {exc}"
+            return {"findings": findings, "cat": cat, "modules_seen": sorted(set(map(str, modules_seen)))}
+    """, canary=str(HOME_CANARY)))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    assert found["findings"] == []
+    assert found["cat"] is not None and "home canary" not in found["cat"], found["cat"]
+    assert not any(m.startswith(("agent_core", "tests", "_pytest")) for m in found["modules_seen"])
+    await check_unharmed(agent, result)
+
+
+async def test_step_cannot_regain_privileges_or_signal_the_server(escape_agent, llm_server, check_unharmed):
+    # Signal 0 only probes the permission: a successful attack must not take the test process down with it.
+    step = subtask("regain_root", code("""
+        import os
+        def regain_root():
+            found = {"uid": os.getuid()}
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    key, _, value = line.partition(":")
+                    if key in ("CapPrm", "CapEff", "CapAmb", "NoNewPrivs"):
+                        found[key] = value.strip()
+            for name, action in (("setuid0", lambda: os.setuid(0)), ("setgid0", lambda: os.setgid(0)),
+                                 ("signal_parent", lambda: os.kill(os.getppid(), 0)),
+                                 ("signal_pid1", lambda: os.kill(1, 0)),
+                                 ("signal_server", lambda: os.kill(__SERVER_PID__, 0))):
+                try:
+                    action()
+                    found[name] = "permitted"
+                except OSError as exc:
+                    found[name] = type(exc).__name__
+            return found
+    """, server_pid=os.getpid()))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    found = output_of(result)
+    base = agent.settings.sandbox_uid_base
+    assert base <= found["uid"] < base + agent.settings.sandbox_max_workers
+    assert (int(found["CapPrm"], 16), int(found["CapEff"], 16), int(found["CapAmb"], 16)) == (0, 0, 0), found
+    if HOST_PROBE["landlock_abi"] or HOST_PROBE["seccomp"]:
+        assert found["NoNewPrivs"] == "1"
+    for name in ("setuid0", "setgid0", "signal_parent", "signal_pid1", "signal_server"):
+        assert found[name] in ("PermissionError", "ProcessLookupError"), found
+    await check_unharmed(agent, result)
+
+
+async def test_step_cannot_talk_on_the_worker_control_channel(escape_agent, llm_server, check_unharmed):
+    step = subtask("forge_worker", code("""
+        import json, os, socket
+        def forge_worker():
+            with open("outputs/report.txt", "w") as handle:
+                handle.write("the step's real output")
+            foreign = {}
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                try:
+                    probe = socket.socket(fileno=os.dup(fd))
+                except OSError:
+                    continue
+                kind = probe.type
+                if kind != socket.SOCK_STREAM:  # the step's own channel to the server is a stream socket
+                    try:
+                        probe.send(json.dumps({"op": "exited", "returncode": 0}).encode())
+                        foreign[name] = f"type {int(kind)}: forged a worker reply"
+                    except OSError as exc:
+                        foreign[name] = f"type {int(kind)}: {type(exc).__name__}"
+                probe.close()
+            return {"foreign_sockets": foreign}
+    """))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    found = output_of(result)
+    assert found["foreign_sockets"] == {}, found
+    assert [a["name"] for a in result.artifacts] == ["report.txt"]
+    await check_unharmed(agent, result)
+
+
+# ------------------------------------------------------------------------------------------------ tools
+
+ESCAPE_TOOLS_FILE = '''
+TOOLS = [
+    {
+        "lib_names": ["hashlib"],
+        "instructions": "Signs a text with the operator's secret.",
+        "use_exactly_code_example": True,
+        "code_example": """
+def escape_sign(text: str) -> dict:
+    import hashlib, os
+    secret = os.environ["ESCAPE_TOOL_SECRET"]
+    return {"digest": hashlib.sha256((secret + text).encode()).hexdigest()}
+""",
+    },
+]
+'''
+
+
+async def test_exact_tool_uses_its_secret_that_the_step_cannot_read(
+    escape_agent, llm_server, check_unharmed, tmp_path, monkeypatch,
+):
+    tool_secret = f"tool-secret-{TOKEN}"
+    monkeypatch.setenv("ESCAPE_TOOL_SECRET", tool_secret)
+    tools_file = tmp_path / "escape_tools.py"
+    tools_file.write_text(ESCAPE_TOOLS_FILE)
+    step = subtask("sign_and_snoop", code("""
+        import os
+        def sign_and_snoop():
+            name = "ESCAPE_TOOL_" + "SECRET"
+            environ_hits = []
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/environ", "rb") as handle:
+                            if name.encode() in handle.read():
+                                environ_hits.append(pid)
+                    except OSError:
+                        pass
+            return {"signed": escape_sign("hello"), "env": os.environ.get(name), "environ_hits": environ_hits}
+    """))
+    agent = escape_agent(tools_file=tools_file)
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    expected = hashlib.sha256(f"{tool_secret}hello".encode()).hexdigest()
+    assert output_of(result) == {"signed": {"digest": expected}, "env": None, "environ_hits": []}
+    assert tool_secret not in everything_the_run_exposed(result, llm_server.chat_requests())
+    await check_unharmed(agent, result)
+
+
+# ------------------------------------------------------------------------------------------------ leftovers
+
+
+async def test_files_do_not_outlive_the_run(escape_agent, llm_server, check_unharmed):
+    names = [f"/dev/shm/autocode-escape-{TOKEN}", f"/tmp/autocode-escape-{TOKEN}-tmp"]
+    plant = subtask("plant", code("""
+        import os
+        def plant():
+            payload = os.urandom(8).hex()
+            planted = {}
+            for path in __NAMES__:
+                try:
+                    with open(path, "w") as handle:
+                        handle.write(payload)
+                    planted[path] = "written"
+                except OSError as exc:
+                    planted[path] = f"{type(exc).__name__}: {exc}"
+            return {"payload": payload, "planted": planted}
+    """, names=names))
+    harvest = subtask("harvest", code("""
+        def harvest():
+            found = {}
+            for path in __NAMES__:
+                try:
+                    found[path] = open(path).read()
+                except OSError as exc:
+                    found[path] = f"{type(exc).__name__}: {exc}"
+            return found
+    """, names=names))
+    agent = escape_agent()
+    try:
+        first = await run_attack(agent, llm_server, plant)
+        on_host = [path for path in names if os.path.lexists(path)]
+        second = await run_attack(agent, llm_server, harvest)
+    finally:
+        for path in names:
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode) and os.lstat(path).st_uid != 0:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    assert (first.status, second.status) == ("succeeded", "succeeded"), (first.error, second.error)
+    payload = output_of(first)["payload"]
+    assert payload not in json.dumps(output_of(second)), output_of(second)
+    assert on_host == [], f"files a step wrote are on the host after its run: {on_host}"
+    await check_unharmed(agent, first, second)
