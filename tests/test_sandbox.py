@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -350,12 +349,7 @@ async def test_environment_is_scrubbed(sandbox, monkeypatch):
     assert "sk-should-not-leak" not in json.dumps(env)
 
 
-async def test_environment_has_home_and_path(sandbox, request):
-    if backend_of(sandbox) == "bwrap":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "product bug: BwrapLauncher.prepare passes --clearenv (backends.py:80), which wipes the environment "
-            "pool.Worker.start hands to bwrap (pool.py:150, worker_environment); steps see only PWD and "
-            "LC_CTYPE: no HOME, PATH, TMPDIR, OPENBLAS/OMP/MKL_NUM_THREADS, MPLBACKEND")))
+async def test_environment_has_home_and_path(sandbox):
     result = await run(sandbox, "import os\n\ndef step():\n    return {'env': dict(os.environ), 'cwd': os.getcwd()}\n")
     assert result.ok, result.error
     env, cwd = result.output["env"], result.output["cwd"]
@@ -658,10 +652,6 @@ async def test_worker_death_between_steps_is_contained(sandbox):
     await _assert_lost_then_reopen(sandbox)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: Worker._receive (pool.py:230-235) lets ConnectionResetError from sock_recv escape: when the "
-    "worker dies with a request still unread (here 'finish'), run_step raises instead of returning a "
-    "SandboxError result; _receive/_request should turn OSError into WorkerDied"))
 async def test_worker_dying_mid_step_is_contained(sandbox):
     victim = worker_host_pid(sandbox)
 
@@ -679,11 +669,6 @@ async def test_worker_dying_mid_step_is_contained(sandbox):
     await _assert_lost_then_reopen(sandbox)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: the step process inherits the worker's control socket (worker.py:79-87, Worker.start_step: the "
-    "forked child never closes self.sock), so a step can send messages in the worker's name (here a forged "
-    "'exited' and 'collected' report the server accepts) or steal the server's requests; close self.sock (and "
-    "every fd but the step socket and the reroot fds) in the child before running the job"))
 async def test_step_cannot_forge_worker_messages(sandbox):
     # The step is forked from the worker: if it inherits the worker's control socket (SOCK_SEQPACKET to the
     # server) it can queue replies in the worker's name, e.g. a fake outputs report.
@@ -829,11 +814,6 @@ async def test_warm_pool(backend):
         await executor.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: SandboxExecutor.stop() (pool.py:455-457) cancels the refill task without awaiting it, and a "
-    "worker cancelled inside Worker.start is never killed (pool.py:169 catches only WorkerDied/TimeoutError/"
-    "OSError; _new_worker pool.py:441 only gives the uid back): its bwrap/worker process (and, for the process "
-    "backend, its host workdir) leaks"))
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_stop_during_refill_leaves_no_worker(backend):
     before = sandbox_launches()

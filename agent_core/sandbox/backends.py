@@ -24,6 +24,25 @@ SANDBOX_WORKDIR = "/work"
 SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ssl",
                     "/etc/ca-certificates", "/etc/localtime", "/etc/mime.types", "/usr/share/zoneinfo"]
 NETWORK_READ_ONLY = ["/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf"]
+# Host variables a step may see: none are secrets. OPENBLAS_* keeps numpy correct on some CPUs.
+_PASSTHROUGH = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TZ")
+
+
+def worker_environment(workdir: str) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": f"{workdir}/.matplotlib",
+    }
+    env.update({k: os.environ[k] for k in _PASSTHROUGH if k in os.environ})
+    return env
 
 
 def python_roots() -> list[str]:
@@ -51,6 +70,7 @@ def traversable_by_others(path: str) -> bool:
 @dataclass
 class Launch:
     argv: list[str]
+    env: dict[str, str]
     workdir: str  # as the worker sees it
     host_workdir: Path | None  # the same directory on the host, when there is one to clean up
     config: dict = field(default_factory=dict)  # extra worker configuration
@@ -99,8 +119,11 @@ class BwrapLauncher:
                  "--chdir", SANDBOX_WORKDIR]
         if info_fd is not None:
             args += ["--info-fd", str(info_fd)]
+        env = worker_environment(SANDBOX_WORKDIR)
+        for name, value in env.items():  # --clearenv: the environment is set inside
+            args += ["--setenv", name, value]
         args += ["--", sys.executable, "-I", "-B", "-u", f"{SANDBOX_RUNTIME}/worker.py", str(worker_fd)]
-        return Launch(args, SANDBOX_WORKDIR, None, {
+        return Launch(args, env, SANDBOX_WORKDIR, None, {
             "pid_namespace": True,
             "read_only": [*read_only, *resolver, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
             "read_write": ["/dev/null", "/dev/shm"],  # /dev is the sandbox's own small tmpfs
@@ -146,7 +169,7 @@ class ProcessLauncher:
         roots = python_roots()
         return Launch(
             [sys.executable, "-I", "-B", "-u", str(RUNTIME_DIR / "worker.py"), str(worker_fd)],
-            str(workdir), workdir,
+            worker_environment(str(workdir)), str(workdir), workdir,
             {
                 "pid_namespace": False,
                 "read_only": [*SYSTEM_READ_ONLY, *NETWORK_READ_ONLY, *roots, str(RUNTIME_DIR), "/proc", "/dev",

@@ -35,29 +35,10 @@ log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 30.0
 CONTROL_TIMEOUT_S = 10.0
-# Host variables a step may see: none are secrets. OPENBLAS_* keeps numpy correct on some CPUs.
-_PASSTHROUGH = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TZ")
 
 
 class WorkerDied(Exception):
     """The worker stopped answering; the run's sandbox is gone."""
-
-
-def worker_environment(workdir: str) -> dict[str, str]:
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "PYTHONIOENCODING": "utf-8",
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "MPLBACKEND": "Agg",
-        "MPLCONFIGDIR": f"{workdir}/.matplotlib",
-    }
-    env.update({k: os.environ[k] for k in _PASSTHROUGH if k in os.environ})
-    return env
 
 
 def read_capped(path: Path, cap_bytes: int) -> str:
@@ -148,7 +129,7 @@ class Worker:
         stderr_log = tempfile.TemporaryFile()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *launch.argv, pass_fds=pass_fds, env=worker_environment(launch.workdir),
+                *launch.argv, pass_fds=pass_fds, env=launch.env,
                 cwd=launch.workdir if launch.host_workdir else "/", start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_log,
             )
@@ -174,6 +155,9 @@ class Worker:
             detail = stderr_log.read().decode("utf-8", "replace").strip()[-2000:]
             await self.kill()
             raise SandboxUnavailable(f"the sandbox worker did not start ({type(exc).__name__}): {detail}") from None
+        except BaseException:  # cancelled while starting: leave nothing behind
+            await asyncio.shield(self.kill())
+            raise
         finally:
             stderr_log.close()
 
@@ -220,7 +204,10 @@ class Worker:
 
     async def _receive(self) -> dict[str, Any]:
         assert self.control is not None
-        data = await asyncio.get_running_loop().sock_recv(self.control, 1 << 20)
+        try:
+            data = await asyncio.get_running_loop().sock_recv(self.control, 1 << 20)
+        except OSError as exc:
+            raise WorkerDied(f"lost the worker: {exc}") from None
         if not data:
             raise WorkerDied("the worker exited")
         try:
@@ -441,7 +428,7 @@ class SandboxExecutor:
         try:
             await worker.start(self.preload)
         except BaseException:
-            self.uids.give_back(worker.uid)
+            await asyncio.shield(worker.close())
             raise
         self._probe = worker.ready.get("probe", {})
         return worker
@@ -457,6 +444,7 @@ class SandboxExecutor:
     async def stop(self) -> None:
         if self._refill is not None:
             self._refill.cancel()
+            await asyncio.gather(self._refill, return_exceptions=True)
         idle, self._idle = self._idle, []
         for worker in idle:
             await worker.close()
