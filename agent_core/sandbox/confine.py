@@ -132,17 +132,32 @@ def _kernel_seccomp_reason() -> str | None:
 
 
 def apply_seccomp(*, allow_network: bool) -> str | None:
-    """Install the sandbox's seccomp filter on the calling process (and its future children).
+    """Build and install the sandbox's seccomp filter (see `build_seccomp`); None on success, else why not."""
+    filt, reason = build_seccomp(allow_network=allow_network)
+    return reason if filt is None else load_seccomp(filt)
+
+
+def load_seccomp(filt: object) -> str | None:
+    """Install a filter made by `build_seccomp` on the calling process (cheap: build once, load per step)."""
+    try:
+        filt.load()  # type: ignore[attr-defined]
+    except OSError as exc:
+        return f"the kernel refused the seccomp filter ({exc})"
+    return None
+
+
+def build_seccomp(*, allow_network: bool) -> tuple[object | None, str | None]:
+    """The sandbox's seccomp filter, ready to load, or (None, reason) when seccomp is unavailable.
 
     Default action ALLOW; the syscalls in SECCOMP_BLOCKED_SYSCALLS, personality() other than the
     query, and namespace-creating clone() fail with EPERM (not kill, so the code sees an ordinary
     PermissionError); clone3() fails with ENOSYS; without allow_network, socket() for any domain
     but AF_UNIX fails with EPERM. Sets NO_NEW_PRIVS (required for a non-root uid) and syncs the
-    filter to all threads. Returns None on success, or a short reason when seccomp is unavailable.
+    filter to all threads.
     """
     seccomp, reason = _import_pyseccomp()
     if seccomp is None:
-        return reason
+        return None, reason
     eperm = seccomp.ERRNO(errno.EPERM)
     try:
         filt = seccomp.SyscallFilter(seccomp.ALLOW)
@@ -170,15 +185,10 @@ def apply_seccomp(*, allow_network: bool) -> str | None:
         if not allow_network:
             filt.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
     except OSError as exc:
-        return f"libseccomp could not build the filter ({exc})"
-
+        return None, f"libseccomp could not build the filter ({exc})"
     if (reason := _kernel_seccomp_reason()) is not None:
-        return reason
-    try:
-        filt.load()
-    except OSError as exc:
-        return f"the kernel refused the seccomp filter ({exc})"
-    return None
+        return None, reason
+    return filt, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,18 +271,40 @@ def _handled_rights(abi: int) -> int:
 
 
 def apply_landlock(*, read_only: list[str], read_write: list[str]) -> str | None:
-    """Restrict the calling process (and its future children) to the given filesystem paths.
+    """Build a ruleset (see `build_landlock`) and restrict the calling process with it."""
+    ruleset_fd, reason = build_landlock(read_only=read_only, read_write=read_write)
+    if ruleset_fd is None:
+        return reason
+    try:
+        return restrict_landlock(ruleset_fd)
+    finally:
+        os.close(ruleset_fd)
+
+
+def restrict_landlock(ruleset_fd: int) -> str | None:
+    """Restrict the calling process (and its future children) with a ruleset from `build_landlock`."""
+    libc = _libc()
+    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
+        return f"prctl(PR_SET_NO_NEW_PRIVS) failed ({os.strerror(ctypes.get_errno())})"
+    if libc.syscall(_c_long(_SYS_LANDLOCK_RESTRICT_SELF), _c_long(ruleset_fd), _c_long(0)) < 0:
+        return f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
+    return None
+
+
+def build_landlock(*, read_only: list[str], read_write: list[str]) -> tuple[int | None, str | None]:
+    """A Landlock ruleset fd granting only the given filesystem paths, or (None, reason) when unavailable.
 
     Handles every filesystem right the running Landlock ABI knows, so anything not granted here is
     denied: `read_only` paths get read_file, read_dir and execute; `read_write` paths get all
     rights. Missing paths are skipped; a regular file gets only the file-level rights. Already
-    open file descriptors keep working. Sets NO_NEW_PRIVS (required for a non-root uid). Returns
-    None on success, or a short reason when Landlock is unavailable (old or unconfigured kernel).
+    open file descriptors keep working. Paths are opened now, by the caller: build it before dropping
+    privileges, apply it (`restrict_landlock`) in each step.
     """
     libc = _libc()
     abi, reason = _landlock_abi(libc)
     if abi is None:
-        return reason
+        return None, reason
     handled = _handled_rights(abi)
 
     attr = _RulesetAttr(handled_access_fs=handled)
@@ -280,7 +312,7 @@ def apply_landlock(*, read_only: list[str], read_write: list[str]) -> str | None
                               _c_long(ctypes.sizeof(attr)), _c_long(0))
     if ruleset_fd < 0:
         err = ctypes.get_errno()
-        return f"landlock_create_ruleset failed ({os.strerror(err)})"
+        return None, f"landlock_create_ruleset failed ({os.strerror(err)})"
     try:
         for paths, wanted in ((read_only, _READ_ONLY_RIGHTS), (read_write, handled)):
             for path in paths:
@@ -299,18 +331,14 @@ def apply_landlock(*, read_only: list[str], read_write: list[str]) -> str | None
                                     _c_long(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
                                     _c_long(0)) < 0:
                         err = ctypes.get_errno()
-                        return f"landlock_add_rule failed for {path!r} ({os.strerror(err)})"
+                        os.close(ruleset_fd)
+                        return None, f"landlock_add_rule failed for {path!r} ({os.strerror(err)})"
                 finally:
                     os.close(fd)
-
-        if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
-                      ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
-            return f"prctl(PR_SET_NO_NEW_PRIVS) failed ({os.strerror(ctypes.get_errno())})"
-        if libc.syscall(_c_long(_SYS_LANDLOCK_RESTRICT_SELF), _c_long(ruleset_fd), _c_long(0)) < 0:
-            return f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
-    finally:
+    except BaseException:
         os.close(ruleset_fd)
-    return None
+        raise
+    return ruleset_fd, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,9 +61,15 @@ class Worker:
         self.in_pid_namespace = bool(config.get("pid_namespace"))
         # Prefixes the step uid cannot traverse to (e.g. a Python under /root): reached through fds instead.
         self.reroot = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in config.get("reroot", [])}
+        if self.reroot:
+            self._reroot_imports()
         self.step_pid = None
         self.status = None
-        self.confinement = {}
+        # Built once (the costly part), applied by each step: the paths are opened now, with the worker's rights.
+        self.landlock_fd, landlock_reason = confine.build_landlock(read_only=self.read_only,
+                                                                   read_write=self.read_write)
+        self.seccomp_filter, seccomp_reason = confine.build_seccomp(allow_network=self.network)
+        self.confinement = {"landlock": landlock_reason or "on", "seccomp": seccomp_reason or "on"}
 
     def preload(self, modules):
         loaded = []
@@ -81,7 +87,8 @@ class Worker:
         pid = os.fork()
         if pid == 0:
             try:
-                self._close_inherited(keep=[step_fd, out_fd, err_fd, *self.reroot.values()])
+                keep = [step_fd, out_fd, err_fd, *self.reroot.values()]
+                self._close_inherited(keep=keep + ([self.landlock_fd] if self.landlock_fd is not None else []))
                 self._become_step(limits, out_fd, err_fd)
                 child.run_job(step_fd)
             finally:
@@ -127,13 +134,11 @@ class Worker:
             os.setgroups([])
             os.setresgid(self.gid, self.gid, self.gid)
             os.setresuid(self.uid, self.uid, self.uid)
-        if self.reroot:
-            self._reroot_imports()
-        confine.apply_landlock(read_only=self._fd_paths(self.read_only), read_write=self.read_write)
-        confine.apply_seccomp(allow_network=self.network)
-
-    def _fd_paths(self, paths):
-        return [self._through_fd(path) for path in paths]
+        if self.landlock_fd is not None:
+            confine.restrict_landlock(self.landlock_fd)
+            os.close(self.landlock_fd)
+        if self.seccomp_filter is not None:
+            confine.load_seccomp(self.seccomp_filter)
 
     def _through_fd(self, path):
         for prefix, fd in self.reroot.items():
@@ -164,24 +169,19 @@ class Worker:
 
     def _sweep(self):
         if self.uid is not None:
-            # kill(-1) as the step's uid reaches exactly the step's processes (and never this worker); a fork
-            # racing with it is aborted by the pending SIGKILL. Repeat while any live process of the uid remains.
-            for _ in range(20):
-                killer = os.fork()
-                if killer == 0:
-                    try:
-                        os.setresuid(self.uid, self.uid, self.uid)
-                        os.kill(-1, signal.SIGKILL)
-                        os.kill(-1, signal.SIGKILL)
-                    except OSError:
-                        pass
-                    finally:
-                        os._exit(0)
-                os.waitpid(killer, 0)
-                self._reap()
-                if not self._uid_alive():
-                    return
-                time.sleep(0.005)
+            # kill(-1) as the step's uid reaches exactly the step's processes and never this worker. One pass is
+            # complete: it runs under the task-list lock, and a fork racing with it fails on the pending SIGKILL;
+            # the second pass is for good measure. (Its return value cannot say whether anyone was found.)
+            killer = os.fork()
+            if killer == 0:
+                try:
+                    os.setresuid(self.uid, self.uid, self.uid)
+                    os.kill(-1, signal.SIGKILL)
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(killer, 0)
+            self._reap_all()
             return
         # Same uid as the worker: kill every other process we can see (all of them are the step's inside a pid
         # namespace; outside one, the step's session and our reaped descendants).
@@ -196,27 +196,6 @@ class Worker:
                     pass
             self._reap()
             time.sleep(0.002)
-
-    def _uid_alive(self):
-        """Is any process of the step's uid still running (zombies aside)?"""
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/status") as handle:
-                    status = handle.read()
-            except OSError:
-                continue
-            state = uid = None
-            for line in status.splitlines():
-                if line.startswith("State:"):
-                    state = line.split()[1]
-                elif line.startswith("Uid:"):
-                    uid = int(line.split()[1])
-                    break
-            if uid == self.uid and state != "Z":
-                return True
-        return False
 
     def _visible_pids(self):
         if self.in_pid_namespace:
@@ -235,6 +214,19 @@ class Worker:
             if ppid == me or (self.step_pid is not None and session == self.step_pid):
                 found.append(int(name))
         return found
+
+    def _reap_all(self, timeout=2.0):
+        """Wait until every descendant is gone: killed steps' orphans come back here (child subreaper)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.0002)
+            elif pid == self.step_pid:
+                self.status = status
 
     def _reap(self):
         while True:
@@ -342,7 +334,8 @@ def main():
         os.makedirs(directory, exist_ok=True)
         os.chmod(directory, 0o1777)
     loaded = worker.preload(config.get("preload", []))
-    send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded, "probe": confine.probe()})
+    send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded, "probe": confine.probe(),
+                "confinement": worker.confinement})
     worker.serve()
 
 
