@@ -10,9 +10,8 @@
 3. Memory: RSS (and PSS) of one idle warm worker's Python process (under bwrap: the Python descendant of the
    launcher's pid).
 
-With --profile, also where a trivial step's time goes: server-side phases (control round trip, dispatch and fork,
-confinement and code, the kill sweep) and, in a probe started by the same launcher as a worker, the cost of each
-part of the step's set-up (rlimits and uid drop, Landlock, seccomp) and of the sweep.
+With --profile, also where a trivial step's time goes, measured from the server: control round trip, dispatch and
+fork, the step's set-up (rlimits, uid drop, Landlock, seccomp) until its code runs, and the kill sweep.
 
 Run: python bench/sandbox.py [--backend auto|bwrap|process] [--steps N] [--json] [--profile]
 (smolagents comes with `pip install -e '.[bench]'`; without it those rows say so.)
@@ -29,7 +28,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent_core.sandbox import Limits, StepRequest  # noqa: E402
 from agent_core.sandbox import pool  # noqa: E402
-from agent_core.sandbox.backends import RUNTIME_DIR, SANDBOX_RUNTIME, BwrapLauncher, choose_launcher  # noqa: E402
 from agent_core.sandbox.pool import SandboxExecutor  # noqa: E402
 
 TARGET_WARM_MS = 10.0
@@ -51,7 +48,6 @@ STARTUP_RUNS = 20
 SYSTEM_PYTHON = "/usr/bin/python3"
 # Our own uids, away from the default 61000 and the tests' 63000-69399: a step sweep kills every process of its uid.
 BENCH_UID_BASE = 72000 + 64 * (os.getpid() % 100)
-PROBE_UID = BENCH_UID_BASE + 63
 TOOLSET_PRELOAD = ["numpy", "geopy"]  # what the built-in toolset declares (app.build_executor preloads it)
 
 TRIVIAL = 'def f():\n    return {"x": 1}\n'
@@ -324,112 +320,6 @@ async def server_phases(backend: str, steps: int, preload: list[str] | None = No
     return {name: ms(statistics.median(values)) for name, values in phases.items()}
 
 
-PROBE = r'''
-import json, os, sys, time
-sys.path.insert(0, sys.argv[1])
-import confine, worker
-config = json.loads(sys.argv[2])
-for module in json.loads(sys.argv[3]):
-    __import__(module)  # as the worker preloads the declared libraries
-w = worker.Worker(None, config)
-confine.probe()  # as the worker does at start-up (it imports pyseccomp)
-limits = {"cpu_s": 61, "memory_mb": 1024, "file_size_mb": 256, "max_procs": 64}
-keys = ("fork_call", "child_setup", "close_fds", "rlimits_uid_chdir", "landlock", "seccomp", "sweep", "uid_scan", "fork_exit_wait")
-found = {k: [] for k in keys}
-apply_landlock, apply_seccomp = confine.apply_landlock, confine.apply_seccomp
-errors = set()
-for _ in range(int(sys.argv[4])):
-    rd, wr = os.pipe()
-    out, err = os.open(os.devnull, os.O_WRONLY), os.open(os.devnull, os.O_WRONLY)
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rd)
-        t = {}
-        def landlock(**kw):
-            s = time.perf_counter(); r = apply_landlock(**kw); t["landlock"] = time.perf_counter() - s
-            t["landlock_error"] = r; return r
-        def seccomp(**kw):
-            s = time.perf_counter(); r = apply_seccomp(**kw); t["seccomp"] = time.perf_counter() - s
-            t["seccomp_error"] = r; return r
-        confine.apply_landlock, confine.apply_seccomp = landlock, seccomp
-        s = time.perf_counter()
-        if hasattr(w, "_close_inherited"):  # as start_step does, keeping the step's descriptors
-            w._close_inherited(keep=[wr, out, err, *w.reroot.values()])
-        t["close_fds"] = time.perf_counter() - s
-        w._become_step(limits, out, err)  # setsid, dup2, rlimits, chdir, uid drop, reroot, Landlock, seccomp
-        t["child_setup"] = time.perf_counter() - s
-        os.write(wr, json.dumps(t).encode())
-        os._exit(0)
-    t1 = time.perf_counter()
-    for fd in (wr, out, err):
-        os.close(fd)
-    data = b""
-    while chunk := os.read(rd, 65536):
-        data += chunk
-    os.close(rd)
-    t = json.loads(data)
-    w.step_pid, w.status = pid, None
-    s = time.perf_counter()
-    w.finish_step()  # the sweep and the wait, as on {"op": "finish"}
-    found["sweep"].append(time.perf_counter() - s)
-    found["fork_call"].append(t1 - t0)
-    for k in ("child_setup", "close_fds", "landlock", "seccomp"):
-        found[k].append(t[k])
-    found["rlimits_uid_chdir"].append(t["child_setup"] - t["close_fds"] - t["landlock"] - t["seccomp"])
-    errors.update(e for e in (t.get("landlock_error"), t.get("seccomp_error")) if e)
-    if w.uid is not None:
-        s = time.perf_counter(); w._uid_alive(); found["uid_scan"].append(time.perf_counter() - s)
-    s = time.perf_counter()
-    k = os.fork()
-    if k == 0:
-        os._exit(0)
-    os.waitpid(k, 0)
-    found["fork_exit_wait"].append(time.perf_counter() - s)
-report = {k: round(sorted(v)[len(v) // 2] * 1000, 3) for k, v in found.items() if v}
-report["visible_processes"] = sum(1 for p in os.listdir("/proc") if p.isdigit())
-report["rss_kb"] = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
-report["errors"] = sorted(errors)
-print(json.dumps(report))
-'''
-
-
-def launch_environment(launch: Any) -> dict[str, str]:
-    env = getattr(launch, "env", None)
-    if env is not None:
-        return env
-    try:
-        from agent_core.sandbox.backends import worker_environment
-    except ImportError:  # older layout
-        from agent_core.sandbox.pool import worker_environment
-    return worker_environment(launch.workdir)
-
-
-def worker_probe(backend: str, runs: int = 50, preload: list[str] | None = None) -> dict[str, Any]:
-    """Time the parts of a step's set-up in a process launched like a worker (same namespaces, paths and config)."""
-    with tempfile.TemporaryDirectory() as root:
-        launcher, _ = choose_launcher(backend, 256, None, False)
-        launch = launcher.prepare(0, None)
-        last = len(launch.argv) - 1 - launch.argv[::-1].index(sys.executable)
-        runtime = SANDBOX_RUNTIME if isinstance(launcher, BwrapLauncher) else str(RUNTIME_DIR)
-        uid = PROBE_UID if os.geteuid() == 0 else None
-        if launch.host_workdir is not None and uid is not None:
-            os.chown(launch.host_workdir, uid, uid)
-        config = {"uid": uid, "gid": uid, "workdir": launch.workdir, **launch.config}
-        argv = [*launch.argv[:last], sys.executable, "-I", "-B", "-c", PROBE, runtime, json.dumps(config),
-                json.dumps(preload or []), str(runs)]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, env=launch_environment(launch),
-                                  cwd=launch.workdir if launch.host_workdir else root, timeout=120)
-        finally:
-            if launch.host_workdir is not None:
-                subprocess.run(["rm", "-rf", str(launch.host_workdir)], check=False)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip()[-2000:]}
-    return json.loads(done.stdout)
-
-
-# --- the report ------------------------------------------------------------------------------------------------
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
@@ -450,12 +340,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     report["smolagents"] = {str(n): smolagents_loop(n) for n in (SMALL, LARGE)}
     if args.profile:
         report["profile"] = {"server_phases": await server_phases(args.backend, 100),
-                             "server_phases_preloaded": await server_phases(args.backend, 100, TOOLSET_PRELOAD),
-                             "worker_probe": worker_probe(args.backend),
-                             "worker_probe_preloaded": worker_probe(args.backend, preload=TOOLSET_PRELOAD)}
+                             "server_phases_preloaded": await server_phases(args.backend, 100, TOOLSET_PRELOAD)}
         if main["backend"] != "process":
             report["profile"]["server_phases_process"] = await server_phases("process", 100)
-            report["profile"]["worker_probe_process"] = worker_probe("process")
 
     report["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
     small, large = main["cpu"][str(SMALL)], main["cpu"][str(LARGE)]
@@ -585,10 +472,6 @@ def print_report(report: dict[str, Any]) -> None:
         print()
         print("profile: server-side phases of a trivial step (median ms)")
         for key in ("server_phases", "server_phases_preloaded", "server_phases_process"):
-            if key in profile:
-                print(f"  {key}: {json.dumps(profile[key])}")
-        print("profile: inside a process launched like a worker, 50 forked steps (median ms)")
-        for key in ("worker_probe", "worker_probe_preloaded", "worker_probe_process"):
             if key in profile:
                 print(f"  {key}: {json.dumps(profile[key])}")
 

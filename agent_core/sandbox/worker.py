@@ -168,6 +168,13 @@ class Worker:
         return returncode
 
     def _sweep(self):
+        deadline = time.monotonic() + 0.01  # a step that has sent its result is exiting: give it a moment
+        self._reap()
+        while self.status is None and self.step_pid is not None and time.monotonic() < deadline:
+            time.sleep(0.0002)
+            self._reap()
+        if self.status is not None and self._has_no_children():
+            return  # the step ended and nothing it started survives: its orphans would be our children
         if self.uid is not None:
             # kill(-1) as the step's uid reaches exactly the step's processes and never this worker. One pass is
             # complete: it runs under the task-list lock, and a fork racing with it fails on the pending SIGKILL;
@@ -214,6 +221,14 @@ class Worker:
             if ppid == me or (self.step_pid is not None and session == self.step_pid):
                 found.append(int(name))
         return found
+
+    @staticmethod
+    def _has_no_children():
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as handle:
+                return not handle.read().split()
+        except OSError:  # kernel without CONFIG_PROC_CHILDREN: assume the worst
+            return False
 
     def _reap_all(self, timeout=2.0):
         """Wait until every descendant is gone: killed steps' orphans come back here (child subreaper)."""
