@@ -292,18 +292,18 @@ class Worker:
 
 
 def _read_json_object(fd: int) -> dict[str, Any]:
+    """Read the JSON object bubblewrap writes to --info-fd (the sandbox's pids), and close the fd."""
     buffer = b""
-    while True:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buffer += chunk
-        try:
-            return json.loads(buffer)
-        except ValueError:
-            continue
-    os.close(fd)
-    return json.loads(buffer)
+    try:
+        while chunk := os.read(fd, 4096):
+            buffer += chunk
+            try:
+                return json.loads(buffer)
+            except ValueError:
+                continue
+    finally:
+        os.close(fd)
+    raise WorkerDied("bubblewrap exited before reporting its sandbox")
 
 
 def _read_capped_file(handle: Any, cap_bytes: int) -> str:
