@@ -45,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.add_argument("--save-artifacts", type=Path, metavar="DIR", help="write the run's files into DIR")
 
+    serve = sub.add_parser("serve", help="run the server: chat adapters, run scheduler and sandbox pool")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, help="default $PORT or 3000")
+    serve.add_argument("--tools", type=Path)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running run (asks the running server)")
+    cancel.add_argument("run_id")
+
+    usage = sub.add_parser("usage", help="LLM token usage per user or conversation")
+    usage.add_argument("--user")
+    usage.add_argument("--conversation")
+    usage.add_argument("--days", type=float, help="only the last N days")
+    usage.add_argument("--json", action="store_true")
+
     doctor = sub.add_parser("doctor", help="check the configuration and which sandbox protections are active")
     doctor.add_argument("--tools", type=Path)
     doctor.add_argument("--json", action="store_true")
@@ -68,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run_or_chat(args, settings))
         if args.command == "doctor":
             return asyncio.run(_doctor(args, settings))
+        if args.command == "serve":
+            from agent_core.server import serve
+
+            settings.require_llm()
+            serve(settings, args.host, args.port or settings.port)
+            return EXIT_OK
+        if args.command == "cancel":
+            return _cancel(args, settings)
+        if args.command == "usage":
+            return _usage(args, settings)
         return _history(args, settings) if args.command == "history" else _show(args, settings)
     except (ConfigError, ToolError, SandboxUnavailable) as exc:
         print(f"autocode: {exc}", file=sys.stderr)
@@ -109,6 +133,44 @@ def _open_storage(settings: Settings):
     if not settings.db_path.exists():
         raise ConfigError(f"no database at {settings.db_path} (nothing has run yet, or set AUTOCODE_DB)")
     return Storage(settings.db_path)
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+
+    base = settings.server_url or f"http://127.0.0.1:{settings.port}"
+    headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    try:
+        response = httpx.post(f"{base}/api/runs/{args.run_id}/cancel", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"autocode: cannot reach the server at {base} ({type(exc).__name__}); is `autocode serve` running? "
+              "(AUTOCODE_SERVER_URL)", file=sys.stderr)
+        return EXIT_CONFIG
+    if response.status_code == 404:
+        print(f"autocode: no run {args.run_id}", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
+    if response.status_code != 200:
+        print(f"autocode: the server answered {response.status_code}: {response.text[:200]}", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
+    print(f"run {args.run_id}: {response.json()['status']}")
+    return EXIT_OK
+
+
+def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    since = None
+    if args.days:
+        since = (datetime.now(timezone.utc) - timedelta(days=args.days)).isoformat(timespec="milliseconds")
+    usage = _open_storage(settings).tokens_used(user=args.user, conversation=args.conversation, since=since)
+    if args.json:
+        print(json.dumps(usage))
+    else:
+        scope = " ".join(f"{k} {v}" for k, v in (("user", args.user), ("conversation", args.conversation)) if v)
+        print(f"{scope or 'all users'}{f', last {args.days:g} days' if args.days else ''}: {usage['runs']} runs, "
+              f"{usage['llm_calls']} LLM calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+              "completion tokens")
+    return EXIT_OK
 
 
 def _history(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -90,6 +90,14 @@ class Settings:
     sandbox_max_workers: int = 64
     artifact_max_mb: int = 10
     artifacts_max_mb: int = 25
+    max_concurrent_runs: int = 32
+    sandbox_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
+    max_tokens_per_run: int = 0  # 0: no limit
+    daily_tokens_per_user: int = 0  # 0: no limit
+    shutdown_grace: float = 30.0
+    api_token: str | None = field(default=None, repr=False)
+    port: int = 3000
+    server_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -121,6 +129,14 @@ class Settings:
             sandbox_max_workers=_int(env, "AUTOCODE_SANDBOX_MAX_WORKERS", 64),
             artifact_max_mb=_int(env, "AUTOCODE_ARTIFACT_MAX_MB", 10),
             artifacts_max_mb=_int(env, "AUTOCODE_ARTIFACTS_MAX_MB", 25),
+            max_concurrent_runs=_int(env, "AUTOCODE_MAX_CONCURRENT_RUNS", 32),
+            sandbox_slots=_int(env, "AUTOCODE_SANDBOX_SLOTS", os.cpu_count() or 2),
+            max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 0, minimum=0),
+            daily_tokens_per_user=_int(env, "AUTOCODE_DAILY_TOKENS_PER_USER", 0, minimum=0),
+            shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
+            api_token=env.get("AUTOCODE_API_TOKEN") or None,
+            port=_int(env, "PORT", 3000),
+            server_url=env.get("AUTOCODE_SERVER_URL", "").strip() or None,
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

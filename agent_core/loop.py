@@ -18,7 +18,7 @@ from agent_core.events import (
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
 from agent_core.sandbox import Executor, Limits, Sandbox, SandboxUnavailable, StepRequest, StepResult
-from storage.db import Storage
+from storage.db import Storage, now
 from tools.host import ToolHost
 from tools.registry import ToolSet, describe_functions, describe_guides
 
@@ -103,6 +103,10 @@ def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None)
     return "\n".join(lines)
 
 
+class BudgetExceeded(LLMError):
+    """The run used more tokens than AUTOCODE_MAX_TOKENS_PER_RUN allows."""
+
+
 class Agent:
     """Runs tasks. Holds no per-run state: every `run()` starts from the database."""
 
@@ -116,6 +120,7 @@ class Agent:
         self.toolset = toolset
         self.executor = executor
         self.events = events or EventBus()
+        self.step_slots = asyncio.Semaphore(settings.sandbox_slots)  # steps executing at once, all runs
         self.limits = Limits(
             timeout_s=settings.step_timeout, memory_mb=settings.step_memory_mb,
             max_output_kb=settings.step_max_output_kb, max_log_kb=settings.step_max_log_kb,
@@ -131,9 +136,17 @@ class Agent:
             functions=", ".join(f.split(" ->")[0] for t in toolset.tools for f in t.functions.values()) or "none",
         )
 
-    async def run(self, task: str, conversation: str = "console") -> RunResult:
-        task = task.strip()
-        run_id = self.storage.create_run(conversation, task)
+    async def run(self, task: str, conversation: str = "console", *, user: str = "", adapter: str = "cli") -> RunResult:
+        """Create and execute a run at once (the CLI's way; the server queues runs through the scheduler)."""
+        run_id = self.storage.create_run(conversation, task.strip(), status="queued", user=user, adapter=adapter)
+        return await self.execute(run_id)
+
+    async def execute(self, run_id: str) -> RunResult:
+        """Execute a queued run. Cancelling the calling task cancels the run and kills its running step."""
+        row = self.storage.get_run(run_id)
+        assert row is not None, run_id
+        conversation, task = row["conversation"], row["task"]
+        self.storage.update_run(run_id, status="running", started_at=now())
         history = self.storage.recent_messages(conversation, self.settings.history_chars)
         self.storage.add_message(conversation, "user", task, run_id)
         return await _Run(self, run_id, conversation, task, history).execute()
@@ -162,7 +175,17 @@ class _Run:
     def _context(self) -> CallContext:
         return CallContext(self.run_id, self.iteration or None)
 
+    def _check_budget(self) -> None:
+        limit = self.settings.max_tokens_per_run
+        if limit:
+            usage = self.storage.usage(self.run_id)
+            used = usage["prompt_tokens"] + usage["completion_tokens"]
+            if used > limit:
+                raise BudgetExceeded(
+                    f"Stopped: the run used {used} LLM tokens, over its limit of {limit} (AUTOCODE_MAX_TOKENS_PER_RUN).")
+
     async def _llm_helper(self, prompt: str, system: str) -> str:
+        self._check_budget()
         messages = [
             {"role": "system", "content": system or prompts.render("helper_system")},
             {"role": "user", "content": prompt},
@@ -216,6 +239,7 @@ class _Run:
         for self.iteration in range(1, self.settings.max_iterations + 1):
             self.storage.update_run(self.run_id, plan=plan.model_dump(), iterations=self.iteration)
             current = await self._execute_steps(plan, start, outputs, sandbox)
+            self._check_budget()  # llm() calls from the steps count too
             failure = next((r for r in current if not r.ok), None)
             if failure is not None:
                 signature = (failure.tool_name, failure.error or "")
@@ -257,6 +281,7 @@ class _Run:
             purpose="plan", messages=messages, schema_name="plan", schema=PLAN_SCHEMA,
             shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
         )
+        self._check_budget()
         await self.agent.emit(PlanReady(
             self.run_id, 1, plan.main_task_thought, [s.tool_name for s in plan.subtasks],
             [s.description for s in plan.subtasks],
@@ -280,12 +305,13 @@ class _Run:
             except CheckError as exc:
                 record = StepRecord(ok=False, error=f"Check failed: {exc}", code=subtask.code, **step)
             else:
-                result = await sandbox.run_step(StepRequest(
-                    code=checked.code, function=subtask.tool_name,
-                    input=None if checked.input_from is None else outputs[checked.input_from],
-                    limits=self.agent.limits,
-                    tool_names=self.tool_host.names, on_call=self.tool_host.call,
-                ))
+                async with self.agent.step_slots:
+                    result = await sandbox.run_step(StepRequest(
+                        code=checked.code, function=subtask.tool_name,
+                        input=None if checked.input_from is None else outputs[checked.input_from],
+                        limits=self.agent.limits,
+                        tool_names=self.tool_host.names, on_call=self.tool_host.call,
+                    ))
                 record = StepRecord(**vars(result), code=checked.code, input_from=checked.input_from, **step)
             self._store_step(record, subtask.description)
             done.append(record)
@@ -354,6 +380,7 @@ class _Run:
             shape_hint=prompts.render("evaluation_shape"), model=Evaluation,
             validate=lambda e: e.check_against(plan), context=self._context(),
         )
+        self._check_budget()
         self.storage.add_evaluation({
             "run_id": self.run_id, "iteration": self.iteration, "satisfactory": int(evaluation.satisfactory),
             "thoughts": evaluation.thoughts, "final_answer": evaluation.final_answer,

@@ -14,6 +14,14 @@ from typing import Any, Iterator
 import sqlite_utils
 
 
+class DuplicateDelivery(Exception):
+    """This platform delivery already created a run (its id is the message)."""
+
+    @property
+    def run_id(self) -> str:
+        return str(self.args[0])
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -34,9 +42,10 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         {
             "id": str, "conversation": str, "task": str, "status": str, "answer": str, "error": str,
             "iterations": int, "plan_json": str, "created_at": str, "finished_at": str,
+            "user": str, "adapter": str, "delivery_id": str, "started_at": str, "seq": int,
         },
         "id",
-        ["conversation"],
+        ["conversation", "status", "user"],
     ),
     "steps": (
         {
@@ -101,8 +110,15 @@ class Storage:
                 table = self.db.table(name)
                 if not table.exists():
                     table.create(columns, pk=pk, not_null=set() if pk != "key" else {"key"})
-                    for column in indexes:
-                        table.create_index([column], if_not_exists=True)
+                else:  # a database from an older version: add what is missing
+                    for column, kind in columns.items():
+                        if column not in table.columns_dict:
+                            table.add_column(column, kind)
+                for column in indexes:
+                    table.create_index([column], if_not_exists=True)
+            # A retried webhook must never start a second run.
+            self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_delivery ON runs (delivery_id) "
+                            "WHERE delivery_id IS NOT NULL")
 
     def close(self) -> None:
         self.db.close()
@@ -158,15 +174,50 @@ class Storage:
         return self._rows("SELECT * FROM conversations ORDER BY updated_at DESC")
 
     # runs
-    def create_run(self, conversation: str, task: str) -> str:
+    def create_run(self, conversation: str, task: str, *, status: str = "running", user: str = "",
+                   adapter: str = "cli", delivery_id: str | None = None) -> str:
+        """A new run row; with a `delivery_id` already seen, raises DuplicateDelivery naming the first run."""
         self.touch_conversation(conversation)
         run_id = new_run_id()
-        self._insert(
-            "runs",
-            {"id": run_id, "conversation": conversation, "task": task, "status": "running",
-             "iterations": 0, "created_at": now()},
-        )
+        stamp = now()
+        try:
+            with self._lock, self.db.conn:
+                seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs").fetchone()[0]
+                self.db.table("runs").insert({
+                    "id": run_id, "conversation": conversation, "task": task, "status": status, "iterations": 0,
+                    "created_at": stamp, "started_at": stamp if status == "running" else None, "user": user,
+                    "adapter": adapter, "delivery_id": delivery_id, "seq": seq,
+                })
+        except sqlite3.IntegrityError:
+            existing = self._rows("SELECT id FROM runs WHERE delivery_id = ?", (delivery_id,))
+            if existing:
+                raise DuplicateDelivery(existing[0]["id"]) from None
+            raise
         return run_id
+
+    def runs_with_status(self, *statuses: str) -> list[dict[str, Any]]:
+        marks = ", ".join("?" for _ in statuses)
+        return self._rows(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY seq", statuses)
+
+    def tokens_used(self, *, user: str | None = None, conversation: str | None = None,
+                    since: str | None = None) -> dict[str, int]:
+        """LLM usage of the runs of a user and/or conversation, optionally since an ISO time."""
+        where, params = ["1 = 1"], []
+        for column, value in (("r.user", user), ("r.conversation", conversation)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("c.started_at >= ?")
+            params.append(since)
+        row = self._rows(
+            "SELECT COUNT(DISTINCT r.id) AS runs, COUNT(c.id) AS llm_calls, "
+            "COALESCE(SUM(c.prompt_tokens), 0) AS prompt_tokens, "
+            "COALESCE(SUM(c.completion_tokens), 0) AS completion_tokens "
+            f"FROM llm_calls c JOIN runs r ON r.id = c.run_id WHERE {' AND '.join(where)}",
+            tuple(params),
+        )[0]
+        return {k: int(v) for k, v in row.items()}
 
     def update_run(self, run_id: str, **changes: Any) -> None:
         if "plan" in changes:

@@ -416,6 +416,10 @@ class SandboxExecutor:
             log.warning("sandbox: not running as root, so steps run under the server's own uid")
 
     async def start(self) -> None:
+        """For a long-running server: end leftovers of a previous server (a crash), then pre-start workers."""
+        if self.uids.enabled and not isinstance(self.launcher, BwrapLauncher):
+            # Without pid namespaces, a step's orphans may outlive a killed server: their uids are ours now.
+            await asyncio.to_thread(lambda: [_kill_uid(uid) for uid in self.uids.free])
         await self._fill()
 
     async def _fill(self) -> None:

@@ -31,6 +31,7 @@ import child  # noqa: E402
 import confine  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 MAX_FDS = 4
 
 
@@ -110,6 +111,7 @@ class Worker:
 
     def _become_step(self, limits, out_fd, err_fd):
         os.setsid()
+        _die_with_parent()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
@@ -336,9 +338,17 @@ def _tar_outputs(root, out_fd, max_file_bytes, max_total_bytes):
     return {"files": files, "skipped": skipped}
 
 
+def _die_with_parent():
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
 def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
     config, _ = recv(sock)
+    _die_with_parent()  # a killed server takes its workers (and, through theirs, their steps) with it
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a step come back here to be reaped

@@ -1,0 +1,166 @@
+"""The run scheduler: a durable queue in SQLite, one active run per conversation, a global cap, cancellation,
+daily token budgets, and recovery of runs a crash left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Awaitable, Callable
+
+from agent_core.loop import Agent
+from storage.db import DuplicateDelivery
+
+log = logging.getLogger(__name__)
+
+# Called with the run row when a run a crash left `running` is marked `interrupted`, so the adapter that owns the
+# conversation can tell its user.
+InterruptedNotifier = Callable[[dict], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Submission:
+    run_id: str | None
+    status: str  # queued | duplicate | refused
+    message: str = ""
+    reason: str = ""  # when refused: empty | budget | shutting_down
+
+
+class RunScheduler:
+    """Owns every run's life after submission. Create it, `await start()`, `submit(...)`, `await stop()`."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.storage = agent.storage
+        self.settings = agent.settings
+        self.accepting = False
+        self._running: dict[str, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+        self._notifiers: dict[str, InterruptedNotifier] = {}
+
+    def on_interrupted(self, adapter: str, notify: InterruptedNotifier) -> None:
+        self._notifiers[adapter] = notify
+
+    # --- submission -----------------------------------------------------------------------------------------
+    def submit(self, task: str, conversation: str, *, user: str = "", adapter: str = "api",
+               delivery_id: str | None = None) -> Submission:
+        """Store the task as a queued run (before the adapter acknowledges it); never starts a second run for
+        the same delivery; refuses users over their daily token budget."""
+        if not self.accepting:
+            return Submission(None, "refused", "AutoCode is shutting down; please try again in a minute.",
+                              "shutting_down")
+        task = task.strip()
+        if not task:
+            return Submission(None, "refused", "The task is empty.", "empty")
+        if user and self.settings.daily_tokens_per_user:
+            used = self.daily_tokens(user)
+            if used >= self.settings.daily_tokens_per_user:
+                return Submission(None, "refused", (
+                    f"You have used {used} of your {self.settings.daily_tokens_per_user} LLM tokens for today; "
+                    "please try again tomorrow."), "budget")
+        try:
+            run_id = self.storage.create_run(conversation, task, status="queued", user=user, adapter=adapter,
+                                             delivery_id=delivery_id)
+        except DuplicateDelivery as duplicate:
+            return Submission(duplicate.run_id, "duplicate", "This delivery already started a run.")
+        self._wake.set()
+        return Submission(run_id, "queued")
+
+    def daily_tokens(self, user: str) -> int:
+        since = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat(timespec="milliseconds")
+        usage = self.storage.tokens_used(user=user, since=since)
+        return usage["prompt_tokens"] + usage["completion_tokens"]
+
+    # --- cancellation ------------------------------------------------------------------------------------------
+    async def cancel(self, run_id: str) -> str | None:
+        """Cancel a queued or running run; returns its status afterwards (None: no such run)."""
+        if self.storage.get_run(run_id) is None:
+            return None
+        task = self._running.get(run_id)
+        if task is not None:
+            task.cancel()  # the loop kills the step's process tree and records `cancelled`
+            await asyncio.gather(task, return_exceptions=True)
+        if self.storage.get_run(run_id)["status"] == "queued":  # had not started yet
+            self.storage.finish_run(run_id, "cancelled", None, "Cancelled before it started.", 0)
+            self._wake.set()
+        return self.storage.get_run(run_id)["status"]
+
+    # --- life cycle ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._recover()
+        self.accepting = True
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="autocode-dispatcher")
+
+    async def _recover(self) -> None:
+        for run in self.storage.runs_with_status("running"):
+            self.storage.finish_run(run["id"], "interrupted", None,
+                                    "AutoCode restarted while this task was running; please send it again.",
+                                    run["iterations"] or 0)
+            log.warning("run %s was interrupted by a restart", run["id"])
+            notify = self._notifiers.get(run["adapter"] or "")
+            if notify is not None:
+                try:
+                    await notify(self.storage.get_run(run["id"]))
+                except Exception:
+                    log.exception("could not tell %s about interrupted run %s", run["adapter"], run["id"])
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting; let running runs finish within `grace` seconds; mark the rest interrupted."""
+        self.accepting = False
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        running = list(self._running.items())
+        if running:
+            grace = self.settings.shutdown_grace if grace is None else grace
+            await asyncio.wait([task for _, task in running], timeout=grace)
+        for run_id, task in running:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self.storage.finish_run(run_id, "interrupted", None,
+                                        "AutoCode was restarted while this task was running; please send it again.",
+                                        (self.storage.get_run(run_id) or {}).get("iterations") or 0)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    # --- dispatching ---------------------------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        while True:
+            self._wake.clear()
+            for run in self._eligible():
+                task = asyncio.create_task(self._execute(run["id"]), name=f"run-{run['id']}")
+                self._running[run["id"]] = task
+            await self._wake.wait()
+
+    def _eligible(self) -> list[dict]:
+        """Queued runs that may start now: the oldest of each idle conversation, within the global cap."""
+        free = self.settings.max_concurrent_runs - len(self._running)
+        if free <= 0:
+            return []
+        busy = {row["conversation"] for row in self.storage.runs_with_status("running")}
+        picked: list[dict] = []
+        for run in self.storage.runs_with_status("queued"):
+            if run["conversation"] in busy or run["id"] in self._running:
+                busy.add(run["conversation"])  # later tasks of a conversation wait for the earlier ones
+                continue
+            busy.add(run["conversation"])
+            picked.append(run)
+            if len(picked) == free:
+                break
+        return picked
+
+    async def _execute(self, run_id: str) -> None:
+        try:
+            await self.agent.execute(run_id)
+        except asyncio.CancelledError:
+            pass  # the run is recorded as cancelled by the loop
+        except Exception:
+            log.exception("run %s crashed outside the loop", run_id)
+        finally:
+            self._running.pop(run_id, None)
+            self._wake.set()

@@ -1,0 +1,131 @@
+"""`autocode serve`: one asyncio process with the ASGI app, the run scheduler and the local sandbox pool.
+
+Chat adapters mount their routes here (`POST /slack/events`, `POST /telegram/webhook`); the internal API under
+`/api` lets the CLI and tests submit, inspect and cancel runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from agent_core.app import build_agent
+from agent_core.config import Settings
+from agent_core.scheduler import RunScheduler
+
+log = logging.getLogger(__name__)
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+class Server:
+    """The pieces `serve` owns; built before the app starts so configuration errors surface first."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.agent = build_agent(settings)
+        self.scheduler = RunScheduler(self.agent)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.agent.executor.start()
+        await self.scheduler.start()
+        log.info("autocode serve ready (sandbox %s)", self.agent.executor.name)
+        try:
+            yield
+        finally:
+            await self.scheduler.stop()
+            await self.agent.executor.stop()
+            await self.agent.llm.close()
+            self.agent.storage.close()
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/api/runs", self.submit, methods=["POST"]),
+            Route("/api/runs/{run_id}", self.get_run, methods=["GET"]),
+            Route("/api/runs/{run_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/api/usage", self.usage, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, lifespan=self.lifespan)
+
+    # --- routes ----------------------------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> JSONResponse:
+        try:
+            self.agent.storage.db.execute("SELECT 1").fetchone()
+            database = "ok"
+        except Exception as exc:  # reported, not raised: this is the health check
+            database = f"error: {type(exc).__name__}"
+        sandbox = self.agent.executor.describe()
+        healthy = database == "ok" and self.scheduler.accepting
+        return JSONResponse({
+            "status": "ok" if healthy else "unavailable",
+            "database": database,
+            "sandbox": {"backend": sandbox["backend"], "fallback_reason": sandbox["fallback_reason"],
+                        "network": sandbox["network"]},
+            "workers": "in-process",
+            "runs": {"running": len(self.scheduler.running), "max": self.settings.max_concurrent_runs},
+        }, status_code=200 if healthy else 503)
+
+    def _authorized(self, request: Request) -> bool:
+        """With AUTOCODE_API_TOKEN set, a matching bearer token; without it, loopback clients only."""
+        token = self.settings.api_token
+        if token:
+            sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            return hmac.compare_digest(sent.encode(), token.encode())
+        return request.client is not None and request.client.host in _LOOPBACK
+
+    async def submit(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        try:
+            body: dict[str, Any] = await request.json()
+            task, conversation = str(body["task"]), str(body.get("conversation") or "api")
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": "send JSON with a 'task' string"}, status_code=400)
+        submission = self.scheduler.submit(
+            task, conversation, user=str(body.get("user") or ""), adapter=str(body.get("adapter") or "api"),
+            delivery_id=body.get("delivery_id"),
+        )
+        code = {"queued": 202, "duplicate": 200}.get(submission.status) or {
+            "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
+        return JSONResponse({"run_id": submission.run_id, "status": submission.status,
+                             "message": submission.message}, status_code=code)
+
+    async def get_run(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        run = self.agent.storage.get_run(request.path_params["run_id"])
+        if run is None:
+            return JSONResponse({"error": "no such run"}, status_code=404)
+        fields = ("id", "conversation", "task", "status", "answer", "error", "iterations", "user", "created_at",
+                  "started_at", "finished_at")
+        return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"])})
+
+    async def cancel(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        status = await self.scheduler.cancel(request.path_params["run_id"])
+        if status is None:
+            return JSONResponse({"error": "no such run"}, status_code=404)
+        return JSONResponse({"run_id": request.path_params["run_id"], "status": status})
+
+    async def usage(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        user, conversation = request.query_params.get("user"), request.query_params.get("conversation")
+        return JSONResponse(self.agent.storage.tokens_used(user=user, conversation=conversation))
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    server = Server(settings)
+    uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
+                lifespan="on")
