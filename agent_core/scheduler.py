@@ -76,15 +76,16 @@ class RunScheduler:
     # --- cancellation ------------------------------------------------------------------------------------------
     async def cancel(self, run_id: str) -> str | None:
         """Cancel a queued or running run; returns its status afterwards (None: no such run)."""
-        if self.storage.get_run(run_id) is None:
+        run = self.storage.get_run(run_id)
+        if run is None:
             return None
+        if run["status"] == "queued":  # record it first, so nothing dispatches it in between
+            self.storage.finish_run(run_id, "cancelled", None, "Cancelled before it started.", 0)
         task = self._running.get(run_id)
         if task is not None:
             task.cancel()  # the loop kills the step's process tree and records `cancelled`
             await asyncio.gather(task, return_exceptions=True)
-        if self.storage.get_run(run_id)["status"] == "queued":  # had not started yet
-            self.storage.finish_run(run_id, "cancelled", None, "Cancelled before it started.", 0)
-            self._wake.set()
+        self._wake.set()
         return self.storage.get_run(run_id)["status"]
 
     # --- life cycle ----------------------------------------------------------------------------------------------
@@ -135,7 +136,13 @@ class RunScheduler:
             for run in self._eligible():
                 task = asyncio.create_task(self._execute(run["id"]), name=f"run-{run['id']}")
                 self._running[run["id"]] = task
+                # A done callback, not a `finally`: a task cancelled before it ever ran must free its slot too.
+                task.add_done_callback(lambda _, run_id=run["id"]: self._release(run_id))
             await self._wake.wait()
+
+    def _release(self, run_id: str) -> None:
+        self._running.pop(run_id, None)
+        self._wake.set()
 
     def _eligible(self) -> list[dict]:
         """Queued runs that may start now: the oldest of each idle conversation, within the global cap."""
@@ -155,12 +162,11 @@ class RunScheduler:
         return picked
 
     async def _execute(self, run_id: str) -> None:
+        if (self.storage.get_run(run_id) or {}).get("status") != "queued":
+            return  # cancelled between dispatch and start
         try:
             await self.agent.execute(run_id)
         except asyncio.CancelledError:
             pass  # the run is recorded as cancelled by the loop
         except Exception:
             log.exception("run %s crashed outside the loop", run_id)
-        finally:
-            self._running.pop(run_id, None)
-            self._wake.set()

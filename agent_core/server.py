@@ -85,12 +85,17 @@ class Server:
         if not self._authorized(request):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         try:
-            body: dict[str, Any] = await request.json()
-            task, conversation = str(body["task"]), str(body.get("conversation") or "api")
-        except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "send JSON with a 'task' string"}, status_code=400)
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        fields = ("task", "conversation", "user", "adapter", "delivery_id")
+        if not isinstance(body, dict) or not isinstance(body.get("task"), str) or not all(
+                isinstance(body.get(name), (str, type(None))) for name in fields):
+            return JSONResponse({"error": "send a JSON object with a 'task' string (and optional string "
+                                 "conversation, user, adapter, delivery_id)"}, status_code=400)
+        task, conversation = body["task"], body.get("conversation") or "api"
         submission = self.scheduler.submit(
-            task, conversation, user=str(body.get("user") or ""), adapter=str(body.get("adapter") or "api"),
+            task, conversation, user=body.get("user") or "", adapter=body.get("adapter") or "api",
             delivery_id=body.get("delivery_id"),
         )
         code = {"queued": 202, "duplicate": 200}.get(submission.status) or {
