@@ -18,6 +18,7 @@ from typing import Any
 
 from agent_core.sandbox import SandboxUnavailable
 from agent_core.sandbox.backends import choose_launcher
+from tests.procs import HostProcess, host_processes
 
 BACKEND_ENV = os.environ.get("AUTOCODE_SANDBOX_BACKEND", "auto").strip().lower() or "auto"
 
@@ -37,39 +38,10 @@ def expected_backend(network: bool = False) -> str:
 # --------------------------------------------------------------------------------------- processes
 
 
-@dataclass
-class HostProcess:
-    pid: int
-    uid: int
-    state: str
-    cmdline: str
-
-
-def host_processes() -> list[HostProcess]:
-    """Every process visible in the host's /proc, with its real uid, state and command line."""
-    found: list[HostProcess] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        state, uid = "?", -1
-        for line in status.splitlines():
-            if line.startswith("State:"):
-                state = line.split()[1]
-            elif line.startswith("Uid:"):
-                uid = int(line.split()[1])
-        found.append(HostProcess(int(name), uid, state, cmdline.strip()))
-    return found
-
-
 def live_sandbox_processes(uid_base: int, count: int) -> list[HostProcess]:
     """Non-zombie processes whose real uid is one of the sandbox's run uids."""
     uids = range(uid_base, uid_base + count)
-    return [p for p in host_processes() if p.uid in uids and p.state not in ("Z", "X")]
+    return [p for p in host_processes() if p.uid in uids and p.alive]
 
 
 async def wait_no_sandbox_processes(uid_base: int, count: int, within_s: float = 3.0) -> list[HostProcess]:
@@ -83,7 +55,7 @@ async def wait_no_sandbox_processes(uid_base: int, count: int, within_s: float =
 
 
 def processes_with(text: str) -> list[HostProcess]:
-    return [p for p in host_processes() if text in p.cmdline and p.state not in ("Z", "X") and p.pid != os.getpid()]
+    return [p for p in host_processes() if text in p.cmdline and p.alive and p.pid != os.getpid()]
 
 
 # --------------------------------------------------------------------------------------- files

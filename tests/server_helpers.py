@@ -22,6 +22,7 @@ from typing import Any, Callable
 import httpx
 
 from tests.fakes.openai_server import FakeOpenAI
+from tests.procs import HostProcess, host_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 # A uid range of this test process's own, above the ranges test_escapes.py (61064…65160) and test_sandbox.py
@@ -276,35 +277,8 @@ def db_rows(db: Path, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ processes
 
 
-@dataclass(frozen=True)
-class HostProcess:
-    pid: int
-    ppid: int
-    uid: int
-    state: str
-    start: int  # start time in clock ticks since boot: tells a reused pid from the original
-    cmdline: str
-
-
-def host_processes() -> list[HostProcess]:
-    found: list[HostProcess] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-            stat = Path(f"/proc/{name}/stat").read_text()
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        uid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:")), -1)
-        found.append(HostProcess(int(name), int(fields[1]), uid, fields[0], int(fields[19]), cmdline.strip()))
-    return found
-
-
 def alive(processes: list[HostProcess]) -> list[HostProcess]:
-    return [p for p in processes if p.state not in ("Z", "X")]
+    return [p for p in processes if p.alive]
 
 
 def sandbox_processes() -> list[HostProcess]:

@@ -23,6 +23,7 @@ import pytest
 
 from agent_core.sandbox import CollectedOutputs, Limits, StepRequest, StepResult, confine
 from agent_core.sandbox.pool import SandboxExecutor, Worker
+from tests.procs import host_processes
 
 BACKENDS = ["bwrap", "process"]
 FAST = Limits(timeout_s=5)
@@ -85,17 +86,7 @@ def _cmdline(pid: int | str) -> list[str]:
 
 def uid_processes(uid: int) -> list[int]:
     """Live processes (zombies aside) whose real or effective uid is `uid`, anywhere on the host."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        status = _status(entry)
-        if not _alive(status):
-            continue
-        real, effective = (int(x) for x in status.get("Uid", "-1 -1").split()[:2])
-        if uid in (real, effective):
-            found.append(int(entry))
-    return found
+    return [p.pid for p in host_processes() if p.alive and uid in (p.uid, p.euid)]
 
 
 def host_sleep_300() -> list[int]:

@@ -151,7 +151,8 @@ def test_global_concurrency_cap(start_server):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         seen_health = max(seen_health, server.http.get("/healthz").json()["runs"]["running"])
-        statuses = [server.run(run_id)["status"] for run_id in ids]
+        # One query is one snapshot (polling the runs one by one over HTTP would mix moments).
+        statuses = [row["status"] for row in db_rows(Path(server.env["AUTOCODE_DB"]), "SELECT status FROM runs")]
         seen_status = max(seen_status, statuses.count("running"))
         if all(s in ("succeeded", "failed", "cancelled", "interrupted") for s in statuses):
             break
