@@ -17,11 +17,14 @@ def build_agent(settings: Settings, executor: Executor | None = None, storage: S
     toolset = build_toolset(settings.tools_file)
     storage = storage or Storage(settings.db_path)
     llm = LLMClient(settings, storage)
-    return Agent(settings, storage, llm, toolset, executor or build_executor(settings, toolset.libraries), EventBus())
+    return Agent(settings, storage, llm, toolset, executor or build_executor(settings), EventBus())
 
 
 def build_executor(settings: Settings, preload: list[str] | None = None) -> SandboxExecutor:
-    """Raises SandboxUnavailable when AUTOCODE_SANDBOX_BACKEND=bwrap cannot work on this host."""
+    """Raises SandboxUnavailable when AUTOCODE_SANDBOX_BACKEND=bwrap cannot work on this host.
+
+    Workers start bare (cheap enough to start one per run); a run's worker imports the declared libraries its
+    steps use when the first of them runs, and later steps fork with them loaded."""
     return SandboxExecutor(
         backend=settings.sandbox_backend, network=settings.sandbox_network, warm=settings.sandbox_warm,
         uid_base=settings.sandbox_uid_base, max_workers=settings.sandbox_max_workers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from agent_core.plan import Subtask
@@ -21,6 +22,7 @@ class CheckedSubtask:
     code: str  # the code to run, with redefinitions of trusted tools removed
     input_from: str | None  # the earlier subtask whose output is the input; None for the first
     notes: list[str] = field(default_factory=list)
+    libraries: list[str] = field(default_factory=list)  # top-level non-stdlib modules it imports
 
 
 def _declared_modules(entry: str) -> list[str]:
@@ -107,4 +109,5 @@ def check_subtask(subtask: Subtask, earlier: list[str], toolset: ToolSet) -> Che
             )
 
     code = ast.unparse(tree) if notes else subtask.code
-    return CheckedSubtask(code=code, input_from=input_from, notes=notes)
+    libraries = sorted({m.split(".")[0] for m in modules if m and m.split(".")[0] not in sys.stdlib_module_names})
+    return CheckedSubtask(code=code, input_from=input_from, notes=notes, libraries=libraries)

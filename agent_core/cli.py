@@ -278,7 +278,7 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     }
     toolset = build_toolset(settings.tools_file)
     report["tools"] = {"libraries": toolset.libraries, "trusted functions": toolset.trusted_names}
-    executor = build_executor(settings, toolset.libraries)
+    executor = build_executor(settings)
     ok = True
     try:
         sandbox = await executor.open("doctor")

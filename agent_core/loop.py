@@ -311,6 +311,7 @@ class _Run:
                         input=None if checked.input_from is None else outputs[checked.input_from],
                         limits=self.agent.limits,
                         tool_names=self.tool_host.names, on_call=self.tool_host.call,
+                        libraries=checked.libraries,
                     ))
                 record = StepRecord(**vars(result), code=checked.code, input_from=checked.input_from, **step)
             self._store_step(record, subtask.description)

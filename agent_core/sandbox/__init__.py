@@ -35,6 +35,7 @@ class StepRequest:
     limits: Limits = field(default_factory=Limits)
     tool_names: list[str] = field(default_factory=list)  # trusted tools exposed as stubs
     on_call: ToolCallHandler | None = None
+    libraries: list[str] = field(default_factory=list)  # declared libraries it imports: loaded once per run
 
 
 @dataclass

@@ -3,6 +3,7 @@ hosts without user/mount namespaces, e.g. Docker's default seccomp profile)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -43,6 +44,36 @@ def worker_environment(workdir: str) -> dict[str, str]:
     }
     env.update({k: os.environ[k] for k in _PASSTHROUGH if k in os.environ})
     return env
+
+
+# Isolated (-I), no bytecode writes (-B), unbuffered (-u), no `site` (-S): .pth start-up hooks of the host's
+# environment (editable installs, CA injectors) cost ~30 ms per worker and have no business in a sandbox; the worker
+# adds the site-packages directories itself (see `site_dirs`).
+WORKER_FLAGS = ["-I", "-B", "-u", "-S"]
+
+
+@functools.cache
+def site_dirs() -> list[str]:
+    """The interpreter's site-packages directories, and the plain directory lines of their .pth files."""
+    import site
+
+    dirs: list[str] = []
+    for directory in site.getsitepackages():
+        if not os.path.isdir(directory):
+            continue
+        dirs.append(directory)
+        for pth in sorted(Path(directory).glob("*.pth")):
+            try:
+                lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                line = line.strip()
+                if line and not line.startswith(("#", "import ", "import\t")):
+                    candidate = os.path.join(directory, line)
+                    if os.path.isdir(candidate) and candidate not in dirs:
+                        dirs.append(candidate)
+    return dirs
 
 
 def python_roots() -> list[str]:
@@ -122,8 +153,9 @@ class BwrapLauncher:
         env = worker_environment(SANDBOX_WORKDIR)
         for name, value in env.items():  # --clearenv: the environment is set inside
             args += ["--setenv", name, value]
-        args += ["--", sys.executable, "-I", "-B", "-u", f"{SANDBOX_RUNTIME}/worker.py", str(worker_fd)]
+        args += ["--", sys.executable, *WORKER_FLAGS, f"{SANDBOX_RUNTIME}/worker.py", str(worker_fd)]
         return Launch(args, env, SANDBOX_WORKDIR, None, {
+            "site_dirs": list(site_dirs()),
             "pid_namespace": True,
             "read_only": [*read_only, *resolver, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
             "read_write": ["/dev/null", "/dev/shm"],  # /dev is the sandbox's own small tmpfs
@@ -168,9 +200,10 @@ class ProcessLauncher:
         workdir = Path(tempfile.mkdtemp(prefix="run-", dir=self.base))
         roots = python_roots()
         return Launch(
-            [sys.executable, "-I", "-B", "-u", str(RUNTIME_DIR / "worker.py"), str(worker_fd)],
+            [sys.executable, *WORKER_FLAGS, str(RUNTIME_DIR / "worker.py"), str(worker_fd)],
             worker_environment(str(workdir)), str(workdir), workdir,
             {
+                "site_dirs": list(site_dirs()),
                 "pid_namespace": False,
                 "read_only": [*SYSTEM_READ_ONLY, *NETWORK_READ_ONLY, *roots, str(RUNTIME_DIR), "/proc", "/dev",
                               "/etc/resolv.conf"],

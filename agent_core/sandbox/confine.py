@@ -12,6 +12,7 @@ This module is imported by the child under `python -I`, so it imports only the s
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import errno
 import os
 import socket
@@ -103,15 +104,37 @@ SECCOMP_RULES: tuple[str, ...] = (
 )
 
 
+_ORIGINAL_FIND_LIBRARY = ctypes.util.find_library
+
+
 def _import_pyseccomp() -> tuple[ModuleType | None, str | None]:
     """Return (module, None) or (None, reason) when pyseccomp or libseccomp is unavailable."""
+    original = ctypes.util.find_library
+    ctypes.util.find_library = _find_library_quickly  # pyseccomp looks up libc and libseccomp when imported
     try:
         import pyseccomp  # noqa: PLC0415 - lazy on purpose: a missing library means "unavailable"
     except ImportError as exc:
         return None, f"pyseccomp is not installed ({exc})"
     except (OSError, RuntimeError) as exc:  # pyseccomp loads libseccomp when imported
         return None, f"libseccomp could not be loaded ({exc})"
+    finally:
+        ctypes.util.find_library = original
     return pyseccomp, None
+
+
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _find_library_quickly(name: str) -> str | None:
+    """ctypes.util.find_library runs `ldconfig -p` (tens of ms per sandbox worker); try the usual soname first."""
+    soname = _SONAMES.get(name)
+    if soname is not None:
+        try:
+            ctypes.CDLL(soname)
+            return soname
+        except OSError:
+            pass
+    return _ORIGINAL_FIND_LIBRARY(name)
 
 
 def _kernel_seccomp_reason() -> str | None:

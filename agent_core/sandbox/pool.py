@@ -250,7 +250,7 @@ class Worker:
         ours, theirs = socket.socketpair()
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                await self._send({"op": "step", "limits": {
+                await self._send({"op": "step", "libraries": request.libraries, "limits": {
                     "cpu_s": cpu_seconds(limits), "memory_mb": limits.memory_mb,
                     "file_size_mb": limits.file_size_mb, "max_procs": limits.max_procs,
                 }}, [theirs.fileno(), out.fileno(), err.fileno()])

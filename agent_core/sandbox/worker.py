@@ -22,7 +22,6 @@ import resource
 import signal
 import socket
 import sys
-import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +74,9 @@ class Worker:
     def preload(self, modules):
         loaded = []
         for name in modules:
+            if name in sys.modules:
+                loaded.append(name)
+                continue
             try:
                 __import__(name)
                 loaded.append(name)
@@ -259,6 +261,8 @@ class Worker:
     # --- outputs -------------------------------------------------------------------------------------------
     def collect(self, request, fds):
         """Tar the regular files under outputs/ into the given fd, read with the step's own permissions."""
+        import tarfile  # noqa: F401 - here, with the worker's rights: the collecting child cannot import any more
+
         (out_fd,) = fds[:1]
         reader, writer = os.pipe()
         pid = os.fork()
@@ -297,6 +301,8 @@ class Worker:
                 return
             op = message.get("op")
             if op == "step":
+                # Libraries the run's steps use are imported here once, so every later step forks with them loaded.
+                self.preload(message.get("libraries", []))
                 send(self.sock, {"op": "started", "pid": self.start_step(message["limits"], fds)})
             elif op == "finish":
                 send(self.sock, {"op": "exited", "returncode": self.finish_step()})
@@ -309,6 +315,8 @@ class Worker:
 
 
 def _tar_outputs(root, out_fd, max_file_bytes, max_total_bytes):
+    import tarfile  # already loaded by Worker.collect, before the uid drop
+
     files, skipped, total = [], [], 0
     with os.fdopen(out_fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
         for directory, dirnames, filenames in os.walk(root, followlinks=False):
@@ -348,6 +356,7 @@ def _die_with_parent():
 def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
     config, _ = recv(sock)
+    sys.path.extend(d for d in config.get("site_dirs", []) if d not in sys.path)  # we run without `site` (-S)
     _die_with_parent()  # a killed server takes its workers (and, through theirs, their steps) with it
     try:
         libc = ctypes.CDLL(None, use_errno=True)
