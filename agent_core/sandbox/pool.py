@@ -409,6 +409,7 @@ class SandboxExecutor:
         self._idle: list[Worker] = []
         self._refill: asyncio.Task | None = None
         self._probe: dict[str, Any] = {}
+        self._confinement: dict[str, str] = {}  # what the last started worker actually built: "on" or why not
         if self.fallback_reason and backend == "auto":
             log.warning("sandbox: using the fallback 'process' backend because %s; see `autocode doctor`",
                         self.fallback_reason)
@@ -435,6 +436,7 @@ class SandboxExecutor:
             await asyncio.shield(worker.close())
             raise
         self._probe = worker.ready.get("probe", {})
+        self._confinement = worker.ready.get("confinement", {})
         return worker
 
     async def open(self, run_id: str) -> Worker:
@@ -454,12 +456,18 @@ class SandboxExecutor:
             await worker.close()
 
     def describe(self) -> dict[str, Any]:
+        """Known after a worker started (`autocode doctor` starts one): Landlock and seccomp as really applied."""
         confinement = []
-        if self._probe.get("landlock_abi"):
-            confinement.append(f"Landlock (ABI {self._probe['landlock_abi']}): file access limited per step")
-        if self._probe.get("seccomp"):
+        landlock, seccomp = self._confinement.get("landlock"), self._confinement.get("seccomp")
+        if landlock == "on":
+            confinement.append(f"Landlock (ABI {self._probe.get('landlock_abi')}): file access limited per step")
+        elif landlock:
+            confinement.append(f"NO Landlock: {landlock}")
+        if seccomp == "on":
             confinement.append("seccomp: ptrace, mount, unshare, bpf, keyctl… blocked"
                                + ("" if self.network else "; sockets other than AF_UNIX blocked"))
+        elif seccomp:
+            confinement.append(f"NO seccomp: {seccomp}")
         return {
             "backend": self.name,
             "fallback_reason": self.fallback_reason,
