@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # Called with the run row when a run a crash left `running` is marked `interrupted`, so the adapter that owns the
 # conversation can tell its user.
 InterruptedNotifier = Callable[[dict], Awaitable[None]]
+INTERRUPTED_MESSAGE = "AutoCode restarted while this task was running; please send it again."
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,7 @@ class RunScheduler:
 
     async def _recover(self) -> None:
         for run in self.storage.runs_with_status("running"):
-            self.storage.finish_run(run["id"], "interrupted", None,
-                                    "AutoCode restarted while this task was running; please send it again.",
-                                    run["iterations"] or 0)
+            self._interrupt(run["id"])
             log.warning("run %s was interrupted by a restart", run["id"])
             notify = self._notifiers.get(run["adapter"] or "")
             if notify is not None:
@@ -121,9 +120,11 @@ class RunScheduler:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                self.storage.finish_run(run_id, "interrupted", None,
-                                        "AutoCode was restarted while this task was running; please send it again.",
-                                        (self.storage.get_run(run_id) or {}).get("iterations") or 0)
+                self._interrupt(run_id)
+
+    def _interrupt(self, run_id: str) -> None:
+        iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0
+        self.storage.finish_run(run_id, "interrupted", None, INTERRUPTED_MESSAGE, iterations)
 
     @property
     def running(self) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,10 +48,10 @@ class Server:
     def app(self) -> Starlette:
         routes = [
             Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/api/runs", self.submit, methods=["POST"]),
-            Route("/api/runs/{run_id}", self.get_run, methods=["GET"]),
-            Route("/api/runs/{run_id}/cancel", self.cancel, methods=["POST"]),
-            Route("/api/usage", self.usage, methods=["GET"]),
+            Route("/api/runs", self._guarded(self.submit), methods=["POST"]),
+            Route("/api/runs/{run_id}", self._guarded(self.get_run), methods=["GET"]),
+            Route("/api/runs/{run_id}/cancel", self._guarded(self.cancel), methods=["POST"]),
+            Route("/api/usage", self._guarded(self.usage), methods=["GET"]),
         ]
         return Starlette(routes=routes, lifespan=self.lifespan)
 
@@ -81,9 +81,15 @@ class Server:
             return hmac.compare_digest(sent.encode(), token.encode())
         return request.client is not None and request.client.host in _LOOPBACK
 
+    def _guarded(self, endpoint: Callable[[Request], Awaitable[JSONResponse]]):
+        async def guarded(request: Request) -> JSONResponse:
+            if not self._authorized(request):
+                return JSONResponse({"error": "unauthorized"}, status_code=401)
+            return await endpoint(request)
+
+        return guarded
+
     async def submit(self, request: Request) -> JSONResponse:
-        if not self._authorized(request):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         try:
             body: Any = await request.json()
         except ValueError:
@@ -104,8 +110,6 @@ class Server:
                              "message": submission.message}, status_code=code)
 
     async def get_run(self, request: Request) -> JSONResponse:
-        if not self._authorized(request):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         run = self.agent.storage.get_run(request.path_params["run_id"])
         if run is None:
             return JSONResponse({"error": "no such run"}, status_code=404)
@@ -114,16 +118,12 @@ class Server:
         return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"])})
 
     async def cancel(self, request: Request) -> JSONResponse:
-        if not self._authorized(request):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         status = await self.scheduler.cancel(request.path_params["run_id"])
         if status is None:
             return JSONResponse({"error": "no such run"}, status_code=404)
         return JSONResponse({"run_id": request.path_params["run_id"], "status": status})
 
     async def usage(self, request: Request) -> JSONResponse:
-        if not self._authorized(request):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
         user, conversation = request.query_params.get("user"), request.query_params.get("conversation")
         return JSONResponse(self.agent.storage.tokens_used(user=user, conversation=conversation))
 

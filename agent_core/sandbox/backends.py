@@ -76,14 +76,15 @@ def site_dirs() -> list[str]:
     return dirs
 
 
-def python_roots() -> list[str]:
+@functools.cache
+def python_roots() -> tuple[str, ...]:
     """Directories the step's interpreter needs: its prefix, and site-packages living elsewhere."""
     roots: list[str] = []
     for path in (sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]):
         path = os.path.realpath(path)
         if not any(path == r or path.startswith(r + os.sep) for r in roots) and os.path.isdir(path):
             roots.append(path)
-    return roots
+    return tuple(roots)
 
 
 def traversable_by_others(path: str) -> bool:

@@ -143,13 +143,10 @@ class Worker:
         try:
             if info_read is not None:
                 await self._attach_network(info_read)
-            await self._send({
+            self.ready = await self._request({
                 "uid": self.uid, "gid": self.uid, "workdir": launch.workdir, "preload": preload,
                 "network": self.executor.network, **launch.config,
-            })
-            self.ready = await asyncio.wait_for(self._receive(), WORKER_START_TIMEOUT_S)
-            if self.ready["op"] != "ready":
-                raise WorkerDied(f"the worker answered {self.ready['op']!r} instead of 'ready'")
+            }, expect="ready", timeout=WORKER_START_TIMEOUT_S)
         except (WorkerDied, TimeoutError, OSError) as exc:
             stderr_log.seek(0)
             detail = stderr_log.read().decode("utf-8", "replace").strip()[-2000:]
@@ -250,18 +247,12 @@ class Worker:
         ours, theirs = socket.socketpair()
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                await self._send({"op": "step", "libraries": request.libraries, "limits": {
+                await self._request({"op": "step", "libraries": request.libraries, "limits": {
                     "cpu_s": cpu_seconds(limits), "memory_mb": limits.memory_mb,
                     "file_size_mb": limits.file_size_mb, "max_procs": limits.max_procs,
-                }}, [theirs.fileno(), out.fileno(), err.fileno()])
+                }}, [theirs.fileno(), out.fileno(), err.fileno()], expect="started")
             finally:
-                theirs.close()
-            try:
-                started = await asyncio.wait_for(self._receive(), CONTROL_TIMEOUT_S)
-            except TimeoutError:
-                raise WorkerDied("the worker did not start the step") from None
-            if started["op"] != "started":
-                raise WorkerDied(f"the worker answered {started['op']!r} instead of 'started'")
+                theirs.close()  # the worker holds its own copy
             try:
                 result = await _converse(ours, request)
             finally:
