@@ -55,6 +55,11 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _names(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """A comma list (an allowlist); empty means everyone."""
+    return frozenset(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     raw = env.get(name, "").strip().lower() or default
     if raw not in choices:
@@ -98,6 +103,30 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     port: int = 3000
     server_url: str | None = None
+    # Scale-out: sandboxed steps go to `autocode worker` processes through Celery on Redis when set.
+    redis_url: str | None = field(default=None, repr=False)
+    job_margin: float = 30.0  # seconds a remote job may take beyond its steps' timeouts
+    job_transfer_mb: int = 32  # cap on a run's working files travelling with a job
+    # Run viewer pages and the links to them.
+    viewer: bool = True
+    public_url: str | None = None
+    # Slack
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_signing_secret: str | None = field(default=None, repr=False)
+    slack_app_token: str | None = field(default=None, repr=False)  # Socket Mode
+    slack_client_id: str | None = None  # with the secret: multi-workspace OAuth install
+    slack_client_secret: str | None = field(default=None, repr=False)
+    slack_api_url: str | None = None
+    slack_allowed_teams: frozenset[str] = frozenset()
+    slack_allowed_channels: frozenset[str] = frozenset()
+    slack_allowed_users: frozenset[str] = frozenset()
+    # Telegram
+    telegram_bot_token: str | None = field(default=None, repr=False)
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
+    telegram_api_url: str | None = None
+    telegram_allowed_chats: frozenset[str] = frozenset()
+    telegram_allowed_users: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -137,6 +166,26 @@ class Settings:
             api_token=env.get("AUTOCODE_API_TOKEN") or None,
             port=_int(env, "PORT", 3000),
             server_url=env.get("AUTOCODE_SERVER_URL", "").strip() or None,
+            redis_url=env.get("AUTOCODE_REDIS_URL", "").strip() or None,
+            job_margin=_float(env, "AUTOCODE_JOB_MARGIN", 30.0),
+            job_transfer_mb=_int(env, "AUTOCODE_JOB_TRANSFER_MB", 32),
+            viewer=_choice(env, "AUTOCODE_VIEWER", ("on", "off"), "on") == "on",
+            public_url=env.get("AUTOCODE_PUBLIC_URL", "").strip().rstrip("/") or None,
+            slack_bot_token=env.get("SLACK_BOT_TOKEN", "").strip() or None,
+            slack_signing_secret=env.get("SLACK_SIGNING_SECRET", "").strip() or None,
+            slack_app_token=env.get("SLACK_APP_TOKEN", "").strip() or None,
+            slack_client_id=env.get("SLACK_CLIENT_ID", "").strip() or None,
+            slack_client_secret=env.get("SLACK_CLIENT_SECRET", "").strip() or None,
+            slack_api_url=env.get("SLACK_API_URL", "").strip() or None,
+            slack_allowed_teams=_names(env, "SLACK_ALLOWED_TEAMS"),
+            slack_allowed_channels=_names(env, "SLACK_ALLOWED_CHANNELS"),
+            slack_allowed_users=_names(env, "SLACK_ALLOWED_USERS"),
+            telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN", "").strip() or None,
+            telegram_webhook_url=env.get("TELEGRAM_WEBHOOK_URL", "").strip() or None,
+            telegram_webhook_secret=env.get("TELEGRAM_WEBHOOK_SECRET", "").strip() or None,
+            telegram_api_url=env.get("TELEGRAM_API_URL", "").strip() or None,
+            telegram_allowed_chats=_names(env, "TELEGRAM_ALLOWED_CHATS"),
+            telegram_allowed_users=_names(env, "TELEGRAM_ALLOWED_USERS"),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -146,6 +195,19 @@ class Settings:
     @property
     def llm_configured(self) -> bool:
         return bool(self.openai_api_key or self.openai_base_url)
+
+    @property
+    def slack_enabled(self) -> bool:
+        return bool(self.slack_bot_token or self.slack_app_token or (self.slack_client_id and self.slack_client_secret))
+
+    @property
+    def telegram_enabled(self) -> bool:
+        return bool(self.telegram_bot_token)
+
+    @property
+    def base_url(self) -> str:
+        """Where people reach this server (links in chat answers)."""
+        return self.public_url or f"http://localhost:{self.port}"
 
     def require_llm(self) -> None:
         if not self.llm_configured:

@@ -40,13 +40,14 @@ class RunScheduler:
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._notifiers: dict[str, InterruptedNotifier] = {}
+        self._interrupted_on_start: list[str] = []
 
     def on_interrupted(self, adapter: str, notify: InterruptedNotifier) -> None:
         self._notifiers[adapter] = notify
 
     # --- submission -----------------------------------------------------------------------------------------
     def submit(self, task: str, conversation: str, *, user: str = "", adapter: str = "api",
-               delivery_id: str | None = None) -> Submission:
+               delivery_id: str | None = None, reply_to: dict | None = None) -> Submission:
         """Store the task as a queued run (before the adapter acknowledges it); never starts a second run for
         the same delivery; refuses users over their daily token budget."""
         if not self.accepting:
@@ -63,7 +64,7 @@ class RunScheduler:
                     "please try again tomorrow."), "budget")
         try:
             run_id = self.storage.create_run(conversation, task, status="queued", user=user, adapter=adapter,
-                                             delivery_id=delivery_id)
+                                             delivery_id=delivery_id, reply_to=reply_to)
         except DuplicateDelivery as duplicate:
             return Submission(duplicate.run_id, "duplicate", "This delivery already started a run.")
         self._wake.set()
@@ -91,18 +92,29 @@ class RunScheduler:
 
     # --- life cycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self._recover()
+        """Mark runs a crash left `running` as interrupted, then accept and dispatch. Tell their users with
+        `announce_interrupted()` once the adapters are up."""
+        self._interrupted_on_start = self._recover()
         self.accepting = True
         self._dispatcher = asyncio.create_task(self._dispatch(), name="autocode-dispatcher")
 
-    async def _recover(self) -> None:
+    def _recover(self) -> list[str]:
+        interrupted = []
         for run in self.storage.runs_with_status("running"):
             self._interrupt(run["id"])
             log.warning("run %s was interrupted by a restart", run["id"])
+            interrupted.append(run["id"])
+        return interrupted
+
+    async def announce_interrupted(self) -> None:
+        """Tell the users of runs found interrupted at start, through the adapter owning each conversation."""
+        interrupted, self._interrupted_on_start = self._interrupted_on_start, []
+        for run_id in interrupted:
+            run = self.storage.get_run(run_id)
             notify = self._notifiers.get(run["adapter"] or "")
             if notify is not None:
                 try:
-                    await notify(self.storage.get_run(run["id"]))
+                    await notify(run)
                 except Exception:
                     log.exception("could not tell %s about interrupted run %s", run["adapter"], run["id"])
 

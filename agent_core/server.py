@@ -16,9 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from agent_core import viewer
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.scheduler import RunScheduler
+from bots import Runtime, build_adapters
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -31,15 +33,31 @@ class Server:
         self.settings = settings
         self.agent = build_agent(settings)
         self.scheduler = RunScheduler(self.agent)
+        self.runtime = Runtime(settings, self.scheduler, self.agent.storage, self.agent.events)
+        self.adapters = build_adapters(self.runtime)
+        for adapter in self.adapters:
+            self.scheduler.on_interrupted(adapter.name, adapter.notify_interrupted)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.agent.executor.start()
         await self.scheduler.start()
-        log.info("autocode serve ready (sandbox %s)", self.agent.executor.name)
+        started = []
         try:
+            for adapter in self.adapters:
+                await adapter.start()
+                started.append(adapter)
+            await self.scheduler.announce_interrupted()
+            log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
+                     ", ".join(a.name for a in self.adapters) or "none")
             yield
         finally:
+            self.scheduler.accepting = False
+            for adapter in reversed(started):
+                try:
+                    await adapter.stop()
+                except Exception:
+                    log.exception("adapter %s did not stop cleanly", adapter.name)
             await self.scheduler.stop()
             await self.agent.executor.stop()
             await self.agent.llm.close()
@@ -52,7 +70,10 @@ class Server:
             Route("/api/runs/{run_id}", self._guarded(self.get_run), methods=["GET"]),
             Route("/api/runs/{run_id}/cancel", self._guarded(self.cancel), methods=["POST"]),
             Route("/api/usage", self._guarded(self.usage), methods=["GET"]),
+            *viewer.routes(self.settings, self.agent.storage),
         ]
+        for adapter in self.adapters:
+            routes.extend(adapter.routes)
         return Starlette(routes=routes, lifespan=self.lifespan)
 
     # --- routes ----------------------------------------------------------------------------------------------

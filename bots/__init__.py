@@ -1,1 +1,64 @@
-"""Chat adapters: they turn platform events into tasks and render run events back."""
+"""Chat adapters: they turn platform events into tasks and render run events back.
+
+An adapter is built by the server with a `Runtime` and owns one platform: it mounts its HTTP routes (webhooks),
+submits tasks to the scheduler (with its own routing in `reply_to`), renders the run events of its runs
+(`run["adapter"] == adapter.name`) and tells users about runs a restart interrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.routing import BaseRoute
+
+from agent_core.config import Settings
+from agent_core.events import EventBus
+from agent_core.scheduler import RunScheduler
+from storage.db import Storage
+
+
+@dataclass
+class Runtime:
+    """What `serve` shares with its adapters."""
+
+    settings: Settings
+    scheduler: RunScheduler
+    storage: Storage
+    events: EventBus
+
+    def run_url(self, run: dict[str, Any]) -> str | None:
+        """The run's web page (the "Full log" link), or None when the viewer is off."""
+        from agent_core.viewer import run_url
+
+        return run_url(self.settings, run)
+
+
+class Adapter(Protocol):
+    name: str  # stored as runs.adapter
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """HTTP routes mounted on `serve`'s app (may be empty, e.g. Socket Mode or long polling)."""
+
+    async def start(self) -> None:
+        """Connect (clients, polling, webhook registration). Run events may arrive before this returns."""
+
+    async def stop(self) -> None: ...
+
+    async def notify_interrupted(self, run: dict[str, Any]) -> None:
+        """Tell the run's user that a restart interrupted it."""
+
+
+def build_adapters(runtime: Runtime) -> list[Adapter]:
+    """The adapters the configuration enables."""
+    adapters: list[Adapter] = []
+    if runtime.settings.slack_enabled:
+        from bots.slack import SlackAdapter
+
+        adapters.append(SlackAdapter(runtime))
+    if runtime.settings.telegram_enabled:
+        from bots.telegram import TelegramAdapter
+
+        adapters.append(TelegramAdapter(runtime))
+    return adapters

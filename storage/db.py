@@ -43,6 +43,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "id": str, "conversation": str, "task": str, "status": str, "answer": str, "error": str,
             "iterations": int, "plan_json": str, "created_at": str, "finished_at": str,
             "user": str, "adapter": str, "delivery_id": str, "started_at": str, "seq": int,
+            "reply_to_json": str, "view_token": str,
         },
         "id",
         ["conversation", "status", "user"],
@@ -119,6 +120,8 @@ class Storage:
             # A retried webhook must never start a second run.
             self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_delivery ON runs (delivery_id) "
                             "WHERE delivery_id IS NOT NULL")
+            self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_view_token ON runs (view_token) "
+                            "WHERE view_token IS NOT NULL")
 
     def close(self) -> None:
         self.db.close()
@@ -175,8 +178,12 @@ class Storage:
 
     # runs
     def create_run(self, conversation: str, task: str, *, status: str = "running", user: str = "",
-                   adapter: str = "cli", delivery_id: str | None = None) -> str:
-        """A new run row; with a `delivery_id` already seen, raises DuplicateDelivery naming the first run."""
+                   adapter: str = "cli", delivery_id: str | None = None,
+                   reply_to: dict[str, Any] | None = None) -> str:
+        """A new run row; with a `delivery_id` already seen, raises DuplicateDelivery naming the first run.
+
+        `reply_to` is the adapter's own routing (channel, thread, message ids), kept so a run queued before a
+        restart still answers in the right place. Every run gets an unguessable `view_token` for its web page."""
         self.touch_conversation(conversation)
         run_id = new_run_id()
         stamp = now()
@@ -187,6 +194,8 @@ class Storage:
                     "id": run_id, "conversation": conversation, "task": task, "status": status, "iterations": 0,
                     "created_at": stamp, "started_at": stamp if status == "running" else None, "user": user,
                     "adapter": adapter, "delivery_id": delivery_id, "seq": seq,
+                    "reply_to_json": json.dumps(reply_to) if reply_to is not None else None,
+                    "view_token": secrets.token_urlsafe(24),  # 192 bits
                 })
         except sqlite3.IntegrityError:
             existing = self._rows("SELECT id FROM runs WHERE delivery_id = ?", (delivery_id,))
@@ -233,6 +242,22 @@ class Storage:
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
         return rows[0] if rows else None
+
+    def run_by_view_token(self, token: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM runs WHERE view_token = ?", (token,)) if token else []
+        return rows[0] if rows else None
+
+    def reply_to(self, run_id: str) -> dict[str, Any]:
+        """The adapter's routing for a run ({} when none was stored)."""
+        rows = self._rows("SELECT reply_to_json FROM runs WHERE id = ?", (run_id,))
+        return json.loads(rows[0]["reply_to_json"] or "{}") if rows else {}
+
+    def update_reply_to(self, run_id: str, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into a run's routing (e.g. the id of its progress message) and return the result."""
+        with self._lock:
+            merged = {**self.reply_to(run_id), **changes}
+            self._update("runs", run_id, {"reply_to_json": json.dumps(merged)})
+            return merged
 
     def list_runs(self, conversation: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         if conversation:
