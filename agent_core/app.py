@@ -17,6 +17,10 @@ def build_agent(settings: Settings, executor: Executor | None = None, storage: S
     toolset = build_toolset(settings.tools_file)
     storage = storage or Storage(settings.db_path)
     llm = LLMClient(settings, storage)
+    if executor is None and settings.redis_url:  # scale-out: steps run on `autocode worker` processes
+        from agent_core.sandbox.remote import RemoteExecutor
+
+        executor = RemoteExecutor(settings, storage)
     return Agent(settings, storage, llm, toolset, executor or build_executor(settings), EventBus())
 
 

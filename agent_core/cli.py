@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default $PORT or 3000")
     serve.add_argument("--tools", type=Path)
 
+    worker = sub.add_parser("worker", help="run sandboxed steps for `autocode serve` (needs AUTOCODE_REDIS_URL)")
+    worker.add_argument("--concurrency", type=int, help="jobs at once (default AUTOCODE_SANDBOX_SLOTS)")
+    worker.add_argument("--name", help="worker name shown in logs and step records (default autocode<pid>@host)")
+    worker.add_argument("--tools", type=Path)
+
     cancel = sub.add_parser("cancel", help="cancel a queued or running run (asks the running server)")
     cancel.add_argument("run_id")
 
@@ -87,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
 
             settings.require_llm()
             serve(settings, args.host, args.port or settings.port)
+            return EXIT_OK
+        if args.command == "worker":
+            from agent_core.jobs import run_worker
+
+            if not settings.redis_url:
+                raise ConfigError("`autocode worker` needs AUTOCODE_REDIS_URL (e.g. redis://localhost:6379/0), the "
+                                  "same as `autocode serve` uses")
+            logging.getLogger("agent_core").setLevel(logging.INFO)
+            run_worker(settings, args.concurrency, args.name)
             return EXIT_OK
         if args.command == "cancel":
             return _cancel(args, settings)

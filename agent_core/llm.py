@@ -63,11 +63,14 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 class LLMClient:
-    def __init__(self, settings: Settings, storage: Storage | None = None, client: AsyncOpenAI | None = None):
+    def __init__(self, settings: Settings, storage: Storage | None = None, client: AsyncOpenAI | None = None,
+                 record: Callable[[dict[str, Any]], None] | None = None):
+        """Every HTTP call is recorded in `storage`, or handed to `record` (a remote worker sends it home)."""
         settings.require_llm()
         self.settings = settings
         self.model = settings.model
         self.storage = storage
+        self.record = record
         self.client = client or AsyncOpenAI(
             api_key=settings.openai_api_key or "not-needed",  # local servers ignore it, the client requires one
             base_url=settings.openai_base_url,
@@ -174,3 +177,5 @@ class LLMClient:
             record["duration_ms"] = int((time.monotonic() - started) * 1000)
             if self.storage is not None:
                 self.storage.add_llm_call(record)
+            if self.record is not None:
+                self.record(record)

@@ -17,7 +17,9 @@ from agent_core.events import (
 )
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
-from agent_core.sandbox import Executor, Limits, Sandbox, SandboxUnavailable, StepRequest, StepResult
+from agent_core.sandbox import (
+    Executor, Limits, PlannedStep, Sandbox, SandboxUnavailable, StepBatch, StepResult,
+)
 from storage.db import Storage, now
 from tools.host import ToolHost
 from tools.registry import ToolSet, describe_functions, describe_guides
@@ -156,6 +158,44 @@ class Agent:
         await self.events.emit(event)
 
 
+class _StepProgress:
+    """Turns a batch's progress into step events and stored steps of the current iteration."""
+
+    def __init__(self, run: "_Run", plan: Plan):
+        self.run = run
+        self.plan = plan
+        self.names = [s.tool_name for s in plan.subtasks]
+        self.records: list[StepRecord] = []
+        self.first_index: int | None = None
+
+    async def started(self, step: PlannedStep) -> None:
+        index = self.names.index(step.name)
+        if self.first_index is None:
+            self.first_index = index
+        await self.run.agent.emit(StepStarted(self.run.run_id, self.run.iteration, index + 1, len(self.names),
+                                              step.name, self.plan.subtasks[index].description))
+
+    async def finished(self, step: PlannedStep, result: StepResult) -> None:
+        record = StepRecord(**vars(result), code=step.code, input_from=step.input_from,
+                            iteration=self.run.iteration, index=self.names.index(step.name), tool_name=step.name)
+        await self.record(record)
+
+    async def record(self, record: StepRecord) -> None:
+        run = self.run
+        run._store_step(record, self.plan.subtasks[record.index].description)
+        self.records.append(record)
+        await run.agent.emit(StepFinished(
+            run.run_id, run.iteration, record.index + 1, len(self.names), record.tool_name, record.ok,
+            record.duration_ms, record.error,
+            _clip(json.dumps(record.output, ensure_ascii=False), 200) if record.ok else "",
+        ))
+
+    async def restarted(self) -> None:
+        if self.first_index is not None:
+            self.run._forget_steps(self.run.iteration, self.first_index)
+        self.records = []
+
+
 class _Run:
     """The state of one run while it executes."""
 
@@ -291,43 +331,44 @@ class _Run:
     async def _execute_steps(
         self, plan: Plan, start: int, outputs: dict[str, dict[str, Any]], sandbox: Sandbox,
     ) -> list[StepRecord]:
-        """Run subtasks from `start` until one fails; earlier outputs are reused, not re-run."""
-        done: list[StepRecord] = []
-        total = len(plan.subtasks)
+        """Run subtasks from `start` until one fails; earlier outputs are reused, not re-run.
+
+        Every subtask is checked first; the ones before the first failed check run as one batch (on a remote
+        worker, one job), and a failed check is recorded as that step's failure."""
         names = [s.tool_name for s in plan.subtasks]
-        for index in range(start, total):
+        batch: list[PlannedStep] = []
+        check_failure: StepRecord | None = None
+        for index in range(start, len(plan.subtasks)):
             subtask = plan.subtasks[index]
-            await self.agent.emit(StepStarted(
-                self.run_id, self.iteration, index + 1, total, subtask.tool_name, subtask.description))
-            step = {"iteration": self.iteration, "index": index, "tool_name": subtask.tool_name}
             try:
                 checked = check_subtask(subtask, names[:index], self.agent.toolset)
             except CheckError as exc:
-                record = StepRecord(ok=False, error=f"Check failed: {exc}", code=subtask.code, **step)
-            else:
-                async with self.agent.step_slots:
-                    result = await sandbox.run_step(StepRequest(
-                        code=checked.code, function=subtask.tool_name,
-                        input=None if checked.input_from is None else outputs[checked.input_from],
-                        limits=self.agent.limits,
-                        tool_names=self.tool_host.names, on_call=self.tool_host.call,
-                        libraries=checked.libraries,
-                    ))
-                record = StepRecord(**vars(result), code=checked.code, input_from=checked.input_from, **step)
-            self._store_step(record, subtask.description)
-            done.append(record)
-            await self.agent.emit(StepFinished(
-                self.run_id, self.iteration, index + 1, total, subtask.tool_name, record.ok, record.duration_ms,
-                record.error, _clip(json.dumps(record.output, ensure_ascii=False), 200) if record.ok else "",
-            ))
-            if not record.ok:
+                check_failure = StepRecord(ok=False, error=f"Check failed: {exc}", code=subtask.code,
+                                           iteration=self.iteration, index=index, tool_name=subtask.tool_name)
                 break
-            outputs[subtask.tool_name] = record.output or {}
-        return done
+            batch.append(PlannedStep(subtask.tool_name, checked.code, checked.input_from, checked.libraries))
+        progress = _StepProgress(self, plan)
+        if batch:
+            needed = {step.input_from for step in batch} - {step.name for step in batch} - {None}
+            await sandbox.run_batch(
+                StepBatch(batch, {name: outputs[name] for name in needed}, self.agent.limits, self.tool_host.names,
+                          self.iteration),
+                self.tool_host.call, progress, gate=self.agent.step_slots,
+            )
+        if check_failure is not None and all(r.ok for r in progress.records) and \
+                len(progress.records) == len(batch):
+            await self.agent.emit(StepStarted(self.run_id, self.iteration, check_failure.index + 1, len(names),
+                                              check_failure.tool_name, plan.subtasks[check_failure.index].description))
+            await progress.record(check_failure)
+        for record in progress.records:
+            if record.ok:
+                outputs[record.tool_name] = record.output or {}
+        return progress.records
 
     def _store_step(self, record: StepRecord, description: str) -> None:
         self.records.append(record)
         self.storage.add_step({
+            "worker": record.worker,
             "run_id": self.run_id, "iteration": record.iteration, "position": record.index,
             "tool_name": record.tool_name, "input_from_tool": record.input_from or "", "description": description,
             "code": record.code, "status": record.status,
@@ -335,6 +376,10 @@ class _Run:
             "stdout": record.stdout, "stderr": record.stderr, "error": record.error, "traceback": record.traceback,
             "duration_ms": record.duration_ms,
         })
+
+    def _forget_steps(self, iteration: int, from_index: int) -> None:
+        self.records = [r for r in self.records if not (r.iteration == iteration and r.index >= from_index)]
+        self.storage.delete_steps(self.run_id, iteration, from_index)
 
     def _steps_view(self, plan: Plan, start: int, current: list[StepRecord]) -> str:
         kept = {r.tool_name: r for r in self.records if r.ok and r.index < start}

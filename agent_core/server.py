@@ -84,13 +84,17 @@ class Server:
         except Exception as exc:  # reported, not raised: this is the health check
             database = f"error: {type(exc).__name__}"
         sandbox = self.agent.executor.describe()
-        healthy = database == "ok" and self.scheduler.accepting
+        workers: Any = "in-process"
+        if self.settings.redis_url:
+            workers = {"mode": "celery", "redis": sandbox["redis"], "status": await self.agent.executor.health()}
+        reachable = workers == "in-process" or workers["status"] == "ok"
+        healthy = database == "ok" and self.scheduler.accepting and reachable
         return JSONResponse({
             "status": "ok" if healthy else "unavailable",
             "database": database,
             "sandbox": {"backend": sandbox["backend"], "fallback_reason": sandbox["fallback_reason"],
                         "network": sandbox["network"]},
-            "workers": "in-process",
+            "workers": workers,
             "runs": {"running": len(self.scheduler.running), "max": self.settings.max_concurrent_runs},
         }, status_code=200 if healthy else 503)
 

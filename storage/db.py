@@ -53,7 +53,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "id": int, "run_id": str, "iteration": int, "position": int, "tool_name": str,
             "input_from_tool": str, "description": str, "code": str, "status": str, "output_json": str,
             "stdout": str, "stderr": str, "error": str, "traceback": str, "duration_ms": int,
-            "started_at": str,
+            "started_at": str, "worker": str,
         },
         "id",
         ["run_id"],
@@ -270,6 +270,12 @@ class Storage:
     # steps, evaluations, LLM calls, events
     def add_step(self, row: dict[str, Any]) -> int:
         return self._insert("steps", row)
+
+    def delete_steps(self, run_id: str, iteration: int, from_position: int) -> None:
+        """Forget an iteration's steps from a position on (their batch is being run again elsewhere)."""
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM steps WHERE run_id = ? AND iteration = ? AND position >= ?",
+                            (run_id, iteration, from_position))
 
     def steps(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM steps WHERE run_id = ? ORDER BY id", (run_id,))

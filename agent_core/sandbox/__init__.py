@@ -47,6 +47,63 @@ class StepResult:
     stdout: str = ""
     stderr: str = ""
     duration_ms: int = 0
+    worker: str | None = None  # the remote worker that ran it (None: this process)
+
+
+@dataclass
+class PlannedStep:
+    """One checked subtask of a batch: its input is the output of `input_from` (an earlier step or `outputs`)."""
+
+    name: str  # the subtask's tool_name, which is also its function's name
+    code: str
+    input_from: str | None
+    libraries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepBatch:
+    """The steps of one iteration, run in order until one fails: the unit a remote worker executes."""
+
+    steps: list[PlannedStep]
+    outputs: dict[str, dict[str, Any]]  # outputs of earlier steps the batch's steps read
+    limits: Limits = field(default_factory=Limits)
+    tool_names: list[str] = field(default_factory=list)
+    iteration: int = 0  # the run's iteration it belongs to (labels a worker's LLM calls)
+
+
+class BatchProgress(Protocol):
+    """Told as a batch runs, so progress reaches the user step by step."""
+
+    async def started(self, step: PlannedStep) -> None: ...
+
+    async def finished(self, step: PlannedStep, result: StepResult) -> None: ...
+
+    async def restarted(self) -> None:
+        """The batch is starting over (its worker was lost): forget what `finished` reported for it."""
+
+
+async def run_batch_locally(sandbox: "Sandbox", batch: StepBatch, on_call: ToolCallHandler | None,
+                            progress: BatchProgress, gate: Any = None) -> list[StepResult]:
+    """Run a batch step by step on `sandbox`; `gate` (an async context manager) bounds steps running at once."""
+    outputs = dict(batch.outputs)
+    results: list[StepResult] = []
+    for step in batch.steps:
+        await progress.started(step)
+        request = StepRequest(
+            code=step.code, function=step.name, input=None if step.input_from is None else outputs[step.input_from],
+            limits=batch.limits, tool_names=batch.tool_names, on_call=on_call, libraries=step.libraries,
+        )
+        if gate is None:
+            result = await sandbox.run_step(request)
+        else:
+            async with gate:
+                result = await sandbox.run_step(request)
+        results.append(result)
+        await progress.finished(step, result)
+        if not result.ok:
+            break
+        outputs[step.name] = result.output or {}
+    return results
 
 
 @dataclass(frozen=True)
@@ -70,6 +127,10 @@ class Sandbox(Protocol):
     async def run_step(self, request: StepRequest) -> StepResult:
         """Never raises for anything the step's code does."""
 
+    async def run_batch(self, batch: StepBatch, on_call: ToolCallHandler | None, progress: BatchProgress,
+                        gate: Any = None) -> list[StepResult]:
+        """Run the batch's steps in order until one fails (see `run_batch_locally`)."""
+
     async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int) -> CollectedOutputs: ...
 
     async def close(self) -> None: ...
@@ -90,6 +151,6 @@ class Executor(Protocol):
 
 
 __all__ = [
-    "Artifact", "CollectedOutputs", "Executor", "Limits", "Sandbox", "SandboxUnavailable", "StepRequest",
-    "StepResult", "ToolCallHandler",
+    "Artifact", "BatchProgress", "CollectedOutputs", "Executor", "Limits", "PlannedStep", "Sandbox",
+    "SandboxUnavailable", "StepBatch", "StepRequest", "StepResult", "ToolCallHandler", "run_batch_locally",
 ]

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from agent_core.sandbox import (
-    Artifact, CollectedOutputs, Limits, SandboxUnavailable, StepRequest, StepResult,
+    Artifact, BatchProgress, CollectedOutputs, Limits, SandboxUnavailable, StepBatch, StepRequest, StepResult,
+    ToolCallHandler, run_batch_locally,
 )
 from agent_core.sandbox import network
 from agent_core.sandbox.backends import BwrapLauncher, choose_launcher
@@ -265,6 +266,33 @@ class Worker:
             result.stderr = _read_capped_file(err, cap)
         return result
 
+    async def run_batch(self, batch: StepBatch, on_call: ToolCallHandler | None, progress: BatchProgress,
+                        gate: Any = None) -> list[StepResult]:
+        return await run_batch_locally(self, batch, on_call, progress, gate)
+
+    async def archive(self, max_total_bytes: int) -> tuple[bytes, list[str]]:
+        """The run's whole working directory as a tar (regular files within the cap), and what was left out."""
+        if self.dead:
+            raise WorkerDied("the run's sandbox was lost; its working files with it")
+        async with self._lock:
+            with tempfile.TemporaryFile() as archive:
+                report = await self._request(
+                    {"op": "archive", "max_file_bytes": max_total_bytes, "max_total_bytes": max_total_bytes},
+                    [archive.fileno()], expect="archived", timeout=60,
+                )
+                archive.seek(0)
+                return archive.read(), list(report.get("skipped", []))
+
+    async def restore(self, data: bytes) -> None:
+        """Unpack a tar made by `archive` into this (fresh) sandbox's working directory, as the run's uid."""
+        async with self._lock:
+            with tempfile.TemporaryFile() as archive:
+                archive.write(data)
+                archive.seek(0)
+                report = await self._request({"op": "restore"}, [archive.fileno()], expect="restored", timeout=60)
+        if report.get("error"):
+            raise WorkerDied(f"the working files could not be restored: {report['error']}")
+
     async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int) -> CollectedOutputs:
         if self.dead:
             return CollectedOutputs([], ["the run's sandbox was lost; its outputs with it"])
@@ -301,14 +329,15 @@ def _read_capped_file(handle: Any, cap_bytes: int) -> str:
     return read_capped(Path(f"/proc/self/fd/{handle.fileno()}"), cap_bytes)
 
 
-def _read_archive(archive: Any, expected: set[str], max_total_bytes: int) -> list[Artifact]:
-    """Read (never extract) the tar the worker wrote: regular files it reported, within the cap."""
+def _read_archive(archive: Any, expected: set[str] | None, max_total_bytes: int) -> list[Artifact]:
+    """Read (never extract) a tar a worker wrote: regular files (those it reported), within the cap."""
     artifacts: list[Artifact] = []
     total = 0
     try:
         with tarfile.open(fileobj=archive, mode="r:") as tar:
             for member in tar:
-                if not member.isfile() or member.name not in expected or total + member.size > max_total_bytes:
+                if not member.isfile() or (expected is not None and member.name not in expected) \
+                        or total + member.size > max_total_bytes:
                     continue
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 total += len(data)

@@ -7,8 +7,10 @@ server: one JSON object per message, file descriptors attached with SCM_RIGHTS.
   server -> worker: {"op": "step", "limits": {...}}      + fds [step socket, stdout file, stderr file]
                     {"op": "finish"}                      kill every process of the step, report its exit
                     {"op": "collect", "max_file_bytes", "max_total_bytes"}  + fd [file for a tar of outputs/]
+                    {"op": "archive", ...same caps}         + fd [file for a tar of the working directory]
+                    {"op": "restore"}                       + fd [a tar made by "archive", unpacked into it]
   worker -> server: {"op": "ready", ...} once, then {"op": "started", "pid"}, {"op": "exited", "returncode"},
-                    {"op": "collected", "files", "skipped"}
+                    {"op": "collected" | "archived", "files", "skipped"}, {"op": "restored", "error"?}
 
 The worker itself stays privileged enough to drop a step to the run's uid and to kill it; a step never
 runs with the worker's identity, so it cannot tamper with the worker.
@@ -261,25 +263,41 @@ class Worker:
     # --- outputs -------------------------------------------------------------------------------------------
     def collect(self, request, fds):
         """Tar the regular files under outputs/ into the given fd, read with the step's own permissions."""
-        import tarfile  # noqa: F401 - here, with the worker's rights: the collecting child cannot import any more
-
         (out_fd,) = fds[:1]
+        root = os.path.join(self.workdir, "outputs")
+        return self._as_run_user([out_fd], lambda: _tar_tree(
+            root, out_fd, request["max_file_bytes"], request["max_total_bytes"]))
+
+    def archive(self, request, fds):
+        """Tar the whole working directory (it travels with the run to another worker)."""
+        (out_fd,) = fds[:1]
+        return self._as_run_user([out_fd], lambda: _tar_tree(
+            self.workdir, out_fd, request["max_file_bytes"], request["max_total_bytes"]))
+
+    def restore(self, request, fds):
+        """Unpack a tar of a working directory into ours, with the run's rights and the safe `data` filter."""
+        (in_fd,) = fds[:1]
+        return self._as_run_user([in_fd], lambda: _untar(in_fd, self.workdir))
+
+    def _as_run_user(self, keep, work):
+        """Run `work()` in a child holding only `keep` fds, as the run's uid; return the dict it returns."""
+        import tarfile  # noqa: F401 - here, with the worker's rights: the child cannot import any more
+
         reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
-                self._close_inherited(keep=[out_fd, writer])
+                self._close_inherited(keep=[*keep, writer])
                 if self.uid is not None:
                     os.setgroups([])
                     os.setresgid(self.gid, self.gid, self.gid)
                     os.setresuid(self.uid, self.uid, self.uid)
-                report = _tar_outputs(os.path.join(self.workdir, "outputs"), out_fd,
-                                      request["max_file_bytes"], request["max_total_bytes"])
-                os.write(writer, json.dumps(report).encode())
+                os.write(writer, json.dumps(work()).encode())
             finally:
                 os._exit(0)
         os.close(writer)
-        os.close(out_fd)
+        for fd in keep:
+            os.close(fd)
         chunks = []
         while True:
             chunk = os.read(reader, 1 << 16)
@@ -291,7 +309,7 @@ class Worker:
         try:
             return json.loads(b"".join(chunks))
         except ValueError:
-            return {"files": [], "skipped": ["outputs could not be read"]}
+            return {"files": [], "skipped": ["the files could not be read"], "error": "the helper process failed"}
 
     def serve(self):
         while True:
@@ -308,14 +326,18 @@ class Worker:
                 send(self.sock, {"op": "exited", "returncode": self.finish_step()})
             elif op == "collect":
                 send(self.sock, {"op": "collected", **self.collect(message, fds)})
+            elif op == "archive":
+                send(self.sock, {"op": "archived", **self.archive(message, fds)})
+            elif op == "restore":
+                send(self.sock, {"op": "restored", **self.restore(message, fds)})
             else:
                 for fd in fds:
                     os.close(fd)
                 send(self.sock, {"op": "error", "error": f"unknown op {op!r}"})
 
 
-def _tar_outputs(root, out_fd, max_file_bytes, max_total_bytes):
-    import tarfile  # already loaded by Worker.collect, before the uid drop
+def _tar_tree(root, out_fd, max_file_bytes, max_total_bytes):
+    import tarfile  # already loaded by Worker._as_run_user, before the uid drop
 
     files, skipped, total = [], [], 0
     with os.fdopen(out_fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
@@ -344,6 +366,17 @@ def _tar_outputs(root, out_fd, max_file_bytes, max_total_bytes):
                     total += info.st_size
                     files.append({"name": relative, "size": info.st_size})
     return {"files": files, "skipped": skipped}
+
+
+def _untar(in_fd, root):
+    import tarfile
+
+    try:
+        with os.fdopen(in_fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            tar.extractall(root, filter="data")  # no absolute paths, links out, devices or setuid bits
+    except (tarfile.TarError, OSError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {}
 
 
 def _die_with_parent():

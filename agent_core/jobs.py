@@ -1,0 +1,255 @@
+"""Scale-out: the Celery app, the job a worker runs, and `autocode worker`.
+
+With `AUTOCODE_REDIS_URL` set, `serve` sends the steps of each iteration as one job (with the run's working files)
+to `autocode worker` processes on any number of machines; `agent_core/sandbox/remote.py` is the serve side. A
+worker runs the job in its own local sandbox pool, answers tool calls with its own trusted tool host, and reports
+back through Redis lists that only `serve` reads: step started/finished, LLM calls (for usage and budgets), done.
+
+Redis keys of a job (all expire): `autocode:job:{id}:events` (the reports), `:beat` (the worker is alive, refreshed
+every second), `:claim` (which worker took it: a redelivered copy of a claimed job is dropped, so no job runs
+twice) and `:cancel` (serve gave up on it or the run was cancelled: the worker kills the step at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from celery import Celery
+
+from agent_core import prompts
+from agent_core.config import Settings
+from agent_core.llm import CallContext, LLMClient
+from agent_core.sandbox import Limits, PlannedStep, SandboxUnavailable, StepBatch, StepResult
+from tools.host import ToolHost
+from tools.registry import build_toolset
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "autocode.run_batch"
+KEY_TTL_S = 3600
+BEAT_EVERY_S = 1.0
+BEAT_TTL_S = 5
+CANCEL_POLL_S = 0.2
+
+
+def job_key(job_id: str, part: str) -> str:
+    return f"autocode:job:{job_id}:{part}"
+
+
+def celery_app(settings: Settings) -> Celery:
+    """The Celery app both sides share: late acks, redelivery of jobs whose worker died, JSON only."""
+    app = Celery("autocode", broker=settings.redis_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,  # results travel in the job's Redis list, read by serve alone
+        task_serializer="json", accept_content=["json"],
+        worker_prefetch_multiplier=1,  # a worker takes a job only when it has a free slot
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        broker_transport_options={
+            # A job taken by a worker that died before claiming it goes back to the queue after this long.
+            # Copies of claimed jobs restored this way are dropped by the claim, so a short timeout is safe.
+            "visibility_timeout": int(settings.job_margin),
+            "unacked_restore_interval": 2, "unacked_restore_throttle": 1,
+        },
+    )
+    return app
+
+
+def encode_job(job_id: str, run_id: str, iteration: int, batch: StepBatch, workdir: bytes | None,
+               token_budget: int | None) -> dict[str, Any]:
+    return {
+        "job_id": job_id, "run_id": run_id, "iteration": iteration,
+        "steps": [asdict(step) for step in batch.steps], "outputs": batch.outputs,
+        "limits": asdict(batch.limits), "tool_names": batch.tool_names,
+        "workdir": base64.b64encode(workdir).decode() if workdir else None,
+        "token_budget": token_budget,
+    }
+
+
+def result_to_json(result: StepResult) -> dict[str, Any]:
+    return asdict(result)
+
+
+class JobRunner:
+    """The worker side: an asyncio loop in its own thread with the sandbox pool, running jobs handed over by
+    Celery's threads. Sandboxes are started from this one long-lived thread, so their die-with-parent
+    protection follows the worker process, not a pool thread."""
+
+    def __init__(self, settings: Settings, name: str):
+        from agent_core.app import build_executor
+
+        self.settings = settings
+        self.name = name
+        self.toolset = build_toolset(settings.tools_file)
+        self.executor = build_executor(settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="autocode-jobs", daemon=True)
+        self._thread.start()
+        self._call(self._start())
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _start(self) -> None:
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        self.llm = LLMClient(self.settings) if self.settings.llm_configured else None
+        self.slots = asyncio.Semaphore(self.settings.sandbox_slots)
+        await self.executor.start()
+
+    def run(self, job: dict[str, Any]) -> None:
+        """Called in a Celery thread; returns when the job's report is complete."""
+        self._call(self._run(job))
+
+    def close(self) -> None:
+        self._call(self._close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    async def _close(self) -> None:
+        await self.executor.stop()
+        if self.llm is not None:
+            await self.llm.close()
+        await self.redis.aclose()
+
+    async def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["job_id"]
+        if await self.redis.exists(job_key(job_id, "cancel")):
+            return
+        if not await self.redis.set(job_key(job_id, "claim"), self.name, nx=True, ex=KEY_TTL_S):
+            log.info("job %s was already taken by another worker; dropping this copy", job_id)
+            return
+        work = asyncio.current_task()
+        assert work is not None
+        watchers = [asyncio.create_task(self._beat(job_id)), asyncio.create_task(self._watch_cancel(job_id, work))]
+        try:
+            await self._execute(job)
+        except asyncio.CancelledError:
+            log.info("job %s of run %s cancelled by serve", job_id, job["run_id"])
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+            await self.redis.delete(job_key(job_id, "beat"))
+
+    async def _execute(self, job: dict[str, Any]) -> None:
+        job_id, run_id = job["job_id"], job["run_id"]
+        publish = _Publisher(self.redis, job_id)
+        batch = StepBatch([PlannedStep(**step) for step in job["steps"]], job["outputs"],
+                          Limits(**job["limits"]), job["tool_names"])
+        try:
+            sandbox = await self.executor.open(run_id)
+        except SandboxUnavailable as exc:
+            log.error("job %s: no sandbox: %s", job_id, exc)
+            await publish({"type": "failed", "worker": self.name,
+                           "error": "The sandbox could not start on a worker; the operator can run `autocode "
+                                    "doctor` there."})
+            return
+        try:
+            if job.get("workdir"):
+                await sandbox.restore(base64.b64decode(job["workdir"]))
+            helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"]), job.get("token_budget"))
+            host = ToolHost(self.toolset, helper, self.settings.tool_timeout)
+            await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name), gate=self.slots)
+            data, skipped = await sandbox.archive(self.settings.job_transfer_mb * 1024 * 1024)
+            await publish({"type": "done", "worker": self.name, "workdir": base64.b64encode(data).decode(),
+                           "skipped": skipped})
+        except Exception as exc:  # the worker's sandbox broke: serve turns this into the step's failure
+            log.exception("job %s of run %s failed", job_id, run_id)
+            await publish({"type": "failed", "worker": self.name,
+                           "error": f"SandboxError: the worker {self.name} could not finish the job ({type(exc).__name__})"})
+        finally:
+            await asyncio.shield(sandbox.close())
+
+    async def _beat(self, job_id: str) -> None:
+        while True:
+            await self.redis.set(job_key(job_id, "beat"), self.name, ex=BEAT_TTL_S)
+            await asyncio.sleep(BEAT_EVERY_S)
+
+    async def _watch_cancel(self, job_id: str, work: asyncio.Task) -> None:
+        while not await self.redis.exists(job_key(job_id, "cancel")):
+            await asyncio.sleep(CANCEL_POLL_S)
+        work.cancel()  # the sandbox kills the running step's whole process tree
+
+
+class _Publisher:
+    def __init__(self, redis: Any, job_id: str):
+        self.redis = redis
+        self.key = job_key(job_id, "events")
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        await self.redis.rpush(self.key, json.dumps(message, default=str))
+        await self.redis.expire(self.key, KEY_TTL_S)
+
+
+class _PublishedProgress:
+    def __init__(self, publish: _Publisher, worker: str):
+        self.publish = publish
+        self.worker = worker
+
+    async def started(self, step: PlannedStep) -> None:
+        await self.publish({"type": "started", "step": step.name})
+
+    async def finished(self, step: PlannedStep, result: StepResult) -> None:
+        result.worker = self.worker
+        await self.publish({"type": "finished", "step": step.name, "result": result_to_json(result)})
+
+    async def restarted(self) -> None:  # only serve restarts batches
+        pass
+
+
+class _BudgetedHelper:
+    """The `llm()` helper on a worker: its calls are reported to serve, and stop at the run's token budget."""
+
+    def __init__(self, llm: LLMClient | None, publish: _Publisher, context: CallContext, budget: int | None):
+        self.llm = llm
+        self.publish = publish
+        self.context = context
+        self.budget = budget
+
+    async def __call__(self, prompt: str, system: str) -> str:
+        if self.llm is None:
+            raise RuntimeError("llm() is not available: this worker has no LLM configured")
+        if self.budget is not None and self.budget <= 0:
+            raise RuntimeError("the run is over its LLM token budget (AUTOCODE_MAX_TOKENS_PER_RUN)")
+        records: list[dict[str, Any]] = []
+        client = LLMClient(self.llm.settings, client=self.llm.client, record=records.append)
+        messages = [{"role": "system", "content": system or prompts.render("helper_system")},
+                    {"role": "user", "content": prompt}]
+        try:
+            return await client.text(purpose="helper", messages=messages, context=self.context)
+        finally:
+            for record in records:
+                if self.budget is not None:
+                    self.budget -= (record.get("prompt_tokens") or 0) + (record.get("completion_tokens") or 0)
+                await self.publish({"type": "llm_call", "record": record})
+
+
+def run_worker(settings: Settings, concurrency: int | None = None, hostname: str | None = None) -> None:
+    """`autocode worker`: consume jobs until stopped (SIGTERM: finish the running jobs, then exit)."""
+    name = hostname or f"autocode{os.getpid()}@{socket.gethostname()}"
+    runner = JobRunner(settings, name)
+    app = celery_app(settings)
+
+    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+    def run_batch(job: dict[str, Any]) -> None:
+        runner.run(job)
+
+    try:
+        app.worker_main([
+            "worker", "--pool=threads", f"--concurrency={concurrency or settings.sandbox_slots}",
+            f"--hostname={name}", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+        ])
+    finally:
+        runner.close()
