@@ -310,6 +310,11 @@ class Storage:
         columns = "id, run_id, name, mime, size, created_at" + (", data" if with_data else "")
         return self._rows(f"SELECT {columns} FROM artifacts WHERE run_id = ? ORDER BY id", (run_id,))
 
+    def artifact(self, run_id: str, artifact_id: int) -> dict[str, Any] | None:
+        """One artifact of a run, with its data (None when the id belongs to another run)."""
+        rows = self._rows("SELECT * FROM artifacts WHERE run_id = ? AND id = ?", (run_id, artifact_id))
+        return rows[0] if rows else None
+
     def add_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
         self._insert(
             "events", {"run_id": run_id, "type": type_, "data_json": json.dumps(data, default=str), "created_at": now()}
