@@ -18,6 +18,9 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+
 from agent_core.config import Settings
 from agent_core.jobs import BEAT_TTL_S, KEY_TTL_S, TASK_NAME, celery_app, encode_job, job_key
 from agent_core.sandbox import (
@@ -113,7 +116,16 @@ class RemoteSandbox:
                         gate: Any = None) -> list[StepResult]:
         """Tool calls are answered by the worker's own tool host, so `on_call` and `gate` are not used here."""
         for attempt in range(1, ATTEMPTS + 1):
-            outcome, results, stuck = await self._attempt(batch, progress)
+            try:
+                outcome, results, stuck = await self._attempt(batch, progress)
+            except (RedisError, OperationalError) as exc:
+                log.error("run %s: Redis failed while its steps ran: %s", self.run_id, type(exc).__name__)
+                result = StepResult(ok=False, error=(
+                    f"SandboxError: lost the connection to the job queue (Redis at "
+                    f"{redis_location(self.settings.redis_url)}); please try again"))
+                await progress.restarted()  # what this attempt reported is void: the batch failed as a whole
+                await progress.finished(batch.steps[0], result)
+                return [result]
             if outcome == "lost" and attempt < ATTEMPTS:
                 log.warning("run %s: the worker running its steps was lost; sending the job again", self.run_id)
                 await progress.restarted()
