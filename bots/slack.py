@@ -1,0 +1,635 @@
+"""Slack adapter: slack-bolt's AsyncApp mounted on `autocode serve` (HTTP `POST /slack/events`), or Socket Mode.
+
+Entry points: `/autocode TASK|help|reset|history|usage|cancel`, `@AutoCode TASK` in a channel (the conversation
+lives in that post's thread), direct messages, and follow-ups in a thread AutoCode owns (conversation key
+`slack:{team}:{channel}:{thread_root_ts}`). Every request is submitted to the scheduler *before* it is acknowledged
+(durable), then answered asynchronously: one progress message updated at most once a second, the answer in the
+thread, the execution log and artifacts below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler, AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from agent_core.config import ConfigError
+from agent_core.events import (
+    EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+)
+from agent_core.scheduler import INTERRUPTED_MESSAGE
+from bots import Runtime
+from bots import slack_render as render
+
+log = logging.getLogger(__name__)
+
+UPDATE_INTERVAL = 1.0  # seconds between chat.update calls on one message
+BOT_SCOPES = ["app_mentions:read", "channels:history", "chat:write", "commands", "files:write", "groups:history",
+              "im:history", "mpim:history"]
+SUBCOMMANDS = ("help", "reset", "history", "usage", "cancel")
+HELP = (
+    "*AutoCode* writes and runs Python to do a task, then answers with the result.\n"
+    "• `/autocode TASK` — start a task here; the answer and its execution log go in the thread\n"
+    "• `@AutoCode TASK` in a channel, or a direct message — same, in that message's thread\n"
+    "• Reply in an AutoCode thread to follow up: it remembers the thread's conversation\n"
+    "• `/autocode history` — your recent runs in this channel · `/autocode usage` — your LLM tokens\n"
+    "• `/autocode cancel` — cancel your running tasks here · `/autocode reset` — forget your conversations here\n"
+    "In a thread, mention AutoCode with `reset`, `cancel`, `history` or `usage` to act on that thread only."
+)
+_MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+
+
+class ThreadIndex:
+    """Which Slack threads AutoCode owns and the conversation each continues (a slash command's thread root is
+    AutoCode's own message, known only after the run was submitted). A small SQLite table next to the DB."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock, self._db:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS autocode_slack_threads (team TEXT, channel TEXT, "
+                             "thread_ts TEXT, conversation TEXT, PRIMARY KEY (team, channel, thread_ts))")
+
+    def add(self, team: str, channel: str, thread_ts: str, conversation: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR IGNORE INTO autocode_slack_threads VALUES (?, ?, ?, ?)",
+                             (team, channel, thread_ts, conversation))
+
+    def get(self, team: str, channel: str, thread_ts: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT conversation FROM autocode_slack_threads WHERE team = ? AND channel = ? "
+                                   "AND thread_ts = ?", (team, channel, thread_ts)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class RunView:
+    """One run's progress message: the state to show, and a flag that a render is due."""
+
+    def __init__(self, progress: render.Progress):
+        self.progress = progress
+        self.dirty = asyncio.Event()
+        self.lock = asyncio.Lock()
+        self.last_update = float("-inf")
+        self.rendered_final = False  # the message shows the final state
+        self.task: asyncio.Task | None = None
+
+    def apply(self, event: RunEvent) -> None:
+        p = self.progress
+        match event:
+            case RunStarted():
+                p.status = "running"
+            case PlanReady(iteration=iteration, steps=steps):
+                p.iteration, p.plan, p.steps, p.note = iteration, list(steps), {}, ""
+            case RepairPlanned(iteration=iteration, retry_from=name, steps=steps, reused=reused):
+                kept = f" (keeping {', '.join(reused)})" if reused else ""
+                p.iteration, p.plan, p.steps = iteration, list(steps), {}
+                p.note = f"Repairing from {name}{kept}"
+            case StepStarted(index=i, total=n, tool_name=name):
+                p.status = "running"
+                p.steps[i] = render.step_line(i, n, name, "running")
+            case StepFinished(index=i, total=n, tool_name=name, ok=ok, duration_ms=ms, error=error):
+                detail = f"({ms} ms)" if ok else f"({ms} ms): {render.clip(error or 'failed', 200)}"
+                p.steps[i] = render.step_line(i, n, name, "ok" if ok else "failed", detail)
+            case EvaluationDone(satisfactory=ok, thoughts=thoughts):
+                p.note = "Evaluator: satisfied" if ok else f"Evaluator: not yet — {render.clip(thoughts, 200)}"
+            case RunFinished(status=status, error=error, iterations=iterations, usage=usage):
+                p.status, p.error, p.usage = status, error, dict(usage)
+                p.iteration = iterations or p.iteration
+        self.dirty.set()
+
+
+class SlackAdapter:
+    """The Slack side of AutoCode; see the module docstring."""
+
+    name = "slack"
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.settings = settings = runtime.settings
+        self.storage, self.scheduler = runtime.storage, runtime.scheduler
+        self.socket_mode = bool(settings.slack_app_token)
+        self.oauth = bool(settings.slack_client_id and settings.slack_client_secret)
+        if not self.socket_mode and not settings.slack_signing_secret:
+            raise ConfigError("SLACK_SIGNING_SECRET is required for Slack's HTTP mode (or set SLACK_APP_TOKEN for "
+                              "Socket Mode); see docs/slack.md")
+        if not self.oauth and not settings.slack_bot_token:
+            raise ConfigError("SLACK_BOT_TOKEN is required (or SLACK_CLIENT_ID and SLACK_CLIENT_SECRET for a "
+                              "multi-workspace install); see docs/slack.md")
+        db = Path(settings.db_path)
+        self.store_path = db.with_name(db.stem + ".slack.db")
+        self.threads = ThreadIndex(self.store_path)
+        self.installation_store: Any = None
+        self.client = self._web_client(None if self.oauth else settings.slack_bot_token)
+        self._team_clients: dict[str, AsyncWebClient] = {}
+        self.app = self._build_app()
+        self.handler = AsyncSlackRequestHandler(self.app)
+        self._socket: Any = None
+        self._session: aiohttp.ClientSession | None = None
+        self._ready = asyncio.Event()
+        self._views: dict[str, RunView] = {}
+        self._not_ours: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._handled: OrderedDict[str, None] = OrderedDict()  # deliveries answered without a run (refusals…)
+        runtime.events.subscribe(self._on_event)
+
+    # --- construction ------------------------------------------------------------------------------------
+    def _web_client(self, token: str | None) -> AsyncWebClient:
+        base = self.settings.slack_api_url or AsyncWebClient.BASE_URL
+        return AsyncWebClient(token=token, base_url=base if base.endswith("/") else base + "/", retry_handlers=[
+            AsyncConnectionErrorRetryHandler(), AsyncRateLimitErrorRetryHandler(max_retry_count=5)])
+
+    def _build_app(self) -> AsyncApp:
+        settings = self.settings
+        options: dict[str, Any] = dict(
+            signing_secret=settings.slack_signing_secret, client=self.client, process_before_response=True,
+            request_verification_enabled=bool(settings.slack_signing_secret), name="autocode",
+        )
+        if self.oauth:
+            from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
+            from slack_sdk.oauth.installation_store.sqlite3 import SQLite3InstallationStore
+            from slack_sdk.oauth.state_store.sqlite3 import SQLite3OAuthStateStore
+
+            self.installation_store = SQLite3InstallationStore(database=str(self.store_path),
+                                                               client_id=settings.slack_client_id or "")
+            options["oauth_settings"] = AsyncOAuthSettings(
+                client_id=settings.slack_client_id, client_secret=settings.slack_client_secret, scopes=BOT_SCOPES,
+                installation_store=self.installation_store,
+                state_store=SQLite3OAuthStateStore(database=str(self.store_path), expiration_seconds=600),
+                install_path="/slack/install", redirect_uri_path="/slack/oauth_redirect",
+            )
+        # Bolt reads SLACK_BOT_TOKEN itself and warns that our client (holding that same token) wins: expected.
+        logging.disable(logging.WARNING)  # (Bolt sets its logger's level itself; this is synchronous, at boot)
+        try:
+            app = AsyncApp(**options)
+        finally:
+            logging.disable(logging.NOTSET)
+        app.command("/autocode")(self._on_command)
+        app.event("app_mention")(self._on_mention)
+        app.event("message")(self._on_message)
+        app.action(render.CANCEL_ACTION)(self._on_cancel)
+        app.action(render.RERUN_ACTION)(self._on_rerun)
+        app.action("autocode_full_log")(self._ack_only)
+        return app
+
+    # --- Adapter protocol ------------------------------------------------------------------------------------
+    @property
+    def routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = []
+        if not self.socket_mode:
+            routes.append(Route("/slack/events", self._endpoint, methods=["POST"]))
+        if self.oauth:
+            routes.append(Route("/slack/install", self._endpoint, methods=["GET"]))
+            routes.append(Route("/slack/oauth_redirect", self._endpoint, methods=["GET"]))
+        return routes
+
+    async def _endpoint(self, request: Request) -> Response:
+        return await self.handler.handle(request)
+
+    async def start(self) -> None:
+        # One pooled HTTP session for every Web API call (a session per call costs a connection setup each).
+        self._session = aiohttp.ClientSession()
+        for client in (self.client, *self._team_clients.values()):
+            client.session = self._session
+        if not self.oauth:
+            try:  # shows a wrong token or API URL at boot, not at the first message
+                identity = await self.client.auth_test()
+                log.info("slack: connected to team %s as %s", identity.get("team_id"), identity.get("user_id"))
+            except Exception as exc:
+                log.error("slack: auth.test failed (%s); check SLACK_BOT_TOKEN and SLACK_API_URL", _short(exc))
+        if self.socket_mode:
+            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+            self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token)
+            await self._socket.connect_async()
+            log.info("slack: Socket Mode connected")
+        self._ready.set()
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            await self._socket.close_async()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:  # let in-flight posts finish briefly; the rest is restartable from reply_to
+            await asyncio.wait(pending, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        self.threads.close()
+
+    async def notify_interrupted(self, run: dict[str, Any]) -> None:
+        route = self.storage.reply_to(run["id"])
+        if not route.get("channel"):
+            return
+        client = await self._client_for(route)
+        if route.get("progress_ts"):
+            progress = self._progress_from_row(run)
+            await self._update(client, route, progress)
+        await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
+                                      text=f":warning: {INTERRUPTED_MESSAGE}")
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task:
+        """Work after the ack; failures are logged (short), never shown to users as traces."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("slack: %s failed", what)
+
+        task = asyncio.ensure_future(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _first_time(self, delivery: str) -> bool:
+        """True once per delivery id for replies that create no run (refusals, thread commands)."""
+        if delivery in self._handled:
+            return False
+        self._handled[delivery] = None
+        while len(self._handled) > 5000:
+            self._handled.popitem(last=False)
+        return True
+
+    def _refusal(self, team: str, channel: str, user: str) -> str | None:
+        s = self.settings
+        if s.slack_allowed_teams and team not in s.slack_allowed_teams:
+            return "Sorry, AutoCode is not enabled for this workspace."
+        if s.slack_allowed_channels and channel not in s.slack_allowed_channels:
+            return "Sorry, AutoCode is not enabled in this channel. Ask your admin to add it."
+        if s.slack_allowed_users and user not in s.slack_allowed_users:
+            return "Sorry, you are not on AutoCode's list of allowed users. Ask your admin to add you."
+        return None
+
+    async def _client_for(self, route: dict[str, Any]) -> AsyncWebClient:
+        """The app's client (one workspace) or the installing workspace's bot token (OAuth)."""
+        if not self.oauth:
+            return self.client
+        team = route.get("team") or ""
+        client = self._team_clients.get(team)
+        if client is None:
+            bot = await self.installation_store.async_find_bot(
+                enterprise_id=route.get("enterprise"), team_id=team, is_enterprise_install=False)
+            if bot is None:
+                raise RuntimeError(f"AutoCode is not installed in Slack team {team}")
+            client = self._team_clients[team] = self._web_client(bot.bot_token)
+            client.session = self._session
+        return client
+
+    @staticmethod
+    def _user_key(team: str, user: str) -> str:
+        return f"slack:{team}:{user}"
+
+    # --- listeners -----------------------------------------------------------------------------------------
+    async def _ack_only(self, ack: Callable[..., Awaitable[None]]) -> None:
+        await ack()
+
+    async def _on_command(self, ack: Callable[..., Awaitable[None]], command: dict[str, Any],
+                          context: dict[str, Any]) -> None:
+        team = command.get("team_id") or context.get("team_id") or ""
+        channel, user, text = command.get("channel_id", ""), command.get("user_id", ""), command.get("text") or ""
+        refusal = self._refusal(team, channel, user)
+        if refusal:
+            await ack(text=refusal, response_type="ephemeral")
+            return
+        words = text.strip().split()
+        if not words or (len(words) == 1 and words[0].lower() in SUBCOMMANDS):
+            word = words[0].lower() if words else "help"
+            await ack(text=self._channel_command(word, team, channel, user), response_type="ephemeral")
+            return
+        trigger = command.get("trigger_id", "")
+        conversation = f"slack:{team}:{channel}:cmd-{trigger}"
+        route = {"team": team, "channel": channel, "user": user, "kind": "command",
+                 "enterprise": command.get("enterprise_id")}
+        submission = self.scheduler.submit(text, conversation, user=self._user_key(team, user), adapter=self.name,
+                                           delivery_id=f"slack:cmd:{trigger}", reply_to=route)
+        if submission.status == "refused":
+            await ack(text=submission.message, response_type="ephemeral")
+            return
+        if submission.status == "duplicate":
+            await ack(text="That task is already queued.", response_type="ephemeral")
+            return
+        await ack(text=f":hourglass: Queued: {render.escape(render.clip(text, 200))}", response_type="ephemeral")
+        self._spawn(self._open(submission.run_id), "posting the progress message")
+
+    async def _on_mention(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+        await self._on_post(event, body, context, require_owned=False)
+
+    async def _on_message(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+        if event.get("subtype") or event.get("bot_id") or not event.get("user"):
+            return  # edits, joins, bots (including ourselves)
+        if event.get("channel_type") == "im":
+            await self._on_post(event, body, context, require_owned=False)
+        elif event.get("thread_ts") and event.get("thread_ts") != event.get("ts"):
+            await self._on_post(event, body, context, require_owned=True)
+        # top-level channel posts: only mentions (app_mention) start a task
+
+    async def _on_post(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any], *,
+                       require_owned: bool) -> None:
+        team = body.get("team_id") or event.get("team") or context.get("team_id") or ""
+        channel, user, ts = event.get("channel", ""), event.get("user", ""), event.get("ts", "")
+        root = event.get("thread_ts") or ts
+        owned = self.threads.get(team, channel, root)
+        if require_owned and owned is None:
+            return
+        delivery = f"slack:{team}:{channel}:{ts}"  # app_mention and message for one post collapse here
+        route = {"team": team, "channel": channel, "user": user, "thread_ts": root, "kind": "thread",
+                 "enterprise": body.get("enterprise_id")}
+        refusal = self._refusal(team, channel, user)
+        if refusal:
+            if self._first_time(delivery):
+                self._spawn(self._ephemeral(route, refusal), "posting a refusal")
+            return
+        task = _MENTION.sub("", event.get("text") or "").strip()
+        conversation = owned or f"slack:{team}:{channel}:{root}"
+        words = task.split()
+        if len(words) <= 1 and (not words or words[0].lower() in SUBCOMMANDS):
+            if self._first_time(delivery):
+                reply = self._thread_command(words[0].lower() if words else "help", conversation, team, user)
+                self._spawn(self._say(route, reply), "answering a thread command")
+            return
+        submission = self.scheduler.submit(task, conversation, user=self._user_key(team, user), adapter=self.name,
+                                           delivery_id=delivery, reply_to=route)
+        if submission.status == "queued":
+            self.threads.add(team, channel, root, conversation)
+            self._spawn(self._open(submission.run_id), "posting the progress message")
+        elif submission.status == "refused" and self._first_time(delivery):
+            self._spawn(self._say(route, submission.message), "posting a refusal")
+
+    async def _on_cancel(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any],
+                         action: dict[str, Any]) -> None:
+        await ack()  # cancelling waits for the step's processes to die: after the ack
+        team, channel, user = _action_place(body)
+        route = {"team": team, "channel": channel, "user": user,
+                 "enterprise": (body.get("enterprise") or {}).get("id")}
+        refusal = self._refusal(team, channel, user)
+        if refusal:
+            self._spawn(self._ephemeral(route, refusal), "posting a refusal")
+            return
+        run = self.storage.get_run(str(action.get("value", "")))
+        if run is None or run["adapter"] != self.name:
+            return
+        self._spawn(self._cancel(run["id"], route), "cancelling a run")
+
+    async def _on_rerun(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any],
+                        action: dict[str, Any]) -> None:
+        team, channel, user = _action_place(body)
+        refusal = self._refusal(team, channel, user)
+        run = self.storage.get_run(str(action.get("value", "")))
+        if refusal or run is None or run["adapter"] != self.name:
+            await ack()
+            if refusal:
+                self._spawn(self._ephemeral({"team": team, "channel": channel, "user": user}, refusal), "refusal")
+            return
+        old = self.storage.reply_to(run["id"])
+        route = {"team": team, "channel": channel, "user": user, "thread_ts": old.get("thread_ts"), "kind": "rerun",
+                 "enterprise": old.get("enterprise")}
+        submission = self.scheduler.submit(run["task"], run["conversation"], user=self._user_key(team, user),
+                                           adapter=self.name, delivery_id=f"slack:rerun:{body.get('trigger_id')}",
+                                           reply_to=route)
+        await ack()
+        if submission.status == "queued":
+            self._spawn(self._open(submission.run_id), "posting the progress message")
+        elif submission.status == "refused":
+            self._spawn(self._ephemeral(route, submission.message), "posting a refusal")
+
+    # --- commands --------------------------------------------------------------------------------------------
+    def _user_runs_here(self, team: str, channel: str, user: str, limit: int = 500) -> list[dict[str, Any]]:
+        prefix, who = f"slack:{team}:{channel}:", self._user_key(team, user)
+        return [r for r in self.storage.list_runs(limit=limit)
+                if r["adapter"] == self.name and r["user"] == who and r["conversation"].startswith(prefix)]
+
+    def _usage_text(self, team: str, user: str) -> str:
+        key = self._user_key(team, user)
+        total = self.storage.tokens_used(user=key)
+        text = (f"You have used {total['prompt_tokens'] + total['completion_tokens']:,} LLM tokens in "
+                f"{total['runs']} runs ({total['llm_calls']} LLM calls).")
+        budget = self.settings.daily_tokens_per_user
+        if budget:
+            text += f" Last 24 hours: {self.scheduler.daily_tokens(key):,} of your {budget:,} daily tokens."
+        return text
+
+    def _history_text(self, runs: list[dict[str, Any]], scope: str) -> str:
+        if not runs:
+            return f"No AutoCode runs {scope} yet."
+        lines = [f"*Recent runs {scope}:*"]
+        for run in runs[:10]:
+            icon = render.STATUS_ICONS.get(run["status"], "")
+            url = self.runtime.run_url(run)
+            task = render.escape(render.clip(run["task"].replace("\n", " "), 80))
+            lines.append(f"{icon} {f'<{url}|{task}>' if url else task} · {run['created_at'][:16].replace('T', ' ')}")
+        return "\n".join(lines)
+
+    def _channel_command(self, word: str, team: str, channel: str, user: str) -> str:
+        """`/autocode help|reset|history|usage|cancel` (answered in the ack, so it must stay cheap)."""
+        if word == "usage":
+            return self._usage_text(team, user)
+        runs = self._user_runs_here(team, channel, user)
+        if word == "history":
+            return self._history_text(runs, "of yours in this channel")
+        if word == "reset":
+            conversations = {r["conversation"] for r in runs}
+            removed = sum(self.storage.clear_conversation(c) for c in conversations)
+            return (f"Forgot {removed} messages of your {len(conversations)} AutoCode conversations in this channel; "
+                    "new tasks start fresh.")
+        if word == "cancel":
+            active = [r for r in runs if r["status"] in ("queued", "running")]
+            for run in active:
+                self._spawn(self._cancel(run["id"], None), "cancelling a run")
+            return f"Cancelling {len(active)} run(s)." if active else "You have no running tasks in this channel."
+        return HELP
+
+    def _thread_command(self, word: str, conversation: str, team: str, user: str) -> str:
+        """The same words said to AutoCode inside a thread act on that thread's conversation."""
+        if word == "usage":
+            return self._usage_text(team, user)
+        runs = [r for r in self.storage.list_runs(conversation) if r["adapter"] == self.name]
+        if word == "history":
+            return self._history_text(runs, "in this thread")
+        if word == "reset":
+            removed = self.storage.clear_conversation(conversation)
+            return f"Forgot this thread's history ({removed} messages); the next task starts fresh."
+        if word == "cancel":
+            active = [r for r in runs if r["status"] in ("queued", "running")]
+            for run in active:
+                self._spawn(self._cancel(run["id"], None), "cancelling a run")
+            return f"Cancelling {len(active)} run(s)." if active else "Nothing is running in this thread."
+        return HELP
+
+    async def _cancel(self, run_id: str, route: dict[str, Any] | None) -> None:
+        status = await self.scheduler.cancel(run_id)
+        view = self._view(run_id)
+        if status == "cancelled" and view is not None and not view.progress.final:
+            # a queued run never emits RunFinished: show the final state ourselves
+            view.progress.status, view.progress.error = "cancelled", "Cancelled before it started."
+            view.dirty.set()
+            self._kick(view)
+        elif status != "cancelled" and route is not None:
+            await self._ephemeral(route, f"That run already {status}.")
+
+    # --- posting ---------------------------------------------------------------------------------------------
+    async def _say(self, route: dict[str, Any], text: str) -> None:
+        client = await self._client_for(route)
+        await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"), text=text,
+                                      blocks=render.sections(text)[: render.MAX_BLOCKS])
+
+    async def _ephemeral(self, route: dict[str, Any], text: str) -> None:
+        client = await self._client_for(route)
+        await client.chat_postEphemeral(channel=route["channel"], user=route["user"], text=text,
+                                        thread_ts=route.get("thread_ts"))
+
+    def _progress_from_row(self, run: dict[str, Any]) -> render.Progress:
+        route = self.storage.reply_to(run["id"])
+        progress = render.Progress(run["id"], run["task"], user=route.get("user", ""), url=self.runtime.run_url(run))
+        if run["status"] not in ("queued", "running"):
+            progress.status, progress.error, progress.iteration = run["status"], run["error"], run["iterations"] or 0
+            progress.usage = self.storage.usage(run["id"])
+        return progress
+
+    def _view(self, run_id: str) -> RunView | None:
+        """The view of one of our runs (created on first sight), None for other adapters' runs."""
+        view = self._views.get(run_id)
+        if view is not None or run_id in self._not_ours:
+            return view
+        run = self.storage.get_run(run_id)
+        if run is None or run["adapter"] != self.name:
+            if len(self._not_ours) > 10000:
+                self._not_ours.clear()
+            self._not_ours.add(run_id)
+            return None
+        view = self._views[run_id] = RunView(self._progress_from_row(run))
+        return view
+
+    def _on_event(self, event: RunEvent) -> None:
+        """Run event subscriber: records the state and returns at once (it runs inside the agent loop)."""
+        view = self._view(event.run_id)
+        if view is None:
+            return
+        view.apply(event)
+        self._kick(view)
+
+    def _kick(self, view: RunView) -> None:
+        if view.task is None:
+            view.task = self._spawn(self._render_run(view), f"rendering run {view.progress.run_id}")
+
+    async def _open(self, run_id: str) -> None:
+        view = self._view(run_id)
+        if view is not None:
+            view.dirty.set()
+            self._kick(view)
+
+    async def _ensure_progress(self, view: RunView) -> dict[str, Any]:
+        """The run's routing, with its progress message posted (once; kept in reply_to for restarts)."""
+        run_id = view.progress.run_id
+        async with view.lock:
+            route = self.storage.reply_to(run_id)
+            if route.get("progress_ts"):
+                return route
+            client = await self._client_for(route)
+            blocks = render.progress_blocks(view.progress)
+            view.dirty.clear()
+            view.rendered_final = view.progress.final
+            response = await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
+                                                     text=render.fallback_text(blocks), blocks=blocks)
+            view.last_update = asyncio.get_running_loop().time()
+            changes = {"progress_ts": response["ts"]}
+            if not route.get("thread_ts"):  # a slash command: our message starts the thread
+                changes["thread_ts"] = response["ts"]
+                run = self.storage.get_run(run_id) or {}
+                self.threads.add(route["team"], route["channel"], response["ts"], run.get("conversation", ""))
+            return self.storage.update_reply_to(run_id, **changes)
+
+    async def _update(self, client: AsyncWebClient, route: dict[str, Any], progress: render.Progress) -> None:
+        blocks = render.progress_blocks(progress)
+        await client.chat_update(channel=route["channel"], ts=route["progress_ts"], text=render.fallback_text(blocks),
+                                 blocks=blocks)
+
+    async def _render_run(self, view: RunView) -> None:
+        """Post, then update the progress message at most once per UPDATE_INTERVAL (coalescing events in
+        between; the final state is always rendered), then deliver the answer, log and artifacts."""
+        await self._ready.wait()
+        route = await self._ensure_progress(view)
+        client = await self._client_for(route)
+        loop = asyncio.get_running_loop()
+        while not view.rendered_final:
+            await view.dirty.wait()
+            delay = view.last_update + UPDATE_INTERVAL - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            view.dirty.clear()
+            final = view.progress.final
+            try:
+                await self._update(client, route, view.progress)
+            except Exception as exc:  # e.g. the message was deleted: keep going, the answer still follows
+                log.warning("slack: chat.update failed for run %s: %s", view.progress.run_id, _short(exc))
+            view.last_update = loop.time()
+            view.rendered_final = final
+        if view.progress.status != "interrupted":
+            await self._deliver(client, route, view.progress.run_id)
+        self._views.pop(view.progress.run_id, None)
+
+    async def _deliver(self, client: AsyncWebClient, route: dict[str, Any], run_id: str) -> None:
+        """The answer in the thread, then the execution log, code files and artifacts below it."""
+        run = self.storage.get_run(run_id)
+        if run is None or route.get("delivered"):
+            return
+        channel, thread = route["channel"], route.get("thread_ts")
+        answer = render.answer_messages(run["status"], run["answer"] or "", run["error"], self.runtime.run_url(run))
+        answer_ts = None
+        for blocks in answer.messages:
+            response = await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=blocks,
+                                                     text=render.fallback_text(blocks))
+            answer_ts = answer_ts or response["ts"]
+        self.storage.update_reply_to(run_id, answer_ts=answer_ts, delivered=True)
+        logged = render.log_messages(run, self.storage.steps(run_id), self.storage.evaluations(run_id),
+                                     self.storage.llm_calls(run_id), self.storage.usage(run_id))
+        if run["iterations"] or self.storage.llm_calls(run_id):
+            for blocks in logged.messages:
+                await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=blocks,
+                                              text=render.fallback_text(blocks))
+        uploads = [*answer.files, *logged.files]
+        uploads += [render.Attachment(a["name"], a["data"], a["name"])
+                    for a in self.storage.artifacts(run_id, with_data=True)]
+        for item in uploads:
+            try:
+                await client.files_upload_v2(channel=channel, thread_ts=thread, filename=item.filename,
+                                             content=item.data, title=item.title)
+            except Exception as exc:
+                log.warning("slack: upload of %s failed for run %s: %s", item.filename, run_id, _short(exc))
+                await client.chat_postMessage(channel=channel, thread_ts=thread,
+                                              text=f"Could not upload `{render.escape(item.filename)}` to Slack.")
+
+
+def _action_place(body: dict[str, Any]) -> tuple[str, str, str]:
+    """(team, channel, user) of a block action payload."""
+    user = body.get("user") or {}
+    team = (body.get("team") or {}).get("id") or user.get("team_id") or ""
+    return team, (body.get("channel") or {}).get("id", ""), user.get("id", "")
+
+
+def _short(exc: BaseException) -> str:
+    """An error in one line, without tokens or response bodies."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

@@ -1,0 +1,371 @@
+"""The Slack adapter end to end: signed requests POSTed over HTTP to a running `autocode serve`, whose Slack
+clients (Bolt's and ours) talk to a fake Slack Web API on 127.0.0.1 (tests/fakes/slack_server.py), while a
+scripted OpenAI-compatible server plays the LLM (tests/server_helpers.ScriptedLLM: "job tag=A sleep=0.5")."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+from slack_sdk.signature import SignatureVerifier
+
+from tests.fakes.slack_server import BOT_USER_ID, TEAM_ID, FakeSlack, SlackCall, message_text
+from tests.server_helpers import ScriptedLLM, Serve, db_rows, serve_env, wait_for
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
+
+SECRET = "test-signing-secret"
+ALICE, BOB, MALLORY = "UALICE", "UBOB", "UMALLORY"  # Mallory is not on the allowlist
+_ids = itertools.count(1)
+
+PNG_CODE = '''def work():
+    import struct, zlib
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\\x00" + b"\\xff\\x00\\x00" * 4 for _ in range(4))
+    png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with open("outputs/plot.png", "wb") as f:
+        f.write(png)
+    print("wrote the plot")
+    return {"tag": "PNG"}
+'''
+
+
+class PlottingLLM(ScriptedLLM):
+    """ScriptedLLM, plus: a task containing "png" gets a step that writes outputs/plot.png."""
+
+    def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = super()._respond(body)
+        plan = spec.get("json") or {}
+        if "subtasks" in plan and "png" in plan["main_task"]:
+            plan["subtasks"][0]["code"] = PNG_CODE
+        return spec
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def slack():
+    with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with PlottingLLM() as scripted:
+        yield scripted
+
+
+@pytest.fixture(scope="module")
+def server(slack, llm, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("slack-serve")
+    env = serve_env(
+        llm, directory / "autocode.db", SLACK_BOT_TOKEN="xoxb-test-token-never-logged", SLACK_SIGNING_SECRET=SECRET,
+        SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB}", AUTOCODE_PUBLIC_URL="https://autocode.test",
+        AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
+    )
+    serve = Serve(env, directory / "serve.log", directory)
+    try:
+        serve.wait_ready()
+        serve.db = directory / "autocode.db"
+        yield serve
+    finally:
+        serve.close()
+        assert "xoxb-test-token-never-logged" not in serve.log_tail(10**7)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def signed(body: bytes, timestamp: int | None = None, secret: str = SECRET) -> dict[str, str]:
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    signature = SignatureVerifier(secret).generate_signature(timestamp=stamp, body=body)
+    return {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": signature}
+
+
+def post(server: Serve, body: bytes, content_type: str, **headers: str) -> httpx.Response:
+    return server.http.post("/slack/events", content=body,
+                            headers={"Content-Type": content_type, **signed(body), **headers})
+
+
+def slash(server: Serve, text: str, channel: str, user: str = ALICE) -> tuple[httpx.Response, str]:
+    trigger = f"trigger.{next(_ids)}.{time.time_ns()}"
+    body = urlencode({
+        "token": "legacy", "team_id": TEAM_ID, "team_domain": "fake", "channel_id": channel, "channel_name": "general",
+        "user_id": user, "user_name": user.lower(), "command": "/autocode", "text": text, "api_app_id": "AAUTOCODE",
+        "response_url": "https://hooks.slack.test/commands/1", "trigger_id": trigger,
+    }).encode()
+    return post(server, body, "application/x-www-form-urlencoded"), trigger
+
+
+def event_body(event: dict[str, Any], event_id: str | None = None) -> bytes:
+    return json.dumps({
+        "token": "legacy", "team_id": TEAM_ID, "api_app_id": "AAUTOCODE", "type": "event_callback",
+        "event_id": event_id or f"Ev{next(_ids):08d}", "event_time": int(time.time()), "event": event,
+        "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER_ID, "is_bot": True}],
+    }).encode()
+
+
+def mention(channel: str, text: str, user: str = ALICE, thread_ts: str | None = None) -> dict[str, Any]:
+    ts = f"{1600000000 + next(_ids)}.000200"
+    event = {"type": "app_mention", "user": user, "text": f"<@{BOT_USER_ID}> {text}", "ts": ts, "channel": channel,
+             "event_ts": ts}
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def send_event(server: Serve, event: dict[str, Any], event_id: str | None = None, **headers: str) -> httpx.Response:
+    return post(server, event_body(event, event_id), "application/json", **headers)
+
+
+def action(server: Serve, action_id: str, run_id: str, channel: str, user: str = ALICE) -> httpx.Response:
+    payload = {
+        "type": "block_actions", "user": {"id": user, "team_id": TEAM_ID}, "team": {"id": TEAM_ID},
+        "api_app_id": "AAUTOCODE", "channel": {"id": channel}, "trigger_id": f"trigger.{next(_ids)}",
+        "container": {"type": "message", "channel_id": channel}, "response_url": "https://hooks.slack.test/a/1",
+        "actions": [{"type": "button", "action_id": action_id, "value": run_id, "block_id": "b",
+                     "action_ts": str(time.time())}],
+    }
+    return post(server, urlencode({"payload": json.dumps(payload)}).encode(), "application/x-www-form-urlencoded")
+
+
+def in_channel(slack: FakeSlack, method: str, channel: str) -> list[SlackCall]:
+    key = "channel_id" if method == "files.completeUploadExternal" else "channel"
+    return [c for c in slack.calls_of(method) if c.params.get(key) == channel]
+
+
+def runs_in(server: Serve, channel: str) -> list[dict[str, Any]]:
+    return db_rows(server.db, "SELECT * FROM runs WHERE conversation LIKE ? ORDER BY seq", (f"slack:%:{channel}:%",))
+
+
+def wait_run(server: Serve, channel: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
+    statuses = statuses or ("succeeded", "failed", "cancelled")
+
+    def done() -> dict[str, Any] | None:
+        runs = runs_in(server, channel)
+        return runs[-1] if runs and runs[-1]["status"] in statuses else None
+
+    try:
+        return wait_for(done, timeout, what=f"a run in {channel} to be {'/'.join(statuses)}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{server.log_tail()}") from None
+
+
+def delivered(server: Serve, run_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The run's routing once its answer was posted (the adapter records that in reply_to)."""
+    def check() -> dict[str, Any] | None:
+        route = json.loads(db_rows(server.db, "SELECT reply_to_json FROM runs WHERE id = ?", (run_id,))[0]
+                           ["reply_to_json"] or "{}")
+        return route if route.get("delivered") else None
+
+    return wait_for(check, timeout, what=f"run {run_id} to be delivered")
+
+
+def settled(slack: FakeSlack, channel: str, quiet: float = 1.5, timeout: float = 30) -> None:
+    """Wait until no call for `channel` arrived for `quiet` seconds (uploads and logs come last)."""
+    def calm() -> bool:
+        mine = [c for c in slack.calls if channel in (c.params.get("channel"), c.params.get("channel_id"))]
+        return not mine or time.monotonic() - mine[-1].at > quiet
+
+    wait_for(calm, timeout, what=f"Slack calls for {channel} to settle")
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_slash_command_acks_then_progress_answer_log_and_artifact(server, slack):
+    channel = "CSLASH"
+    response, _ = slash(server, "job tag=png sleep=0.3 png", channel)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["response_type"] == "ephemeral" and "Queued" in response.json()["text"]
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", run
+    route = delivered(server, run["id"])
+    settled(slack, channel)
+
+    progress = in_channel(slack, "chat.postMessage", channel)[0]
+    assert progress.params.get("thread_ts") is None  # a slash command's progress message starts the thread
+    root = progress.response["ts"]
+    assert route["thread_ts"] == root and route["progress_ts"] == root
+    assert "Cancel" in message_text(progress)
+    updates = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root]
+    assert updates and "Succeeded" in message_text(updates[-1]) and "Re-run" in message_text(updates[-1])
+    assert "Full log" in message_text(updates[-1])
+
+    replies = in_channel(slack, "chat.postMessage", channel)[1:]
+    assert replies and all(c.params.get("thread_ts") == root for c in replies)
+    assert "tag PNG" in message_text(replies[0])  # the answer first
+    assert "https://autocode.test/runs/" in message_text(replies[0])  # with its Full log link
+    log_text = "\n".join(message_text(c) for c in replies[1:])
+    assert "Execution log" in log_text and "Iteration 1" in log_text and "outputs/plot.png" in log_text
+    assert "wrote the plot" in log_text and "Evaluator" in log_text and "Tokens:" in log_text
+
+    (complete,) = in_channel(slack, "files.completeUploadExternal", channel)
+    assert complete.params["thread_ts"] == root
+    (upload,) = [c for c in slack.calls_of("files.getUploadURLExternal") if c.params.get("filename") == "plot.png"]
+    file_id = complete.json_param("files")[0]["id"]
+    assert slack.uploads()[file_id].startswith(b"\x89PNG")
+    assert upload.response["file_id"] == file_id
+
+
+def test_mention_replies_stay_in_its_thread(server, slack):
+    channel = "CMENTION"
+    event = mention(channel, "job tag=M")
+    assert send_event(server, event).status_code == 200
+    run = wait_run(server, channel)
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    assert run["conversation"] == f"slack:{TEAM_ID}:{channel}:{event['ts']}"
+    posts = in_channel(slack, "chat.postMessage", channel)
+    assert len(posts) >= 3  # progress, answer, log
+    assert all(c.params.get("thread_ts") == event["ts"] for c in posts)
+    assert any("tag M" in message_text(c) for c in posts)
+
+
+def test_follow_up_in_the_thread_sees_the_first_answer(server, slack, llm):
+    channel = "CFOLLOW"
+    first = mention(channel, "job tag=FIRST")
+    send_event(server, first)
+    delivered(server, wait_run(server, channel)["id"])
+
+    follow_up = {"type": "message", "channel_type": "channel", "user": ALICE, "text": "job tag=SECOND",
+                 "ts": f"{1600000000 + next(_ids)}.000300", "thread_ts": first["ts"], "channel": channel}
+    assert send_event(server, follow_up).status_code == 200
+    second = wait_for(lambda: [r for r in runs_in(server, channel) if r["task"] == "job tag=SECOND"], 20,
+                      what="the follow-up run")[0]
+    assert second["conversation"] == f"slack:{TEAM_ID}:{channel}:{first['ts']}"
+    delivered(server, second["id"])
+
+    plans = [json.dumps(r.body) for r in llm.fake.requests if r.body and "Task: job tag=SECOND" in json.dumps(r.body)]
+    assert plans and "tag FIRST" in plans[0]  # the history in the planner request holds the first answer
+    settled(slack, channel)
+    assert all(c.params.get("thread_ts") == first["ts"] for c in in_channel(slack, "chat.postMessage", channel))
+
+
+def test_bad_signature_and_stale_timestamp_are_rejected(server, slack):
+    channel = "CFORGED"
+    body = event_body(mention(channel, "job tag=X"))
+    forged = server.http.post("/slack/events", content=body, headers={
+        "Content-Type": "application/json", **signed(body, secret="not-the-secret")})
+    stale = server.http.post("/slack/events", content=body, headers={
+        "Content-Type": "application/json", **signed(body, timestamp=int(time.time()) - 6 * 60)})
+
+    assert forged.status_code == 401 and stale.status_code == 401
+    time.sleep(1)
+    assert runs_in(server, channel) == []
+    assert in_channel(slack, "chat.postMessage", channel) == []
+
+
+def test_retried_event_and_its_message_twin_start_one_run(server, slack):
+    channel = "CRETRY"
+    event = mention(channel, "job tag=ONCE sleep=0.5")
+    for attempt in range(3):
+        retry = {"X-Slack-Retry-Num": str(attempt), "X-Slack-Retry-Reason": "http_timeout"} if attempt else {}
+        assert send_event(server, event, event_id="EvRETRY0001", **retry).status_code == 200
+    twin = {**event, "type": "message", "channel_type": "channel"}  # `message` fires for the same post
+    send_event(server, twin)
+    run = wait_run(server, channel)
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    assert len(runs_in(server, channel)) == 1
+    progress = [c for c in in_channel(slack, "chat.postMessage", channel) if "Cancel" in message_text(c)]
+    assert len(progress) == 1
+
+
+def test_disallowed_user_is_refused_and_nothing_runs(server, slack):
+    channel = "CREFUSE"
+    response, _ = slash(server, "job tag=NO", channel, user=MALLORY)
+    assert response.status_code == 200 and "not on AutoCode's list" in response.json()["text"]
+    send_event(server, mention(channel, "job tag=NO", user=MALLORY))
+    refusal = wait_for(lambda: in_channel(slack, "chat.postEphemeral", channel), 10, what="the refusal")
+    assert refusal[0].params["user"] == MALLORY and "allowed" in refusal[0].params["text"]
+    time.sleep(1)
+    assert runs_in(server, channel) == []
+    assert in_channel(slack, "chat.postMessage", channel) == []
+
+
+def test_cancel_button_cancels_the_run(server, slack):
+    channel = "CCANCEL"
+    slash(server, "job tag=LONG sleep=60", channel)
+    run = wait_run(server, channel, "running")
+    wait_for(lambda: in_channel(slack, "chat.postMessage", channel), 10, what="the progress message")
+
+    assert action(server, "autocode_cancel", run["id"], channel).status_code == 200
+    assert wait_run(server, channel, "cancelled", timeout=30)["id"] == run["id"]
+    delivered(server, run["id"])
+    wait_for(lambda: any("Cancelled" in message_text(c) and "Re-run" in message_text(c)
+                         for c in in_channel(slack, "chat.update", channel)), 10, what="the cancelled progress")
+
+
+def test_rate_limited_updates_are_retried_and_nothing_is_lost(server, slack):
+    channel = "CLIMIT"
+    slack.rate_limit("chat.update", times=2, retry_after=1)
+    slash(server, "job tag=LIMITED sleep=0.5", channel)
+    run = wait_run(server, channel)
+    delivered(server, run["id"], timeout=40)
+    settled(slack, channel)
+
+    limited = [c for c in slack.calls_of("chat.update", status=429) if c.params.get("channel") == channel]
+    assert len(limited) == 2
+    updates = in_channel(slack, "chat.update", channel)
+    assert updates and "Succeeded" in message_text(updates[-1])  # the final state made it
+    assert any("tag LIMITED" in message_text(c) for c in in_channel(slack, "chat.postMessage", channel))
+
+
+def test_updates_of_one_message_are_spaced_about_a_second_apart(server, slack):
+    channel = "CPACE"
+    slash(server, "job tag=PACE sleep=2.5", channel)
+    run = wait_run(server, channel)
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    updates = in_channel(slack, "chat.update", channel)
+    assert len(updates) >= 2 and "Succeeded" in message_text(updates[-1])
+    gaps = [b.at - a.at for a, b in zip(updates, updates[1:])]
+    assert min(gaps) >= 0.9, gaps  # a lower bound only: a slow machine spaces them further
+
+
+def test_long_answers_are_split_within_block_kit_limits_and_never_cut():
+    from bots import slack_render as render
+
+    paragraphs = [f"Paragraph {i}: " + "word " * 150 + f"end{i}." for i in range(60)]  # ~46,000 characters
+    code = "```\n" + "\n".join(f"line_{i} = {i} < {i + 1}" for i in range(400)) + "\n```"
+    answer = "\n\n".join(paragraphs[:20] + [code] + paragraphs[20:])
+    rendered = render.answer_messages("succeeded", answer, None, "https://autocode.test/runs/x")
+
+    blocks = [block for message in rendered.messages for block in message]
+    assert all(len(message) <= render.MAX_BLOCKS for message in rendered.messages)
+    assert all(len(b["text"]["text"]) <= render.SECTION_CHARS for b in blocks if b["type"] == "section")
+    shown = "\n".join(b["text"]["text"] for b in blocks if b["type"] == "section")
+    assert all(b["text"]["text"].count("```") % 2 == 0 for b in blocks if b["type"] == "section")
+    # what does not fit in messages is attached whole, and the messages say so
+    assert [f.filename for f in rendered.files] == ["answer.md"] and rendered.files[0].data == answer.encode()
+    assert "answer.md" in shown and "end0." in shown
+    short = render.answer_messages("succeeded", "\n\n".join(paragraphs[:15]), None, None)
+    short_text = "\n".join(b["text"]["text"] for m in short.messages for b in m)
+    assert not short.files and all(f"end{i}." in short_text for i in range(15))
+
+
+def test_manifest_declares_what_the_adapter_needs():
+    yaml = pytest.importorskip("yaml")
+    from bots.slack import BOT_SCOPES
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parent.parent / "slack" / "manifest.yml").read_text())
+    assert sorted(manifest["oauth_config"]["scopes"]["bot"]) == sorted(BOT_SCOPES)
+    assert {"app_mention", "message.channels", "message.im"} <= set(manifest["settings"]["event_subscriptions"]
+                                                                    ["bot_events"])
+    assert manifest["features"]["slash_commands"][0]["command"] == "/autocode"
+    assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")
