@@ -1,0 +1,620 @@
+"""Telegram adapter (python-telegram-bot v22): private chats, groups and forum topics.
+
+Updates come by long polling (default) or, with TELEGRAM_WEBHOOK_URL, at `POST /telegram/webhook` of `serve`
+(checked against the secret token given to setWebhook). A task is stored with the scheduler before the update is
+acknowledged; the chat then sees one progress message edited as steps run (paced per chat), the answer as a
+reply to the task, the execution log as replies to the answer, and the run's files as photos or documents.
+PTB's AIORateLimiter spaces the requests and honours RetryAfter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Coroutine
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from telegram import (
+    BotCommand, CallbackQuery, Chat, InlineKeyboardButton, InlineKeyboardMarkup, InputFile, Message, MessageEntity,
+    ReplyParameters, Update, User,
+)
+from telegram.constants import ChatType, ParseMode
+from telegram.error import BadRequest, InvalidToken, TelegramError
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
+
+from agent_core.events import RunEvent, RunFinished
+from agent_core.scheduler import INTERRUPTED_MESSAGE
+from bots import Runtime
+from bots.telegram_render import (
+    Progress, answer_plan, failure_text, html_to_plain, log_plan,
+)
+
+log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO, and Bot API URLs contain the token.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+# PTB logs its Bot API URL (token included) at DEBUG from these loggers.
+_PTB_BOT_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot")
+
+NAME = "telegram"
+WEBHOOK_PATH = "/telegram/webhook"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+ALLOWED_UPDATES = ["message", "callback_query"]
+COMMANDS = [
+    ("run", "Run a task: /run what to do"),
+    ("cancel", "Cancel your running task"),
+    ("history", "Recent tasks in this conversation"),
+    ("usage", "LLM token usage"),
+    ("reset", "Forget this conversation's history"),
+    ("help", "How to use AutoCode"),
+]
+HELP = (
+    "I am AutoCode: I plan a task as small Python steps, run them in a sandbox and answer.\n\n"
+    "In a private chat, just send the task. In a group, use /run TASK, mention me, or reply to one of my "
+    "messages. Each forum topic is its own conversation.\n\n"
+    "/cancel stops your running task · /history lists recent tasks · /usage shows token usage · "
+    "/reset forgets this conversation's history."
+)
+PRIVATE_EDIT_SECONDS = 1.0  # ~1 message/s per chat
+GROUP_EDIT_SECONDS = 3.0  # groups allow ~20 messages/min
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+MAX_PHOTO_BYTES = 10 * 1024 * 1024
+SEEN_UPDATES = 4096
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?:\s+(.*))?$", re.DOTALL)
+_STATUS_MARKS = {"queued": "🕒", "running": "⏳", "succeeded": "✅", "failed": "❌", "cancelled": "🚫",
+                 "interrupted": "⚠️"}
+
+
+def parse_command(text: str) -> tuple[str, str | None, str] | None:
+    """`/name@target rest` → (name, target, rest); None when the text is not a command."""
+    match = _COMMAND.match(text.strip())
+    if match is None:
+        return None
+    name, target, rest = match.groups()
+    return name.lower(), target, (rest or "").strip()
+
+
+def conversation_key(chat_id: int, thread_id: int | None) -> str:
+    return f"telegram:{chat_id}" if thread_id is None else f"telegram:{chat_id}:{thread_id}"
+
+
+def _topic(message: Message) -> int | None:
+    """The forum topic of a message (only real topic messages: replies in plain groups carry thread ids too)."""
+    return message.message_thread_id if message.is_topic_message and message.message_thread_id else None
+
+
+def _names_of(*ids: Any, username: str | None = None) -> set[str]:
+    names = {str(i) for i in ids if i is not None}
+    if username:
+        names.add(username.lower())
+    return names
+
+
+def _allowlist(values: frozenset[str]) -> set[str]:
+    return {v.strip().lstrip("@").lower() for v in values}
+
+
+class _RedactToken(logging.Filter):
+    """Replaces the bot token in log records (even `autocode -v` must not write it anywhere)."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.token and self.token in message:
+            record.msg, record.args = message.replace(self.token, "<TELEGRAM_BOT_TOKEN>"), None
+        return True
+
+
+class _Pacer:
+    """At most one progress edit per interval and chat (slower in groups)."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, float] = {}
+
+    def delay(self, chat_id: int) -> float:
+        return max(0.0, self._next.get(chat_id, 0.0) - time.monotonic())
+
+    def mark(self, chat_id: int, group: bool) -> None:
+        self._next[chat_id] = time.monotonic() + (GROUP_EDIT_SECONDS if group else PRIVATE_EDIT_SECONDS)
+
+
+@dataclass
+class _RunView:
+    """One run's rendering: its events queue up here and one task turns them into Telegram calls."""
+
+    run_id: str
+    progress: Progress
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    shown: str = ""
+    finished_queued: bool = False
+    task: asyncio.Task | None = None
+
+    def push(self, event: RunEvent) -> None:
+        if isinstance(event, RunFinished):
+            self.finished_queued = True
+        self.queue.put_nowait(event)
+
+
+class TelegramAdapter:
+    """The Telegram front door of `autocode serve`."""
+
+    name = NAME
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.storage = runtime.storage
+        self.scheduler = runtime.scheduler
+        self.webhook_mode = bool(self.settings.telegram_webhook_url)
+        # Telegram sends back whatever secret we register; without one configured, a fresh one per start.
+        self._secret = self.settings.telegram_webhook_secret or secrets.token_urlsafe(32)
+        self._allowed_chats = _allowlist(self.settings.telegram_allowed_chats)
+        self._allowed_users = _allowlist(self.settings.telegram_allowed_users)
+        self.app = self._build_application()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._username = ""
+        self._bot_id = 0
+        self._views: dict[str, _RunView] = {}
+        self._done: OrderedDict[str, None] = OrderedDict()  # runs rendered to the end, or not ours
+        self._seen: OrderedDict[int, None] = OrderedDict()  # update ids already handled
+        self._tasks: set[asyncio.Task] = set()
+        self._pacer = _Pacer()
+        runtime.events.subscribe(self._on_event)
+
+    def _build_application(self) -> Application:
+        redact = _RedactToken(self.settings.telegram_bot_token or "")
+        for name in (*_PTB_BOT_LOGGERS, __name__):
+            logging.getLogger(name).addFilter(redact)
+        builder = ApplicationBuilder().token(self.settings.telegram_bot_token or "")
+        builder = builder.rate_limiter(AIORateLimiter(max_retries=3))
+        api = (self.settings.telegram_api_url or "").rstrip("/")
+        if api:
+            builder = builder.base_url(f"{api}/bot").base_file_url(f"{api}/file/bot")
+        if self.webhook_mode:
+            builder = builder.updater(None)
+        app = builder.build()
+        app.add_handler(TypeHandler(Update, self._on_update))
+        app.add_error_handler(self._on_error)
+        return app
+
+    # --- life cycle ---------------------------------------------------------------------------------------------
+    @property
+    def routes(self) -> list[BaseRoute]:
+        return [Route(WEBHOOK_PATH, self._webhook, methods=["POST"])] if self.webhook_mode else []
+
+    async def start(self) -> None:
+        try:
+            await self.app.initialize()  # getMe
+        except InvalidToken:
+            raise RuntimeError("Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather.") from None
+        except TelegramError as exc:
+            raise RuntimeError(f"Telegram: the Bot API is not reachable ({exc}).") from None
+        self._username, self._bot_id = self.app.bot.username, self.app.bot.id
+        try:
+            await self.app.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS])
+        except TelegramError as exc:
+            log.warning("telegram: setMyCommands failed: %s", exc)
+        try:
+            if self.webhook_mode:
+                await self.app.bot.set_webhook(self.settings.telegram_webhook_url, secret_token=self._secret,
+                                               allowed_updates=ALLOWED_UPDATES)
+            await self.app.start()
+            if not self.webhook_mode:  # start_polling deletes any webhook first
+                await self.app.updater.start_polling(allowed_updates=ALLOWED_UPDATES,
+                                                     error_callback=self._on_polling_error)
+        except TelegramError as exc:
+            if self.app.running:
+                await self.app.stop()
+            await self.app.shutdown()
+            what = "setWebhook" if self.webhook_mode else "deleteWebhook"
+            raise RuntimeError(f"Telegram: {what} failed at start ({exc}).") from None
+        self._ready.set()
+        log.info("telegram: @%s ready (%s)", self._username, "webhook" if self.webhook_mode else "long polling")
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self.app.updater is not None and self.app.updater.running:
+            await self.app.updater.stop()
+        # Let answers being sent right now go out; views still waiting for events end here.
+        finishing = [v.task for v in self._views.values() if v.finished_queued and v.task] + list(self._tasks)
+        if finishing:
+            await asyncio.wait(finishing, timeout=10)
+        for task in [v.task for v in self._views.values() if v.task] + list(self._tasks):
+            task.cancel()
+        if self.app.running:
+            await self.app.stop()
+        await self.app.shutdown()
+
+    async def notify_interrupted(self, run: dict[str, Any]) -> None:
+        route = self.storage.reply_to(run["id"])
+        if not route.get("chat_id"):
+            return
+        await self._send(route, INTERRUPTED_MESSAGE, reply_to=route.get("message_id"))
+        if route.get("progress_message_id"):
+            progress = Progress(run["task"], status="interrupted")
+            await self._edit(route, route["progress_message_id"], progress.render(), markup=None)
+
+    # --- incoming ---------------------------------------------------------------------------------------------
+    async def _webhook(self, request: Request) -> Response:
+        sent = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), self._secret.encode()):
+            return Response("forbidden", status_code=403)
+        if not self._ready.is_set() or self._closed:
+            return Response("starting", status_code=503)  # Telegram delivers it again later
+        try:
+            update = Update.de_json(await request.json(), self.app.bot)
+        except (ValueError, TypeError, KeyError):
+            return Response("bad update", status_code=400)
+        await self.app.process_update(update)  # stores the task before Telegram gets its 200
+        return Response("ok")
+
+    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if self._already_seen(update.update_id):
+            return
+        if update.callback_query is not None:
+            self._handle_callback(update.callback_query)
+        elif update.message is not None:
+            self._handle_message(update.update_id, update.message)
+
+    def _already_seen(self, update_id: int) -> bool:
+        if update_id in self._seen:
+            return True
+        self._seen[update_id] = None
+        if len(self._seen) > SEEN_UPDATES:
+            self._seen.popitem(last=False)
+        return False
+
+    def _handle_message(self, update_id: int, message: Message) -> None:
+        user = message.from_user
+        if user is None or user.is_bot:
+            return
+        chat = message.chat
+        private = chat.type == ChatType.PRIVATE
+        route = {"chat_id": chat.id, "thread_id": _topic(message), "message_id": message.message_id,
+                 "chat_type": chat.type, "user_id": user.id}
+        text = message.text
+        if text is None:
+            if private:
+                self._spawn(self._send(route, "Please send the task as a text message.",
+                                       reply_to=message.message_id))
+            return
+        command = parse_command(text)
+        if command is not None:
+            name, target, rest = command
+            if target is not None and target.lower() != self._username.lower():
+                return  # /cmd@OtherBot
+            if name != "run" and not hasattr(self, f"_command_{name}") and not (private or target):
+                return  # an unknown general command in a group is probably another bot's
+            task: str | None = rest if name == "run" else None
+        else:
+            name, task = "", self._addressed_text(message, private)
+            if task is None:
+                return  # group chatter not meant for the bot
+        refusal = self._refusal(chat, user)
+        if refusal:
+            self._spawn(self._send(route, refusal, reply_to=message.message_id))
+            return
+        if name and name != "run":
+            handler = getattr(self, f"_command_{name}", None)
+            reply = handler(route, user) if handler else "I don't know that command; /help lists what I understand."
+            self._spawn(self._answer_command(route, reply))
+            return
+        self._submit(update_id, route, user, task or "")
+
+    def _addressed_text(self, message: Message, private: bool) -> str | None:
+        """The task in a message addressed to the bot (private chat, mention, reply to the bot), else None."""
+        text = message.text or ""
+        if private:
+            return text
+        mentions = [found for entity, found in message.parse_entities(
+            [MessageEntity.MENTION, MessageEntity.TEXT_MENTION]).items()
+            if (entity.type == MessageEntity.MENTION and found[1:].lower() == self._username.lower())
+            or (entity.user is not None and entity.user.id == self._bot_id)]
+        for found in mentions:
+            text = text.replace(found, " ", 1)
+        replied = message.reply_to_message
+        to_bot = (replied is not None and replied.from_user is not None and replied.from_user.id == self._bot_id
+                  and replied.forum_topic_created is None)
+        return text.strip() if mentions or to_bot else None
+
+    def _refusal(self, chat: Chat, user: User) -> str | None:
+        if self._allowed_chats and not _names_of(chat.id, username=chat.username) & self._allowed_chats:
+            return "Sorry, AutoCode is not enabled in this chat."
+        if self._allowed_users and not _names_of(user.id, username=user.username) & self._allowed_users:
+            return "Sorry, you are not on the list of people who may use this AutoCode bot."
+        return None
+
+    def _submit(self, update_id: int, route: dict[str, Any], user: User, task: str) -> None:
+        if not task.strip():
+            self._spawn(self._send(route, "Send /run followed by what you want done, e.g. /run sum 1 to 100.",
+                                   reply_to=route["message_id"]))
+            return
+        submission = self.scheduler.submit(
+            task, conversation_key(route["chat_id"], route["thread_id"]), user=f"telegram:{user.id}",
+            adapter=NAME, delivery_id=f"telegram:{self._bot_id}:{update_id}", reply_to=route)
+        if submission.status == "refused":
+            self._spawn(self._send(route, submission.message, reply_to=route["message_id"]))
+        elif submission.status == "queued" and submission.run_id:
+            run = self.storage.get_run(submission.run_id)
+            if run is not None:
+                self._open_view(run)
+        # duplicate: the first delivery already answers
+
+    def _handle_callback(self, query: CallbackQuery) -> None:
+        self._spawn(self._callback(query))
+
+    async def _callback(self, query: CallbackQuery) -> None:
+        data = query.data or ""
+        if not data.startswith("cancel:"):
+            await self._answer_query(query, "")
+            return
+        run_id = data.removeprefix("cancel:")
+        run = self.storage.get_run(run_id)
+        chat = query.message.chat if query.message is not None else None
+        route = self.storage.reply_to(run_id) if run else {}
+        if run is None or run["adapter"] != NAME or chat is None or route.get("chat_id") != chat.id:
+            await self._answer_query(query, "This task is not known here.")
+            return
+        refusal = self._refusal(chat, query.from_user)
+        if refusal:
+            await self._answer_query(query, refusal)
+            return
+        if chat.type != ChatType.PRIVATE and run["user"] != f"telegram:{query.from_user.id}":
+            await self._answer_query(query, "Only the person who asked can cancel this task.")
+            return
+        if run["status"] not in ("queued", "running"):
+            await self._answer_query(query, "This task has already finished.")
+            return
+        await self._answer_query(query, "Cancelling…")
+        await self._cancel(run_id)
+
+    async def _cancel(self, run_id: str) -> str | None:
+        status = await self.scheduler.cancel(run_id)
+        view = self._views.get(run_id)
+        if status == "cancelled" and view is not None and not view.finished_queued:
+            # A run cancelled while queued never started, so no RunFinished comes: finish the view ourselves.
+            run = self.storage.get_run(run_id) or {}
+            view.push(RunFinished(run_id, "cancelled", "", run.get("error"), 0, self.storage.usage(run_id)))
+        return status
+
+    async def _answer_query(self, query: CallbackQuery, text: str) -> None:
+        try:
+            await query.answer(text or None)
+        except TelegramError as exc:
+            log.warning("telegram: answerCallbackQuery failed: %s", exc)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("telegram: handling an update failed: %r", context.error, exc_info=context.error)
+
+    def _on_polling_error(self, error: TelegramError) -> None:
+        log.warning("telegram: getUpdates failed (PTB retries): %s", error)
+
+    # --- commands (they return the reply text) ----------------------------------------------------------------
+    def _command_start(self, route: dict[str, Any], user: User) -> str:
+        return HELP
+
+    _command_help = _command_start
+
+    def _command_reset(self, route: dict[str, Any], user: User) -> str:
+        removed = self.storage.clear_conversation(conversation_key(route["chat_id"], route["thread_id"]))
+        return f"History cleared ({removed} messages). The next task starts fresh."
+
+    def _command_history(self, route: dict[str, Any], user: User) -> str:
+        runs = self.storage.list_runs(conversation_key(route["chat_id"], route["thread_id"]), limit=10)
+        if not runs:
+            return "No tasks yet in this conversation."
+        lines = [f"{_STATUS_MARKS.get(r['status'], '·')} {(r['created_at'] or '')[:16].replace('T', ' ')} "
+                 f"{' '.join(r['task'].split())[:80]}" for r in runs]
+        return "Recent tasks here (newest first):\n" + "\n".join(lines)
+
+    def _command_usage(self, route: dict[str, Any], user: User) -> str:
+        used = self.scheduler.daily_tokens(f"telegram:{user.id}")
+        budget = self.settings.daily_tokens_per_user
+        mine = f"Your LLM tokens in the last 24 hours: {used:,}" + (f" of {budget:,}." if budget else ".")
+        here = self.storage.tokens_used(conversation=conversation_key(route["chat_id"], route["thread_id"]))
+        return (f"{mine}\nThis conversation: {here['runs']} tasks, {here['llm_calls']} LLM calls, "
+                f"{here['prompt_tokens'] + here['completion_tokens']:,} tokens.")
+
+    def _command_cancel(self, route: dict[str, Any], user: User) -> str:
+        """Cancels (in the background) the user's active runs here; in a private chat, every active run."""
+        mine = f"telegram:{user.id}"
+        active = [r for r in self.storage.list_runs(conversation_key(route["chat_id"], route["thread_id"]))
+                  if r["status"] in ("queued", "running")
+                  and (route["chat_type"] == ChatType.PRIVATE or r["user"] == mine)]
+        if not active:
+            return "Nothing of yours is running here."
+        for run in active:
+            self._spawn(self._cancel(run["id"]))
+        return f"Cancelling {len(active)} task{'s' if len(active) > 1 else ''}."
+
+    async def _answer_command(self, route: dict[str, Any], text: str) -> None:
+        await self._send(route, text, reply_to=route["message_id"])
+
+    # --- run events → the chat ------------------------------------------------------------------------------
+    def _on_event(self, event: RunEvent) -> None:
+        if self._closed or event.run_id in self._done:
+            return
+        view = self._views.get(event.run_id)
+        if view is None:
+            run = self.storage.get_run(event.run_id)
+            if run is None or run["adapter"] != NAME:
+                self._forget(event.run_id)  # another adapter's run: no more lookups for it
+                return
+            view = self._open_view(run)
+        view.push(event)
+
+    def _open_view(self, run: dict[str, Any]) -> _RunView:
+        view = self._views.get(run["id"])
+        if view is None:
+            view = _RunView(run["id"], Progress(run["task"]))
+            self._views[run["id"]] = view
+            view.task = asyncio.create_task(self._render(view), name=f"telegram-run-{run['id']}")
+            view.task.add_done_callback(lambda _, run_id=run["id"]: self._closed_view(run_id))
+        return view
+
+    def _closed_view(self, run_id: str) -> None:
+        self._views.pop(run_id, None)
+        self._forget(run_id)
+
+    def _forget(self, run_id: str) -> None:
+        self._done[run_id] = None
+        if len(self._done) > SEEN_UPDATES:
+            self._done.popitem(last=False)
+
+    async def _render(self, view: _RunView) -> None:
+        """Show the run's progress (paced edits of one message), then its answer, log and files."""
+        try:
+            await self._ready.wait()
+            route = self.storage.reply_to(view.run_id)
+            if not route.get("chat_id"):
+                return
+            group = route.get("chat_type") != ChatType.PRIVATE
+            if not route.get("progress_message_id"):
+                view.shown = view.progress.render()
+                sent = await self._send(route, view.shown, reply_to=route.get("message_id"),
+                                        markup=self._cancel_markup(view.run_id))
+                if sent is not None:
+                    route = self.storage.update_reply_to(view.run_id, progress_message_id=sent.message_id)
+                self._pacer.mark(route["chat_id"], group)
+            while view.progress.finished is None:
+                dirty = view.progress.render() != view.shown
+                try:
+                    event = await asyncio.wait_for(view.queue.get(),
+                                                   self._pacer.delay(route["chat_id"]) if dirty else None)
+                except TimeoutError:
+                    await self._show_progress(view, route, group, final=False)
+                    continue
+                view.progress.apply(event)
+                while not view.queue.empty() and view.progress.finished is None:
+                    view.progress.apply(view.queue.get_nowait())
+            await self._deliver(view, route, group)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("telegram: rendering run %s failed", view.run_id)
+
+    async def _show_progress(self, view: _RunView, route: dict[str, Any], group: bool, final: bool) -> None:
+        text = view.progress.render()
+        if text == view.shown:
+            return
+        if not route.get("progress_message_id"):  # it could not be sent: nothing to edit
+            view.shown = text
+            return
+        if final:
+            await asyncio.sleep(self._pacer.delay(route["chat_id"]))
+        markup = None if final else self._cancel_markup(view.run_id)
+        await self._edit(route, route["progress_message_id"], text, markup=markup)
+        view.shown = text
+        self._pacer.mark(route["chat_id"], group)
+
+    async def _deliver(self, view: _RunView, route: dict[str, Any], group: bool) -> None:
+        """The end of a run: answer (reply to the task), final progress state, log and files (replies to it)."""
+        finished = view.progress.finished
+        assert finished is not None
+        run = self.storage.get_run(view.run_id) or {"id": view.run_id, "task": view.progress.task}
+        text = finished.answer if finished.status == "succeeded" and finished.answer else \
+            "\n\n".join(p for p in (failure_text(finished.status, finished.error), finished.answer) if p)
+        plan = answer_plan(text, self.runtime.run_url(run))
+        answer_id = None
+        for html_text, plain in plan.parts:
+            sent = await self._send(route, html_text, plain=plain, reply_to=route.get("message_id"))
+            if sent is not None and answer_id is None:
+                answer_id = sent.message_id
+        if plan.document is not None:
+            await self._send_file(route, "answer.md", "text/markdown", plan.document, answer_id, photo=False)
+        if answer_id is not None:
+            route = self.storage.update_reply_to(view.run_id, answer_message_id=answer_id)
+        await self._show_progress(view, route, group, final=True)
+        reply_to = answer_id or route.get("message_id")
+        if finished.status != "cancelled" or self.storage.steps(view.run_id):
+            log_out = log_plan(run, self.storage.steps(view.run_id), self.storage.evaluations(view.run_id))
+            for html_text in log_out.messages:
+                await self._send(route, html_text, plain=html_to_plain(html_text), reply_to=reply_to)
+            if log_out.document is not None:
+                await self._send_file(route, f"run-{view.run_id}-log.md", "text/markdown", log_out.document, reply_to,
+                                      photo=False)
+        for artifact in self.storage.artifacts(view.run_id, with_data=True):
+            await self._send_file(route, artifact["name"], artifact["mime"], artifact["data"], reply_to)
+
+    # --- Telegram calls (failures are logged, never raised into the run) ------------------------------------
+    def _cancel_markup(self, run_id: str) -> InlineKeyboardMarkup:
+        return InlineKeyboardMarkup([[InlineKeyboardButton("Cancel", callback_data=f"cancel:{run_id}")]])
+
+    @staticmethod
+    def _where(route: dict[str, Any], reply_to: int | None) -> dict[str, Any]:
+        where: dict[str, Any] = {"chat_id": route["chat_id"]}
+        if route.get("thread_id"):
+            where["message_thread_id"] = route["thread_id"]
+        if reply_to:
+            where["reply_parameters"] = ReplyParameters(reply_to, allow_sending_without_reply=True)
+        return where
+
+    async def _send(self, route: dict[str, Any], text: str, *, plain: str | None = None, reply_to: int | None = None,
+                    markup: InlineKeyboardMarkup | None = None) -> Message | None:
+        """A message; with `plain` the text is HTML and `plain` is what goes out if Telegram rejects the markup."""
+        where = self._where(route, reply_to)
+        try:
+            if plain is None:
+                return await self.app.bot.send_message(text=text, reply_markup=markup, **where)
+            try:
+                return await self.app.bot.send_message(text=text, parse_mode=ParseMode.HTML, reply_markup=markup,
+                                                       **where)
+            except BadRequest as exc:
+                log.warning("telegram: HTML message rejected (%s); sending it as plain text", exc.message)
+                return await self.app.bot.send_message(text=plain, reply_markup=markup, **where)
+        except TelegramError as exc:
+            log.warning("telegram: sendMessage to chat %s failed: %s", route["chat_id"], exc)
+            return None
+
+    async def _edit(self, route: dict[str, Any], message_id: int, text: str,
+                    markup: InlineKeyboardMarkup | None) -> None:
+        try:
+            await self.app.bot.edit_message_text(text, chat_id=route["chat_id"], message_id=message_id,
+                                                 reply_markup=markup)
+        except BadRequest as exc:
+            if "not modified" not in exc.message.lower():
+                log.warning("telegram: editMessageText in chat %s failed: %s", route["chat_id"], exc)
+        except TelegramError as exc:
+            log.warning("telegram: editMessageText in chat %s failed: %s", route["chat_id"], exc)
+
+    async def _send_file(self, route: dict[str, Any], name: str, mime: str, data: bytes, reply_to: int | None,
+                         photo: bool = True) -> None:
+        """Images as photos (a document when Telegram will not take them as one), everything else as documents."""
+        where = self._where(route, reply_to)
+        caption = name[:1024]
+        try:
+            if photo and mime in IMAGE_TYPES and len(data) <= MAX_PHOTO_BYTES:
+                try:
+                    await self.app.bot.send_photo(photo=InputFile(data, filename=name), caption=caption, **where)
+                    return
+                except BadRequest as exc:
+                    log.warning("telegram: sendPhoto %s rejected (%s); sending it as a document", name, exc.message)
+            await self.app.bot.send_document(document=InputFile(data, filename=name), caption=caption, **where)
+        except TelegramError as exc:
+            log.warning("telegram: sending %s to chat %s failed: %s", name, route["chat_id"], exc)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Telegram calls that must not hold up the update (or the webhook's 200): run them beside it."""
+        task = asyncio.create_task(self._guarded(coroutine))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await self._ready.wait()
+            await coroutine
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("telegram: background call failed")

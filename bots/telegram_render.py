@@ -1,0 +1,265 @@
+"""What the Telegram chat sees of a run: the progress message, the answer in safe HTML split at line boundaries,
+and the execution log — pure functions, no network, so the rules (4,096 characters, escaping) live in one place.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from agent_core.events import (
+    EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+)
+
+MAX_TEXT = 4096  # Telegram's limit for a message, counted after entity parsing
+MAX_CAPTION = 1024
+# An answer needing more messages than this goes out as a document (with a short preview message).
+MAX_ANSWER_PARTS = 4
+MAX_LOG_MESSAGES = 4
+PREVIEW_CHARS = 1500
+PROGRESS_LINES = 30  # the progress message keeps the newest lines; the log has everything
+
+FINAL_HEADERS = {
+    "succeeded": "✅ Done",
+    "failed": "❌ Failed",
+    "cancelled": "🚫 Cancelled",
+    "interrupted": "⚠️ Interrupted by a restart",
+}
+
+
+def escape(text: str) -> str:
+    """Text for HTML parse mode: only <, > and & are special there."""
+    return html.escape(text, quote=False)
+
+
+def html_to_plain(text: str) -> str:
+    """The plain-text fallback of HTML we built ourselves (every tag is ours, all content is escaped)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", text))
+
+
+def clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- splitting
+
+
+def _wrap_line(line: str, limit: int, measure: Callable[[str], int]) -> list[str]:
+    """A line too long for one message, cut into pieces (at a space where possible); nothing is dropped."""
+    pieces: list[str] = []
+    while measure(line) > limit:
+        cut = limit
+        while cut > 1 and measure(line[:cut]) > limit:  # escaping may make the text longer
+            cut -= max(1, cut // 8)
+        space = line.rfind(" ", 0, cut)
+        if space > cut // 2:
+            cut = space + 1  # the space stays at the end of the piece
+        pieces.append(line[:cut])
+        line = line[cut:]
+    pieces.append(line)
+    return pieces
+
+
+def split_text(text: str, limit: int = MAX_TEXT, measure: Callable[[str], int] = len) -> list[str]:
+    """Split `text` into chunks whose `measure` fits `limit`, at line boundaries (the newline between two chunks
+    is dropped); a single over-long line is cut inside. Blank-only chunks are skipped (Telegram rejects them).
+    `measure` must add up over concatenation (len, escaped length)."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+
+    def flush() -> None:
+        joined = "\n".join(current)
+        if joined.strip():
+            chunks.append(joined)
+        current.clear()
+
+    for line in text.split("\n"):
+        for piece in _wrap_line(line, limit, measure):
+            piece_size = measure(piece)
+            if current and size + 1 + piece_size > limit:
+                flush()
+            size = piece_size if not current else size + 1 + piece_size
+            current.append(piece)
+    flush()
+    return chunks
+
+
+def escaped_length(text: str) -> int:
+    return len(escape(text))
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How an answer goes out: HTML message parts (with their plain-text fallbacks), or a document."""
+
+    parts: list[tuple[str, str]]  # (html, plain)
+    document: bytes | None = None  # the whole answer, when it is too long for messages
+
+
+def answer_plan(answer: str, link: str | None) -> AnswerPlan:
+    """The final answer: escaped HTML split at line boundaries, the "Full log" link in the last part; very long
+    answers become `answer.md` with a preview message. Nothing is ever cut silently."""
+    link_html = f'\n\n<a href="{html.escape(link)}">Full log</a>' if link else ""
+    link_plain = f"\n\nFull log: {link}" if link else ""
+    room = MAX_TEXT - max(len(link_html), len(link_plain))
+    chunks = split_text(answer, room, escaped_length) or ["(empty answer)"]
+    if len(chunks) <= MAX_ANSWER_PARTS:
+        parts = [(escape(chunk), chunk) for chunk in chunks]
+        last_html, last_plain = parts[-1]
+        parts[-1] = (last_html + link_html, last_plain + link_plain)
+        return AnswerPlan(parts)
+    preview = split_text(answer, PREVIEW_CHARS, escaped_length)[0]
+    note = (f"\n\n… the full answer ({len(answer):,} characters) is attached as answer.md.")
+    return AnswerPlan([(escape(preview) + escape(note) + link_html, preview + note + link_plain)],
+                      answer.encode())
+
+
+def failure_text(status: str, error: str | None) -> str:
+    if status == "cancelled":
+        return "Cancelled."
+    if status == "interrupted":
+        return error or "AutoCode restarted while this task was running; please send it again."
+    return f"Sorry, that did not work: {error or 'no answer was produced.'}"
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+@dataclass
+class Progress:
+    """The state shown in the progress message, updated from run events."""
+
+    task: str
+    status: str = "queued"
+    plan: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    iteration: int = 1
+    finished: RunFinished | None = None
+
+    def apply(self, event: RunEvent) -> None:
+        match event:
+            case RunStarted():
+                self.status = "running"
+            case PlanReady(steps=steps):
+                self.plan = list(steps)
+            case StepStarted(index=i, total=n, tool_name=name, iteration=iteration):
+                self.iteration = iteration
+                self.lines.append(f"⏳ {i}/{n} {name} …")
+            case StepFinished(index=i, total=n, tool_name=name, ok=ok, duration_ms=ms, error=error):
+                line = f"✅ {i}/{n} {name} · {ms / 1000:.1f} s" if ok else \
+                    f"❌ {i}/{n} {name} · {clip(error or 'failed', 200)}"
+                if self.lines and self.lines[-1].startswith(f"⏳ {i}/{n} {name}"):
+                    self.lines[-1] = line
+                else:
+                    self.lines.append(line)
+            case EvaluationDone(satisfactory=False, thoughts=thoughts):
+                self.lines.append(f"🔁 not yet: {clip(thoughts, 200)}")
+            case RepairPlanned(retry_from=name, iteration=iteration):
+                self.lines.append(f"🔧 iteration {iteration}: repairing from {name}")
+            case RunFinished() as finished:
+                self.status = finished.status
+                self.finished = finished
+
+    def render(self) -> str:
+        if self.status in FINAL_HEADERS:
+            head = FINAL_HEADERS[self.status]
+        elif self.status == "running":
+            head = "⏳ Working"
+        else:
+            head = "🕒 Queued"
+        out = [f"{head}: {clip(self.task, 300)}"]
+        if self.plan:
+            out.append("Plan: " + clip(" → ".join(self.plan), 600))
+        lines = self.lines
+        if len(lines) > PROGRESS_LINES:
+            lines = [f"… {len(lines) - PROGRESS_LINES} earlier lines in the log", *lines[-PROGRESS_LINES:]]
+        out.extend(lines)
+        if self.finished is not None:
+            usage = self.finished.usage
+            out.append(f"{usage.get('llm_calls', 0)} LLM calls · "
+                       f"{usage.get('prompt_tokens', 0) + usage.get('completion_tokens', 0)} tokens")
+        text = "\n".join(out)
+        return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- the log
+
+
+def _output_text(step: dict[str, Any]) -> str:
+    raw = step.get("output_json")
+    if raw is None:
+        return ""
+    try:
+        return json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
+    except ValueError:
+        return raw
+
+
+def _step_sections(step: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(label, language, body) of what a step left: code, output, stdout, stderr, error and traceback."""
+    sections = [("Code", "python", step.get("code") or "")]
+    for label, language, body in (("Output", "json", _output_text(step)), ("stdout", "", step.get("stdout") or ""),
+                                  ("stderr", "", step.get("stderr") or ""), ("Error", "", step.get("error") or ""),
+                                  ("Traceback", "", step.get("traceback") or "")):
+        if body.strip():
+            sections.append((label, language, body.rstrip()))
+    return sections
+
+
+def _step_title(step: dict[str, Any]) -> str:
+    status = step.get("status") or "?"
+    return (f"Step {step.get('iteration')}.{(step.get('position') or 0) + 1} {step.get('tool_name')} — "
+            f"{status}, {step.get('duration_ms') or 0} ms")
+
+
+def step_html(step: dict[str, Any]) -> str:
+    out = [f"<b>{escape(_step_title(step))}</b>"]
+    if step.get("description"):
+        out.append(f"<i>{escape(step['description'])}</i>")
+    for label, language, body in _step_sections(step):
+        if language:
+            out.append(f'{label}:\n<pre><code class="language-{language}">{escape(body)}</code></pre>')
+        else:
+            out.append(f"{label}:\n<pre>{escape(body)}</pre>")
+    return "\n".join(out)
+
+
+def log_markdown(run: dict[str, Any], steps: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> str:
+    """The whole execution log as one Markdown document: each iteration's steps, then its evaluation."""
+    out = [f"# Execution log of run {run['id']}", "", f"Task: {run['task']}", "", f"Status: {run['status']}"]
+    judged = {e["iteration"]: e for e in evaluations}
+    for iteration in sorted({s.get("iteration") or 0 for s in steps}):
+        for step in (s for s in steps if (s.get("iteration") or 0) == iteration):
+            out += ["", f"## {_step_title(step)}"]
+            if step.get("description"):
+                out += ["", step["description"]]
+            for label, language, body in _step_sections(step):
+                fence = "````" if "```" in body else "```"
+                out += ["", f"{label}:", "", f"{fence}{language}", body, fence]
+        verdict = judged.get(iteration)
+        if verdict is not None:
+            verdict_text = "satisfactory" if verdict["satisfactory"] else "not satisfactory"
+            out += ["", f"Evaluation of iteration {iteration}: {verdict_text} — {verdict['thoughts']}"]
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class LogPlan:
+    messages: list[str]  # HTML messages, one per step
+    document: bytes | None = None
+
+
+def log_plan(run: dict[str, Any], steps: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> LogPlan:
+    """One reply per step while that stays short; otherwise a single `.md` document."""
+    if not steps:
+        return LogPlan([])
+    messages = [step_html(step) for step in steps]
+    visible = [len(html.unescape(m)) for m in messages]  # an upper bound: the tags are counted too
+    if len(messages) <= MAX_LOG_MESSAGES and max(visible) <= MAX_TEXT:
+        return LogPlan(messages)
+    return LogPlan([], log_markdown(run, steps, evaluations).encode())

@@ -1,0 +1,533 @@
+"""The Telegram adapter end to end: `autocode serve` as a subprocess, python-telegram-bot's own HTTP client talking
+to a fake Bot API server (tests/fakes/telegram_server.py) over real HTTP, and a scripted OpenAI-compatible LLM that
+plans from the task text (the mini-language of tests/server_helpers.py, plus `answer=KEY` for a scripted final
+answer and `plot` for a step that writes outputs/plot.png)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+
+from tests.conftest import plan, subtask, verdict
+from tests.fakes.telegram_server import Call, FakeTelegram, visible_text
+from tests.server_helpers import ScriptedLLM, Serve, db_rows, free_port, serve_env, wait_for
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
+
+TOKEN = "123456:TEST-secret-token-never-logged"
+BOT = "AutoCodeTestBot"
+PUBLIC_URL = "http://autocode.example"
+UID_BASE = 84000
+# Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
+ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, -1001001, -1001002]
+STRANGER = 7666
+WAIT = 60
+
+LONG_ANSWER = "\n".join(f"line {i:03d}: a < b && c > d — {'x' * (i % 50)}" for i in range(300))[:10_000].rstrip()
+HUGE_ANSWER = "\n".join(f"row {i:04d} & more <data>" for i in range(1000))
+TRICKY_ANSWER = ("If a < b && c > d then print('<b>not bold</b>') — **stars**, _underscores_, `ticks`, "
+                 "[a link](http://example.com) & &amp; stays literal.")
+ANSWERS = {"long": LONG_ANSWER, "huge": HUGE_ANSWER, "tricky": TRICKY_ANSWER}
+
+PLOT_STEP = subtask("draw", textwrap.dedent("""
+    def draw():
+        import struct, zlib
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        raw = b"".join(b"\\x00" + b"\\x00\\x80\\xff" * 4 for _ in range(4))
+        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        with open("outputs/plot.png", "wb") as f:
+            f.write(png)
+        return {"plot": "outputs/plot.png", "bytes": len(png)}
+"""))
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def scripted_llm() -> ScriptedLLM:
+    """ScriptedLLM, plus `answer=KEY` (the evaluator answers ANSWERS[KEY]) and `plot` (a step that draws a PNG)."""
+    llm = ScriptedLLM()
+    fallback = llm._respond
+
+    def respond(body: dict[str, Any]) -> dict[str, Any]:
+        kind = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
+        prompt = "\n".join(str(m.get("content")) for m in body.get("messages", []) if m.get("role") != "system")
+        tasks = re.findall(r"^Task: (.*)$", prompt, re.MULTILINE)
+        task = tasks[-1] if tasks else ""
+        key = re.search(r"\banswer=(\w+)", task)
+        if kind == "evaluation" and key:
+            return {"json": verdict(ANSWERS[key.group(1)])}
+        if kind == "plan" and "plot" in task.split():
+            return {"json": plan(PLOT_STEP)}
+        if kind == "evaluation" and "plot" in task.split():
+            return {"json": verdict("Here is the plot.")}
+        return fallback(body)
+
+    llm.fake.responder(respond)
+    return llm
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with scripted_llm() as scripted:
+        yield scripted
+
+
+@pytest.fixture(scope="module")
+def tg():
+    with FakeTelegram(TOKEN, BOT) as fake:
+        yield fake
+
+
+def telegram_env(llm: ScriptedLLM, db: Path, api_url: str, uid_base: int, **extra: str) -> dict[str, str]:
+    return serve_env(llm, db, TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_API_URL=api_url, AUTOCODE_PUBLIC_URL=PUBLIC_URL,
+                     AUTOCODE_SANDBOX_UID_BASE=str(uid_base), AUTOCODE_SANDBOX_MAX_WORKERS="64", **extra)
+
+
+@pytest.fixture(scope="module")
+def bot(llm, tg, tmp_path_factory):
+    """One long-polling `autocode serve` for the tests that share its configuration."""
+    directory = tmp_path_factory.mktemp("telegram-serve")
+    env = telegram_env(llm, directory / "autocode.db", tg.api_url, UID_BASE,
+                       TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED))
+    server = Serve(env, directory / "serve.log", directory)
+    try:
+        server.wait_ready()
+        server.db = directory / "autocode.db"
+        wait_for(lambda: tg.calls_of("deleteWebhook") and tg.calls_of("setMyCommands"), WAIT, what="bot start-up")
+        yield server
+    finally:
+        server.close()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def wait_calls(tg: FakeTelegram, predicate: Callable[[Call], bool], what: str, server: Serve | None = None,
+               count: int = 1) -> list[Call]:
+    def found() -> list[Call]:
+        calls = [c for c in list(tg.calls) if c.ok and predicate(c)]
+        return calls if len(calls) >= count else []
+
+    try:
+        return wait_for(found, WAIT, interval=0.1, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{server.log_tail() if server else ''}") from None
+
+
+def runs_where(db: Path, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+    return db_rows(db, f"SELECT * FROM runs WHERE {sql} ORDER BY seq", params)
+
+
+def delivery(tg: FakeTelegram, update: dict[str, Any]) -> str:
+    return f"telegram:{tg.bot_id}:{update['update_id']}"
+
+
+def finished_run(server: Serve, tg: FakeTelegram, update: dict[str, Any]) -> dict[str, Any]:
+    """The run of an update, once it is finished."""
+    run = wait_for(lambda: runs_where(server.db, "delivery_id = ?", (delivery(tg, update),)), WAIT,
+                   what="the run of the update")[0]
+    return server.wait_status(run["id"], timeout=WAIT)
+
+
+def answer_calls(tg: FakeTelegram, chat_id: int, task_message_id: int) -> list[Call]:
+    """The answer: messages replying to the task, without the progress message's Cancel button."""
+    return [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == task_message_id
+            and not c.params.get("reply_markup")]
+
+
+def progress_call(tg: FakeTelegram, chat_id: int, task_message_id: int) -> Call:
+    (call,) = [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == task_message_id
+               and c.params.get("reply_markup")]
+    return call
+
+
+def final_edit(tg: FakeTelegram, server: Serve, chat_id: int, message_id: int) -> Call:
+    """The progress message's last edit (the one without the Cancel button)."""
+    return wait_calls(tg, lambda c: c.method == "editMessageText" and c.chat_id == chat_id
+                      and c.params["message_id"] == message_id and not c.params.get("reply_markup"),
+                      "the final progress edit", server)[-1]
+
+
+def without_footer(text: str) -> str:
+    return re.sub(r"\n\nFull log(: \S+)?$", "", text)
+
+
+def ask(tg: FakeTelegram, chat: dict[str, Any], user: dict[str, Any], text: str, **kw: Any) -> dict[str, Any]:
+    update = tg.update(message=tg.message(chat, user, text, **kw))
+    tg.queue(update)
+    return update
+
+
+def private(tg: FakeTelegram, user_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    user = tg.user(user_id, name=f"User{user_id}")
+    return tg.private_chat(user), user
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_start_registers_commands_and_polls(bot, tg):
+    (commands,) = tg.calls_of("setMyCommands")
+    names = {c["command"] for c in commands.params["commands"]}
+    assert {"run", "cancel", "history", "usage", "reset", "help"} <= names
+    assert tg.calls_of("deleteWebhook"), "long polling starts by removing any webhook"
+
+
+def test_private_task_gets_progress_edits_answer_and_log(bot, tg):
+    chat, user = private(tg, 7001)
+    update = ask(tg, chat, user, "job tag=P1 sleep=3")
+    task_id = update["message"]["message_id"]
+
+    run = finished_run(bot, tg, update)
+    assert run["status"] == "succeeded" and run["conversation"] == "telegram:7001"
+    progress = progress_call(tg, 7001, task_id)
+    button = progress.params["reply_markup"]["inline_keyboard"][0][0]
+    assert button["text"] == "Cancel" and button["callback_data"] == f"cancel:{run['id']}"
+    progress_id = progress.result["message_id"]
+    last = final_edit(tg, bot, 7001, progress_id)
+    assert last.params["text"].startswith("✅ Done") and "work" in last.params["text"]
+    edits = [c for c in tg.calls_of("editMessageText", 7001) if c.params["message_id"] == progress_id]
+    assert any("1/1 work" in c.params["text"] and c.params.get("reply_markup") for c in edits[:-1]), \
+        "a step shows up in the progress message while the run is going"
+
+    (answer,) = answer_calls(tg, 7001, task_id)
+    assert answer.params["parse_mode"] == "HTML"
+    assert visible_text(answer).startswith("tag P1")
+    assert f'<a href="{PUBLIC_URL}/runs/' in answer.params["text"]
+    logs = wait_calls(tg, lambda c: c.chat_id == 7001 and c.reply_to == answer.result["message_id"],
+                      "the execution log", bot)
+    assert "def work" in visible_text(logs[0]) and "Step 1.1 work" in visible_text(logs[0])
+
+
+def test_group_run_for_this_bot_only(bot, tg):
+    group, user = tg.group_chat(-1001001), tg.user(7101, "Grace")
+    other = ask(tg, group, user, "/run@OtherBot job tag=G0")
+    chatter = ask(tg, group, user, "good morning, team")
+    mine = ask(tg, group, user, f"/run@{BOT} job tag=G1")
+    assert finished_run(bot, tg, mine)["status"] == "succeeded"
+    (answer,) = wait_calls(tg, lambda c: c.reply_to == mine["message"]["message_id"] and c.chat_id == -1001001
+                           and "tag G1" in visible_text(c), "the group answer", bot)
+
+    text = f"@{BOT} job tag=G2"
+    mention = ask(tg, group, user, text, entities=[{"type": "mention", "offset": 0, "length": len(BOT) + 1}])
+    run = finished_run(bot, tg, mention)
+    assert run["task"] == "job tag=G2"
+    reply = ask(tg, group, user, "job tag=G3", reply_to=answer.result)
+    assert finished_run(bot, tg, reply)["status"] == "succeeded"
+
+    tasks = [r["task"] for r in runs_where(bot.db, "conversation = ?", ("telegram:-1001001",))]
+    assert tasks == ["job tag=G1", "job tag=G2", "job tag=G3"]
+    for ignored in (other, chatter):
+        assert not runs_where(bot.db, "delivery_id = ?", (delivery(tg, ignored),))
+        assert not [c for c in tg.sent_to(-1001001) if c.reply_to == ignored["message"]["message_id"]]
+
+
+def test_topic_replies_carry_the_thread_id(bot, tg):
+    forum, user = tg.group_chat(-1001002, "Forum", forum=True), tg.user(7102, "Tess")
+    first = ask(tg, forum, user, "/run job tag=T1", thread_id=77)
+    second = ask(tg, forum, user, "/run job tag=T2", thread_id=78)
+    runs = [finished_run(bot, tg, first), finished_run(bot, tg, second)]
+    assert [r["conversation"] for r in runs] == ["telegram:-1001002:77", "telegram:-1001002:78"]
+    for update, thread in ((first, 77), (second, 78)):
+        task_id = update["message"]["message_id"]
+        answer = wait_calls(tg, lambda c: c.chat_id == -1001002 and c.reply_to == task_id and
+                            not c.params.get("reply_markup"), "the topic answer", bot)[0]
+        wait_calls(tg, lambda c: c.chat_id == -1001002 and c.reply_to == answer.result["message_id"], "the log", bot)
+        progress = progress_call(tg, -1001002, task_id)
+        final_edit(tg, bot, -1001002, progress.result["message_id"])
+        mine = [c for c in tg.sent_to(-1001002) if c.method.startswith("send")
+                and c.reply_to in (task_id, answer.result["message_id"])]
+        assert len(mine) >= 3 and all(c.params.get("message_thread_id") == thread for c in mine), mine
+
+
+def test_follow_up_sees_the_history(bot, tg, llm):
+    chat, user = private(tg, 7002)
+    assert finished_run(bot, tg, ask(tg, chat, user, "job tag=H1"))["answer"] == "tag H1"
+    assert finished_run(bot, tg, ask(tg, chat, user, "job tag=H2"))["answer"] == "tag H2"
+    plans = [r for r in llm.fake.chat_requests() if "Task: job tag=H2" in json.dumps(r)
+             and (r.get("response_format") or {}).get("json_schema", {}).get("name") == "plan"]
+    assert plans and "tag H1" in json.dumps(plans[-1]), "the follow-up's planner sees the first answer"
+
+
+def test_long_answer_is_split_at_lines_and_nothing_is_lost(bot, tg):
+    chat, user = private(tg, 7003)
+    assert len(LONG_ANSWER) >= 9_900
+    update = ask(tg, chat, user, "job answer=long")
+    finished_run(bot, tg, update)
+    parts = wait_calls(tg, lambda c: c.chat_id == 7003 and c.reply_to == update["message"]["message_id"]
+                       and not c.params.get("reply_markup"), "the answer parts", bot, count=3)
+    assert 3 <= len(parts) <= 4 and all(c.params["parse_mode"] == "HTML" for c in parts)
+    texts = [visible_text(c) for c in parts]
+    assert all(len(t) <= 4096 for t in texts)
+    assert without_footer("\n".join(texts)) == LONG_ANSWER
+    assert all(re.match(r"line \d{3}: ", t) for t in texts), "every part starts at a line boundary"
+
+
+def test_huge_answer_goes_out_as_a_document(bot, tg):
+    chat, user = private(tg, 7004)
+    update = ask(tg, chat, user, "job answer=huge")
+    finished_run(bot, tg, update)
+    (document,) = wait_calls(tg, lambda c: c.method == "sendDocument" and c.chat_id == 7004
+                             and c.files["document"][0] == "answer.md", "answer.md", bot)
+    assert document.files["document"][1].decode() == HUGE_ANSWER
+    (preview,) = answer_calls(tg, 7004, update["message"]["message_id"])
+    assert "answer.md" in visible_text(preview) and visible_text(preview).startswith("row 0000 & more <data>")
+
+
+def test_markup_in_answers_is_rendered_literally(bot, tg):
+    chat, user = private(tg, 7005)
+    update = ask(tg, chat, user, "job answer=tricky")
+    finished_run(bot, tg, update)
+    (answer,) = wait_calls(tg, lambda c: c.chat_id == 7005 and c.reply_to == update["message"]["message_id"]
+                           and not c.params.get("reply_markup"), "the answer", bot)
+    assert answer.params["parse_mode"] == "HTML" and "&lt;b&gt;not bold&lt;/b&gt;" in answer.params["text"]
+    assert without_footer(visible_text(answer)) == TRICKY_ANSWER
+
+    # When Telegram rejects the markup anyway, the same answer goes out as plain text.
+    tg.fail_next("sendMessage", code=400, description="Bad Request: can't parse entities: unsupported start tag",
+                 when=lambda params: params.get("parse_mode") == "HTML" and params.get("chat_id") == 7005)
+    again = ask(tg, chat, user, "job answer=tricky again")
+    finished_run(bot, tg, again)
+    (plain,) = wait_calls(tg, lambda c: c.chat_id == 7005 and c.reply_to == again["message"]["message_id"]
+                          and not c.params.get("reply_markup") and "parse_mode" not in c.params
+                          and c.params["text"].startswith("If a"), "the plain-text answer", bot)
+    assert without_footer(plain.params["text"]) == TRICKY_ANSWER
+
+
+def test_same_update_twice_starts_one_run(bot, tg):
+    chat, user = private(tg, 7006)
+    update = tg.update(message=tg.message(chat, user, "job tag=D1"))
+    tg.queue(update, update)  # delivered twice in one batch, as after a crash between fetch and confirm
+    finished_run(bot, tg, update)
+    wait_calls(tg, lambda c: c.chat_id == 7006 and "tag D1" in visible_text(c), "the answer", bot)
+    assert len(runs_where(bot.db, "conversation = ?", ("telegram:7006",))) == 1
+    assert len([c for c in tg.calls_of("sendMessage", 7006) if c.params.get("reply_markup")]) == 1
+
+    command = tg.update(message=tg.message(chat, user, "/history"))
+    marker = tg.update(message=tg.message(chat, user, "/help"))
+    tg.queue(command, command, marker)  # the marker's reply comes after any second /history reply would
+    for update, what in ((marker, "the marker reply"), (command, "the /history reply")):
+        wait_calls(tg, lambda c: c.chat_id == 7006 and c.reply_to == update["message"]["message_id"], what, bot)
+    assert len([c for c in tg.sent_to(7006) if c.reply_to == command["message"]["message_id"]]) == 1
+
+
+def test_disallowed_chat_is_refused(bot, tg):
+    chat, user = private(tg, STRANGER)
+    update = ask(tg, chat, user, "job tag=NO")
+    (refusal,) = wait_calls(tg, lambda c: c.chat_id == STRANGER, "the refusal", bot)
+    assert refusal.reply_to == update["message"]["message_id"] and "not enabled" in refusal.params["text"]
+    assert not runs_where(bot.db, "conversation = ?", (f"telegram:{STRANGER}",))
+
+
+def test_cancel_button_cancels_the_run(bot, tg):
+    chat, user = private(tg, 7007)
+    update = ask(tg, chat, user, "job tag=C1 sleep=60")
+    run = wait_for(lambda: runs_where(bot.db, "delivery_id = ? AND status = 'running'", (delivery(tg, update),)),
+                   WAIT, what="the run to start")[0]
+    progress = wait_calls(tg, lambda c: c.chat_id == 7007 and c.params.get("reply_markup"), "progress", bot)[0]
+    wait_for(lambda: db_rows(bot.db, "SELECT 1 FROM steps WHERE run_id = ?", (run["id"],)) or
+             [c for c in tg.calls_of("editMessageText", 7007) if "1/1 work" in c.params["text"]], WAIT,
+             what="the step to start")
+    query = tg.callback(user, progress.result, f"cancel:{run['id']}")
+    tg.queue(tg.update(callback_query=query))
+    assert bot.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
+    (answered,) = wait_calls(tg, lambda c: c.method == "answerCallbackQuery", "answerCallbackQuery", bot)
+    assert answered.params["callback_query_id"] == query["id"]
+    last = final_edit(tg, bot, 7007, progress.result["message_id"])
+    assert last.params["text"].startswith("🚫 Cancelled")
+    wait_calls(tg, lambda c: c.chat_id == 7007 and c.reply_to == update["message"]["message_id"]
+               and c.params["text"].startswith("Cancelled"), "the cancellation reply", bot)
+
+
+def test_cancel_command_cancels_running_and_queued_tasks(bot, tg):
+    chat, user = private(tg, 7010)
+    running = ask(tg, chat, user, "job tag=Q1 sleep=60")
+    queued = ask(tg, chat, user, "job tag=Q2")
+    wait_for(lambda: runs_where(bot.db, "delivery_id = ? AND status = 'running'", (delivery(tg, running),)), WAIT,
+             what="the first run to start")
+    progress = [wait_calls(tg, lambda c: c.chat_id == 7010 and c.params.get("reply_markup")
+                           and c.reply_to == u["message"]["message_id"], "progress", bot)[0] for u in (running, queued)]
+    assert progress[1].params["text"].startswith("🕒 Queued")
+    command = ask(tg, chat, user, "/cancel")
+    (reply,) = wait_calls(tg, lambda c: c.chat_id == 7010 and c.reply_to == command["message"]["message_id"],
+                          "/cancel reply", bot)
+    assert reply.params["text"] == "Cancelling 2 tasks."
+    for update, call in zip((running, queued), progress):
+        assert finished_run(bot, tg, update)["status"] == "cancelled"
+        assert final_edit(tg, bot, 7010, call.result["message_id"]).params["text"].startswith("🚫 Cancelled")
+
+
+def test_plot_artifact_is_sent_as_a_photo(bot, tg):
+    chat, user = private(tg, 7008)
+    update = ask(tg, chat, user, "plot please")
+    assert finished_run(bot, tg, update)["status"] == "succeeded"
+    (photo,) = wait_calls(tg, lambda c: c.method == "sendPhoto" and c.chat_id == 7008, "sendPhoto", bot)
+    name, data = photo.files["photo"]
+    assert name == "plot.png" and data.startswith(b"\x89PNG") and photo.params["caption"] == "plot.png"
+    (answer,) = answer_calls(tg, 7008, update["message"]["message_id"])
+    assert photo.reply_to == answer.result["message_id"]
+
+
+def test_rate_limits_are_waited_out(bot, tg):
+    chat, user = private(tg, 7009)
+    tg.fail_next("sendMessage", retry_after=1, when=lambda params: params.get("chat_id") == 7009)
+    tg.fail_next("editMessageText", retry_after=1, when=lambda params: params.get("chat_id") == 7009)
+    update = ask(tg, chat, user, "job tag=R1 sleep=2")
+    finished_run(bot, tg, update)
+    (answer,) = wait_calls(tg, lambda c: c.chat_id == 7009 and "tag R1" in visible_text(c), "the answer", bot)
+    progress = progress_call(tg, 7009, update["message"]["message_id"])
+    final_edit(tg, bot, 7009, progress.result["message_id"])
+    for method in ("sendMessage", "editMessageText"):
+        limited = [c for c in tg.calls_of(method, 7009, ok=None) if c.status == 429]
+        assert len(limited) == 1, method
+        assert [c for c in tg.calls_of(method, 7009) if c.at >= limited[0].at + 1.0], f"{method} retried"
+
+
+def test_commands(bot, tg):
+    chat, user = private(tg, 7001)
+    replies: dict[str, str] = {}
+    for command in ("/help", "/history", "/usage", "/reset", "/cancel"):
+        update = ask(tg, chat, user, command)
+        (reply,) = wait_calls(tg, lambda c: c.chat_id == 7001 and c.reply_to == update["message"]["message_id"],
+                              command, bot)
+        replies[command] = reply.params["text"]
+    assert "/run" in replies["/help"]
+    assert "job tag=P1" in replies["/history"]
+    assert "This conversation: 1 tasks" in replies["/usage"]
+    assert replies["/reset"].startswith("History cleared (2 messages)")
+    assert replies["/cancel"].startswith("Nothing")
+
+
+def test_token_never_logged(bot, tg, llm, tmp_path):
+    secret = TOKEN.split(":", 1)[1]
+    assert secret not in bot.log_tail(10**7)
+
+    # Not even with `autocode -v`, where httpx and python-telegram-bot log at DEBUG.
+    with FakeTelegram(TOKEN, BOT) as fake:
+        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 256)
+        log_path = tmp_path / "verbose.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-P", "-m", "agent_core.cli", "-v", "serve", "--host",
+                                     "127.0.0.1", "--port", str(free_port())], cwd=tmp_path, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_for(lambda: fake.calls_of("deleteWebhook"), WAIT, what="polling to start")
+                chat, user = private(fake, 7501)
+                ask(fake, chat, user, "job tag=V1")
+                wait_for(lambda: [c for c in fake.calls if c.method == "editMessageText"
+                                  and not c.params.get("reply_markup")], WAIT, what="the run to be shown")
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        text = log_path.read_text(errors="replace")
+        assert "DEBUG telegram" in text and "editMessageText" in text  # it did log the traffic
+        assert secret not in text
+
+
+# ------------------------------------------------------------------------------------------ webhook mode
+
+
+def test_webhook_checks_the_secret_and_ignores_redeliveries(llm, tmp_path):
+    with FakeTelegram(TOKEN, BOT) as fake:
+        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 64,
+                           TELEGRAM_WEBHOOK_URL="https://bot.example/telegram/webhook",
+                           TELEGRAM_WEBHOOK_SECRET="s3cret-value")
+        server = Serve(env, tmp_path / "serve.log", tmp_path)
+        try:
+            server.wait_ready()
+            server.db = tmp_path / "autocode.db"
+            assert fake.webhook["url"] == "https://bot.example/telegram/webhook"
+            assert fake.webhook["secret_token"] == "s3cret-value"
+            assert not fake.calls_of("getUpdates", ok=None)
+            chat, user = private(fake, 7301)
+            update = fake.update(message=fake.message(chat, user, "job tag=W1"))
+            url = f"{server.url}/telegram/webhook"
+
+            for headers in ({}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}):
+                assert httpx.post(url, json=update, headers=headers, timeout=30).status_code == 403
+            assert not runs_where(server.db, "1 = 1") and not fake.calls_of("sendMessage", ok=None)
+
+            good = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-value"}
+            assert httpx.post(url, json=update, headers=good, timeout=30).status_code == 200
+            assert runs_where(server.db, "delivery_id = ?", (delivery(fake, update),)), "stored before the 200"
+            assert httpx.post(url, json=update, headers=good, timeout=30).status_code == 200  # Telegram retried
+            assert finished_run(server, fake, update)["answer"] == "tag W1"
+            wait_calls(fake, lambda c: c.chat_id == 7301 and "tag W1" in visible_text(c), "the answer", server)
+            assert len(runs_where(server.db, "1 = 1")) == 1
+            assert len([c for c in fake.calls_of("sendMessage", 7301) if c.params.get("reply_markup")]) == 1
+        finally:
+            server.close()
+
+
+# ------------------------------------------------------------------------------------------ restarts
+
+
+def test_a_restart_tells_the_chat_its_run_was_interrupted(llm, tmp_path):
+    with FakeTelegram(TOKEN, BOT) as fake:
+        db = tmp_path / "autocode.db"
+        first = Serve(telegram_env(llm, db, fake.api_url, UID_BASE + 128), tmp_path / "serve-1.log", tmp_path)
+        try:
+            first.wait_ready()
+            first.db = db
+            chat, user = private(fake, 7401)
+            update = ask(fake, chat, user, "job tag=K1 sleep=60")
+            run = wait_for(lambda: runs_where(db, "delivery_id = ? AND status = 'running'", (delivery(fake, update),)),
+                           WAIT, what="the run to start")[0]
+            progress = wait_calls(fake, lambda c: c.chat_id == 7401 and c.params.get("reply_markup"), "progress",
+                                  first)[0]
+            first.proc.kill()  # a crash: nothing gets to say goodbye
+            first.proc.wait(timeout=30)
+        finally:
+            first.close()
+        second = Serve(telegram_env(llm, db, fake.api_url, UID_BASE + 192), tmp_path / "serve-2.log", tmp_path)
+        try:
+            second.wait_ready()
+            second.db = db
+            assert second.run(run["id"])["status"] == "interrupted"
+            note = wait_calls(fake, lambda c: c.chat_id == 7401 and "restarted" in c.params.get("text", "")
+                              and c.method == "sendMessage", "the interruption note", second)[0]
+            assert note.reply_to == update["message"]["message_id"]
+            last = final_edit(fake, second, 7401, progress.result["message_id"])
+            assert last.params["text"].startswith("⚠️ Interrupted")
+        finally:
+            second.close()
+
+
+# ------------------------------------------------------------------------------------------ rendering rules
+
+
+def test_split_keeps_every_character_and_respects_the_escaped_limit():
+    from bots.telegram_render import escaped_length, split_text
+
+    text = "<&>" * 3000 + "\n" + "word " * 2000 + "\n\n\n" + "short line"
+    chunks = split_text(text, 4096, escaped_length)
+    assert all(escaped_length(c) <= 4096 for c in chunks)
+    assert "".join(chunks).replace("\n", "") == text.replace("\n", "")
+    assert chunks[-1].endswith("word \n\n\nshort line")  # lines stay whole where they fit
+
+
+def test_a_long_log_becomes_one_markdown_document():
+    from bots.telegram_render import log_plan
+
+    run = {"id": "r1", "task": "many steps", "status": "succeeded"}
+    steps = [{"iteration": 1, "position": i, "tool_name": f"step_{i}", "description": "d", "code": "x = 1 < 2\n",
+              "status": "ok", "output_json": json.dumps({"i": i}), "stdout": "", "stderr": "", "error": None,
+              "traceback": None, "duration_ms": 5} for i in range(6)]
+    evaluations = [{"iteration": 1, "satisfactory": 1, "thoughts": "fine"}]
+    plan_ = log_plan(run, steps, evaluations)
+    assert not plan_.messages and plan_.document is not None
+    document = plan_.document.decode()
+    assert all(f"step_{i}" in document for i in range(6)) and "x = 1 < 2" in document
+    assert "Evaluation of iteration 1: satisfactory — fine" in document
+    assert log_plan(run, steps[:2], evaluations).messages  # short logs stay messages
