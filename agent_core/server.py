@@ -52,13 +52,12 @@ class Server:
                      ", ".join(a.name for a in self.adapters) or "none")
             yield
         finally:
-            self.scheduler.accepting = False
+            await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:
                     await adapter.stop()
                 except Exception:
                     log.exception("adapter %s did not stop cleanly", adapter.name)
-            await self.scheduler.stop()
             await self.agent.executor.stop()
             await self.agent.llm.close()
             self.agent.storage.close()

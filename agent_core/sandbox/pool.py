@@ -100,7 +100,7 @@ class Worker:
     def __init__(self, executor: "SandboxExecutor", uid: int | None):
         self.executor = executor
         self.uid = uid
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen | None = None
         self.control: socket.socket | None = None
         self.host_workdir: Path | None = None
         self.slirp: asyncio.subprocess.Process | None = None
@@ -128,17 +128,29 @@ class Worker:
         if self.host_workdir is not None and self.uid is not None:
             os.chown(self.host_workdir, self.uid, self.uid)
         stderr_log = tempfile.TemporaryFile()
+
+        def spawn() -> subprocess.Popen:
+            # In a thread: forking from a busy server blocks for milliseconds, and the event loop serves chat acks.
+            try:
+                return subprocess.Popen(
+                    launch.argv, pass_fds=pass_fds, env=launch.env,
+                    cwd=launch.workdir if launch.host_workdir else "/", start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_log,
+                )
+            finally:
+                worker_end.close()
+                for fd in (info_write, dns_read):
+                    if fd is not None:
+                        os.close(fd)
+
+        spawning = asyncio.get_running_loop().run_in_executor(None, spawn)
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *launch.argv, pass_fds=pass_fds, env=launch.env,
-                cwd=launch.workdir if launch.host_workdir else "/", start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_log,
-            )
-        finally:
-            worker_end.close()
-            for fd in (info_write, dns_read):
-                if fd is not None:
-                    os.close(fd)
+            self.proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:  # the process still appears: kill it when it does
+            spawning.add_done_callback(_kill_spawned)
+            stderr_log.close()
+            control.close()
+            raise
         control.setblocking(False)
         self.control = control
         try:
@@ -167,13 +179,13 @@ class Worker:
     async def kill(self) -> None:
         """Kill the worker and everything in it; nothing of the run survives."""
         self.dead = True
-        if self.proc is not None and self.proc.returncode is None:
+        if self.proc is not None and self.proc.poll() is None:
             _kill_group(self.proc.pid)
         if self.uid is not None and not isinstance(self.executor.launcher, BwrapLauncher):
             # Without a pid namespace a step may have left its session: end every process of the run's uid.
             await asyncio.to_thread(_kill_uid, self.uid)
         if self.proc is not None:
-            await self.proc.wait()
+            await asyncio.to_thread(self.proc.wait)
         if self.slirp is not None and self.slirp.returncode is None:
             self.slirp.kill()
             await self.slirp.wait()
@@ -399,6 +411,13 @@ async def _answer_call(message: dict[str, Any], request: StepRequest) -> dict[st
     except Exception as exc:  # a tool's failure is the step's error, reported to its code
         return {"id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"id": message.get("id"), "ok": True, "value": value}
+
+
+def _kill_spawned(spawning: "asyncio.Future[subprocess.Popen]") -> None:
+    if not spawning.cancelled() and spawning.exception() is None:
+        proc = spawning.result()
+        _kill_group(proc.pid)
+        asyncio.get_running_loop().run_in_executor(None, proc.wait)
 
 
 def _kill_group(pid: int) -> None:
