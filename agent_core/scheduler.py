@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable
 
+from agent_core.events import RunFinished
 from agent_core.loop import Agent
 from storage.db import DuplicateDelivery
 
@@ -40,7 +41,7 @@ class RunScheduler:
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._notifiers: dict[str, InterruptedNotifier] = {}
-        self._interrupted_on_start: list[str] = []
+        self._unannounced: list[str] = []
 
     def on_interrupted(self, adapter: str, notify: InterruptedNotifier) -> None:
         self._notifiers[adapter] = notify
@@ -83,6 +84,8 @@ class RunScheduler:
             return None
         if run["status"] == "queued":  # record it first, so nothing dispatches it in between
             self.storage.finish_run(run_id, "cancelled", None, "Cancelled before it started.", 0)
+            await self.agent.emit(RunFinished(run_id, "cancelled", "", "Cancelled before it started.", 0,
+                                              self.storage.usage(run_id)))
         task = self._running.get(run_id)
         if task is not None:
             task.cancel()  # the loop kills the step's process tree and records `cancelled`
@@ -94,7 +97,7 @@ class RunScheduler:
     async def start(self) -> None:
         """Mark runs a crash left `running` as interrupted, then accept and dispatch. Tell their users with
         `announce_interrupted()` once the adapters are up."""
-        self._interrupted_on_start = self._recover()
+        self._unannounced = self._recover()
         self.accepting = True
         self._dispatcher = asyncio.create_task(self._dispatch(), name="autocode-dispatcher")
 
@@ -107,8 +110,9 @@ class RunScheduler:
         return interrupted
 
     async def announce_interrupted(self) -> None:
-        """Tell the users of runs found interrupted at start, through the adapter owning each conversation."""
-        interrupted, self._interrupted_on_start = self._interrupted_on_start, []
+        """Tell the users of interrupted runs (found at start, or cut off by `stop`), through the adapter owning
+        each conversation."""
+        interrupted, self._unannounced = self._unannounced, []
         for run_id in interrupted:
             run = self.storage.get_run(run_id)
             notify = self._notifiers.get(run["adapter"] or "")
@@ -133,6 +137,8 @@ class RunScheduler:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 self._interrupt(run_id)
+                self._unannounced.append(run_id)
+        await self.announce_interrupted()  # the adapters are still up
 
     def _interrupt(self, run_id: str) -> None:
         iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0

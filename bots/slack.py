@@ -481,13 +481,7 @@ class SlackAdapter:
 
     async def _cancel(self, run_id: str, route: dict[str, Any] | None) -> None:
         status = await self.scheduler.cancel(run_id)
-        view = self._view(run_id)
-        if status == "cancelled" and view is not None and not view.progress.final:
-            # a queued run never emits RunFinished: show the final state ourselves
-            view.progress.status, view.progress.error = "cancelled", "Cancelled before it started."
-            view.dirty.set()
-            self._kick(view)
-        elif status != "cancelled" and route is not None:
+        if status != "cancelled" and route is not None:
             await self._ephemeral(route, f"That run already {status}.")
 
     # --- posting ---------------------------------------------------------------------------------------------

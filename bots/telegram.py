@@ -380,13 +380,7 @@ class TelegramAdapter:
         await self._cancel(run_id)
 
     async def _cancel(self, run_id: str) -> str | None:
-        status = await self.scheduler.cancel(run_id)
-        view = self._views.get(run_id)
-        if status == "cancelled" and view is not None and not view.finished_queued:
-            # A run cancelled while queued never started, so no RunFinished comes: finish the view ourselves.
-            run = self.storage.get_run(run_id) or {}
-            view.push(RunFinished(run_id, "cancelled", "", run.get("error"), 0, self.storage.usage(run_id)))
-        return status
+        return await self.scheduler.cancel(run_id)
 
     async def _answer_query(self, query: CallbackQuery, text: str) -> None:
         try:
