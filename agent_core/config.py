@@ -204,11 +204,6 @@ class Settings:
     def telegram_enabled(self) -> bool:
         return bool(self.telegram_bot_token)
 
-    @property
-    def base_url(self) -> str:
-        """Where people reach this server (links in chat answers)."""
-        return self.public_url or f"http://localhost:{self.port}"
-
     def require_llm(self) -> None:
         if not self.llm_configured:
             raise ConfigError(LLM_SETUP_HELP)

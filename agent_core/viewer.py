@@ -55,10 +55,11 @@ _PLAIN_FORMATTER = HtmlFormatter(cssclass="hl", wrapcode=True)
 
 
 def run_url(settings: Settings, run: dict[str, Any]) -> str | None:
-    """The page of a run, or None when the viewer is off."""
-    if not settings.viewer or not run.get("view_token"):
+    """The page of a run for links in chat, or None when the viewer is off or AUTOCODE_PUBLIC_URL is unset (a
+    chat user cannot open the server's own localhost)."""
+    if not settings.viewer or not settings.public_url or not run.get("view_token"):
         return None
-    return f"{settings.base_url}/runs/{run['view_token']}"
+    return f"{settings.public_url}/runs/{run['view_token']}"
 
 
 # ------------------------------------------------------------------------------------------ formatting
