@@ -41,6 +41,8 @@ class RunScheduler:
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._notifiers: dict[str, InterruptedNotifier] = {}
+        # Awaited before runs start (the server waits here, briefly, while HTTP requests are being answered).
+        self.yield_to: Callable[[], Awaitable[None]] | None = None
         self._unannounced: list[str] = []
 
     def on_interrupted(self, adapter: str, notify: InterruptedNotifier) -> None:
@@ -152,6 +154,8 @@ class RunScheduler:
     async def _dispatch(self) -> None:
         while True:
             self._wake.clear()
+            if self.yield_to is not None and self._eligible():
+                await self.yield_to()  # acknowledgements in flight first: starting runs would delay them
             for run in self._eligible():
                 task = asyncio.create_task(self._execute(run["id"]), name=f"run-{run['id']}")
                 self._running[run["id"]] = task

@@ -6,7 +6,9 @@ Chat adapters mount their routes here (`POST /slack/events`, `POST /telegram/web
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import hmac
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -24,6 +26,38 @@ from bots import Runtime, build_adapters
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+class RequestGauge:
+    """ASGI middleware tracking the POSTs in flight (webhooks, submissions), so that run starts and chat rendering
+    wait for a burst of them to be acknowledged instead of delaying it (acks are cheap; the runs they start are
+    not). Reads (polling, health checks, run pages) do not count: they must not hold runs back."""
+
+    SETTLE_S = 0.02  # quiet means no request for this long: requests of a burst arrive a few ms apart
+    MAX_WAIT_S = 0.2  # never hold back work for longer than this
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.in_flight = 0
+        self._last_done = float("-inf")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self._last_done = time.monotonic()
+
+    async def quiet(self) -> None:
+        """Return once no request has been in flight for SETTLE_S, or after MAX_WAIT_S at the most."""
+        deadline = time.monotonic() + self.MAX_WAIT_S
+        while (now := time.monotonic()) < deadline:
+            if not self.in_flight and now - self._last_done >= self.SETTLE_S:
+                return
+            await asyncio.sleep(0.01)
 
 
 class Server:
@@ -62,7 +96,7 @@ class Server:
             await self.agent.llm.close()
             self.agent.storage.close()
 
-    def app(self) -> Starlette:
+    def app(self) -> "RequestGauge":
         routes = [
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/api/runs", self._guarded(self.submit), methods=["POST"]),
@@ -73,7 +107,9 @@ class Server:
         ]
         for adapter in self.adapters:
             routes.extend(adapter.routes)
-        return Starlette(routes=routes, lifespan=self.lifespan)
+        gauge = RequestGauge(Starlette(routes=routes, lifespan=self.lifespan))
+        self.scheduler.yield_to = self.runtime.quiet = gauge.quiet
+        return gauge
 
     # --- routes ----------------------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> JSONResponse:

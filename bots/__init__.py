@@ -7,8 +7,8 @@ submits tasks to the scheduler (with its own routing in `reply_to`), renders the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
 
 from starlette.routing import BaseRoute
 
@@ -26,12 +26,19 @@ class Runtime:
     scheduler: RunScheduler
     storage: Storage
     events: EventBus
+    # Awaited before non-urgent platform calls (progress messages): returns once no webhook is waiting for its
+    # acknowledgement, or after a short bound, so rendering never delays acks. Set by the server.
+    quiet: Callable[[], Awaitable[None]] = field(default=lambda: _nothing())
 
     def run_url(self, run: dict[str, Any]) -> str | None:
         """The run's web page (the "Full log" link), or None when the viewer is off."""
         from agent_core.viewer import run_url
 
         return run_url(self.settings, run)
+
+
+async def _nothing() -> None:
+    return None
 
 
 class Adapter(Protocol):

@@ -64,6 +64,7 @@ class ThreadIndex:
         self._lock = threading.Lock()
         with self._lock, self._db:
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # as the main DB: no fsync per commit on the event loop
             self._db.execute("CREATE TABLE IF NOT EXISTS autocode_slack_threads (team TEXT, channel TEXT, "
                              "thread_ts TEXT, conversation TEXT, PRIMARY KEY (team, channel, thread_ts))")
 
@@ -565,6 +566,7 @@ class SlackAdapter:
         """Post, then update the progress message at most once per UPDATE_INTERVAL (coalescing events in
         between; the final state is always rendered), then deliver the answer, log and artifacts."""
         await self._ready.wait()
+        await self.runtime.quiet()
         route = await self._ensure_progress(view)
         client = await self._client_for(route)
         loop = asyncio.get_running_loop()
@@ -573,6 +575,7 @@ class SlackAdapter:
             delay = view.last_update + UPDATE_INTERVAL - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            await self.runtime.quiet()
             view.dirty.clear()
             final = view.progress.final
             try:

@@ -470,6 +470,7 @@ class TelegramAdapter:
         """Show the run's progress (paced edits of one message), then its answer, log and files."""
         try:
             await self._ready.wait()
+            await self.runtime.quiet()
             route = self.storage.reply_to(view.run_id)
             if not route.get("chat_id"):
                 return
