@@ -52,6 +52,25 @@ def worker_environment(workdir: str) -> dict[str, str]:
 WORKER_FLAGS = ["-I", "-B", "-u", "-S"]
 
 
+def worker_command(runtime: str, worker_fd: int) -> list[str]:
+    """Start the worker by importing it (a cached .pyc) rather than running worker.py as a script, which Python
+    compiles from source every time: ~14 ms of CPU per worker, on the path of every run's start."""
+    boot = f"import sys; sys.path.insert(0, {runtime!r}); import worker; worker.main()  # autocode worker.py"
+    return [sys.executable, *WORKER_FLAGS, "-c", boot, str(worker_fd)]
+
+
+def compile_runtime() -> None:
+    """Write the .pyc files of the worker's modules (workers run with -B and never write them). Best effort:
+    an install directory that is not writable only costs the compile time."""
+    import py_compile
+
+    for name in ("worker.py", "child.py", "confine.py"):
+        try:
+            py_compile.compile(str(RUNTIME_DIR / name), doraise=True)
+        except (OSError, py_compile.PyCompileError):
+            pass
+
+
 @functools.cache
 def site_dirs() -> list[str]:
     """The interpreter's site-packages directories, and the plain directory lines of their .pth files."""
@@ -154,7 +173,7 @@ class BwrapLauncher:
         env = worker_environment(SANDBOX_WORKDIR)
         for name, value in env.items():  # --clearenv: the environment is set inside
             args += ["--setenv", name, value]
-        args += ["--", sys.executable, *WORKER_FLAGS, f"{SANDBOX_RUNTIME}/worker.py", str(worker_fd)]
+        args += ["--", *worker_command(SANDBOX_RUNTIME, worker_fd)]
         return Launch(args, env, SANDBOX_WORKDIR, None, {
             "site_dirs": list(site_dirs()),
             "pid_namespace": True,
@@ -201,7 +220,7 @@ class ProcessLauncher:
         workdir = Path(tempfile.mkdtemp(prefix="run-", dir=self.base))
         roots = python_roots()
         return Launch(
-            [sys.executable, *WORKER_FLAGS, str(RUNTIME_DIR / "worker.py"), str(worker_fd)],
+            worker_command(str(RUNTIME_DIR), worker_fd),
             worker_environment(str(workdir)), str(workdir), workdir,
             {
                 "site_dirs": list(site_dirs()),

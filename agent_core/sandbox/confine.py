@@ -12,11 +12,11 @@ This module is imported by the child under `python -I`, so it imports only the s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
 import stat
+import sys
 from types import ModuleType
 
 __all__ = [
@@ -104,13 +104,17 @@ SECCOMP_RULES: tuple[str, ...] = (
 )
 
 
-_ORIGINAL_FIND_LIBRARY = ctypes.util.find_library
-
-
 def _import_pyseccomp() -> tuple[ModuleType | None, str | None]:
     """Return (module, None) or (None, reason) when pyseccomp or libseccomp is unavailable."""
-    original = ctypes.util.find_library
-    ctypes.util.find_library = _find_library_quickly  # pyseccomp looks up libc and libseccomp when imported
+    # pyseccomp looks up libc and libseccomp with ctypes.util.find_library when imported; the real module costs
+    # ~10 ms per sandbox worker to import (subprocess, shutil, tempfile) and runs `ldconfig -p`. Give it a stand-in
+    # for the import only, so `import ctypes.util` in a step still gets the real one.
+    stand_in = ModuleType("ctypes.util")
+    stand_in.find_library = _find_library_quickly  # type: ignore[attr-defined]
+    real = sys.modules.get("ctypes.util")
+    if real is None:
+        sys.modules["ctypes.util"] = stand_in
+        ctypes.util = stand_in  # type: ignore[attr-defined]
     try:
         import pyseccomp  # noqa: PLC0415 - lazy on purpose: a missing library means "unavailable"
     except ImportError as exc:
@@ -118,7 +122,9 @@ def _import_pyseccomp() -> tuple[ModuleType | None, str | None]:
     except (OSError, RuntimeError) as exc:  # pyseccomp loads libseccomp when imported
         return None, f"libseccomp could not be loaded ({exc})"
     finally:
-        ctypes.util.find_library = original
+        if real is None:
+            del sys.modules["ctypes.util"]
+            del ctypes.util  # type: ignore[attr-defined]
     return pyseccomp, None
 
 
@@ -126,7 +132,7 @@ _SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 
 
 def _find_library_quickly(name: str) -> str | None:
-    """ctypes.util.find_library runs `ldconfig -p` (tens of ms per sandbox worker); try the usual soname first."""
+    """Try the usual soname first; only then the real (slow) lookup."""
     soname = _SONAMES.get(name)
     if soname is not None:
         try:
@@ -134,7 +140,18 @@ def _find_library_quickly(name: str) -> str | None:
             return soname
         except OSError:
             pass
-    return _ORIGINAL_FIND_LIBRARY(name)
+    return _real_find_library(name)
+
+
+def _real_find_library(name: str) -> str | None:
+    import importlib.util  # noqa: PLC0415 - the rare path
+
+    spec = importlib.util.spec_from_file_location("_autocode_ctypes_util", os.path.join(
+        os.path.dirname(ctypes.__file__), "util.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_library(name)
 
 
 def _kernel_seccomp_reason() -> str | None:

@@ -30,7 +30,7 @@ from agent_core.sandbox import (
     ToolCallHandler, run_batch_locally,
 )
 from agent_core.sandbox import network
-from agent_core.sandbox.backends import BwrapLauncher, choose_launcher
+from agent_core.sandbox.backends import BwrapLauncher, choose_launcher, compile_runtime
 
 log = logging.getLogger(__name__)
 
@@ -440,6 +440,7 @@ class SandboxExecutor:
                  max_workers: int = 64, workdir_mb: int = 256, workdir_root: Path | None = None,
                  preload: list[str] | None = None):
         self.launcher, self.fallback_reason = choose_launcher(backend, workdir_mb, workdir_root, network)
+        compile_runtime()
         self.name = self.launcher.name
         self.network = network
         self.warm = warm
