@@ -13,13 +13,13 @@ is exercised end to end.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from tests.fakes.base import BodyHandler, QuietServer
 
 __all__ = ["FakeOpenAI", "RecordedRequest", "NO_REPLY_MESSAGE"]
 
@@ -83,30 +83,12 @@ def _text_len(content: Any) -> int:
     return 0
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietServer):
     fake: FakeOpenAI
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Stay quiet when a client (e.g. one that timed out) has gone away."""
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
 
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(BodyHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Silence the default per-request stderr logging."""
-
-    def do_GET(self) -> None:
-        self._handle(b"")
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self._handle(self.rfile.read(length) if length else b"")
 
     def _handle(self, raw: bytes) -> None:
         try:

@@ -21,16 +21,16 @@ import html
 import itertools
 import json
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qsl
+
+from tests.fakes.base import BodyHandler, QuietServer
 
 __all__ = ["FakeTelegram", "Call", "visible_text"]
 
@@ -129,29 +129,12 @@ class ApiError(Exception):
         self.code, self.description, self.parameters = code, description, parameters
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietServer):
     fake: "FakeTelegram"
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return  # a client that went away
-        super().handle_error(request, client_address)
 
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(BodyHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Quiet."""
-
-    def do_GET(self) -> None:
-        self._handle(b"")
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self._handle(self.rfile.read(length) if length else b"")
 
     def _handle(self, raw: bytes) -> None:
         status, payload = self.server.fake._dispatch(self.path, self.headers.get("Content-Type") or "", raw)
