@@ -486,6 +486,9 @@ def test_a_restart_tells_the_chat_its_run_was_interrupted(llm, tmp_path):
                            WAIT, what="the run to start")[0]
             progress = wait_calls(fake, lambda c: c.chat_id == 7401 and c.params.get("reply_markup"), "progress",
                                   first)[0]
+            # The server stores the progress message's id once Telegram answered; crash only after that.
+            wait_for(lambda: "progress_message_id" in (runs_where(db, "id = ?", (run["id"],))[0]["reply_to_json"] or ""),
+                     WAIT, what="the progress message id to be stored")
             first.proc.kill()  # a crash: nothing gets to say goodbye
             first.proc.wait(timeout=30)
         finally:
