@@ -64,6 +64,7 @@ HELP = (
 )
 PRIVATE_EDIT_SECONDS = 1.0  # ~1 message/s per chat
 GROUP_EDIT_SECONDS = 3.0  # groups allow ~20 messages/min
+CONNECT_RETRY_S = 15  # when the Bot API is unreachable at start
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 MAX_PHOTO_BYTES = 10 * 1024 * 1024
 SEEN_UPDATES = 4096
@@ -145,6 +146,12 @@ class _RunView:
         self.queue.put_nowait(event)
 
 
+class _CannotConnect(Exception):
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
 class TelegramAdapter:
     """The Telegram front door of `autocode serve`."""
 
@@ -163,6 +170,7 @@ class TelegramAdapter:
         self.app = self._build_application()
         self._ready = asyncio.Event()
         self._closed = False
+        self._retrying: asyncio.Task | None = None
         self._username = ""
         self._bot_id = 0
         self._views: dict[str, _RunView] = {}
@@ -194,12 +202,34 @@ class TelegramAdapter:
         return [Route(WEBHOOK_PATH, self._webhook, methods=["POST"])] if self.webhook_mode else []
 
     async def start(self) -> None:
+        """Connect; when the Bot API cannot be reached, keep serving (other adapters, the API) and retry."""
+        try:
+            await self._connect()
+        except _CannotConnect as exc:
+            if not exc.retry:
+                log.error("%s", exc)
+                return
+            log.error("%s; retrying every %d s", exc, CONNECT_RETRY_S)
+            self._retrying = asyncio.create_task(self._keep_connecting(), name="telegram-connect")
+
+    async def _keep_connecting(self) -> None:
+        while True:
+            await asyncio.sleep(CONNECT_RETRY_S)
+            try:
+                await self._connect()
+                return
+            except _CannotConnect as exc:
+                log.warning("%s", exc)
+                if not exc.retry:
+                    return
+
+    async def _connect(self) -> None:
         try:
             await self.app.initialize()  # getMe
         except InvalidToken:
-            raise RuntimeError("Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather.") from None
+            raise _CannotConnect("Telegram rejected TELEGRAM_BOT_TOKEN; check it with @BotFather", retry=False) from None
         except TelegramError as exc:
-            raise RuntimeError(f"Telegram: the Bot API is not reachable ({exc}).") from None
+            raise _CannotConnect(f"telegram: the Bot API is not reachable ({exc})") from None
         self._username, self._bot_id = self.app.bot.username, self.app.bot.id
         try:
             await self.app.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS])
@@ -218,12 +248,15 @@ class TelegramAdapter:
                 await self.app.stop()
             await self.app.shutdown()
             what = "setWebhook" if self.webhook_mode else "deleteWebhook"
-            raise RuntimeError(f"Telegram: {what} failed at start ({exc}).") from None
+            raise _CannotConnect(f"telegram: {what} failed at start ({exc})") from None
         self._ready.set()
         log.info("telegram: @%s ready (%s)", self._username, "webhook" if self.webhook_mode else "long polling")
 
     async def stop(self) -> None:
         self._closed = True
+        if self._retrying is not None:
+            self._retrying.cancel()
+            await asyncio.gather(self._retrying, return_exceptions=True)
         if self.app.updater is not None and self.app.updater.running:
             await self.app.updater.stop()
         # Let answers being sent right now go out; views still waiting for events end here.

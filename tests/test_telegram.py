@@ -534,3 +534,18 @@ def test_a_long_log_becomes_one_markdown_document():
     assert all(f"step_{i}" in document for i in range(6)) and "x = 1 < 2" in document
     assert "Evaluation of iteration 1: satisfactory — fine" in document
     assert log_plan(run, steps[:2], evaluations).messages  # short logs stay messages
+
+
+def test_an_unreachable_bot_api_does_not_take_the_server_down(llm, tmp_path):
+    """The Bot API is down at start: serve keeps serving (the API, other adapters) and says why in one line."""
+    server = Serve(telegram_env(llm, tmp_path / "autocode.db", f"http://127.0.0.1:{free_port()}", UID_BASE + 320),
+                   tmp_path / "serve.log", tmp_path)
+    try:
+        assert server.wait_ready(timeout=60)["status"] == "ok"
+        run_id = server.submit_ok("job tag=UP")
+        assert server.wait_status(run_id)["status"] == "succeeded"
+        log = server.log_tail(20000)
+        assert "the Bot API is not reachable" in log and "retrying" in log
+        assert "Traceback" not in log and TOKEN not in log
+    finally:
+        server.close()
