@@ -355,8 +355,8 @@ class _Run:
                           self.iteration),
                 self.tool_host.call, progress, gate=self.agent.step_slots,
             )
-        if check_failure is not None and all(r.ok for r in progress.records) and \
-                len(progress.records) == len(batch):
+        batch_completed = len(progress.records) == len(batch) and all(r.ok for r in progress.records)
+        if check_failure is not None and batch_completed:
             await self.agent.emit(StepStarted(self.run_id, self.iteration, check_failure.index + 1, len(names),
                                               check_failure.tool_name, plan.subtasks[check_failure.index].description))
             await progress.record(check_failure)
@@ -368,13 +368,12 @@ class _Run:
     def _store_step(self, record: StepRecord, description: str) -> None:
         self.records.append(record)
         self.storage.add_step({
-            "worker": record.worker,
             "run_id": self.run_id, "iteration": record.iteration, "position": record.index,
             "tool_name": record.tool_name, "input_from_tool": record.input_from or "", "description": description,
             "code": record.code, "status": record.status,
             "output_json": None if record.output is None else json.dumps(record.output, ensure_ascii=False),
             "stdout": record.stdout, "stderr": record.stderr, "error": record.error, "traceback": record.traceback,
-            "duration_ms": record.duration_ms,
+            "duration_ms": record.duration_ms, "worker": record.worker,
         })
 
     def _forget_steps(self, iteration: int, from_index: int) -> None:

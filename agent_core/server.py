@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import hmac
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
