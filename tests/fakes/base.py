@@ -10,6 +10,7 @@ from typing import Any
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default listen backlog (5) refuses bursts of concurrent clients
     fake: Any  # the fake this server answers for
 
     def handle_error(self, request: Any, client_address: Any) -> None:
