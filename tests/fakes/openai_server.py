@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tests.fakes.base import BodyHandler, QuietServer
+from tests.fakes.base import BodyHandler, FakeService, QuietServer
 
 __all__ = ["FakeOpenAI", "RecordedRequest", "NO_REPLY_MESSAGE"]
 
@@ -83,12 +83,8 @@ def _text_len(content: Any) -> int:
     return 0
 
 
-class _Server(QuietServer):
-    fake: FakeOpenAI
-
-
 class _Handler(BodyHandler):
-    server: _Server
+    server: QuietServer
 
     def _handle(self, raw: bytes) -> None:
         try:
@@ -122,7 +118,7 @@ class _Handler(BodyHandler):
             self.close_connection = True  # client gave up (timeout); nothing to do
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeService):
     """In-process OpenAI-compatible server on 127.0.0.1 with FIFO scripted replies."""
 
     def __init__(self) -> None:
@@ -132,39 +128,16 @@ class FakeOpenAI:
         self._responder: Responder | None = None
         self._rejected_formats: set[str] = set()
         self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._counter = 0
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> FakeOpenAI:
         """Bind an ephemeral port and serve in a daemon thread."""
-        if self._server is not None:
-            return self
         self._stopping.clear()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="FakeOpenAI", daemon=True)
-        self._thread.start()
-        return self
+        return super().start()
 
-    def stop(self) -> None:
-        """Stop serving, wake any delayed handlers, and release the port."""
-        if self._server is None:
-            return
-        self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _release_waiters(self) -> None:
+        self._stopping.set()  # delayed replies stop waiting
 
     @property
     def port(self) -> int:
@@ -176,7 +149,7 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         """URL to pass as ``base_url`` to an OpenAI client."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.origin}/v1"
 
     # -- scripting -------------------------------------------------------
     def reply(self, content: str, *, prompt_tokens: int | None = None,
@@ -287,3 +260,6 @@ class FakeOpenAI:
                       "total_tokens": prompt + completion},
         }
         return 200, payload, reply.headers, reply.delay
+
+
+FakeOpenAI.handler = _Handler

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from tests.fakes.base import BodyHandler, QuietServer
+from tests.fakes.base import BodyHandler, FakeService, QuietServer
 
 __all__ = ["FakeSlack", "SlackCall", "BOT_USER_ID", "BOT_ID", "TEAM_ID"]
 
@@ -48,12 +48,8 @@ class SlackCall:
         return json.loads(value) if isinstance(value, str) else value
 
 
-class _Server(QuietServer):
-    fake: "FakeSlack"
-
-
 class _Handler(BodyHandler):
-    server: _Server
+    server: QuietServer
 
     def _handle(self, raw: bytes) -> None:
         url = urlsplit(self.path)
@@ -90,7 +86,7 @@ class _Handler(BodyHandler):
             self.close_connection = True
 
 
-class FakeSlack:
+class FakeSlack(FakeService):
     """In-process fake of the Slack Web API; `api_url` is what `AsyncWebClient(base_url=...)` takes."""
 
     def __init__(self, team_id: str = TEAM_ID) -> None:
@@ -100,37 +96,11 @@ class FakeSlack:
         self._limits: dict[str, list[int]] = {}  # method -> [remaining 429s, retry_after]
         self._clock = itertools.count(1)
         self._files = itertools.count(1)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------
-    def start(self) -> "FakeSlack":
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="FakeSlack",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeSlack":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     @property
     def url(self) -> str:
-        assert self._server is not None, "FakeSlack is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.origin
 
     @property
     def api_url(self) -> str:
@@ -214,3 +184,6 @@ def message_text(call: SlackCall) -> str:
             label = element.get("text")
             parts.append(str(label.get("text", "")) if isinstance(label, dict) else str(element.get("text", "")))
     return "\n".join(parts)
+
+
+FakeSlack.handler = _Handler

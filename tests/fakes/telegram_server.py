@@ -30,7 +30,7 @@ from html.parser import HTMLParser
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
-from tests.fakes.base import BodyHandler, QuietServer
+from tests.fakes.base import BodyHandler, FakeService, QuietServer
 
 __all__ = ["FakeTelegram", "Call", "visible_text"]
 
@@ -129,12 +129,8 @@ class ApiError(Exception):
         self.code, self.description, self.parameters = code, description, parameters
 
 
-class _Server(QuietServer):
-    fake: "FakeTelegram"
-
-
 class _Handler(BodyHandler):
-    server: _Server
+    server: QuietServer
 
     def _handle(self, raw: bytes) -> None:
         status, payload = self.server.fake._dispatch(self.path, self.headers.get("Content-Type") or "", raw)
@@ -180,7 +176,7 @@ def _decode_params(content_type: str, raw: bytes) -> tuple[dict[str, Any], dict[
     return params, files
 
 
-class FakeTelegram:
+class FakeTelegram(FakeService):
     """In-process Bot API with one bot; thread-safe; every call recorded in `calls`."""
 
     def __init__(self, token: str = "123456:TEST-fake-token", username: str = "AutoCodeTestBot"):
@@ -196,40 +192,16 @@ class FakeTelegram:
         self._user_ids = itertools.count(5000)
         self._failures: dict[str, list[tuple[ApiError, Callable[[dict[str, Any]], bool]]]] = {}
         self._cond = threading.Condition()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def start(self) -> "FakeTelegram":
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="FakeTelegram",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
+    def _release_waiters(self) -> None:
         with self._cond:
             self._cond.notify_all()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeTelegram":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def api_url(self) -> str:
         """TELEGRAM_API_URL for the adapter (it appends `/bot<token>/<method>`)."""
-        assert self._server is not None, "FakeTelegram is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.origin
 
     # -- scripting -----------------------------------------------------------------------------------------
     def bot_user(self) -> dict[str, Any]:
@@ -461,3 +433,6 @@ class FakeTelegram:
             raise ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED")
         return self._new_message(params, photo=[{"file_id": f"photo-{len(self.calls)}", "file_unique_id": "p",
                                                  "width": 4, "height": 4, "file_size": len(data)}])
+
+
+FakeTelegram.handler = _Handler
