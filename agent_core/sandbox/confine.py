@@ -177,17 +177,34 @@ def apply_seccomp(*, allow_network: bool) -> str | None:
     return reason if filt is None else load_seccomp(filt)
 
 
-def load_seccomp(filt: object) -> str | None:
-    """Install a filter made by `build_seccomp` on the calling process (cheap: build once, load per step)."""
-    try:
-        filt.load()  # type: ignore[attr-defined]
-    except OSError as exc:
-        return f"the kernel refused the seccomp filter ({exc})"
+def load_seccomp(program: bytes) -> str | None:
+    """Install a program made by `build_seccomp` on the calling (single-threaded) process; None on success.
+
+    Plain prctl calls: the worker that loads it per step never imports pyseccomp (~12 ms per worker start)."""
+    libc = _libc()
+    zero = ctypes.c_ulong(0)
+    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero) != 0:
+        return f"no_new_privs could not be set ({os.strerror(ctypes.get_errno())})"
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(code, ctypes.c_void_p))
+    if libc.prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog),
+                  zero, zero) != 0:
+        return f"the kernel refused the seccomp filter ({os.strerror(ctypes.get_errno())})"
     return None
 
 
-def build_seccomp(*, allow_network: bool) -> tuple[object | None, str | None]:
-    """The sandbox's seccomp filter, ready to load, or (None, reason) when seccomp is unavailable.
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def build_seccomp(*, allow_network: bool) -> tuple[bytes | None, str | None]:
+    """The sandbox's seccomp filter as a BPF program, ready to load, or (None, reason) when seccomp is
+    unavailable. Built once by the server (libseccomp compiles it), loaded by each step with `load_seccomp`.
 
     Default action ALLOW; the syscalls in SECCOMP_BLOCKED_SYSCALLS, personality() other than the
     query, and namespace-creating clone() fail with EPERM (not kill, so the code sees an ordinary
@@ -228,7 +245,17 @@ def build_seccomp(*, allow_network: bool) -> tuple[object | None, str | None]:
         return None, f"libseccomp could not build the filter ({exc})"
     if (reason := _kernel_seccomp_reason()) is not None:
         return None, reason
-    return filt, None
+    reader, writer = os.pipe()  # the program is a few KB: it fits in the pipe
+    try:
+        with open(writer, "wb", closefd=True) as sink:
+            filt.export_bpf(sink)
+        with open(reader, "rb", closefd=False) as source:
+            program = source.read()
+    except OSError as exc:
+        return None, f"libseccomp could not export the filter ({exc})"
+    finally:
+        os.close(reader)
+    return program, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,14 +413,17 @@ def build_landlock(*, read_only: list[str], read_write: list[str]) -> tuple[int 
 # ---------------------------------------------------------------------------------------------
 
 
-def probe() -> dict[str, object]:
+def probe(seccomp_reason: str | None | bool = False) -> dict[str, object]:
     """Report which confinements this machine supports, applying nothing.
 
     Returns {"landlock_abi": int | None, "seccomp": bool, "seccomp_reason": str | None}; seccomp
-    is True when pyseccomp imports, libseccomp loads and the kernel offers the needed actions.
+    is True when pyseccomp imports, libseccomp loads and the kernel offers the needed actions. A caller that
+    already knows (a worker, told by the server that built its filter) passes `seccomp_reason`.
     """
     abi, _ = _landlock_abi(_libc())
-    _, reason = _import_pyseccomp()
-    if reason is None:
-        reason = _kernel_seccomp_reason()
+    reason = seccomp_reason
+    if reason is False:
+        _, reason = _import_pyseccomp()
+        if reason is None:
+            reason = _kernel_seccomp_reason()
     return {"landlock_abi": abi, "seccomp": reason is None, "seccomp_reason": reason}

@@ -29,7 +29,7 @@ from agent_core.sandbox import (
     Artifact, BatchProgress, CollectedOutputs, Limits, SandboxUnavailable, StepBatch, StepRequest, StepResult,
     ToolCallHandler, run_batch_locally,
 )
-from agent_core.sandbox import network
+from agent_core.sandbox import confine, network
 from agent_core.sandbox.backends import BwrapLauncher, choose_launcher, compile_runtime
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Worker:
                 await self._attach_network(info_read)
             self.ready = await self._request({
                 "uid": self.uid, "gid": self.uid, "workdir": launch.workdir, "preload": preload,
-                "network": self.executor.network, **launch.config,
+                "network": self.executor.network, "seccomp": self.executor.seccomp, **launch.config,
             }, expect="ready", timeout=WORKER_START_TIMEOUT_S)
         except (WorkerDied, TimeoutError, OSError) as exc:
             stderr_log.seek(0)
@@ -441,6 +441,8 @@ class SandboxExecutor:
                  preload: list[str] | None = None):
         self.launcher, self.fallback_reason = choose_launcher(backend, workdir_mb, workdir_root, network)
         compile_runtime()
+        program, reason = confine.build_seccomp(allow_network=network)  # compiled once, loaded by every step
+        self.seccomp = {"program": program.hex() if program else None, "reason": reason}
         self.name = self.launcher.name
         self.network = network
         self.warm = warm

@@ -70,8 +70,14 @@ class Worker:
         # Built once (the costly part), applied by each step: the paths are opened now, with the worker's rights.
         self.landlock_fd, landlock_reason = confine.build_landlock(read_only=self.read_only,
                                                                    read_write=self.read_write)
-        self.seccomp_filter, seccomp_reason = confine.build_seccomp(allow_network=self.network)
-        self.confinement = {"landlock": landlock_reason or "on", "seccomp": seccomp_reason or "on"}
+        # The seccomp program comes compiled from the server: importing pyseccomp here would cost every worker.
+        seccomp = config.get("seccomp") or {}
+        if "program" in seccomp:
+            self.seccomp_program = bytes.fromhex(seccomp["program"]) if seccomp["program"] else None
+            self.seccomp_reason = seccomp.get("reason")
+        else:
+            self.seccomp_program, self.seccomp_reason = confine.build_seccomp(allow_network=self.network)
+        self.confinement = {"landlock": landlock_reason or "on", "seccomp": self.seccomp_reason or "on"}
 
     def preload(self, modules):
         loaded = []
@@ -143,8 +149,8 @@ class Worker:
         if self.landlock_fd is not None:
             confine.restrict_landlock(self.landlock_fd)
             os.close(self.landlock_fd)
-        if self.seccomp_filter is not None:
-            confine.load_seccomp(self.seccomp_filter)
+        if self.seccomp_program is not None:
+            confine.load_seccomp(self.seccomp_program)
 
     def _through_fd(self, path):
         for prefix, fd in self.reroot.items():
@@ -406,7 +412,8 @@ def main():
         os.makedirs(directory, exist_ok=True)
         os.chmod(directory, 0o1777)
     loaded = worker.preload(config.get("preload", []))
-    send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded, "probe": confine.probe(),
+    send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded,
+                "probe": confine.probe(seccomp_reason=worker.seccomp_reason),
                 "confinement": worker.confinement})
     worker.serve()
 
