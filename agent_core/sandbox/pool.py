@@ -449,6 +449,8 @@ class SandboxExecutor:
         self.preload = preload or []
         self.uids = UidPool(uid_base, max_workers)
         self._idle: list[Worker] = []
+        # Cold starts are CPU-bound: a few at a time give each run its sandbox sooner than all at once would.
+        self._starting = asyncio.Semaphore(os.cpu_count() or 2)
         self._refill: asyncio.Task | None = None
         self._probe: dict[str, Any] = {}
         self._confinement: dict[str, str] = {}  # what the last started worker actually built: "on" or why not
@@ -473,7 +475,8 @@ class SandboxExecutor:
     async def _new_worker(self) -> Worker:
         worker = Worker(self, self.uids.take())
         try:
-            await worker.start(self.preload)
+            async with self._starting:
+                await worker.start(self.preload)
         except BaseException:
             await asyncio.shield(worker.close())
             raise
