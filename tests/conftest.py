@@ -61,6 +61,24 @@ def subtask(name: str, code: str, input_from: str = "", imports: list[str] | Non
     }
 
 
+def png_step_code(function: str, path: str, *, then: str = "", returns: str = "{}") -> str:
+    """Code of a step `function()` that writes a small valid PNG to `path` (the sandbox has no imaging library);
+    `then` adds body lines after the write (indented by 4), `returns` is the expression it returns."""
+    return (
+        f"def {function}():\n"
+        "    import struct, zlib\n"
+        "    def chunk(kind, data):\n"
+        "        return struct.pack(\">I\", len(data)) + kind + data + struct.pack(\">I\", zlib.crc32(kind + data))\n"
+        "    raw = b\"\".join(b\"\\x00\" + b\"\\xff\\x00\\x00\" * 4 for _ in range(4))\n"
+        "    png = (b\"\\x89PNG\\r\\n\\x1a\\n\" + chunk(b\"IHDR\", struct.pack(\">IIBBBBB\", 4, 4, 8, 2, 0, 0, 0))\n"
+        "           + chunk(b\"IDAT\", zlib.compress(raw)) + chunk(b\"IEND\", b\"\"))\n"
+        f"    with open({path!r}, \"wb\") as f:\n"
+        "        f.write(png)\n"
+        f"{then}"
+        f"    return {returns}\n"
+    )
+
+
 def plan(*subtasks: dict[str, Any], thought: str = "simple") -> dict[str, Any]:
     return {"main_task": "task", "main_task_thought": thought, "subtasks": list(subtasks)}
 

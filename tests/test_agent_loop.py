@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
-from tests.conftest import STEP_NUMBERS, STEP_SENTENCE, STEP_TOTAL, plan, subtask, user_prompt, verdict
+from tests.conftest import (
+    STEP_NUMBERS, STEP_SENTENCE, STEP_TOTAL, plan, png_step_code, subtask, user_prompt, verdict,
+)
 
 
 async def test_happy_path_three_chained_steps(make_agent, llm_server):
@@ -403,20 +405,10 @@ async def test_llm_timeout_is_retried(make_agent, llm_server):
     assert agent.storage.llm_calls(result.run_id)[0]["retries"] == 1
 
 
-PNG_STEP = subtask("draw", textwrap.dedent("""
-    def draw():
-        import struct, zlib
-        def chunk(kind, data):
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        raw = b"".join(b"\\x00" + b"\\xff\\x00\\x00" * 4 for _ in range(4))
-        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
-               + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-        with open("outputs/chart.png", "wb") as f:
-            f.write(png)
-        with open("scratch.txt", "w") as f:  # not under outputs/: not an artifact
-            f.write("temp")
-        return {"chart": "outputs/chart.png", "bytes": len(png)}
-"""))
+PNG_STEP = subtask("draw", png_step_code(
+    "draw", "outputs/chart.png",
+    then='    with open("scratch.txt", "w") as f:  # not under outputs/: not an artifact\n        f.write("temp")\n',
+    returns='{"chart": "outputs/chart.png", "bytes": len(png)}'))
 
 
 async def test_files_under_outputs_become_artifacts(make_agent, llm_server):

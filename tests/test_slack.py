@@ -16,6 +16,7 @@ import httpx
 import pytest
 from slack_sdk.signature import SignatureVerifier
 
+from tests.conftest import png_step_code
 from tests.fakes.slack_server import BOT_USER_ID, TEAM_ID, FakeSlack, SlackCall, message_text
 from tests.server_helpers import ScriptedLLM, Serve, db_rows, serve_env, wait_for
 
@@ -25,18 +26,7 @@ SECRET = "test-signing-secret"
 ALICE, BOB, MALLORY = "UALICE", "UBOB", "UMALLORY"  # Mallory is not on the allowlist
 _ids = itertools.count(1)
 
-PNG_CODE = '''def work():
-    import struct, zlib
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    raw = b"".join(b"\\x00" + b"\\xff\\x00\\x00" * 4 for _ in range(4))
-    png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-    with open("outputs/plot.png", "wb") as f:
-        f.write(png)
-    print("wrote the plot")
-    return {"tag": "PNG"}
-'''
+PNG_CODE = png_step_code("work", "outputs/plot.png", then='    print("wrote the plot")\n', returns='{"tag": "PNG"}')
 
 
 class PlottingLLM(ScriptedLLM):

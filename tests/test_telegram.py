@@ -9,14 +9,13 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
 import httpx
 import pytest
 
-from tests.conftest import plan, subtask, verdict
+from tests.conftest import plan, png_step_code, subtask, verdict
 from tests.fakes.telegram_server import Call, FakeTelegram, visible_text
 from tests.server_helpers import ScriptedLLM, Serve, db_rows, free_port, serve_env, wait_for
 
@@ -37,18 +36,8 @@ TRICKY_ANSWER = ("If a < b && c > d then print('<b>not bold</b>') — **stars**,
                  "[a link](http://example.com) & &amp; stays literal.")
 ANSWERS = {"long": LONG_ANSWER, "huge": HUGE_ANSWER, "tricky": TRICKY_ANSWER}
 
-PLOT_STEP = subtask("draw", textwrap.dedent("""
-    def draw():
-        import struct, zlib
-        def chunk(kind, data):
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        raw = b"".join(b"\\x00" + b"\\x00\\x80\\xff" * 4 for _ in range(4))
-        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
-               + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-        with open("outputs/plot.png", "wb") as f:
-            f.write(png)
-        return {"plot": "outputs/plot.png", "bytes": len(png)}
-"""))
+PLOT_STEP = subtask("draw", png_step_code("draw", "outputs/plot.png",
+                                          returns='{"plot": "outputs/plot.png", "bytes": len(png)}'))
 
 
 # ------------------------------------------------------------------------------------------ fixtures
