@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import io
 import json
 import logging
 import math

@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from agent_core.config import Settings
-from agent_core.jobs import BEAT_TTL_S, KEY_TTL_S, TASK_NAME, celery_app, encode_job, job_key
+from agent_core.jobs import KEY_TTL_S, TASK_NAME, celery_app, encode_job, job_key
 from agent_core.sandbox import (
     BatchProgress, CollectedOutputs, PlannedStep, SandboxUnavailable, StepBatch, StepRequest, StepResult,
     ToolCallHandler,
