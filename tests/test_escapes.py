@@ -863,3 +863,19 @@ async def test_files_do_not_outlive_the_run(escape_agent, llm_server, check_unha
     assert payload not in json.dumps(output_of(second)), output_of(second)
     assert on_host == [], f"files a step wrote are on the host after its run: {on_host}"
     await check_unharmed(agent, first, second)
+
+
+# ------------------------------------------------------------------------------------------------ outputs and artifacts
+# (issue 11, items 1 and 7: collection never leaves the run's directory; artifact count caps)
+
+
+# ------------------------------------------------------------------------------------------------ host sockets, processes, IPC
+# (issue 11, items 2, 3 and 4: Unix sockets, other processes' /proc, signals, System V / POSIX IPC, kill -9)
+
+
+# ------------------------------------------------------------------------------------------------ step results and logs
+# (issue 11, items 8 and 10: log size caps, untrusted result shapes)
+
+
+# ------------------------------------------------------------------------------------------------ llm() helper budget
+# (issue 11, item 6: a step's llm() calls are capped and audited)
