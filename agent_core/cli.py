@@ -1,4 +1,9 @@
-"""The `autocode` command line: run, chat, history, show."""
+"""The `autocode` command line: run, chat, history, show.
+
+What a run produced (answers, errors, tracebacks, stdout/stderr, outputs, tool and artifact names, evaluator
+text) is untrusted: it is printed through `agent_core.terminal` (`_field` for text inside one of our lines,
+`_block` for multi-line text, `json_for_terminal` for --json), never raw.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any
 
 from agent_core.config import ConfigError, Settings, load_dotenv_file
 from agent_core.sandbox import SandboxUnavailable
+from agent_core.terminal import json_for_terminal, safe_for_terminal
 from tools.registry import ToolError
 
 EXIT_OK, EXIT_UNSATISFACTORY, EXIT_CONFIG = 0, 1, 2
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             return _usage(args, settings)
         return _history(args, settings) if args.command == "history" else _show(args, settings)
     except (ConfigError, ToolError, SandboxUnavailable) as exc:
-        print(f"autocode: {exc}", file=sys.stderr)
+        print(f"autocode: {_block(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
@@ -131,13 +137,13 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
         await agent.llm.close()
         agent.storage.close()
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+        print(json_for_terminal(result.to_json(), ensure_ascii=False, indent=2))
     elif result.status == "succeeded":
-        print(result.answer)
+        print(_block(result.answer))
     else:
-        print(f"Run {result.run_id} {result.status}: {result.error}", file=sys.stderr)
+        print(f"Run {result.run_id} {result.status}: {_field(result.error)}", file=sys.stderr)
         if result.answer:
-            print(result.answer)
+            print(_block(result.answer))
     return EXIT_OK if result.status == "succeeded" else EXIT_UNSATISFACTORY
 
 
@@ -164,9 +170,10 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
         print(f"autocode: no run {args.run_id}", file=sys.stderr)
         return EXIT_UNSATISFACTORY
     if response.status_code != 200:
-        print(f"autocode: the server answered {response.status_code}: {response.text[:200]}", file=sys.stderr)
+        print(f"autocode: the server answered {response.status_code}: {_field(response.text[:200])}",
+              file=sys.stderr)
         return EXIT_UNSATISFACTORY
-    print(f"run {args.run_id}: {response.json()['status']}")
+    print(f"run {_field(args.run_id)}: {_field(response.json()['status'])}")
     return EXIT_OK
 
 
@@ -181,7 +188,8 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(usage))
     else:
         scope = " ".join(f"{k} {v}" for k, v in (("user", args.user), ("conversation", args.conversation)) if v)
-        print(f"{scope or 'all users'}{f', last {args.days:g} days' if args.days else ''}: {usage['runs']} runs, "
+        scope = _field(scope) or "all users"
+        print(f"{scope}{f', last {args.days:g} days' if args.days else ''}: {usage['runs']} runs, "
               f"{usage['llm_calls']} LLM calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
               "completion tokens")
     return EXIT_OK
@@ -192,16 +200,16 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
     if args.conversation:
         for message in storage.recent_messages(args.conversation, max_chars=10**9)[-args.limit:]:
             who = "you" if message["role"] == "user" else "autocode"
-            print(f"{message['created_at'][:19]}  {who:>8}  [{message['run_id']}]  {message['text']}")
+            print(f"{message['created_at'][:19]}  {who:>8}  [{message['run_id']}]  {_block(message['text'])}")
     else:
         for run in storage.list_runs(limit=args.limit):
-            print(f"{run['id']}  {run['created_at'][:19]}  {run['status']:<9}  {run['conversation']:<16}  "
+            print(f"{run['id']}  {run['created_at'][:19]}  {run['status']:<9}  {_field(run['conversation']):<16}  "
                   f"{_one_line(run['task'], 70)}")
     return EXIT_OK
 
 
 def _one_line(text: str | None, limit: int) -> str:
-    text = " ".join((text or "").split())
+    text = " ".join(_field(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -229,19 +237,21 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"autocode: no run {args.run_id}", file=sys.stderr)
         return EXIT_UNSATISFACTORY
     if args.json:
-        print(json.dumps(details, ensure_ascii=False, indent=2))
+        print(json_for_terminal(details, ensure_ascii=False, indent=2))
         return EXIT_OK
     run = details["run"]
-    print(f"Run {run['id']} · {run['status']} · conversation {run['conversation']} · {run['iterations']} iteration(s)")
-    print(f"Task: {run['task']}")
+    print(f"Run {run['id']} · {run['status']} · conversation {_field(run['conversation'])} · "
+          f"{run['iterations']} iteration(s)")
+    print(f"Task: {_block(run['task'])}")
     if run["answer"]:
-        print(f"Answer: {run['answer']}")
+        print(f"Answer: {_block(run['answer'])}")
     if run["error"]:
-        print(f"Error: {run['error']}")
+        print(f"Error: {_field(run['error'])}")
     for iteration in sorted({s["iteration"] for s in details["steps"]} | {e["iteration"] for e in details["evaluations"]}):
         print(f"\n=== Iteration {iteration}")
         for step in (s for s in details["steps"] if s["iteration"] == iteration):
-            print(f"--- [{step['position'] + 1}] {step['tool_name']}: {step['status']} ({step['duration_ms']} ms)")
+            print(f"--- [{step['position'] + 1}] {_field(step['tool_name'])}: {step['status']} "
+                  f"({step['duration_ms']} ms)")
             print(_indent(step["code"]))
             if step["output"] is not None:
                 print("  output: " + _one_line(json.dumps(step["output"], ensure_ascii=False), 500))
@@ -249,22 +259,24 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
                 if (step[name] or "").strip():
                     print(f"  {name}:\n" + _indent(step[name].rstrip(), 4))
             if step["error"]:
-                print(f"  error: {step['error']}")
+                print(f"  error: {_field(step['error'])}")
             if step["traceback"]:
                 print(_indent(step["traceback"].rstrip(), 4))
         for evaluation in (e for e in details["evaluations"] if e["iteration"] == iteration):
             verdict = "satisfactory" if evaluation["satisfactory"] else f"retry from {evaluation['retry_from'] or '-'}"
-            print(f"--- evaluator: {verdict}. {evaluation['thoughts']}")
+            print(f"--- evaluator: {_field(verdict)}. {_field(evaluation['thoughts'])}")
     print("\nLLM calls:")
     for call in details["llm_calls"]:
-        error = f"  error: {call['error']}" if call["error"] else ""
-        print(f"  {call['purpose']:<9} it={call['iteration'] or '-'}  {call['model']}  {call['response_format']:<11} "
+        error = f"  error: {_field(call['error'])}" if call["error"] else ""
+        print(f"  {call['purpose']:<9} it={call['iteration'] or '-'}  {_field(call['model'])}  "
+              f"{call['response_format']:<11} "
               f"{call['duration_ms']:>6} ms  {call['prompt_tokens']}+{call['completion_tokens']} tokens{error}")
     usage = details["usage"]
     print(f"Total: {usage['llm_calls']} calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
           "completion tokens")
     if details["artifacts"]:
-        print("Artifacts: " + ", ".join(f"{a['name']} ({a['mime']}, {a['size']} bytes)" for a in details["artifacts"]))
+        print("Artifacts: " + ", ".join(f"{_field(a['name'])} ({_field(a['mime'])}, {a['size']} bytes)"
+                                        for a in details["artifacts"]))
     if args.save_artifacts:
         _save_artifacts(storage, run["id"], args.save_artifacts)
     return EXIT_OK
@@ -275,7 +287,7 @@ def _save_artifacts(storage: Any, run_id: str, directory: Path) -> None:
     for artifact in storage.artifacts(run_id, with_data=True):
         target = directory / Path(artifact["name"]).name  # flat: names come from the sandbox, trust no path
         target.write_bytes(artifact["data"])
-        print(f"saved {target}")
+        print(f"saved {_field(target)}")
 
 
 async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -327,8 +339,19 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _indent(text: str | None, spaces: int = 4) -> str:
+    """Untrusted multi-line text (code, stdout, a traceback), made safe, every line indented under its heading."""
     pad = " " * spaces
-    return "\n".join(pad + line for line in (text or "").splitlines())
+    return "\n".join(pad + line for line in _block(text).splitlines())
+
+
+def _field(text: object) -> str:
+    """Untrusted text placed inside one of our lines: no control characters, no line breaks."""
+    return safe_for_terminal(text, single_line=True)
+
+
+def _block(text: object) -> str:
+    """Untrusted text printed as lines of its own (an answer, a message): no control characters."""
+    return safe_for_terminal(text)
 
 
 if __name__ == "__main__":

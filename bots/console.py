@@ -1,4 +1,8 @@
-"""Console adapter: progress lines for run events, and a local chat loop."""
+"""Console adapter: progress lines for run events, and a local chat loop.
+
+Everything a run can influence (tool names, step errors, evaluator text, answers) goes through
+`agent_core.terminal.safe_for_terminal` before it is printed: a progress line is one line, whatever it holds.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from agent_core.events import (
     EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.loop import Agent
+from agent_core.terminal import safe_for_terminal
 
 
 class ConsoleRenderer:
@@ -23,8 +28,14 @@ class ConsoleRenderer:
         if line:
             print(line, file=self.stream, flush=True)
 
+    @classmethod
+    def format(cls, event: RunEvent) -> str | None:
+        """The event's line, with no control characters and no line break in it (or None: not shown)."""
+        line = cls._line(event)
+        return None if line is None else safe_for_terminal(line, single_line=True)
+
     @staticmethod
-    def format(event: RunEvent) -> str | None:
+    def _line(event: RunEvent) -> str | None:
         match event:
             case RunStarted(run_id=run_id):
                 return f"· run {run_id} started"
@@ -70,4 +81,5 @@ async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdou
             print(f"History cleared ({removed} messages).", file=stdout, flush=True)
             continue
         result = await agent.run(task, conversation)
-        print(result.answer or f"Sorry, that did not work: {result.error}", file=stdout, flush=True)
+        reply = result.answer or f"Sorry, that did not work: {safe_for_terminal(result.error, single_line=True)}"
+        print(safe_for_terminal(reply), file=stdout, flush=True)

@@ -21,11 +21,13 @@ def cli(tmp_path, llm_server):
         if llm:
             environ.update(OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model")
         environ.update(env or {})
-        # -P keeps the working directory off sys.path, as for the installed `autocode` script.
-        return subprocess.run(
-            [sys.executable, "-P", "-m", "agent_core.cli", *args], cwd=tmp_path, env=environ, input=stdin,
-            capture_output=True, text=True, timeout=60,
+        # -P keeps the working directory off sys.path, as for the installed `autocode` script. Bytes, decoded here:
+        # text=True would turn a carriage return into a newline, hiding what a terminal would receive.
+        proc = subprocess.run(
+            [sys.executable, "-P", "-m", "agent_core.cli", *args], cwd=tmp_path, env=environ,
+            input=None if stdin is None else stdin.encode(), capture_output=True, timeout=60,
         )
+        return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
     return run
 
@@ -126,3 +128,68 @@ def test_chat_keeps_a_conversation(cli, llm_server):
     assert "The total is 6." in proc.stdout and "Twelve." in proc.stdout
     assert "[1.1/2] get_numbers" in proc.stdout and "add_up ok" in proc.stdout
     assert "AutoCode: The total is 6." in json.dumps(llm_server.chat_requests()[2])
+
+
+# What a hostile step or LLM reply puts in front of the operator: a line eraser + carriage return that draws a fake
+# "ok" progress line, an OSC 52 clipboard write, a screen clear, an 8-bit CSI and a bidi override.
+FORGED_OK = "\x1b[2K\r  [1.1/1] fake ok"
+EVIL = "\x1b]52;c;ZXZpbA==\x07" + "\x1b[2J" + "\x9b2J" + "\u202e" + "txt.exe"
+STEP_EVIL = subtask("work", f"def work():\n    print({FORGED_OK + EVIL!r})\n    raise RuntimeError({FORGED_OK + EVIL!r})")
+EVIL_VERDICT = verdict("Done. " + EVIL, ok=False, thoughts="Thoughts" + FORGED_OK + EVIL)
+TERMINAL_ACTORS = ("\x1b", "\x07", "\r", "\x9b", "\u202e")
+
+
+def _assert_no_terminal_controls(text: str) -> None:
+    assert not [c for c in TERMINAL_ACTORS if c in text], repr(text[:3000])
+
+
+def _assert_no_forged_progress(text: str) -> None:
+    """Progress output: the forged "ok" is text inside the real line, never a line of its own."""
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("[1.1/1] fake ok")], text
+    assert [line for line in text.splitlines() if line.startswith("  [1.1/1] work failed (")
+            and "[1.1/1] fake ok" in line], text  # the real status line is still there, whole
+
+
+def test_untrusted_text_never_reaches_the_terminal_raw(cli, llm_server):
+    llm_server.reply_json(plan(STEP_EVIL))
+    llm_server.reply_json(EVIL_VERDICT)
+
+    proc = cli("run", "evil", "--conversation", "evil")
+
+    assert proc.returncode == 1, proc.stderr
+    _assert_no_terminal_controls(proc.stderr)
+    _assert_no_terminal_controls(proc.stdout)
+    _assert_no_forged_progress(proc.stderr)
+    assert "· evaluator: not yet — Thoughts" in proc.stderr and proc.stdout.startswith("Done. ")
+    run_id = proc.stderr.split("· run ", 1)[1].split()[0]
+
+    shown = cli("show", run_id)
+    assert shown.returncode == 0, shown.stderr
+    _assert_no_terminal_controls(shown.stdout)
+    assert "--- [1] work: error" in shown.stdout and "  stdout:\n" in shown.stdout
+    assert [line for line in shown.stdout.splitlines()
+            if line.startswith("  error: RuntimeError:") and "[1.1/1] fake ok" in line]  # one line, in its field
+
+    as_json = cli("show", run_id, "--json")
+    _assert_no_terminal_controls(as_json.stdout)
+    details = json.loads(as_json.stdout)  # still valid JSON, and it holds the exact text
+    (step,) = details["steps"]
+    assert step["stdout"] == FORGED_OK + EVIL + "\n" and (FORGED_OK + EVIL) in step["error"]
+    assert details["run"]["answer"] == "Done. " + EVIL
+
+    for args in (["history"], ["history", "--conversation", "evil"]):
+        listing = cli(*args)
+        assert listing.returncode == 0, listing.stderr
+        _assert_no_terminal_controls(listing.stdout)
+
+
+def test_chat_progress_and_answers_are_terminal_safe(cli, llm_server):
+    llm_server.reply_json(plan(STEP_EVIL))
+    llm_server.reply_json(EVIL_VERDICT)
+
+    proc = cli("chat", "--conversation", "evilchat", stdin="evil\n/exit\n")
+
+    assert proc.returncode == 0, proc.stderr
+    _assert_no_terminal_controls(proc.stdout)
+    _assert_no_forged_progress(proc.stdout)
+    assert "Done. " in proc.stdout
