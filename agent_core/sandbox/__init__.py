@@ -118,7 +118,8 @@ class Artifact:
 @dataclass
 class CollectedOutputs:
     artifacts: list[Artifact]
-    skipped: list[str]  # files left behind, with the reason (size cap, not a regular file)
+    skipped: list[str]  # files left behind, with the reason (size cap, not a regular file); the first few only
+    left_out: int | None = 0  # how many files were left behind in all (None: unknown, collection failed)
 
 
 class Sandbox(Protocol):
@@ -131,7 +132,9 @@ class Sandbox(Protocol):
                         gate: Any = None) -> list[StepResult]:
         """Run the batch's steps in order until one fails (see `run_batch_locally`)."""
 
-    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int) -> CollectedOutputs: ...
+    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int,
+                              max_files: int = 1000) -> CollectedOutputs:
+        """The regular files under outputs/ within the caps (at most `max_files`), never following a link."""
 
     async def close(self) -> None: ...
 

@@ -26,7 +26,11 @@ __all__ = [
     "SECCOMP_ENOSYS_SYSCALLS",
     "SECCOMP_NETWORK_RULE",
     "SECCOMP_RULES",
+    "SECCOMP_SHARED_HOST_RULES",
     "apply_landlock",
+    "landlock_missing",
+    "open_landlock_rules",
+    "restrict_landlock_rules",
     "apply_seccomp",
     "probe",
 ]
@@ -93,6 +97,15 @@ SECCOMP_ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)
 # socketpair() and AF_UNIX sockets (the channel to the parent) stay allowed.
 SECCOMP_NETWORK_RULE = "socket(domain != AF_UNIX) -> EPERM"
 
+# Without namespaces (the `process` backend) a step shares the host's abstract Unix socket namespace, its socket
+# files and its System V / POSIX IPC: new AF_UNIX sockets fail (socketpair() and inherited sockets keep working),
+# and so does every IPC call. Under bubblewrap the network and IPC namespaces already separate them.
+SECCOMP_UNIX_SOCKET_RULE = "socket(AF_UNIX) -> EPERM"
+SECCOMP_IPC_SYSCALLS: tuple[str, ...] = (
+    "shmget", "shmat", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semtimedop", "semctl",
+    "ipc", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+)
+
 
 # The whole rule set, human-readable (for `autocode doctor`); the last rule only without network.
 SECCOMP_RULES: tuple[str, ...] = (
@@ -101,6 +114,10 @@ SECCOMP_RULES: tuple[str, ...] = (
     *(f"clone(flags & {flag}) -> EPERM" for flag in SECCOMP_CLONE_NAMESPACE_FLAGS),
     *(f"{name} -> ENOSYS" for name in SECCOMP_ENOSYS_SYSCALLS),
     SECCOMP_NETWORK_RULE,
+)
+# Added on the `process` backend (no namespaces).
+SECCOMP_SHARED_HOST_RULES: tuple[str, ...] = (
+    SECCOMP_UNIX_SOCKET_RULE, *(f"{name} -> EPERM" for name in SECCOMP_IPC_SYSCALLS if name != "ipc"),
 )
 
 
@@ -171,9 +188,9 @@ def _kernel_seccomp_reason() -> str | None:
     return None
 
 
-def apply_seccomp(*, allow_network: bool) -> str | None:
+def apply_seccomp(*, allow_network: bool, shared_host: bool = False) -> str | None:
     """Build and install the sandbox's seccomp filter (see `build_seccomp`); None on success, else why not."""
-    filt, reason = build_seccomp(allow_network=allow_network)
+    filt, reason = build_seccomp(allow_network=allow_network, shared_host=shared_host)
     return reason if filt is None else load_seccomp(filt)
 
 
@@ -202,15 +219,16 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def build_seccomp(*, allow_network: bool) -> tuple[bytes | None, str | None]:
+def build_seccomp(*, allow_network: bool, shared_host: bool = False) -> tuple[bytes | None, str | None]:
     """The sandbox's seccomp filter as a BPF program, ready to load, or (None, reason) when seccomp is
     unavailable. Built once by the server (libseccomp compiles it), loaded by each step with `load_seccomp`.
 
     Default action ALLOW; the syscalls in SECCOMP_BLOCKED_SYSCALLS, personality() other than the
     query, and namespace-creating clone() fail with EPERM (not kill, so the code sees an ordinary
     PermissionError); clone3() fails with ENOSYS; without allow_network, socket() for any domain
-    but AF_UNIX fails with EPERM. Sets NO_NEW_PRIVS (required for a non-root uid) and syncs the
-    filter to all threads.
+    but AF_UNIX fails with EPERM. With `shared_host` (no namespaces between the step and the host) new
+    AF_UNIX sockets and System V / POSIX IPC fail with EPERM too (SECCOMP_SHARED_HOST_RULES). Sets
+    NO_NEW_PRIVS (required for a non-root uid) and syncs the filter to all threads.
     """
     seccomp, reason = _import_pyseccomp()
     if seccomp is None:
@@ -239,8 +257,16 @@ def build_seccomp(*, allow_network: bool) -> tuple[bytes | None, str | None]:
         for name in SECCOMP_ENOSYS_SYSCALLS:
             if (number := syscall_number(name)) is not None:
                 filt.add_rule(seccomp.ERRNO(errno.ENOSYS), number)
-        if not allow_network:
+        if not allow_network and shared_host:
+            filt.add_rule(eperm, "socket")
+        elif not allow_network:
             filt.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
+        elif shared_host:
+            filt.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX))
+        if shared_host:
+            for name in SECCOMP_IPC_SYSCALLS:
+                if (number := syscall_number(name)) is not None:
+                    filt.add_rule(eperm, number)
     except OSError as exc:
         return None, f"libseccomp could not build the filter ({exc})"
     if (reason := _kernel_seccomp_reason()) is not None:
@@ -306,8 +332,17 @@ _FILE_RIGHTS = _rights("execute", "write_file", "read_file", "truncate", "ioctl_
 _c_long = ctypes.c_long
 
 
+# Network rights (ABI 4): handled without a rule, TCP bind and connect are denied (a second layer under seccomp).
+LANDLOCK_NET_RIGHTS: dict[str, tuple[int, int]] = {"bind_tcp": (1 << 0, 4), "connect_tcp": (1 << 1, 4)}
+# Scopes (ABI 6): no connecting to abstract Unix sockets made outside the step's domain, and no signals to
+# processes outside it (the worker, the server, other runs): a step may signal only itself and its children.
+LANDLOCK_SCOPES: dict[str, tuple[int, int]] = {"abstract_unix_socket": (1 << 0, 6), "signal": (1 << 1, 6)}
+
+
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64)]  # ABI 4+ fields stay unused (size 8)
+    # Fields a kernel does not know must be zero (it checks); older kernels take the longer struct then.
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -333,8 +368,92 @@ def _landlock_abi(libc: ctypes.CDLL) -> tuple[int | None, str | None]:
     return int(abi), None
 
 
-def _handled_rights(abi: int) -> int:
-    return _rights(*(name for name, (_, since) in LANDLOCK_FS_RIGHTS.items() if since <= abi))
+def _handled_rights(abi: int, table: dict[str, tuple[int, int]] = LANDLOCK_FS_RIGHTS) -> int:
+    mask = 0
+    for bit, since in table.values():
+        if since <= abi:
+            mask |= bit
+    return mask
+
+
+def landlock_missing(abi: int | None) -> list[str]:
+    """What this kernel's Landlock cannot do that the sandbox would use (for `autocode doctor`)."""
+    if abi is None:
+        return ["Landlock itself"]
+    missing = []
+    if abi < 4:
+        missing.append("TCP bind/connect rules (Landlock ABI 4)")
+    if abi < 6:
+        missing.append("abstract Unix socket and signal scoping (Landlock ABI 6)")
+    return missing
+
+
+def open_landlock_rules(*, read_only: list[str], read_write: list[str]) -> tuple[dict | None, str | None]:
+    """Open the paths a step may use (with the caller's rights, before any drop) as Landlock rules to apply later.
+
+    Returns ({"abi": N, "rules": [(fd, rights), ...]}, None), or (None, reason) when Landlock is unavailable. The
+    O_PATH fds stay open: each step builds its ruleset from them (`restrict_landlock_rules`) and may add rules of
+    its own, such as its own /proc entries, which exist only once it does. Missing paths are skipped.
+    """
+    abi, reason = _landlock_abi(_libc())
+    if abi is None:
+        return None, reason
+    rules: list[tuple[int, int]] = []
+    for paths, wanted in ((read_only, _READ_ONLY_RIGHTS), (read_write, _handled_rights(abi))):
+        for path in paths:
+            rule = landlock_rule(path, wanted, abi)
+            if rule is not None:
+                rules.append(rule)
+    return {"abi": abi, "rules": rules}, None
+
+
+def landlock_rule(path: str, wanted: int, abi: int) -> tuple[int, int] | None:
+    """(O_PATH fd, rights) for one path, or None when it is missing or gets no right (e.g. a file and dir rights)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    allowed = wanted & _handled_rights(abi)
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        allowed &= _FILE_RIGHTS
+    if not allowed:
+        os.close(fd)
+        return None
+    return fd, allowed
+
+
+def restrict_landlock_rules(abi: int, rules: list[tuple[int, int]], *, scoped: bool = True,
+                            deny_tcp: bool = False) -> str | None:
+    """Restrict the calling process (and its future children) to `rules`: every filesystem right the ABI knows is
+    handled, so what no rule grants is denied; with `scoped` (ABI 6) abstract Unix sockets and signals are
+    limited to the process's own domain; with `deny_tcp` (ABI 4) TCP bind and connect are denied. None on success."""
+    ruleset_fd, reason = _make_ruleset(abi, rules, scoped=scoped, deny_tcp=deny_tcp)
+    if ruleset_fd is None:
+        return reason
+    try:
+        return restrict_landlock(ruleset_fd)
+    finally:
+        os.close(ruleset_fd)
+
+
+def _make_ruleset(abi: int, rules: list[tuple[int, int]], *, scoped: bool, deny_tcp: bool
+                  ) -> tuple[int | None, str | None]:
+    libc = _libc()
+    attr = _RulesetAttr(handled_access_fs=_handled_rights(abi),
+                        handled_access_net=_handled_rights(abi, LANDLOCK_NET_RIGHTS) if deny_tcp else 0,
+                        scoped=_handled_rights(abi, LANDLOCK_SCOPES) if scoped else 0)
+    ruleset_fd = libc.syscall(_c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                              _c_long(ctypes.sizeof(attr)), _c_long(0))
+    if ruleset_fd < 0:
+        return None, f"landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
+    for fd, allowed in rules:
+        rule = _PathBeneathAttr(allowed_access=allowed, parent_fd=fd)
+        if libc.syscall(_c_long(_SYS_LANDLOCK_ADD_RULE), _c_long(ruleset_fd), _c_long(_LANDLOCK_RULE_PATH_BENEATH),
+                        ctypes.byref(rule), _c_long(0)) < 0:
+            err = ctypes.get_errno()
+            os.close(ruleset_fd)
+            return None, f"landlock_add_rule failed ({os.strerror(err)})"
+    return ruleset_fd, None
 
 
 def apply_landlock(*, read_only: list[str], read_write: list[str]) -> str | None:
@@ -365,47 +484,17 @@ def build_landlock(*, read_only: list[str], read_write: list[str]) -> tuple[int 
     Handles every filesystem right the running Landlock ABI knows, so anything not granted here is
     denied: `read_only` paths get read_file, read_dir and execute; `read_write` paths get all
     rights. Missing paths are skipped; a regular file gets only the file-level rights. Already
-    open file descriptors keep working. Paths are opened now, by the caller: build it before dropping
-    privileges, apply it (`restrict_landlock`) in each step.
+    open file descriptors keep working. Apply it with `restrict_landlock`. (The sandbox worker uses
+    `open_landlock_rules` + `restrict_landlock_rules`, which also scope signals and abstract sockets.)
     """
-    libc = _libc()
-    abi, reason = _landlock_abi(libc)
-    if abi is None:
+    plan, reason = open_landlock_rules(read_only=read_only, read_write=read_write)
+    if plan is None:
         return None, reason
-    handled = _handled_rights(abi)
-
-    attr = _RulesetAttr(handled_access_fs=handled)
-    ruleset_fd = libc.syscall(_c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
-                              _c_long(ctypes.sizeof(attr)), _c_long(0))
-    if ruleset_fd < 0:
-        err = ctypes.get_errno()
-        return None, f"landlock_create_ruleset failed ({os.strerror(err)})"
     try:
-        for paths, wanted in ((read_only, _READ_ONLY_RIGHTS), (read_write, handled)):
-            for path in paths:
-                try:
-                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-                except OSError:
-                    continue  # missing (or unreachable) paths are skipped
-                try:
-                    allowed = wanted & handled
-                    if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                        allowed &= _FILE_RIGHTS
-                    if not allowed:
-                        continue
-                    rule = _PathBeneathAttr(allowed_access=allowed, parent_fd=fd)
-                    if libc.syscall(_c_long(_SYS_LANDLOCK_ADD_RULE), _c_long(ruleset_fd),
-                                    _c_long(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
-                                    _c_long(0)) < 0:
-                        err = ctypes.get_errno()
-                        os.close(ruleset_fd)
-                        return None, f"landlock_add_rule failed for {path!r} ({os.strerror(err)})"
-                finally:
-                    os.close(fd)
-    except BaseException:
-        os.close(ruleset_fd)
-        raise
-    return ruleset_fd, None
+        return _make_ruleset(plan["abi"], plan["rules"], scoped=False, deny_tcp=False)
+    finally:
+        for fd, _ in plan["rules"]:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -29,12 +30,17 @@ from agent_core.sandbox import (
     ToolCallHandler, run_batch_locally,
 )
 from agent_core.sandbox import confine, network
-from agent_core.sandbox.backends import BwrapLauncher, choose_launcher, compile_runtime
+from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher, choose_launcher, compile_runtime
+from agent_core.sandbox.guardian import remove_ipc_of
 
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 30.0
 CONTROL_TIMEOUT_S = 10.0
+# Files read back from a run, at most: outputs/ for artifacts (the loop posts a few of them and zips the rest), and
+# the whole working directory when it travels with a remote job. Beyond them files are counted, not read.
+COLLECT_MAX_FILES = 1000
+ARCHIVE_MAX_FILES = 10000
 
 
 class WorkerDied(Exception):
@@ -78,6 +84,7 @@ class UidPool:
     """One uid per live worker, so RLIMIT_NPROC and kill(-1) are per run. None when not root."""
 
     def __init__(self, base: int, count: int):
+        self.base, self.count = base, count
         self.free = list(range(base, base + count)) if os.geteuid() == 0 else []
         self.enabled = os.geteuid() == 0
 
@@ -181,8 +188,10 @@ class Worker:
         if self.proc is not None and self.proc.poll() is None:
             _kill_group(self.proc.pid)
         if self.uid is not None and not isinstance(self.executor.launcher, BwrapLauncher):
-            # Without a pid namespace a step may have left its session: end every process of the run's uid.
+            # Without a pid namespace a step may have left its session: end every process of the run's uid, and
+            # without an IPC namespace, remove the System V / POSIX IPC objects it still owns.
             await asyncio.to_thread(_kill_uid, self.uid)
+            await asyncio.to_thread(remove_ipc_of, self.uid)
         if self.proc is not None:
             await asyncio.to_thread(self.proc.wait)
         if self.slirp is not None and self.slirp.returncode is None:
@@ -281,14 +290,15 @@ class Worker:
                         gate: Any = None) -> list[StepResult]:
         return await run_batch_locally(self, batch, on_call, progress, gate)
 
-    async def archive(self, max_total_bytes: int) -> tuple[bytes, list[str]]:
-        """The run's whole working directory as a tar (regular files within the cap), and what was left out."""
+    async def archive(self, max_total_bytes: int, max_files: int = ARCHIVE_MAX_FILES) -> tuple[bytes, list[str]]:
+        """The run's whole working directory as a tar (regular files within the caps), and what was left out."""
         if self.dead:
             raise WorkerDied("the run's sandbox was lost; its working files with it")
         async with self._lock:
             with tempfile.TemporaryFile() as archive:
                 report = await self._request(
-                    {"op": "archive", "max_file_bytes": max_total_bytes, "max_total_bytes": max_total_bytes},
+                    {"op": "archive", "max_file_bytes": max_total_bytes, "max_total_bytes": max_total_bytes,
+                     "max_files": max_files},
                     [archive.fileno()], expect="archived", timeout=60,
                 )
                 archive.seek(0)
@@ -304,21 +314,23 @@ class Worker:
         if report.get("error"):
             raise WorkerDied(f"the working files could not be restored: {report['error']}")
 
-    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int) -> CollectedOutputs:
+    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int,
+                              max_files: int = COLLECT_MAX_FILES) -> CollectedOutputs:
         if self.dead:
             return CollectedOutputs([], ["the run's sandbox was lost; its outputs with it"])
         async with self._lock:
             with tempfile.TemporaryFile() as archive:
                 try:
                     report = await self._request(
-                        {"op": "collect", "max_file_bytes": max_file_bytes, "max_total_bytes": max_total_bytes},
+                        {"op": "collect", "max_file_bytes": max_file_bytes, "max_total_bytes": max_total_bytes,
+                         "max_files": max_files},
                         [archive.fileno()], expect="collected", timeout=60,
                     )
                 except WorkerDied as exc:
-                    return CollectedOutputs([], [f"outputs could not be collected: {exc}"])
+                    return CollectedOutputs([], [f"outputs could not be collected: {exc}"], left_out=None)
                 archive.seek(0)
                 artifacts = _read_archive(archive, {f["name"] for f in report.get("files", [])}, max_total_bytes)
-        return CollectedOutputs(artifacts, list(report.get("skipped", [])))
+        return CollectedOutputs(artifacts, list(report.get("skipped", [])), int(report.get("skipped_count") or 0))
 
 
 def _read_json_object(fd: int) -> dict[str, Any]:
@@ -440,7 +452,9 @@ class SandboxExecutor:
                  preload: list[str] | None = None):
         self.launcher, self.fallback_reason = choose_launcher(backend, workdir_mb, workdir_root, network)
         compile_runtime()
-        program, reason = confine.build_seccomp(allow_network=network)  # compiled once, loaded by every step
+        # Compiled once, loaded by every step. Without namespaces it also refuses new Unix sockets and IPC.
+        program, reason = confine.build_seccomp(allow_network=network,
+                                                shared_host=not isinstance(self.launcher, BwrapLauncher))
         self.seccomp = {"program": program.hex() if program else None, "reason": reason}
         self.name = self.launcher.name
         self.network = network
@@ -453,6 +467,7 @@ class SandboxExecutor:
         self._refill: asyncio.Task | None = None
         self._probe: dict[str, Any] = {}
         self._confinement: dict[str, str] = {}  # what the last started worker actually built: "on" or why not
+        self._guardian: subprocess.Popen | None = None
         if self.fallback_reason and backend == "auto":
             log.warning("sandbox: using the fallback 'process' backend because %s; see `autocode doctor`",
                         self.fallback_reason)
@@ -461,10 +476,25 @@ class SandboxExecutor:
 
     async def start(self) -> None:
         """For a long-running server: end leftovers of a previous server (a crash), then pre-start workers."""
-        if self.uids.enabled and not isinstance(self.launcher, BwrapLauncher):
+        if self._needs_guardian():
             # Without pid namespaces, a step's orphans may outlive a killed server: their uids are ours now.
-            await asyncio.to_thread(lambda: [_kill_uid(uid) for uid in self.uids.free])
+            await asyncio.to_thread(lambda: [(_kill_uid(uid), remove_ipc_of(uid)) for uid in self.uids.free])
         await self._fill()
+
+    def _needs_guardian(self) -> bool:
+        return self.uids.enabled and not isinstance(self.launcher, BwrapLauncher)
+
+    def _start_guardian(self) -> None:
+        """On the `process` backend, a process that outlives us and ends our runs' leftovers when we die (see
+        guardian.py). Started before the first worker; its stdin is a pipe only we hold."""
+        if self._guardian is not None or not self._needs_guardian():
+            return
+        base = self.launcher.base
+        base.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, *WORKER_FLAGS, str(RUNTIME_DIR / "guardian.py"),
+                   str(self.uids.base), str(self.uids.count), str(base)]
+        self._guardian = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
     async def _fill(self) -> None:
         while len(self._idle) < self.warm:
@@ -472,6 +502,7 @@ class SandboxExecutor:
             self._idle.append(worker)
 
     async def _new_worker(self) -> Worker:
+        self._start_guardian()
         worker = Worker(self, self.uids.take())
         try:
             async with self._starting:
@@ -498,6 +529,13 @@ class SandboxExecutor:
         idle, self._idle = self._idle, []
         for worker in idle:
             await worker.close()
+        guardian, self._guardian = self._guardian, None
+        if guardian is not None:  # end of its stdin: it sweeps what is left of our uids, then exits
+            guardian.stdin.close()  # type: ignore[union-attr]
+            try:
+                await asyncio.to_thread(guardian.wait, 10)
+            except subprocess.TimeoutExpired:
+                guardian.kill()
 
     def describe(self) -> dict[str, Any]:
         """Known after a worker started (`autocode doctor` starts one): Landlock and seccomp as really applied."""

@@ -34,6 +34,14 @@ import confine  # noqa: E402
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 MAX_FDS = 4
+# Without a pid namespace a step may read only these entries of /proc: its own (never other processes', nor
+# /proc/PID/net and /proc/PID/task/*/net, which list the host's sockets) and a few of the whole machine's.
+PROC_OWN_ENTRIES = ("stat", "statm", "status", "cmdline", "comm", "limits", "maps", "smaps", "smaps_rollup",
+                    "cgroup", "mountinfo", "mounts", "io", "environ", "auxv", "sched", "schedstat", "wchan",
+                    "oom_score", "oom_score_adj", "personality", "fd", "fdinfo")
+PROC_MACHINE_ENTRIES = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/uptime", "/proc/loadavg",
+                        "/proc/version", "/proc/filesystems")
+SKIPPED_LISTED = 20  # reasons listed for files left out of a tar; the rest are only counted
 
 
 def recv(sock):
@@ -67,9 +75,14 @@ class Worker:
             self._reroot_imports()
         self.step_pid = None
         self.status = None
-        # Built once (the costly part), applied by each step: the paths are opened now, with the worker's rights.
-        self.landlock_fd, landlock_reason = confine.build_landlock(read_only=self.read_only,
-                                                                   read_write=self.read_write)
+        # "own": no pid namespace, so a step gets only its own /proc entries (see PROC_OWN_ENTRIES).
+        self.proc_own_only = config.get("proc") == "own"
+        read_only = [p for p in self.read_only if not (self.proc_own_only and p == "/proc")]
+        if self.proc_own_only:
+            read_only += PROC_MACHINE_ENTRIES
+        # Opened once, with the worker's rights; each step builds its ruleset from these fds (and its own /proc).
+        self.landlock, landlock_reason = confine.open_landlock_rules(read_only=read_only, read_write=self.read_write)
+        self.landlock_fds = [fd for fd, _ in self.landlock["rules"]] if self.landlock else []
         # The seccomp program comes compiled from the server: importing pyseccomp here would cost every worker.
         seccomp = config.get("seccomp") or {}
         if "program" in seccomp:
@@ -77,7 +90,9 @@ class Worker:
             self.seccomp_reason = seccomp.get("reason")
         else:
             self.seccomp_program, self.seccomp_reason = confine.build_seccomp(allow_network=self.network)
-        self.confinement = {"landlock": landlock_reason or "on", "seccomp": self.seccomp_reason or "on"}
+        self.confinement = {"landlock": landlock_reason or "on", "seccomp": self.seccomp_reason or "on",
+                            "landlock_missing": confine.landlock_missing(self.landlock["abi"] if self.landlock
+                                                                         else None)}
 
     def preload(self, modules):
         loaded = []
@@ -99,7 +114,7 @@ class Worker:
         if pid == 0:
             try:
                 keep = [step_fd, out_fd, err_fd, *self.reroot.values()]
-                self._close_inherited(keep=keep + ([self.landlock_fd] if self.landlock_fd is not None else []))
+                self._close_inherited(keep=keep + self.landlock_fds)
                 self._become_step(limits, out_fd, err_fd)
                 child.run_job(step_fd)
             finally:
@@ -121,7 +136,7 @@ class Worker:
 
     def _become_step(self, limits, out_fd, err_fd):
         os.setsid()
-        _die_with_parent()
+        worker = os.getppid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
@@ -142,13 +157,39 @@ class Worker:
                 continue  # counted per uid: without our own uid it would count the operator's processes
             resource.setrlimit(which, (value, value))
         os.chdir(self.workdir)
+        own_proc = self._own_proc_rules() if self.landlock and self.proc_own_only else []
+        self._drop_to_run_user()
+        # After the drop: changing credentials clears the parent-death signal.
+        _die_with_parent()
+        if os.getppid() != worker:  # the worker died before that: nothing would end this step
+            os._exit(70)
+        self._confine(own_proc)
+
+    def _own_proc_rules(self):
+        """Rules for this process's own /proc entries, opened before the uid drop. Their fds stay open for the
+        step's life: they pin the entries Landlock's rules refer to."""
+        pid = os.getpid()
+        rules = []
+        for name in PROC_OWN_ENTRIES:
+            rule = confine.landlock_rule(f"/proc/{pid}/{name}", confine._READ_ONLY_RIGHTS, self.landlock["abi"])
+            if rule is not None:
+                rules.append(rule)
+        return rules
+
+    def _drop_to_run_user(self):
         if self.uid is not None:
             os.setgroups([])
             os.setresgid(self.gid, self.gid, self.gid)
             os.setresuid(self.uid, self.uid, self.uid)
-        if self.landlock_fd is not None:
-            confine.restrict_landlock(self.landlock_fd)
-            os.close(self.landlock_fd)
+
+    def _confine(self, extra_rules=(), rules=None):
+        """Landlock (the worker's rules, or `rules`, plus `extra_rules`; signals and abstract sockets scoped to
+        the process's own domain; TCP denied with the network off), then seccomp."""
+        if self.landlock:
+            chosen = self.landlock["rules"] if rules is None else rules
+            confine.restrict_landlock_rules(self.landlock["abi"], [*chosen, *extra_rules], deny_tcp=not self.network)
+            for fd in self.landlock_fds:
+                os.close(fd)
         if self.seccomp_program is not None:
             confine.load_seccomp(self.seccomp_program)
 
@@ -268,36 +309,38 @@ class Worker:
 
     # --- outputs -------------------------------------------------------------------------------------------
     def collect(self, request, fds):
-        """Tar the regular files under outputs/ into the given fd, read with the step's own permissions."""
+        """Tar the regular files under outputs/ into the given fd, read as the run's uid, confined to the run's
+        directory, never following a link (a step may have made outputs/ itself a link to a host directory)."""
         (out_fd,) = fds[:1]
-        root = os.path.join(self.workdir, "outputs")
-        return self._as_run_user([out_fd], lambda: _tar_tree(
-            root, out_fd, request["max_file_bytes"], request["max_total_bytes"]))
+        return self._as_run_user([out_fd], lambda: _tar_tree(self.workdir, "outputs", out_fd, request))
 
     def archive(self, request, fds):
         """Tar the whole working directory (it travels with the run to another worker)."""
         (out_fd,) = fds[:1]
-        return self._as_run_user([out_fd], lambda: _tar_tree(
-            self.workdir, out_fd, request["max_file_bytes"], request["max_total_bytes"]))
+        return self._as_run_user([out_fd], lambda: _tar_tree(self.workdir, ".", out_fd, request))
 
     def restore(self, request, fds):
         """Unpack a tar of a working directory into ours, with the run's rights and the safe `data` filter."""
         (in_fd,) = fds[:1]
-        return self._as_run_user([in_fd], lambda: _untar(in_fd, self.workdir))
+        return self._as_run_user([in_fd], lambda: _untar(in_fd, self.workdir), writable=True)
 
-    def _as_run_user(self, keep, work):
-        """Run `work()` in a child holding only `keep` fds, as the run's uid; return the dict it returns."""
+    def _as_run_user(self, keep, work, writable=False):
+        """Run `work()` in a child holding only `keep` fds, as the run's uid, confined like a step but to the run's
+        working directory alone (read-only unless `writable`); return the dict it returns."""
         import tarfile  # noqa: F401 - here, with the worker's rights: the child cannot import any more
 
         reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
-                self._close_inherited(keep=[*keep, writer])
-                if self.uid is not None:
-                    os.setgroups([])
-                    os.setresgid(self.gid, self.gid, self.gid)
-                    os.setresuid(self.uid, self.uid, self.uid)
+                self._close_inherited(keep=[*keep, writer, *self.landlock_fds])
+                workdir_rules = []
+                if self.landlock:
+                    rights = confine._handled_rights(self.landlock["abi"]) if writable else confine._READ_ONLY_RIGHTS
+                    rule = confine.landlock_rule(self.workdir, rights, self.landlock["abi"])
+                    workdir_rules = [rule] if rule else []
+                self._drop_to_run_user()
+                self._confine(rules=workdir_rules)
                 os.write(writer, json.dumps(work()).encode())
             finally:
                 os._exit(0)
@@ -333,7 +376,9 @@ class Worker:
             elif op == "collect":
                 send(self.sock, {"op": "collected", **self.collect(message, fds)})
             elif op == "archive":
-                send(self.sock, {"op": "archived", **self.archive(message, fds)})
+                report = self.archive(message, fds)
+                report.pop("files", None)  # thousands of names: more than one control message holds
+                send(self.sock, {"op": "archived", **report})
             elif op == "restore":
                 send(self.sock, {"op": "restored", **self.restore(message, fds)})
             else:
@@ -342,36 +387,63 @@ class Worker:
                 send(self.sock, {"op": "error", "error": f"unknown op {op!r}"})
 
 
-def _tar_tree(root, out_fd, max_file_bytes, max_total_bytes):
+def _tar_tree(workdir, top, out_fd, caps):
+    """Tar the regular files under `top` (relative to `workdir`) into `out_fd`, within the caps of `caps`
+    (max_file_bytes, max_total_bytes, max_files). Walks by directory fd from the working directory: `top` itself
+    is opened with O_NOFOLLOW|O_DIRECTORY, and no link is ever followed, so nothing outside is read."""
     import tarfile  # already loaded by Worker._as_run_user, before the uid drop
 
-    files, skipped, total = [], [], 0
-    with os.fdopen(out_fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
-        for directory, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(directory, name)
-                relative = os.path.relpath(path, root)
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                except OSError:
-                    skipped.append(f"{relative} (not a regular file)")
-                    continue
-                with os.fdopen(fd, "rb") as handle:
-                    info = os.fstat(handle.fileno())
-                    if not (info.st_mode & 0o170000 == 0o100000):
-                        skipped.append(f"{relative} (not a regular file)")
+    max_file, max_total, max_files = caps["max_file_bytes"], caps["max_total_bytes"], caps.get("max_files") or 1000
+    files, skipped, total, skipped_count = [], [], 0, 0
+
+    def skip(reason):
+        nonlocal skipped_count
+        skipped_count += 1
+        if len(skipped) < SKIPPED_LISTED:
+            skipped.append(reason)
+
+    base = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base)
+        except OSError as exc:
+            if os.path.lexists(os.path.join(workdir, top)):
+                skip(f"{top} ({'a link' if os.path.islink(os.path.join(workdir, top)) else 'not a directory'}: "
+                     f"{exc.strerror}; nothing under it was read)")
+            top_fd = None
+        with os.fdopen(out_fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+            if top_fd is None:
+                return {"files": files, "skipped": skipped, "skipped_count": skipped_count}
+            for directory, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=top_fd, follow_symlinks=False):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    relative = os.path.normpath(os.path.join(directory, name))
+                    if len(files) >= max_files:
+                        skip(f"{relative} (over the cap of {max_files} files)")
                         continue
-                    if info.st_size > max_file_bytes or total + info.st_size > max_total_bytes:
-                        skipped.append(f"{relative} ({info.st_size} bytes: over the size cap)")
+                    try:
+                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+                    except OSError:
+                        skip(f"{relative} (not a regular file)")
                         continue
-                    entry = tarfile.TarInfo(relative)
-                    entry.size = info.st_size
-                    entry.mtime = int(info.st_mtime)
-                    tar.addfile(entry, handle)
-                    total += info.st_size
-                    files.append({"name": relative, "size": info.st_size})
-    return {"files": files, "skipped": skipped}
+                    with os.fdopen(fd, "rb") as handle:
+                        info = os.fstat(handle.fileno())
+                        if not (info.st_mode & 0o170000 == 0o100000):
+                            skip(f"{relative} (not a regular file)")
+                            continue
+                        if info.st_size > max_file or total + info.st_size > max_total:
+                            skip(f"{relative} ({info.st_size} bytes: over the size cap)")
+                            continue
+                        entry = tarfile.TarInfo(relative)
+                        entry.size = info.st_size
+                        entry.mtime = int(info.st_mtime)
+                        tar.addfile(entry, handle)
+                        total += info.st_size
+                        files.append({"name": relative, "size": info.st_size})
+            os.close(top_fd)
+    finally:
+        os.close(base)
+    return {"files": files, "skipped": skipped, "skipped_count": skipped_count}
 
 
 def _untar(in_fd, root):
