@@ -274,6 +274,15 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     usage = details["usage"]
     print(f"Total: {usage['llm_calls']} calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
           "completion tokens")
+    helper_calls = [c for c in details["llm_calls"] if c["purpose"] == "helper"]
+    if helper_calls:  # what generated code sent out through llm(); stored clipped, in full in --json
+        print("\nllm() calls (prompt, system text and reply as stored; --json has the stored text):")
+        for number, call in enumerate(helper_calls, 1):
+            print(f"  [{number}] it={call['iteration'] or '-'}  prompt ({call['prompt_chars'] or 0} chars): "
+                  f"{_field(_one_line(call['prompt_text'], 160))}")
+            if call["system_chars"]:
+                print(f"      system ({call['system_chars']} chars): {_field(_one_line(call['system_text'], 160))}")
+            print(f"      reply ({call['response_chars'] or 0} chars): {_field(_one_line(call['reply_text'], 160))}")
     if details["artifacts"]:
         print("Artifacts: " + ", ".join(f"{_field(a['name'])} ({_field(a['mime'])}, {a['size']} bytes)"
                                         for a in details["artifacts"]))
@@ -333,7 +342,7 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Sandbox backend: {sandbox_info['backend']}"
           + (f" (fallback: {sandbox_info['fallback_reason']})" if sandbox_info["fallback_reason"] else ""))
     for protection in sandbox_info["protections"]:
-        print(f"  + {protection}")
+        print(f"  {'!' if protection.startswith('NO ') else '+'} {protection}")  # "!": missing on this host
     print(f"Sandbox check: {'ok' if ok else 'FAILED'} — {report['sandbox_check']}")
     return EXIT_OK if ok else EXIT_UNSATISFACTORY
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -448,3 +449,80 @@ def test_both_layers_together(tree: dict[str, Path]) -> None:
     result = run_in_child(body)
     assert result == {"reasons": (None, None), "shell": 0, "written": "hi\n",
                       "inet": errno.EPERM, "secret": errno.EACCES}
+
+
+@needs_seccomp
+def test_shared_host_filter_refuses_new_unix_sockets_and_ipc_but_not_socketpair() -> None:
+    def body() -> dict[str, object]:
+        reason = confine.apply_seccomp(allow_network=False, shared_host=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        def ipc(call: Callable[[], int]) -> int:
+            return 0 if call() >= 0 else ctypes.get_errno()
+
+        left, right = socket.socketpair()
+        left.sendall(b"x")
+        return {
+            "reason": reason,
+            "unix": _errno_of(lambda: socket.socket(socket.AF_UNIX)),
+            "socketpair": right.recv(1),
+            "shmget": ipc(lambda: libc.shmget(0, ctypes.c_size_t(4096), 0o1000 | 0o600)),
+            "msgget": ipc(lambda: libc.msgget(0, 0o1000 | 0o600)),
+            "semget": ipc(lambda: libc.semget(0, 1, 0o1000 | 0o600)),
+        }
+
+    result = run_in_child(body)
+    assert result == {"reason": None, "unix": errno.EPERM, "socketpair": b"x", "shmget": errno.EPERM,
+                      "msgget": errno.EPERM, "semget": errno.EPERM}
+
+
+@needs_landlock
+def test_scoped_ruleset_blocks_signals_and_abstract_sockets_outside_the_domain() -> None:
+    if PROBE["landlock_abi"] < 6:
+        pytest.skip("Landlock ABI 6 (signal and abstract socket scoping) is not in this kernel")
+    name = f"\0autocode-scope-{os.getpid()}"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(name)
+    server.listen(1)
+    outside = subprocess.Popen(["sleep", "30"])
+    try:
+        def body() -> dict[str, object]:
+            plan, reason = confine.open_landlock_rules(read_only=["/usr", "/lib", "/lib64"], read_write=[])
+            restricted = confine.restrict_landlock_rules(plan["abi"], plan["rules"])
+            inner = os.fork()
+            if inner == 0:
+                time.sleep(30)
+                os._exit(0)
+            found = {"reasons": (reason, restricted), "own_child": _errno_of(lambda: os.kill(inner, 0)),
+                     "outside": _errno_of(lambda: os.kill(outside.pid, 0)),
+                     "abstract": _errno_of(lambda: socket.socket(socket.AF_UNIX).connect(name))}
+            os.kill(inner, signal.SIGKILL)
+            return found
+
+        result = run_in_child(body, drop_uid=False)  # same uid as `outside`: only Landlock stands between them
+    finally:
+        outside.kill()
+        outside.wait()
+        server.close()
+    assert result == {"reasons": (None, None), "own_child": None, "outside": errno.EPERM, "abstract": errno.EPERM}
+
+
+def test_doctor_names_each_landlock_feature_the_kernel_lacks() -> None:
+    from agent_core.sandbox.pool import SandboxExecutor
+
+    assert confine.landlock_missing(7) == []
+    assert confine.landlock_missing(5) == ["abstract Unix socket and signal scoping (Landlock ABI 6)"]
+    assert confine.landlock_missing(3) == ["TCP bind/connect rules (Landlock ABI 4)",
+                                           "abstract Unix socket and signal scoping (Landlock ABI 6)"]
+    assert confine.landlock_missing(None) == ["Landlock itself"]
+    executor = SandboxExecutor(backend="process", warm=0)
+    executor._confinement = {"landlock": "on", "seccomp": "on", "landlock_missing": confine.landlock_missing(5)}
+    executor._probe = {"landlock_abi": 5}
+    protections = executor.describe()["protections"]
+    assert any(p.startswith("NO abstract Unix socket and signal scoping") and "signalling" in p
+               for p in protections), protections
+    executor._confinement = {"landlock": "the kernel has no Landlock support (ENOSYS)", "seccomp": "on",
+                             "landlock_missing": confine.landlock_missing(None)}
+    protections = executor.describe()["protections"]
+    assert "NO Landlock: the kernel has no Landlock support (ENOSYS)" in protections
+    assert any(p.startswith("NO Landlock itself") and "/proc/net" in p for p in protections), protections

@@ -539,17 +539,39 @@ class SandboxExecutor:
 
     def describe(self) -> dict[str, Any]:
         """Known after a worker started (`autocode doctor` starts one): Landlock and seccomp as really applied."""
-        confinement = []
+        shared_host = not isinstance(self.launcher, BwrapLauncher)
         landlock, seccomp = self._confinement.get("landlock"), self._confinement.get("seccomp")
+        missing = list(self._confinement.get("landlock_missing") or [])
+        confinement = []
         if landlock == "on":
-            confinement.append(f"Landlock (ABI {self._probe.get('landlock_abi')}): file access limited per step")
+            confinement.append(f"Landlock (ABI {self._probe.get('landlock_abi')}): file access limited per step"
+                               + ("; signals and abstract Unix sockets scoped to the step's own processes"
+                                  if not any("ABI 6" in m for m in missing) else ""))
+            if shared_host:
+                confinement.append("/proc: a step reads only its own entries (no other processes, no host sockets)")
         elif landlock:
             confinement.append(f"NO Landlock: {landlock}")
+        consequences = {  # what the process backend loses without each Landlock feature
+            "Landlock itself": "steps can read world-readable host files, other processes' /proc entries "
+                               "(command lines) and the host's socket tables in /proc/net",
+            "abstract Unix socket and signal scoping (Landlock ABI 6)":
+                "a step is stopped from signalling other processes only by its uid"
+                + ("" if seccomp == "on" else ", and can connect to the host's abstract Unix sockets"),
+            "TCP bind/connect rules (Landlock ABI 4)": "network off rests on seccomp alone",
+        }
+        for feature in missing:
+            if shared_host and feature in consequences and (landlock == "on" or feature == "Landlock itself"):
+                confinement.append(f"NO {feature}: {consequences[feature]}")
         if seccomp == "on":
             confinement.append("seccomp: ptrace, mount, unshare, bpf, keyctl… blocked"
-                               + ("" if self.network else "; sockets other than AF_UNIX blocked"))
+                               + ("" if self.network else "; sockets other than AF_UNIX blocked")
+                               + ("; new Unix sockets and System V / POSIX IPC refused" if shared_host else ""))
         elif seccomp:
-            confinement.append(f"NO seccomp: {seccomp}")
+            confinement.append(f"NO seccomp: {seccomp}" + (
+                " (so steps can reach the host's Unix sockets and System V / POSIX IPC; a run's IPC objects are "
+                "still removed when it ends)" if shared_host else ""))
+        if shared_host and self.uids.enabled:
+            confinement.append("guardian process: a killed server's runs are ended (processes, IPC, directories)")
         return {
             "backend": self.name,
             "fallback_reason": self.fallback_reason,
