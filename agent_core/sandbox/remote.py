@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from agent_core.budget import RunBudget
 from agent_core.config import Settings
 from agent_core.jobs import KEY_TTL_S, TASK_NAME, celery_app, encode_job, job_key
 from agent_core.sandbox import (
@@ -145,7 +146,8 @@ class RemoteSandbox:
                        ) -> tuple[str, list[StepResult], PlannedStep | None]:
         """Send the batch as a job and follow its reports: (outcome, results, the step left without a result)."""
         job_id = uuid.uuid4().hex
-        job = encode_job(job_id, self.run_id, batch.iteration, batch, self.workdir, self._tokens_left())
+        budget = RunBudget.for_run(self.settings, self.executor.storage, self.run_id).snapshot()
+        job = encode_job(job_id, self.run_id, batch.iteration, batch, self.workdir, budget)
         deadline = time.monotonic() + len(batch.steps) * batch.limits.timeout_s + self.settings.job_margin
         steps = {step.name: step for step in batch.steps}
         results: list[StepResult] = []
@@ -186,13 +188,6 @@ class RemoteSandbox:
             await asyncio.shield(self._abandon(job_id))  # the worker kills the step at once
             raise
 
-    def _tokens_left(self) -> int | None:
-        limit = self.settings.max_tokens_per_run
-        if not limit:
-            return None
-        usage = self.executor.storage.usage(self.run_id)
-        return limit - usage["prompt_tokens"] - usage["completion_tokens"]
-
     async def _next_message(self, job_id: str) -> dict[str, Any] | None:
         popped = await self.redis.blpop([job_key(job_id, "events")], timeout=1)
         if popped is None:
@@ -213,19 +208,24 @@ class RemoteSandbox:
         for note in message.get("skipped") or []:
             log.warning("run %s: working file left behind on the worker: %s", self.run_id, note)
 
-    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int) -> CollectedOutputs:
+    async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int,
+                              max_files: int = 1000) -> CollectedOutputs:
+        """The files under outputs/ of the working directory the last job brought back (see `Sandbox`)."""
         if self.workdir is None:
             return CollectedOutputs([], [])
-        artifacts, skipped = [], []
+        artifacts, skipped, total = [], [], 0
         for artifact in _read_archive(io.BytesIO(self.workdir), None, 1 << 62):
             if not artifact.name.startswith("outputs/"):
                 continue
             name = artifact.name.removeprefix("outputs/")
-            if len(artifact.data) > max_file_bytes or sum(len(a.data) for a in artifacts) + len(artifact.data) > max_total_bytes:
+            if len(artifacts) >= max_files:
+                skipped.append(f"{name} (over the cap of {max_files} files)")
+            elif len(artifact.data) > max_file_bytes or total + len(artifact.data) > max_total_bytes:
                 skipped.append(f"{name} ({len(artifact.data)} bytes: over the size cap)")
-                continue
-            artifacts.append(type(artifact)(name, artifact.data, artifact.mime))
-        return CollectedOutputs(artifacts, skipped)
+            else:
+                total += len(artifact.data)
+                artifacts.append(type(artifact)(name, artifact.data, artifact.mime))
+        return CollectedOutputs(artifacts, skipped[:20], len(skipped))
 
     async def close(self) -> None:
         self.workdir = None
