@@ -2,9 +2,10 @@
 
 Without namespaces nothing ties a step's daemons (setsid, double fork, SIGHUP ignored) to the server: a `kill -9`
 of the server leaves them running. The executor therefore starts this small process next to its workers, holding
-the write end of a pipe on its stdin. The guardian blocks reading it; end of file means the executor is gone (its
-`stop()` or its death, however it died). It then kills every process of the executor's run uids, removes the System
-V IPC objects they own, and deletes the run directories they own, and exits.
+the write end of a pipe on its stdin. The guardian blocks reading it; end of file means the executor is gone. If it
+died (however: `kill -9` included) rather than stopped in order (`stop()` writes STOPPED first, having closed its
+workers itself, and another executor may already use the same uids), the guardian kills every process of the
+executor's run uids, removes the System V IPC objects they own and the run directories they own, and exits.
 
 Run as `python -I -S -B guardian.py UID_BASE COUNT RUNS_DIR`; it imports only the standard library, and the server
 imports `kill_uid` and `remove_ipc_of` from here for its own per-run cleanup.
@@ -17,6 +18,7 @@ import signal
 import sys
 
 _IPC_RMID = 0
+STOPPED = b"stopped\n"  # what the executor writes before closing the pipe when it stopped in order
 _IPC_TABLES = ("shm", "msg", "sem")
 
 
@@ -93,15 +95,19 @@ def sweep(uids, runs_dir):
 def main():
     uid_base, count, runs_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the server, not its guardian
+    said = b""
     while True:
         try:
-            if not os.read(0, 4096):
-                break
+            chunk = os.read(0, 4096)
         except InterruptedError:
             continue
         except OSError:
             break
-    sweep(range(uid_base, uid_base + count), runs_dir)
+        if not chunk:
+            break
+        said += chunk
+    if said != STOPPED:  # the executor died without `stop()`: what it left is ours to end
+        sweep(range(uid_base, uid_base + count), runs_dir)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from agent_core.sandbox import (
 )
 from agent_core.sandbox import confine, network
 from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher, choose_launcher, compile_runtime
-from agent_core.sandbox.guardian import remove_ipc_of
+from agent_core.sandbox.guardian import STOPPED as GUARDIAN_STOPPED, remove_ipc_of
 
 log = logging.getLogger(__name__)
 
@@ -530,8 +530,12 @@ class SandboxExecutor:
         for worker in idle:
             await worker.close()
         guardian, self._guardian = self._guardian, None
-        if guardian is not None:  # end of its stdin: it sweeps what is left of our uids, then exits
-            guardian.stdin.close()  # type: ignore[union-attr]
+        if guardian is not None:  # stopped in order: the workers are closed, nothing is left for it to end
+            try:
+                guardian.stdin.write(GUARDIAN_STOPPED)  # type: ignore[union-attr]
+                guardian.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
             try:
                 await asyncio.to_thread(guardian.wait, 10)
             except subprocess.TimeoutExpired:
