@@ -11,16 +11,21 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from agent_core.sandbox import SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
 RUNTIME_DIR = Path(__file__).resolve().parent  # worker.py, child.py, confine.py
-SANDBOX_RUNTIME = "/opt/autocode-sandbox"  # where RUNTIME_DIR appears inside bubblewrap
+# Where RUNTIME_DIR and the run's working directory appear inside bubblewrap, unless the Python environment lives
+# there (see `mount_layout`): the worker is told the working directory in its config, nothing else assumes it.
+SANDBOX_RUNTIME = "/opt/autocode-sandbox"
 SANDBOX_WORKDIR = "/work"
+# Mounted by bubblewrap itself, whatever the layout.
+FIXED_MOUNTS = ["/proc", "/dev", "/etc/resolv.conf"]
 # System paths a step may read (interpreter, shared libraries, certificates, time zones).
 SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ssl",
                     "/etc/ca-certificates", "/etc/localtime", "/etc/mime.types", "/usr/share/zoneinfo"]
@@ -127,6 +132,59 @@ class Launch:
     config: dict = field(default_factory=dict)  # extra worker configuration
 
 
+def _overlaps(a: str, b: str) -> bool:
+    """Is `a` the same path as `b`, inside it, or above it? Then a mount at one hides or breaks the other."""
+    pa, pb = PurePosixPath(a), PurePosixPath(b)
+    return pa == pb or pb in pa.parents or pa in pb.parents
+
+
+def _free_mount_point(preferred: str, taken: Sequence[str]) -> str:
+    """`preferred`, or else /autocode-<name>[-n]: the first path that overlaps none of `taken`."""
+    name = PurePosixPath(preferred).name
+    for candidate in [preferred, f"/autocode-{name}", *(f"/autocode-{name}-{n}" for n in range(2, 10))]:
+        if not any(_overlaps(candidate, path) for path in taken):
+            return candidate
+    raise SandboxUnavailable(f"no free mount point for {preferred} inside bubblewrap: the Python environment "
+                             f"covers it ({', '.join(p for p in taken if _overlaps(preferred, p))})")
+
+
+@dataclass(frozen=True)
+class MountLayout:
+    """Where bubblewrap puts things, chosen so that no mount point lands on, inside or above a read-only bind."""
+
+    binds: tuple[str, ...]  # host paths bound read-only at their own path (system paths, the Python roots)
+    workdir: str  # the run's size-capped tmpfs, as the worker sees it
+    runtime: str  # where RUNTIME_DIR is bound
+    # "link": /tmp is a symlink into the workdir (one disk cap for all a run writes); "tmpfs": a Python root lies
+    # under /tmp, so /tmp is its own size-capped tmpfs mounted before the binds, which land inside it (the disk cap
+    # is then workdir + tmp); "bound": a Python root is /tmp itself, read-only (steps write to TMPDIR, the workdir).
+    tmp: str
+
+
+def mount_layout(binds: Sequence[str]) -> MountLayout:
+    """The layout for these read-only binds. A virtualenv or interpreter may live anywhere on the host: under
+    /tmp (bwrap would make /tmp a directory, and the /tmp symlink fails), under /work (the workdir tmpfs would hide
+    it; this checkout lives at /work/main), at or around /opt/autocode-sandbox. Raises SandboxUnavailable when a
+    bind covers a path bubblewrap must mount itself (a Python root at / or under /proc, /dev)."""
+    binds = tuple(binds)
+    for fixed in ["/proc", "/dev"]:
+        clash = [path for path in binds if _overlaps(fixed, path)]
+        if clash:
+            raise SandboxUnavailable(f"the Python environment ({', '.join(clash)}) covers {fixed}, which bubblewrap "
+                                     "mounts itself; install Python elsewhere or use AUTOCODE_SANDBOX_BACKEND=process")
+    tmp_binds = [path for path in binds if _overlaps("/tmp", path)]
+    if not tmp_binds:
+        tmp = "link"
+    elif all(PurePosixPath("/tmp") in PurePosixPath(path).parents for path in tmp_binds):
+        tmp = "tmpfs"
+    else:
+        tmp = "bound"
+    taken = [*binds, *FIXED_MOUNTS, "/tmp"]
+    workdir = _free_mount_point(SANDBOX_WORKDIR, taken)
+    runtime = _free_mount_point(SANDBOX_RUNTIME, [*taken, workdir])
+    return MountLayout(binds, workdir, runtime, tmp)
+
+
 class BwrapLauncher:
     """User, pid, net, ipc, uts (and cgroup) namespaces; read-only binds; a size-capped tmpfs workdir."""
 
@@ -137,16 +195,23 @@ class BwrapLauncher:
         self.is_root = is_root
         self.workdir_mb = workdir_mb
         self.network = network
+        self.read_only = [*SYSTEM_READ_ONLY, *(NETWORK_READ_ONLY if network else [])]
+        # Raises SandboxUnavailable when no layout fits this Python environment.
+        self.layout = mount_layout([p for p in [*self.read_only, *python_roots()] if os.path.exists(p)])
 
     def protections(self) -> list[str]:
-        found = ["pid, ipc, uts, mount namespaces", "size-capped tmpfs working directory",
+        found = ["pid, ipc, uts, mount namespaces", "size-capped tmpfs working directory"
+                 + (" and /tmp" if self.layout.tmp == "tmpfs" else ""),
                  "--clearenv, --die-with-parent, --new-session"]
         found.append("user namespace (unprivileged bwrap)" if not self.is_root else "real uid drop per run")
         found.append("network namespace with slirp4netns; nftables allows only public internet addresses"
                      if self.network else "network namespace without interfaces (no network)")
         return found
 
-    def prepare(self, worker_fd: int, info_fd: int | None) -> Launch:
+    def argv(self, command: list[str], info_fd: int | None) -> list[str]:
+        """The bwrap command line that runs `command` in the sandbox's mount layout. `prepare` and the start-up
+        check (`bwrap_works`) both use it, so `auto` tests exactly what a run gets."""
+        layout = self.layout
         args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                 "--unshare-net", "--die-with-parent", "--new-session", "--clearenv"]
         if self.is_root:
@@ -154,32 +219,38 @@ class BwrapLauncher:
             args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]
         else:
             args += ["--unshare-user", "--disable-userns"]
+        size = str(self.workdir_mb * 1024 * 1024)
         made: set[str] = set()
-        read_only = [*SYSTEM_READ_ONLY, *(NETWORK_READ_ONLY if self.network else [])]
-        resolver = ["/etc/resolv.conf"] if self.network else []
-        for path in [*read_only, *python_roots()]:
-            if os.path.exists(path):
-                args += self._parents(path, made) + ["--ro-bind", path, path]
-        args += self._parents(SANDBOX_RUNTIME, made) + ["--ro-bind", str(RUNTIME_DIR), SANDBOX_RUNTIME]
+        if layout.tmp == "tmpfs":  # before the binds, which then land inside it
+            args += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+            made.add("/tmp")
+        for path in layout.binds:
+            args += self._parents(path, made) + ["--ro-bind", path, path]
+        args += self._parents(layout.runtime, made) + ["--ro-bind", str(RUNTIME_DIR), layout.runtime]
         if self.network:
             args += ["--perms", "0644", "--ro-bind-data", "0", "/etc/resolv.conf"]  # slirp4netns's DNS
-        size = str(self.workdir_mb * 1024 * 1024)
-        args += ["--proc", "/proc", "--dev", "/dev",
-                 "--perms", "0777", "--size", size, "--tmpfs", SANDBOX_WORKDIR,
-                 "--symlink", f"{SANDBOX_WORKDIR}/.tmp", "/tmp",  # one disk cap for everything a run writes
-                 "--chdir", SANDBOX_WORKDIR]
+        args += ["--proc", "/proc", "--dev", "/dev", *self._parents(layout.workdir, made),
+                 "--perms", "0777", "--size", size, "--tmpfs", layout.workdir]
+        if layout.tmp == "link":
+            args += ["--symlink", f"{layout.workdir}/.tmp", "/tmp"]  # one disk cap for everything a run writes
+        args += ["--chdir", layout.workdir]
         if info_fd is not None:
             args += ["--info-fd", str(info_fd)]
-        env = worker_environment(SANDBOX_WORKDIR)
-        for name, value in env.items():  # --clearenv: the environment is set inside
+        for name, value in worker_environment(layout.workdir).items():  # --clearenv: the environment is set inside
             args += ["--setenv", name, value]
-        args += ["--", *worker_command(SANDBOX_RUNTIME, worker_fd)]
-        return Launch(args, env, SANDBOX_WORKDIR, None, {
+        return [*args, "--", *command]
+
+    def prepare(self, worker_fd: int, info_fd: int | None) -> Launch:
+        layout = self.layout
+        resolver = ["/etc/resolv.conf"] if self.network else []
+        return Launch(self.argv(worker_command(layout.runtime, worker_fd), info_fd),
+                      worker_environment(layout.workdir), layout.workdir, None, {
             "site_dirs": list(site_dirs()),
             "pid_namespace": True,
-            "read_only": [*read_only, *resolver, *python_roots(), SANDBOX_RUNTIME, "/proc", "/dev"],
-            "read_write": ["/dev/null", "/dev/shm"],  # /dev is the sandbox's own small tmpfs
-            "make_dirs": [f"{SANDBOX_WORKDIR}/.tmp"],
+            "read_only": [*self.read_only, *resolver, *python_roots(), layout.runtime, "/proc", "/dev"],
+            # /dev is the sandbox's own small tmpfs; so is /tmp when it is not a link into the workdir.
+            "read_write": ["/dev/null", "/dev/shm", *(["/tmp"] if layout.tmp == "tmpfs" else [])],
+            "make_dirs": [f"{layout.workdir}/.tmp"] if layout.tmp == "link" else [],
         })
 
     @staticmethod
@@ -234,18 +305,19 @@ class ProcessLauncher:
         )
 
 
-def bwrap_works(bwrap: str, is_root: bool) -> str | None:
-    """None when bubblewrap can create its namespaces here, else the reason."""
-    args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--ro-bind", "/", "/",
-            "--proc", "/proc", "--dev", "/dev"]
-    if not is_root:
-        args.append("--unshare-user")
+def bwrap_works(launcher: BwrapLauncher) -> str | None:
+    """None when bubblewrap can start the sandbox here, else the reason. It runs the interpreter in the real mount
+    layout (the same command line as a worker's), not a bare `--ro-bind / /`: that passes where a run then fails
+    (a Python environment under /tmp, a bwrap without --size). ~20 ms, once per executor."""
+    probe = f"import os; os.stat({launcher.layout.runtime + '/worker.py'!r})"
+    args = launcher.argv([sys.executable, *WORKER_FLAGS, "-c", probe], None)
     try:
-        proc = subprocess.run([*args, "true"], capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"bubblewrap failed to start: {exc}"
     if proc.returncode != 0:
-        return f"bubblewrap cannot create namespaces here: {proc.stderr.strip() or proc.returncode}"
+        detail = proc.stderr.strip()[-500:] or f"exit status {proc.returncode}"
+        return f"bubblewrap cannot start the sandbox here: {detail}"
     return None
 
 
@@ -254,12 +326,20 @@ def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, ne
     is_root = os.geteuid() == 0
     if backend in ("auto", "bwrap"):
         bwrap = shutil.which("bwrap")
-        reason = "bubblewrap (bwrap) is not installed" if bwrap is None else bwrap_works(bwrap, is_root)
+        launcher: BwrapLauncher | None = None
+        if bwrap is None:
+            reason: str | None = "bubblewrap (bwrap) is not installed"
+        else:
+            try:
+                launcher = BwrapLauncher(bwrap, is_root, workdir_mb, network)
+                reason = bwrap_works(launcher)
+            except SandboxUnavailable as exc:  # no mount layout fits this Python environment
+                reason = str(exc)
         missing = [tool for tool in ("slirp4netns", "nft", "nsenter") if shutil.which(tool) is None]
         if network and reason is None and missing:
             reason = f"AUTOCODE_SANDBOX_NETWORK=on needs {', '.join(missing)} (Debian: slirp4netns, nftables)"
-        if reason is None:
-            return BwrapLauncher(bwrap, is_root, workdir_mb, network), None
+        if reason is None and launcher is not None:
+            return launcher, None
         if backend == "bwrap":
             raise SandboxUnavailable(f"AUTOCODE_SANDBOX_BACKEND=bwrap but {reason}")
         return ProcessLauncher(is_root, workdir_root, network), reason
