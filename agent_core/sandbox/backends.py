@@ -296,6 +296,7 @@ class ProcessLauncher:
             {
                 "site_dirs": list(site_dirs()),
                 "pid_namespace": False,
+                "proc": "own",  # the host's /proc: a step may read only its own entries
                 "read_only": [*SYSTEM_READ_ONLY, *NETWORK_READ_ONLY, *roots, str(RUNTIME_DIR), "/proc", "/dev",
                               "/etc/resolv.conf"],
                 "read_write": ["/dev/null"],  # not /dev/shm: the host's, shared between runs
