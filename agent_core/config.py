@@ -120,6 +120,7 @@ class Settings:
     slack_allowed_teams: frozenset[str] = frozenset()
     slack_allowed_channels: frozenset[str] = frozenset()
     slack_allowed_users: frozenset[str] = frozenset()
+    slack_admin_users: frozenset[str] = frozenset()  # may cancel and re-run anyone's runs
     # Telegram
     telegram_bot_token: str | None = field(default=None, repr=False)
     telegram_webhook_url: str | None = None
@@ -127,6 +128,7 @@ class Settings:
     telegram_api_url: str | None = None
     telegram_allowed_chats: frozenset[str] = frozenset()
     telegram_allowed_users: frozenset[str] = frozenset()
+    telegram_admin_users: frozenset[str] = frozenset()  # numeric user ids that may cancel anyone's runs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -180,12 +182,14 @@ class Settings:
             slack_allowed_teams=_names(env, "SLACK_ALLOWED_TEAMS"),
             slack_allowed_channels=_names(env, "SLACK_ALLOWED_CHANNELS"),
             slack_allowed_users=_names(env, "SLACK_ALLOWED_USERS"),
+            slack_admin_users=_names(env, "SLACK_ADMIN_USERS"),
             telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN", "").strip() or None,
             telegram_webhook_url=env.get("TELEGRAM_WEBHOOK_URL", "").strip() or None,
             telegram_webhook_secret=env.get("TELEGRAM_WEBHOOK_SECRET", "").strip() or None,
             telegram_api_url=env.get("TELEGRAM_API_URL", "").strip() or None,
             telegram_allowed_chats=_names(env, "TELEGRAM_ALLOWED_CHATS"),
             telegram_allowed_users=_names(env, "TELEGRAM_ALLOWED_USERS"),
+            telegram_admin_users=_names(env, "TELEGRAM_ADMIN_USERS"),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

@@ -36,6 +36,7 @@ from agent_core.events import (
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots import slack_render as render
+from bots.permissions import may_act_on_run, refusal_text
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,10 @@ class SlackAdapter:
         run = self.storage.get_run(str(action.get("value", "")))
         if run is None or run["adapter"] != self.name:
             return
+        denied = self._not_theirs(run, team, user, "cancel")
+        if denied:
+            self._spawn(self._ephemeral({**route, "thread_ts": _action_thread(body)}, denied), "posting a refusal")
+            return
         self._spawn(self._cancel(run["id"], route), "cancelling a run")
 
     async def _on_rerun(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any],
@@ -405,6 +410,13 @@ class SlackAdapter:
             if refusal:
                 self._spawn(self._ephemeral({"team": team, "channel": channel, "user": user}, refusal), "refusal")
             return
+        denied = self._not_theirs(run, team, user, "re-run")
+        if denied:
+            await ack()
+            route = {"team": team, "channel": channel, "user": user, "thread_ts": _action_thread(body),
+                     "enterprise": (body.get("enterprise") or {}).get("id")}
+            self._spawn(self._ephemeral(route, denied), "posting a refusal")
+            return
         old = self.storage.reply_to(run["id"])
         route = {"team": team, "channel": channel, "user": user, "thread_ts": old.get("thread_ts"), "kind": "rerun",
                  "enterprise": old.get("enterprise")}
@@ -416,6 +428,14 @@ class SlackAdapter:
             self._spawn(self._open(submission.run_id), "posting the progress message")
         elif submission.status == "refused":
             self._spawn(self._ephemeral(route, submission.message), "posting a refusal")
+
+    def _not_theirs(self, run: dict[str, Any], team: str, user: str, action: str) -> str | None:
+        """None when `user` may `action` the run (they asked, or SLACK_ADMIN_USERS lists them), else what to tell
+        them."""
+        if may_act_on_run(run["user"], self._user_key(team, user), user, self.settings.slack_admin_users):
+            return None
+        requester = (run["user"] or "").rsplit(":", 1)[-1] if (run["user"] or "").startswith("slack:") else ""
+        return refusal_text(action, f"<@{requester}>" if requester else None)
 
     # --- commands --------------------------------------------------------------------------------------------
     def _user_runs_here(self, team: str, channel: str, user: str, limit: int = 500) -> list[dict[str, Any]]:
@@ -473,11 +493,12 @@ class SlackAdapter:
         if word == "reset":
             removed = self.storage.clear_conversation(conversation)
             return f"Forgot this thread's history ({removed} messages); the next task starts fresh."
-        if word == "cancel":
-            active = [r for r in runs if r["status"] in ("queued", "running")]
+        if word == "cancel":  # only the caller's own runs: others' are theirs (or an admin's, by the button)
+            mine = self._user_key(team, user)
+            active = [r for r in runs if r["status"] in ("queued", "running") and r["user"] == mine]
             for run in active:
                 self._spawn(self._cancel(run["id"], None), "cancelling a run")
-            return f"Cancelling {len(active)} run(s)." if active else "Nothing is running in this thread."
+            return f"Cancelling {len(active)} run(s)." if active else "Nothing of yours is running in this thread."
         return HELP
 
     async def _cancel(self, run_id: str, route: dict[str, Any] | None) -> None:
@@ -625,6 +646,11 @@ def _action_place(body: dict[str, Any]) -> tuple[str, str, str]:
     user = body.get("user") or {}
     team = (body.get("team") or {}).get("id") or user.get("team_id") or ""
     return team, (body.get("channel") or {}).get("id", ""), user.get("id", "")
+
+
+def _action_thread(body: dict[str, Any]) -> str | None:
+    """The thread of the message whose button was pressed (None: a top-level message), for replies beside it."""
+    return (body.get("container") or {}).get("thread_ts") or (body.get("message") or {}).get("thread_ts")
 
 
 def _short(exc: BaseException) -> str:

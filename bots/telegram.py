@@ -33,6 +33,7 @@ from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, Contex
 from agent_core.events import RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
+from bots.permissions import may_act_on_run, refusal_text
 from bots.telegram_render import (
     Progress, answer_plan, failure_text, html_to_plain, log_plan,
 )
@@ -167,6 +168,7 @@ class TelegramAdapter:
         self._secret = self.settings.telegram_webhook_secret or secrets.token_urlsafe(32)
         self._allowed_chats = _allowlist(self.settings.telegram_allowed_chats)
         self._allowed_users = _allowlist(self.settings.telegram_allowed_users)
+        self._admins = frozenset(self.settings.telegram_admin_users)  # numeric ids only: usernames change hands
         self.app = self._build_application()
         self._ready = asyncio.Event()
         self._closed = False
@@ -403,8 +405,8 @@ class TelegramAdapter:
         if refusal:
             await self._answer_query(query, refusal)
             return
-        if chat.type != ChatType.PRIVATE and run["user"] != f"telegram:{query.from_user.id}":
-            await self._answer_query(query, "Only the person who asked can cancel this task.")
+        if not may_act_on_run(run["user"], f"telegram:{query.from_user.id}", str(query.from_user.id), self._admins):
+            await self._answer_query(query, refusal_text("cancel", None, "task"), alert=True)
             return
         if run["status"] not in ("queued", "running"):
             await self._answer_query(query, "This task has already finished.")
@@ -415,9 +417,10 @@ class TelegramAdapter:
     async def _cancel(self, run_id: str) -> str | None:
         return await self.scheduler.cancel(run_id)
 
-    async def _answer_query(self, query: CallbackQuery, text: str) -> None:
+    async def _answer_query(self, query: CallbackQuery, text: str, alert: bool = False) -> None:
+        """Answer a button press: a short toast, or with `alert` a dialog the presser must dismiss."""
         try:
-            await query.answer(text or None)
+            await query.answer(text or None, show_alert=alert or None)
         except TelegramError as exc:
             log.warning("telegram: answerCallbackQuery failed: %s", exc)
 

@@ -17,13 +17,14 @@ import pytest
 from slack_sdk.signature import SignatureVerifier
 
 from tests.conftest import png_step_code
-from tests.fakes.slack_server import BOT_USER_ID, TEAM_ID, FakeSlack, SlackCall, message_text
+from tests.fakes.slack_server import BOT_USER_ID, EPHEMERAL_PARAMS, TEAM_ID, FakeSlack, SlackCall, message_text
 from tests.server_helpers import ScriptedLLM, Serve, db_rows, serve_env, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
 
 SECRET = "test-signing-secret"
 ALICE, BOB, MALLORY = "UALICE", "UBOB", "UMALLORY"  # Mallory is not on the allowlist
+ADMIN = "UADMIN"  # on SLACK_ADMIN_USERS
 _ids = itertools.count(1)
 
 PNG_CODE = png_step_code("work", "outputs/plot.png", then='    print("wrote the plot")\n', returns='{"tag": "PNG"}')
@@ -60,7 +61,8 @@ def server(slack, llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-serve")
     env = serve_env(
         llm, directory / "autocode.db", SLACK_BOT_TOKEN="xoxb-test-token-never-logged", SLACK_SIGNING_SECRET=SECRET,
-        SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB}", AUTOCODE_PUBLIC_URL="https://autocode.test",
+        SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
+        AUTOCODE_PUBLIC_URL="https://autocode.test",
         AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
     )
     serve = Serve(env, directory / "serve.log", directory)
@@ -298,6 +300,54 @@ def test_cancel_button_cancels_the_run(server, slack):
     delivered(server, run["id"])
     wait_for(lambda: any("Cancelled" in message_text(c) and "Re-run" in message_text(c)
                          for c in in_channel(slack, "chat.update", channel)), 10, what="the cancelled progress")
+
+
+def test_only_the_requester_or_an_admin_may_cancel_or_rerun(server, slack):
+    channel = "COTHERS"
+    slash(server, "job tag=ALICES sleep=60", channel, user=ALICE)
+    run = wait_run(server, channel, "running")
+    progress = wait_for(lambda: in_channel(slack, "chat.postMessage", channel), 10, what="the progress message")[0]
+
+    def told(user: str, count: int) -> SlackCall:
+        ephemeral = wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel)
+                                      if c.params["user"] == user][count - 1:], 10, what=f"an ephemeral to {user}")
+        assert ephemeral[0].response["ok"], ephemeral[0].response  # arguments as Slack takes them
+        return ephemeral[0]
+
+    # Bob, in the same channel, presses Alice's Cancel and Re-run: he is told who can, nothing happens.
+    assert action(server, "autocode_cancel", run["id"], channel, user=BOB).status_code == 200
+    assert told(BOB, 1).params["text"] == f"Only <@{ALICE}> (who asked) or an AutoCode admin can cancel this run."
+    assert action(server, "autocode_rerun", run["id"], channel, user=BOB).status_code == 200
+    assert told(BOB, 2).params["text"] == f"Only <@{ALICE}> (who asked) or an AutoCode admin can re-run this run."
+    # ... and saying "cancel" to AutoCode in her thread cancels only his own runs there (none).
+    send_event(server, mention(channel, "cancel", user=BOB, thread_ts=progress.response["ts"]))
+    wait_for(lambda: [c for c in in_channel(slack, "chat.postMessage", channel)
+                      if "Nothing of yours is running" in message_text(c)], 10, what="the thread command's reply")
+    time.sleep(0.5)
+    assert [(r["id"], r["status"]) for r in runs_in(server, channel)] == [(run["id"], "running")]
+
+    # An admin may cancel anyone's run.
+    assert action(server, "autocode_cancel", run["id"], channel, user=ADMIN).status_code == 200
+    assert wait_run(server, channel, "cancelled", timeout=30)["id"] == run["id"]
+    assert not [c for c in in_channel(slack, "chat.postEphemeral", channel) if c.params["user"] == ADMIN]
+    delivered(server, run["id"])
+
+    # Alice may re-run her own run, and cancel the new one.
+    assert action(server, "autocode_rerun", run["id"], channel, user=ALICE).status_code == 200
+    again = wait_for(lambda: [r for r in runs_in(server, channel) if r["id"] != run["id"]], 10, what="the re-run")[0]
+    assert again["user"] == f"slack:{TEAM_ID}:{ALICE}"
+    assert action(server, "autocode_cancel", again["id"], channel, user=ALICE).status_code == 200
+    assert server.wait_status(again["id"], timeout=30)["status"] == "cancelled"
+    assert not [c for c in in_channel(slack, "chat.postEphemeral", channel) if c.params["user"] == ALICE]
+
+
+def test_the_fake_checks_post_ephemeral_as_slack_sdk_sends_it():
+    import inspect
+
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    assert set(inspect.signature(AsyncWebClient.chat_postEphemeral).parameters) - {"self", "kwargs"} == \
+        EPHEMERAL_PARAMS
 
 
 def test_rate_limited_updates_are_retried_and_nothing_is_lost(server, slack):

@@ -26,8 +26,9 @@ BOT = "AutoCodeTestBot"
 PUBLIC_URL = "http://autocode.example"
 UID_BASE = 84000
 # Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
-ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, -1001001, -1001002]
+ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, -1001001, -1001002, -1001003]
 STRANGER = 7666
+ADMIN_ID = 7999  # on TELEGRAM_ADMIN_USERS
 WAIT = 60
 
 LONG_ANSWER = "\n".join(f"line {i:03d}: a < b && c > d — {'x' * (i % 50)}" for i in range(300))[:10_000].rstrip()
@@ -88,7 +89,7 @@ def bot(llm, tg, tmp_path_factory):
     """One long-polling `autocode serve` for the tests that share its configuration."""
     directory = tmp_path_factory.mktemp("telegram-serve")
     env = telegram_env(llm, directory / "autocode.db", tg.api_url, UID_BASE,
-                       TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED))
+                       TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED), TELEGRAM_ADMIN_USERS=str(ADMIN_ID))
     server = Serve(env, directory / "serve.log", directory)
     try:
         server.wait_ready()
@@ -337,6 +338,47 @@ def test_cancel_button_cancels_the_run(bot, tg):
     assert last.params["text"].startswith("🚫 Cancelled")
     wait_calls(tg, lambda c: c.chat_id == 7007 and c.reply_to == update["message"]["message_id"]
                and c.params["text"].startswith("Cancelled"), "the cancellation reply", bot)
+
+
+def test_only_the_asker_or_an_admin_may_cancel_in_a_group(bot, tg):
+    group = tg.group_chat(-1001003)
+    asker, other, admin = tg.user(7301, "Asker"), tg.user(7302, "Other"), tg.user(ADMIN_ID, "Admin")
+
+    def started(text: str) -> tuple[dict[str, Any], Call]:
+        update = ask(tg, group, asker, text)
+        run = wait_for(lambda: runs_where(bot.db, "delivery_id = ? AND status = 'running'", (delivery(tg, update),)),
+                       WAIT, what="the run to start")[0]
+        return run, progress_call_when_sent(update)
+
+    def progress_call_when_sent(update: dict[str, Any]) -> Call:
+        return wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == -1001003
+                          and c.reply_to == update["message"]["message_id"] and c.params.get("reply_markup"),
+                          "the progress message", bot)[0]
+
+    def press(user: dict[str, Any], run: dict[str, Any], progress: Call) -> Call:
+        query = tg.callback(user, progress.result, f"cancel:{run['id']}")
+        tg.queue(tg.update(callback_query=query))
+        return wait_calls(tg, lambda c: c.method == "answerCallbackQuery"
+                          and c.params["callback_query_id"] == query["id"], "answerCallbackQuery", bot)[0]
+
+    run, progress = started("/run job tag=G1 sleep=60")
+    # Someone else in the group presses the Cancel button: an alert says who can, the run goes on.
+    answered = press(other, run, progress)
+    assert answered.params["text"] == "Only the person who asked or an AutoCode admin can cancel this task."
+    assert answered.params.get("show_alert") is True
+    # ... and their /cancel touches only their own tasks (none).
+    command = ask(tg, group, other, "/cancel")
+    (reply,) = wait_calls(tg, lambda c: c.chat_id == -1001003 and c.reply_to == command["message"]["message_id"],
+                          "/cancel reply", bot)
+    assert reply.params["text"] == "Nothing of yours is running here."
+    assert bot.run(run["id"])["status"] == "running"
+    # An admin may cancel anyone's task.
+    assert press(admin, run, progress).params["text"] == "Cancelling…"
+    assert bot.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
+    # The asker may cancel their own.
+    run, progress = started("/run job tag=G2 sleep=60")
+    assert press(asker, run, progress).params["text"] == "Cancelling…"
+    assert bot.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
 
 
 def test_cancel_command_cancels_running_and_queued_tasks(bot, tg):

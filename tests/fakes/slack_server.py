@@ -26,6 +26,10 @@ from tests.fakes.base import BodyHandler, FakeService, QuietServer
 __all__ = ["FakeSlack", "SlackCall", "BOT_USER_ID", "BOT_ID", "TEAM_ID"]
 
 TEAM_ID = "T0FAKE"
+# The parameters `AsyncWebClient.chat_postEphemeral` (slack_sdk 3.x) can send; Slack requires channel, user and one
+# of text/blocks/attachments/markdown_text.
+EPHEMERAL_PARAMS = {"channel", "user", "text", "as_user", "attachments", "blocks", "thread_ts", "icon_emoji",
+                    "icon_url", "link_names", "username", "parse", "markdown_text"}
 BOT_USER_ID = "UAUTOCODE"
 BOT_ID = "BAUTOCODE"
 
@@ -151,6 +155,14 @@ class FakeSlack(FakeService):
             return 200, {"ok": True, "channel": params.get("channel"), "ts": params.get("ts"),
                          "text": params.get("text", "")}, {}
         if call.method == "chat.postEphemeral":
+            if set(params) - EPHEMERAL_PARAMS:
+                return 200, {"ok": False, "error": "invalid_arguments"}, {}
+            if not params.get("channel"):
+                return 200, {"ok": False, "error": "channel_not_found"}, {}
+            if not params.get("user"):
+                return 200, {"ok": False, "error": "user_not_found"}, {}
+            if not any(params.get(k) for k in ("text", "blocks", "attachments", "markdown_text")):
+                return 200, {"ok": False, "error": "no_text"}, {}
             return 200, {"ok": True, "message_ts": self._ts()}, {}
         if call.method == "files.getUploadURLExternal":
             file_id = f"F{next(self._files):08d}"

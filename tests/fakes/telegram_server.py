@@ -191,6 +191,7 @@ class FakeTelegram(FakeService):
         self._update_ids = itertools.count(1000)
         self._user_ids = itertools.count(5000)
         self._failures: dict[str, list[tuple[ApiError, Callable[[dict[str, Any]], bool]]]] = {}
+        self._queries: set[str] = set()  # callback query ids handed out and not answered yet
         self._cond = threading.Condition()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -253,8 +254,12 @@ class FakeTelegram(FakeService):
         return {"update_id": next(self._update_ids), **content}
 
     def callback(self, user: dict[str, Any], message: dict[str, Any], data: str) -> dict[str, Any]:
-        return {"id": f"cb{next(self._update_ids)}", "from": user, "chat_instance": "ci", "data": data,
-                "message": message}
+        """A button press by `user` on `message` (answerable once, as on Telegram)."""
+        query = {"id": f"cb{next(self._update_ids)}", "from": user, "chat_instance": "ci", "data": data,
+                 "message": message}
+        with self._cond:
+            self._queries.add(query["id"])
+        return query
 
     def queue(self, *updates: dict[str, Any]) -> None:
         """Serve these from getUpdates (in order; the same dict twice is delivered twice)."""
@@ -362,6 +367,14 @@ class FakeTelegram(FakeService):
         return True
 
     def _api_answerCallbackQuery(self, params: dict[str, Any], files: dict) -> bool:
+        """Telegram's checks: a query id it handed out, answered once; text of at most 200 characters."""
+        with self._cond:
+            known = params.get("callback_query_id") in self._queries
+            self._queries.discard(params.get("callback_query_id"))
+        if not known:
+            raise ApiError(400, "Bad Request: query is too old and response timeout expired or query ID is invalid")
+        if len(params.get("text") or "") > 200:
+            raise ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
         return True
 
     def _check_text(self, params: dict[str, Any], key: str, limit: int) -> None:
