@@ -97,8 +97,10 @@ class Settings:
     artifacts_max_mb: int = 25
     max_concurrent_runs: int = 32
     sandbox_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
-    max_tokens_per_run: int = 0  # 0: no limit
+    max_tokens_per_run: int = 200_000  # 0: no limit
     daily_tokens_per_user: int = 0  # 0: no limit
+    llm_calls_per_step: int = 20  # llm() helper calls one step may make
+    llm_prompt_max_chars: int = 20_000  # largest llm() prompt (with its system text)
     shutdown_grace: float = 30.0
     api_token: str | None = field(default=None, repr=False)
     port: int = 3000
@@ -162,8 +164,10 @@ class Settings:
             artifacts_max_mb=_int(env, "AUTOCODE_ARTIFACTS_MAX_MB", 25),
             max_concurrent_runs=_int(env, "AUTOCODE_MAX_CONCURRENT_RUNS", 32),
             sandbox_slots=_int(env, "AUTOCODE_SANDBOX_SLOTS", os.cpu_count() or 2),
-            max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 0, minimum=0),
+            max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 200_000, minimum=0),
             daily_tokens_per_user=_int(env, "AUTOCODE_DAILY_TOKENS_PER_USER", 0, minimum=0),
+            llm_calls_per_step=_int(env, "AUTOCODE_LLM_CALLS_PER_STEP", 20),
+            llm_prompt_max_chars=_int(env, "AUTOCODE_LLM_PROMPT_MAX_CHARS", 20_000),
             shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
             api_token=env.get("AUTOCODE_API_TOKEN") or None,
             port=_int(env, "PORT", 3000),

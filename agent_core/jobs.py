@@ -3,7 +3,9 @@
 With `AUTOCODE_REDIS_URL` set, `serve` sends the steps of each iteration as one job (with the run's working files)
 to `autocode worker` processes on any number of machines; `agent_core/sandbox/remote.py` is the serve side. A
 worker runs the job in its own local sandbox pool, answers tool calls with its own trusted tool host, and reports
-back through Redis lists that only `serve` reads: step started/finished, LLM calls (for usage and budgets), done.
+back through Redis lists that only `serve` reads: step started/finished, LLM calls (for usage and budgets, with
+each `llm()` call's clipped prompt and reply for the audit), done. A job carries the run's budget (limits set on
+`serve`, usage at the job's start); the worker's tool host applies it to every `llm()` call as `serve` would.
 
 Redis keys of a job (all expire): `autocode:job:{id}:events` (the reports), `:beat` (the worker is alive, refreshed
 every second), `:claim` (which worker took it: a redelivered copy of a claimed job is dropped, so no job runs
@@ -24,8 +26,9 @@ from typing import Any
 
 from celery import Celery
 
-from agent_core import prompts
+from agent_core.budget import BudgetLimits, CountedUsage, RunBudget
 from agent_core.config import Settings
+from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient
 from agent_core.sandbox import Limits, PlannedStep, SandboxUnavailable, StepBatch, StepResult
 from tools.host import ToolHost
@@ -66,14 +69,22 @@ def celery_app(settings: Settings) -> Celery:
 
 
 def encode_job(job_id: str, run_id: str, iteration: int, batch: StepBatch, workdir: bytes | None,
-               token_budget: int | None) -> dict[str, Any]:
+               budget: dict[str, Any]) -> dict[str, Any]:
+    """`budget` is the run's `RunBudget.snapshot()`."""
     return {
         "job_id": job_id, "run_id": run_id, "iteration": iteration,
         "steps": [asdict(step) for step in batch.steps], "outputs": batch.outputs,
         "limits": asdict(batch.limits), "tool_names": batch.tool_names,
         "workdir": base64.b64encode(workdir).decode() if workdir else None,
-        "token_budget": token_budget,
+        "budget": budget,
     }
+
+
+def job_budget(job: dict[str, Any], settings: Settings) -> RunBudget:
+    """The run's budget a job carries; a job from an older `serve` without one gets this worker's caps."""
+    if job.get("budget"):
+        return RunBudget.from_snapshot(job["budget"], job["run_id"])
+    return RunBudget(BudgetLimits.from_settings(settings), CountedUsage(), job["run_id"])
 
 
 def result_to_json(result: StepResult) -> dict[str, Any]:
@@ -159,9 +170,10 @@ class JobRunner:
         try:
             if job.get("workdir"):
                 await sandbox.restore(base64.b64decode(job["workdir"]))
-            helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"]), job.get("token_budget"))
-            host = ToolHost(self.toolset, helper, self.settings.tool_timeout)
-            await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name), gate=self.slots)
+            budget = job_budget(job, self.settings)
+            helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"]), budget)
+            host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget)
+            await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name, budget), gate=self.slots)
             data, skipped = await sandbox.archive(self.settings.job_transfer_mb * 1024 * 1024)
             await publish({"type": "done", "worker": self.name, "workdir": base64.b64encode(data).decode(),
                            "skipped": skipped})
@@ -194,11 +206,13 @@ class _Publisher:
 
 
 class _PublishedProgress:
-    def __init__(self, publish: _Publisher, worker: str):
+    def __init__(self, publish: _Publisher, worker: str, budget: RunBudget):
         self.publish = publish
         self.worker = worker
+        self.budget = budget
 
     async def started(self, step: PlannedStep) -> None:
+        self.budget.new_step()  # llm() calls are capped per step
         await self.publish({"type": "started", "step": step.name})
 
     async def finished(self, step: PlannedStep, result: StepResult) -> None:
@@ -210,9 +224,11 @@ class _PublishedProgress:
 
 
 class _BudgetedHelper:
-    """The `llm()` helper on a worker: its calls are reported to serve, and stop at the run's token budget."""
+    """The `llm()` helper on a worker, for calls the tool host's `budget` admitted (per-step cap, prompt size,
+    tokens): each call's record, with its clipped prompt and reply, is reported to serve (which stores it), and its
+    tokens are added to the budget's usage so the job's later calls see them."""
 
-    def __init__(self, llm: LLMClient | None, publish: _Publisher, context: CallContext, budget: int | None):
+    def __init__(self, llm: LLMClient | None, publish: _Publisher, context: CallContext, budget: RunBudget):
         self.llm = llm
         self.publish = publish
         self.context = context
@@ -221,19 +237,11 @@ class _BudgetedHelper:
     async def __call__(self, prompt: str, system: str) -> str:
         if self.llm is None:
             raise RuntimeError("llm() is not available: this worker has no LLM configured")
-        if self.budget is not None and self.budget <= 0:
-            raise RuntimeError("the run is over its LLM token budget (AUTOCODE_MAX_TOKENS_PER_RUN)")
-        records: list[dict[str, Any]] = []
-        client = LLMClient(self.llm.settings, client=self.llm.client, record=records.append)
-        messages = [{"role": "system", "content": system or prompts.render("helper_system")},
-                    {"role": "user", "content": prompt}]
-        try:
-            return await client.text(purpose="helper", messages=messages, context=self.context)
-        finally:
-            for record in records:
-                if self.budget is not None:
-                    self.budget -= (record.get("prompt_tokens") or 0) + (record.get("completion_tokens") or 0)
-                await self.publish({"type": "llm_call", "record": record})
+        return await ask_helper(self.llm, prompt, system, self.context, self._report)
+
+    async def _report(self, record: dict[str, Any]) -> None:
+        self.budget.spent((record.get("prompt_tokens") or 0) + (record.get("completion_tokens") or 0))
+        await self.publish({"type": "llm_call", "record": record})
 
 
 def run_worker(settings: Settings, concurrency: int | None = None, hostname: str | None = None) -> None:

@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_core import prompts
+from agent_core.budget import RunBudget
 from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
 from agent_core.events import (
     EvaluationDone, EventBus, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
     StepStarted, event_data, event_type,
 )
+from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
 from agent_core.sandbox import (
@@ -105,10 +107,6 @@ def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None)
     return "\n".join(lines)
 
 
-class BudgetExceeded(LLMError):
-    """The run used more tokens than AUTOCODE_MAX_TOKENS_PER_RUN allows."""
-
-
 class Agent:
     """Runs tasks. Holds no per-run state: every `run()` starts from the database."""
 
@@ -169,6 +167,7 @@ class _StepProgress:
         self.first_index: int | None = None
 
     async def started(self, step: PlannedStep) -> None:
+        self.run.budget.new_step()  # llm() calls are capped per step
         index = self.names.index(step.name)
         if self.first_index is None:
             self.first_index = index
@@ -210,27 +209,22 @@ class _Run:
         self.iteration = 0
         self.records: list[StepRecord] = []
         self.artifacts: list[dict[str, Any]] = []
-        self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout)
+        self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
+        self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget)
 
     def _context(self) -> CallContext:
         return CallContext(self.run_id, self.iteration or None)
 
     def _check_budget(self) -> None:
-        limit = self.settings.max_tokens_per_run
-        if limit:
-            usage = self.storage.usage(self.run_id)
-            used = usage["prompt_tokens"] + usage["completion_tokens"]
-            if used > limit:
-                raise BudgetExceeded(
-                    f"Stopped: the run used {used} LLM tokens, over its limit of {limit} (AUTOCODE_MAX_TOKENS_PER_RUN).")
+        """Before the run's next LLM call of its own: stop it (BudgetExceeded) when its run or daily budget is spent."""
+        self.budget.check_run_call()
 
     async def _llm_helper(self, prompt: str, system: str) -> str:
-        self._check_budget()
-        messages = [
-            {"role": "system", "content": system or prompts.render("helper_system")},
-            {"role": "user", "content": prompt},
-        ]
-        return await self.agent.llm.text(purpose="helper", messages=messages, context=self._context())
+        """An `llm()` call the tool host admitted: sent, and stored with its clipped prompt and reply."""
+        return await ask_helper(self.agent.llm, prompt, system, self._context(), self._store_llm_call)
+
+    async def _store_llm_call(self, record: dict[str, Any]) -> None:
+        self.storage.add_llm_call(record)
 
     async def execute(self) -> RunResult:
         await self.agent.emit(RunStarted(self.run_id, self.conversation, self.task))
@@ -298,6 +292,7 @@ class _Run:
                 return "failed", evaluation.final_answer.strip(), f"The task could not be completed: {evaluation.thoughts}"
             if self.iteration == self.settings.max_iterations:
                 break
+            self._check_budget()  # a repair needs the evaluator again: stop now if the budget is spent
             retry_from = evaluation.retry_from.strip()
             start = plan.index_of(retry_from)  # validated by Evaluation.check_against
             plan = plan.repaired(retry_from, evaluation.new_subtasks)
@@ -312,6 +307,7 @@ class _Run:
         )
 
     async def _plan(self) -> Plan:
+        self._check_budget()  # the user's day may have been spent while the run was queued
         messages = [
             {"role": "system", "content": self.agent._planner_system},
             {"role": "user", "content": prompts.render(
@@ -425,7 +421,6 @@ class _Run:
             shape_hint=prompts.render("evaluation_shape"), model=Evaluation,
             validate=lambda e: e.check_against(plan), context=self._context(),
         )
-        self._check_budget()
         self.storage.add_evaluation({
             "run_id": self.run_id, "iteration": self.iteration, "satisfactory": int(evaluation.satisfactory),
             "thoughts": evaluation.thoughts, "final_answer": evaluation.final_answer,

@@ -1,14 +1,15 @@
 """The run scheduler: a durable queue in SQLite, one active run per conversation, a global cap, cancellation,
-daily token budgets, and recovery of runs a crash left behind."""
+daily token budgets at submission (a running run counts them too, see agent_core/budget.py), and recovery of runs
+a crash left behind."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable
 
+from agent_core.budget import daily_tokens_used
 from agent_core.events import RunFinished
 from agent_core.loop import Agent
 from storage.db import DuplicateDelivery
@@ -74,9 +75,8 @@ class RunScheduler:
         return Submission(run_id, "queued")
 
     def daily_tokens(self, user: str) -> int:
-        since = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat(timespec="milliseconds")
-        usage = self.storage.tokens_used(user=user, since=since)
-        return usage["prompt_tokens"] + usage["completion_tokens"]
+        """Tokens of the user's runs in the last 24 hours (the window the daily budget counts)."""
+        return daily_tokens_used(self.storage, user)
 
     # --- cancellation ------------------------------------------------------------------------------------------
     async def cancel(self, run_id: str) -> str | None:

@@ -71,6 +71,9 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "id": int, "run_id": str, "iteration": int, "purpose": str, "model": str, "response_format": str,
             "started_at": str, "duration_ms": int, "prompt_tokens": int, "completion_tokens": int,
             "retries": int, "request_chars": int, "response_chars": int, "error": str,
+            # llm() helper calls only: what the step sent and got back, clipped (agent_core/helper.py), with the
+            # full lengths (the reply's is response_chars). Added to older databases on start.
+            "prompt_text": str, "prompt_chars": int, "system_text": str, "system_chars": int, "reply_text": str,
         },
         "id",
         ["run_id"],
