@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import textwrap
 
 import pytest
+
+from agent_core.config import Settings
+from storage.db import Storage
 
 from tests.conftest import (
     STEP_NUMBERS, STEP_SENTENCE, STEP_TOTAL, plan, png_step_code, subtask, user_prompt, verdict,
@@ -307,6 +311,134 @@ async def test_llm_helper_runs_outside_the_sandbox(make_agent, llm_server):
     assert llm_server.requests[1].headers["authorization"] == "Bearer sk-test-key-never-in-sandbox"
     calls = agent.storage.llm_calls(result.run_id)
     assert [(c["purpose"], c["iteration"]) for c in calls] == [("plan", None), ("helper", 1), ("evaluate", 1)]
+
+
+
+# ------------------------------------------------------------------------------------------ llm() budgets and audit
+
+SPEND_STEP = subtask("spend", textwrap.dedent("""
+    def spend():
+        answered, refused = [], []
+        for i in range(__CALLS__):
+            try:
+                answered.append(llm(f"question {i}"))
+            except Exception as exc:
+                refused.append(str(exc))
+        return {"answered": answered, "refused": refused}
+"""))
+
+
+def spend_step(calls: int) -> dict:
+    return {**SPEND_STEP, "code": SPEND_STEP["code"].replace("__CALLS__", str(calls))}
+
+
+def helper_bodies(llm_server) -> list[dict]:
+    return [body for body in llm_server.chat_requests() if "response_format" not in body]
+
+
+def test_default_budgets():
+    settings = Settings.from_env({})
+    assert (settings.max_tokens_per_run, settings.llm_calls_per_step, settings.llm_prompt_max_chars) == (
+        200_000, 20, 20_000)
+    assert Settings().max_tokens_per_run == 200_000
+    assert Settings.from_env({"AUTOCODE_MAX_TOKENS_PER_RUN": "0"}).max_tokens_per_run == 0  # explicitly: no limit
+    tuned = Settings.from_env({"AUTOCODE_LLM_CALLS_PER_STEP": "5", "AUTOCODE_LLM_PROMPT_MAX_CHARS": "900"})
+    assert (tuned.llm_calls_per_step, tuned.llm_prompt_max_chars) == (5, 900)
+
+
+async def test_default_run_budget_refuses_helper_calls_and_stops_the_run(make_agent, llm_server):
+    llm_server.reply_json(plan(spend_step(10)))
+    # Each llm() reply reports 60,000 prompt tokens: the default 200,000 admits four calls (checked before each).
+    llm_server.responder(lambda body: {"json": verdict("spent")} if "response_format" in body
+                         else {"content": "ok", "prompt_tokens": 60_000, "completion_tokens": 1})
+    agent = make_agent()
+
+    result = await agent.run("spend tokens")
+
+    output = result.steps[0].output
+    assert output["answered"] == ["ok"] * 4, output
+    assert len(output["refused"]) == 6
+    assert all("AUTOCODE_MAX_TOKENS_PER_RUN" in text and "of its 200000 LLM tokens" in text for text in output["refused"])
+    assert len(helper_bodies(llm_server)) == 4
+    assert result.status == "failed" and "AUTOCODE_MAX_TOKENS_PER_RUN" in result.error
+    assert [c["purpose"] for c in agent.storage.llm_calls(result.run_id)] == ["plan"] + ["helper"] * 4  # no evaluator
+
+
+async def test_daily_budget_is_counted_during_a_run(make_agent, llm_server):
+    agent = make_agent(daily_tokens_per_user=1000)
+    # alice's first run: 200 (plan) + 600 (one llm() call) + 100 (evaluator) = 900 tokens of her 1000.
+    llm_server.reply_json(plan(spend_step(1)), prompt_tokens=100, completion_tokens=100)
+    llm_server.reply("first", prompt_tokens=300, completion_tokens=300)
+    llm_server.reply_json(verdict("first run"), prompt_tokens=50, completion_tokens=50)
+    first = await agent.run("first task", "alice-chat", user="alice")
+    assert first.status == "succeeded", first.error
+
+    # Her second run: the plan (50) and one llm() call (50) reach 1000; the next calls and the evaluator are refused.
+    llm_server.reply_json(plan(spend_step(5)), prompt_tokens=30, completion_tokens=20)
+    llm_server.reply("second", prompt_tokens=30, completion_tokens=20)
+    second = await agent.run("second task", "alice-chat", user="alice")
+
+    output = second.steps[0].output
+    assert output["answered"] == ["second"], output
+    assert len(output["refused"]) == 4
+    assert all("used 1000 of their 1000 LLM tokens for today" in text and "AUTOCODE_DAILY_TOKENS_PER_USER" in text
+               for text in output["refused"])
+    assert second.status == "failed"
+    assert "AUTOCODE_DAILY_TOKENS_PER_USER" in second.error and "1000" in second.error
+    assert len(llm_server.chat_requests()) == 5
+
+    # Another user's day is their own.
+    llm_server.reply_json(plan(spend_step(1)))
+    llm_server.reply("bob's")
+    llm_server.reply_json(verdict("bob's run"))
+    bob = await agent.run("bob's task", "bob-chat", user="bob")
+    assert bob.status == "succeeded", bob.error
+    assert bob.steps[0].output == {"answered": ["bob's"], "refused": []}
+
+
+async def test_helper_calls_are_stored_with_their_clipped_prompt_and_reply(make_agent, llm_server):
+    step = subtask("ask", textwrap.dedent("""
+        def ask():
+            return {"long": llm("p" * 5000, system="s" * 300), "short": llm("short one")}
+    """))
+    llm_server.reply_json(plan(step))
+    llm_server.reply("r" * 4000)
+    llm_server.reply("fine")
+    llm_server.reply_json(verdict("asked"))
+    agent = make_agent()
+
+    result = await agent.run("ask twice")
+
+    assert result.status == "succeeded", result.error
+    calls = agent.storage.llm_calls(result.run_id)
+    audit = [(c["prompt_text"], c["prompt_chars"], c["system_text"], c["system_chars"], c["reply_text"],
+              c["response_chars"]) for c in calls]
+    assert audit == [
+        (None, None, None, None, None, calls[0]["response_chars"]),  # the planner's call is not a helper call
+        ("p" * 2000 + " …", 5000, "s" * 300, 300, "r" * 2000 + " …", 4000),
+        ("short one", 9, "", 0, "fine", 4),
+        (None, None, None, None, None, calls[3]["response_chars"]),
+    ]
+
+
+def test_an_older_database_gets_the_audit_columns(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # llm_calls as it was before the helper audit
+        db.execute("CREATE TABLE llm_calls (id INTEGER PRIMARY KEY, run_id TEXT, iteration INTEGER, purpose TEXT, "
+                   "model TEXT, response_format TEXT, started_at TEXT, duration_ms INTEGER, prompt_tokens INTEGER, "
+                   "completion_tokens INTEGER, retries INTEGER, request_chars INTEGER, response_chars INTEGER, "
+                   "error TEXT)")
+        db.execute("INSERT INTO llm_calls (run_id, purpose, prompt_tokens, completion_tokens) VALUES ('r1', 'helper', 5, 6)")
+    storage = Storage(path)
+    try:
+        storage.add_llm_call({"run_id": "r1", "purpose": "helper", "prompt_tokens": 1, "completion_tokens": 2,
+                              "prompt_text": "hello", "prompt_chars": 5, "system_text": "", "system_chars": 0,
+                              "reply_text": "hi", "response_chars": 2})
+        rows = storage.llm_calls("r1")
+        assert [(r["prompt_tokens"], r["prompt_text"], r["reply_text"]) for r in rows] == [(5, None, None), (1, "hello", "hi")]
+        assert storage.usage("r1") == {"llm_calls": 2, "prompt_tokens": 6, "completion_tokens": 8}
+    finally:
+        storage.close()
 
 
 async def test_follow_up_sees_previous_answer(make_agent, llm_server):

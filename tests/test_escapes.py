@@ -879,3 +879,112 @@ async def test_files_do_not_outlive_the_run(escape_agent, llm_server, check_unha
 
 # ------------------------------------------------------------------------------------------------ llm() helper budget
 # (issue 11, item 6: a step's llm() calls are capped and audited)
+
+
+HELPER_CAP = 20  # the documented default of AUTOCODE_LLM_CALLS_PER_STEP
+AUDIT_CHARS = 2000  # how much of each helper prompt and reply is stored
+
+
+def helper_requests(llm_server) -> list[dict[str, Any]]:
+    """The chat requests llm() sent (the planner and the evaluator ask for a JSON response format; it does not)."""
+    return [body for body in llm_server.chat_requests() if "response_format" not in body]
+
+
+def answer_helper_calls(llm_server, reply: str) -> None:
+    """llm() calls get `reply` and the evaluator a satisfactory verdict, however many calls arrive."""
+    llm_server.responder(lambda body: {"json": verdict("done", thoughts="attack finished")}
+                         if "response_format" in body else {"content": reply})
+
+
+async def autocode_show(agent, run_id: str, *flags: str) -> str:
+    """`autocode show RUN_ID` on the agent's database, as an operator would run it."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-m", "agent_core.cli", "--db", str(agent.storage.path), "show", run_id, *flags,
+        env=env, cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def test_llm_helper_flood_is_refused_after_the_per_step_cap_and_audited(
+    escape_agent, llm_server, check_unharmed,
+):
+    flood = subtask("flood", code("""
+        def flood():
+            answered, refused, first_refusal = 0, 0, None
+            for i in range(1000):
+                try:
+                    llm(f"exfil {i:04d} " + "s" * 3000)
+                    answered += 1
+                except Exception as exc:
+                    refused += 1
+                    first_refusal = first_refusal or f"{type(exc).__name__}: {exc}"
+            return {"answered": answered, "refused": refused, "first_refusal": first_refusal}
+    """))
+    reply = "reply " + "r" * 2500
+    agent = escape_agent()
+    llm_server.reply_json(plan(flood, thought="attack"))
+    answer_helper_calls(llm_server, reply)
+
+    result = await agent.run("attack the host")
+
+    assert result.status == "succeeded", result.error
+    out = output_of(result)
+    assert (out["answered"], out["refused"]) == (HELPER_CAP, 1000 - HELPER_CAP), out
+    assert f"llm(): this step already made {HELPER_CAP} calls (AUTOCODE_LLM_CALLS_PER_STEP)" in out["first_refusal"]
+    sent = helper_requests(llm_server)
+    assert len(sent) == HELPER_CAP, "the LLM server saw more helper requests than the cap"
+    used = result.usage["prompt_tokens"] + result.usage["completion_tokens"]
+    assert used < 200_000, f"the run used {used} tokens, over the default AUTOCODE_MAX_TOKENS_PER_RUN"
+
+    rows = [call for call in agent.storage.llm_calls(result.run_id) if call["purpose"] == "helper"]
+    assert len(rows) == HELPER_CAP
+    for number, row in enumerate(rows):
+        prompt = f"exfil {number:04d} " + "s" * 3000
+        assert row["prompt_chars"] == len(prompt) and row["response_chars"] == len(reply)
+        assert prompt.startswith(row["prompt_text"].rstrip(" …")) and len(row["prompt_text"]) <= AUDIT_CHARS + 2
+        assert reply.startswith(row["reply_text"].rstrip(" …")) and len(row["reply_text"]) <= AUDIT_CHARS + 2
+        assert len(row["prompt_text"]) >= AUDIT_CHARS and len(row["reply_text"]) >= AUDIT_CHARS
+    shown = json.loads(await autocode_show(agent, result.run_id, "--json"))
+    audited = [(c["prompt_text"], c["prompt_chars"], c["reply_text"], c["response_chars"])
+               for c in shown["llm_calls"] if c["purpose"] == "helper"]
+    assert audited == [(r["prompt_text"], r["prompt_chars"], r["reply_text"], r["response_chars"]) for r in rows]
+    text = await autocode_show(agent, result.run_id)
+    section = text[text.index("llm() calls"):]
+    assert "exfil 0000 sss" in section and "exfil 0019 sss" in section and "exfil 0020" not in section
+    assert f"{len(f'exfil 0000 ') + 3000} chars" in section
+    await check_unharmed(agent, result)
+
+
+async def test_llm_helper_prompt_over_the_size_cap_never_leaves(escape_agent, llm_server, check_unharmed):
+    bulk = subtask("bulk", code("""
+        def bulk():
+            blob = "d" * 200_000  # under the step channel's own cap on a call's arguments (256 KB)
+            outcome = {}
+            for name, prompt, system in (("huge", blob, ""), ("huge_system", "summarize", blob),
+                                         ("small", "summarize: ok", "")):
+                try:
+                    outcome[name] = llm(prompt, system=system)
+                except Exception as exc:
+                    outcome[name] = f"{type(exc).__name__}: {exc}"
+            return outcome
+    """))
+    agent = escape_agent()
+    llm_server.reply_json(plan(bulk, thought="attack"))
+    answer_helper_calls(llm_server, "ok")
+
+    result = await agent.run("attack the host")
+
+    assert result.status == "succeeded", result.error
+    out = output_of(result)
+    for name in ("huge", "huge_system"):
+        assert "over the limit of 20000 (AUTOCODE_LLM_PROMPT_MAX_CHARS)" in out[name], out[name][:300]
+    assert out["small"] == "ok"
+    sent = helper_requests(llm_server)
+    assert [m["content"] for m in sent[0]["messages"] if m["role"] == "user"] == ["summarize: ok"]
+    assert len(sent) == 1
+    assert max(len(json.dumps(body)) for body in llm_server.chat_requests()) < 100_000
+    await check_unharmed(agent, result)

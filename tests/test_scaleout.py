@@ -222,3 +222,68 @@ def test_cancel_kills_the_remote_step(cluster):
         response = server.http.post(f"/api/runs/{run_id}/cancel")
         assert response.json()["status"] == "cancelled"
         wait_for(lambda: not live_processes_of(worker_uids(0)), 5, what="the remote step's processes to die")
+
+
+def test_remote_llm_helper_calls_are_capped_and_audited(cluster, llm_server):
+    # The worker answers llm() with the budget the job carries: serve's caps, and the run's usage so far.
+    llm_server.reply_json(plan(subtask("flood", (
+        "def flood():\n"
+        "    answered, refused = 0, []\n"
+        "    try:\n"
+        "        llm('x' * 30000)\n"
+        "    except Exception as exc:\n"
+        "        refused.append(str(exc))\n"
+        "    for i in range(50):\n"
+        "        try:\n"
+        "            llm(f'remote {i:02d} ' + 'q' * 2500)\n"
+        "            answered += 1\n"
+        "        except Exception as exc:\n"
+        "            refused.append(str(exc))\n"
+        "    return {'answered': answered, 'refused': refused}\n"))))
+    llm_server.responder(lambda body: {"json": verdict("flooded")} if "response_format" in body
+                         else {"content": "a" * 3000})
+    server, _ = cluster(llm_server.base_url, workers=1, AUTOCODE_LLM_CALLS_PER_STEP="5")
+    run_id = server.submit_ok("flood the helper")
+    run = server.wait_status(run_id, timeout=90)
+    assert run["status"] == "succeeded", (run, server.log_tail())
+
+    output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?", (run_id,))[0]["output_json"])
+    assert output["answered"] == 5
+    assert len(output["refused"]) == 46
+    assert "30000 characters, over the limit of 20000 (AUTOCODE_LLM_PROMPT_MAX_CHARS)" in output["refused"][0]
+    assert all("this step already made 5 calls (AUTOCODE_LLM_CALLS_PER_STEP)" in text for text in output["refused"][1:])
+    helper_requests = [b for b in llm_server.chat_requests() if "response_format" not in b]
+    assert len(helper_requests) == 5
+    rows = db_rows(server.db, "SELECT prompt_text, prompt_chars, reply_text, response_chars FROM llm_calls "
+                   "WHERE run_id = ? AND purpose = 'helper' ORDER BY id", (run_id,))
+    assert [r["prompt_text"][:9] for r in rows] == [f"remote {i:02d}" for i in range(5)]
+    assert {(r["prompt_chars"], len(r["prompt_text"]), r["response_chars"], r["reply_text"]) for r in rows} == {
+        (2510, 2002, 3000, "a" * 2000 + " …")}
+
+
+def test_remote_llm_helper_calls_count_against_the_users_daily_budget(cluster, llm_server):
+    # The job carries the day's usage; the worker adds its own calls' tokens and refuses past the budget.
+    llm_server.reply_json(plan(subtask("spend", (
+        "def spend():\n"
+        "    answered, refused = 0, []\n"
+        "    for i in range(10):\n"
+        "        try:\n"
+        "            llm(f'q{i}')\n"
+        "            answered += 1\n"
+        "        except Exception as exc:\n"
+        "            refused.append(str(exc))\n"
+        "    return {'answered': answered, 'refused': refused}\n"))), prompt_tokens=100, completion_tokens=100)
+    llm_server.responder(lambda body: {"json": verdict("spent")} if "response_format" in body
+                         else {"content": "a", "prompt_tokens": 1000, "completion_tokens": 0})
+    server, _ = cluster(llm_server.base_url, workers=1, AUTOCODE_DAILY_TOKENS_PER_USER="2500")
+    run_id = server.submit_ok("spend the day", "daily", user="dora")
+    run = server.wait_status(run_id, timeout=90)
+
+    # 200 (plan) + 3 calls of 1000: the fourth is refused, and so is the evaluator.
+    output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?", (run_id,))[0]["output_json"])
+    assert output["answered"] == 3, output
+    assert len(output["refused"]) == 7
+    assert all("AUTOCODE_DAILY_TOKENS_PER_USER" in text and "used 3200 of their 2500" in text
+               for text in output["refused"])
+    assert len([b for b in llm_server.chat_requests() if "response_format" not in b]) == 3
+    assert run["status"] == "failed" and "AUTOCODE_DAILY_TOKENS_PER_USER" in run["error"], run

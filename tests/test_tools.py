@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent_core.budget import BudgetExceeded, BudgetLimits, CountedUsage, RunBudget
 from tools.builtin import GEOCODE_CODE
 from tools.host import ToolHost
 from tools.registry import (
@@ -369,6 +370,62 @@ async def test_llm_helper_timeout():
     host = ToolHost(build_toolset(None), slow, timeout_s=0.2)
     with pytest.raises(TimeoutError):
         await host.call("llm", ["hi"], {})
+
+
+async def counting_helper(prompt: str, system: str) -> str:
+    return f"answer to {prompt}"
+
+
+async def test_llm_calls_are_capped_per_step_and_the_cap_restarts_with_each_step():
+    budget = RunBudget(BudgetLimits(calls_per_step=3), CountedUsage())
+    host = ToolHost(build_toolset(None), counting_helper, timeout_s=5, budget=budget)
+    budget.new_step()
+    assert [await host.call("llm", [f"q{i}"], {}) for i in range(3)] == ["answer to q0", "answer to q1", "answer to q2"]
+    with pytest.raises(BudgetExceeded, match=r"llm\(\): this step already made 3 calls \(AUTOCODE_LLM_CALLS_PER_STEP\)"):
+        await host.call("llm", ["q3"], {})
+    with pytest.raises(ValueError):  # a malformed call is refused for what it is, and not counted
+        await host.call("llm", [""], {})
+    budget.new_step()
+    assert await host.call("llm", ["next step"], {}) == "answer to next step"
+
+
+async def test_llm_prompt_size_cap_counts_the_system_text():
+    host = ToolHost(build_toolset(None), no_llm, timeout_s=5,
+                    budget=RunBudget(BudgetLimits(prompt_max_chars=100), CountedUsage()))
+    for args in (["p" * 101], ["p" * 60, "s" * 41]):
+        with pytest.raises(BudgetExceeded, match=r"have 101 characters, over the limit of 100 \(AUTOCODE_LLM_PROMPT_MAX_CHARS\)"):
+            await host.call("llm", args, {})
+
+
+async def test_llm_token_budgets_are_checked_before_each_call():
+    usage = CountedUsage(run_tokens=90, daily_tokens=0)
+    budget = RunBudget(BudgetLimits(run_tokens=100, daily_tokens=1000), usage)
+    host = ToolHost(build_toolset(None), counting_helper, timeout_s=5, budget=budget)
+    assert await host.call("llm", ["x" * 40], {}) == "answer to " + "x" * 40  # ~10 tokens: 100 is not passed
+    budget.spent(10)
+    with pytest.raises(BudgetExceeded, match=r"used 100 of its 100 LLM tokens.*AUTOCODE_MAX_TOKENS_PER_RUN"):
+        await host.call("llm", ["x"], {})
+    with pytest.raises(BudgetExceeded, match="AUTOCODE_MAX_TOKENS_PER_RUN"):
+        budget.check_run_call()
+
+    daily = RunBudget(BudgetLimits(run_tokens=0, daily_tokens=50), CountedUsage(daily_tokens=45))
+    host = ToolHost(build_toolset(None), counting_helper, timeout_s=5, budget=daily)
+    with pytest.raises(BudgetExceeded, match=r"used 45 of their 50 LLM tokens for today.*AUTOCODE_DAILY_TOKENS_PER_USER"):
+        await host.call("llm", ["x" * 40], {})  # ~10 tokens would go past the day's 50
+    assert await host.call("llm", ["x" * 20], {}) == "answer to " + "x" * 20
+    daily.spent(5)
+    with pytest.raises(BudgetExceeded, match="AUTOCODE_DAILY_TOKENS_PER_USER"):
+        daily.check_run_call()
+
+
+def test_a_budget_travels_with_a_job_as_json():
+    budget = RunBudget(BudgetLimits(run_tokens=500, daily_tokens=900, calls_per_step=7, prompt_max_chars=300),
+                       CountedUsage(run_tokens=120, daily_tokens=400))
+    copy = RunBudget.from_snapshot(json.loads(json.dumps(budget.snapshot())))
+    assert copy.limits == budget.limits
+    assert (copy.usage.run_tokens(), copy.usage.daily_tokens()) == (120, 400)
+    copy.spent(30)
+    assert (copy.usage.run_tokens(), copy.usage.daily_tokens()) == (150, 430)
 
 
 def test_geocode_code_defines_its_signature():
