@@ -95,6 +95,7 @@ class Settings:
     sandbox_max_workers: int = 64
     artifact_max_mb: int = 10
     artifacts_max_mb: int = 25
+    artifacts_max_count: int = 10  # files kept one by one; the rest of outputs/ goes into one more-outputs.zip
     max_concurrent_runs: int = 32
     sandbox_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
     max_tokens_per_run: int = 200_000  # 0: no limit
@@ -162,6 +163,7 @@ class Settings:
             sandbox_max_workers=_int(env, "AUTOCODE_SANDBOX_MAX_WORKERS", 64),
             artifact_max_mb=_int(env, "AUTOCODE_ARTIFACT_MAX_MB", 10),
             artifacts_max_mb=_int(env, "AUTOCODE_ARTIFACTS_MAX_MB", 25),
+            artifacts_max_count=_int(env, "AUTOCODE_ARTIFACTS_MAX_COUNT", 10),
             max_concurrent_runs=_int(env, "AUTOCODE_MAX_CONCURRENT_RUNS", 32),
             sandbox_slots=_int(env, "AUTOCODE_SANDBOX_SLOTS", os.cpu_count() or 2),
             max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 200_000, minimum=0),

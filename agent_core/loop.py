@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_core import prompts
+from agent_core.artifacts import select_artifacts
 from agent_core.budget import RunBudget
 from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
@@ -209,6 +210,7 @@ class _Run:
         self.iteration = 0
         self.records: list[StepRecord] = []
         self.artifacts: list[dict[str, Any]] = []
+        self.files_note: str | None = None  # what of outputs/ was bundled or left out
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
         self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget)
 
@@ -247,7 +249,7 @@ class _Run:
         finally:
             if sandbox is not None:
                 await asyncio.shield(self._close_sandbox(sandbox, keep_outputs=status != "cancelled"))
-            await self._finish(status, answer, error)
+            answer = await self._finish(status, answer, error)
         return self._result(status, answer, error)
 
     async def _close_sandbox(self, sandbox: Sandbox, keep_outputs: bool) -> None:
@@ -257,11 +259,13 @@ class _Run:
                 mib = 1024 * 1024
                 collected = await sandbox.collect_outputs(
                     self.settings.artifact_max_mb * mib, self.settings.artifacts_max_mb * mib)
-                for artifact in collected.artifacts:
+                kept, self.files_note = select_artifacts(collected, self.settings.artifacts_max_count)
+                for artifact in kept:
                     self.storage.add_artifact(self.run_id, artifact.name, artifact.mime, artifact.data)
                     self.artifacts.append({"name": artifact.name, "mime": artifact.mime, "size": len(artifact.data)})
-                for note in collected.skipped:
-                    log.warning("run %s: output not kept: %s", self.run_id, note)
+                if collected.left_out:
+                    log.warning("run %s: %s output files not kept, e.g. %s", self.run_id, collected.left_out,
+                                "; ".join(collected.skipped[:5]))
         finally:
             await sandbox.close()
 
@@ -429,13 +433,17 @@ class _Run:
         await self.agent.emit(EvaluationDone(self.run_id, self.iteration, evaluation.satisfactory, evaluation.thoughts))
         return evaluation
 
-    async def _finish(self, status: str, answer: str, error: str | None) -> None:
+    async def _finish(self, status: str, answer: str, error: str | None) -> str:
+        """Store and announce the run's end; returns the answer as stored (with the note on its files)."""
+        if answer and self.files_note:  # the answer says which files it could not attach
+            answer = f"{answer}\n\n{self.files_note}"
         self.storage.finish_run(self.run_id, status, answer, error, self.iteration)
         reply = answer or (error or "")
         if reply:
             self.storage.add_message(self.conversation, "assistant", reply, self.run_id)
         usage = self.storage.usage(self.run_id)
         await self.agent.emit(RunFinished(self.run_id, status, answer, error, self.iteration, usage))
+        return answer
 
     def _result(self, status: str, answer: str, error: str | None) -> RunResult:
         return RunResult(
