@@ -17,8 +17,11 @@ import re
 import secrets
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -875,6 +878,314 @@ async def test_files_do_not_outlive_the_run(escape_agent, llm_server, check_unha
 
 # ------------------------------------------------------------------------------------------------ step results and logs
 # (issue 11, items 8 and 10: log size caps, untrusted result shapes)
+
+
+class HostDiskWatch:
+    """Samples, while a run goes on, what it could be costing the host's disk outside its capped working directory.
+
+    Two measures, each of which the other's blind spot needs: the space used on the file system of the host's temp
+    dir (tempfile.gettempdir(); the test points it at a tmpfs of its own where it can mount one, so nothing else on
+    the machine moves the number), which sees named files there; and the allocated size of every regular file held
+    open by this (server) process or any process below it (workers, steps), which sees unlinked temp files on any
+    file system. Peak growth over the run is what counts, not the end state: a log file is gone once the step ends.
+    """
+
+    def __init__(self, temp_dir: str):
+        self.temp_dir = temp_dir
+        self.peak_temp = self.peak_open = 0
+        self.peak_rss_kb = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._base_temp = shutil.disk_usage(temp_dir).used
+        self._base_open = self._open_file_bytes()
+        self._base_rss_kb = self._rss_kb()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "HostDiskWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_temp = max(self.peak_temp, shutil.disk_usage(self.temp_dir).used - self._base_temp)
+            self.peak_open = max(self.peak_open, self._open_file_bytes() - self._base_open)
+            self.peak_rss_kb = max(self.peak_rss_kb, self._rss_kb() - self._base_rss_kb)
+            self.samples += 1
+
+    @staticmethod
+    def _rss_kb() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    @staticmethod
+    def _open_file_bytes() -> int:
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        ours, changed = {os.getpid()}, True
+        while changed:
+            found = {pid for pid, ppid in parents.items() if ppid in ours} - ours
+            ours |= found
+            changed = bool(found)
+        total, seen = 0, set()
+        for pid in ours:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    info = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+        return total
+
+
+@pytest.fixture
+def private_temp_dir():
+    """The host temp dir, made a 64 MB tmpfs of this test's own when it can mount one (root with CAP_SYS_ADMIN),
+    so its usage moves only with what this run writes; otherwise the shared one (then only the open-files measure
+    of HostDiskWatch is free of other processes' noise). Yields (path, whether it is private)."""
+    path = tempfile.mkdtemp(prefix=f"autocode-escape-tmp-{TOKEN}-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", path],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    before = tempfile.tempdir
+    if mounted:
+        tempfile.tempdir = path
+    try:
+        yield (path if mounted else tempfile.gettempdir()), mounted
+    finally:
+        tempfile.tempdir = before
+        if mounted:
+            subprocess.run(["umount", "-l", path], check=False)
+        os.rmdir(path)
+
+
+async def test_step_logs_never_reach_the_host_disk(escape_agent, llm_server, check_unharmed, private_temp_dir):
+    # 300 MB to stdout and to stderr, 50 MB more from a child, and a grandchild that never stops writing to stderr
+    # (it outlives the step's return): were the logs host files, that is half a gigabyte of the host's disk. The
+    # server reads a flooding log at a bounded rate, so the step may well reach its timeout first.
+    step = subtask("flood_logs", code("""
+        import os
+        def flood_logs():
+            chunk = b"f" * (1 << 20)
+            problems = []
+            def pour(fd, mib):
+                for _ in range(mib):
+                    try:
+                        os.write(fd, chunk)
+                    except OSError as exc:
+                        problems.append(f"fd {fd}: {type(exc).__name__}: {exc}")
+                        return
+            os.write(1, b"HEAD-OF-STDOUT\\n")
+            os.write(2, b"HEAD-OF-STDERR\\n")
+            child = os.fork()
+            if child == 0:
+                try:
+                    pour(1, 50)
+                    pour(2, 50)
+                finally:
+                    os._exit(0)
+            os.waitpid(child, 0)
+            if os.fork() == 0:
+                try:
+                    os.setsid()
+                    while True:
+                        os.write(2, chunk)
+                finally:
+                    os._exit(0)
+            pour(1, 300)
+            pour(2, 300)
+            os.write(1, b"\\nTAIL-OF-STDOUT\\n")
+            return {"problems": problems}
+    """))
+    agent = escape_agent(step_timeout=5, step_max_log_kb=64)
+    temp_dir, private = private_temp_dir
+
+    started = time.monotonic()
+    with HostDiskWatch(temp_dir) as watch:
+        result = await run_attack(agent, llm_server, step, ok=False)
+    elapsed = time.monotonic() - started
+
+    mib = 1 << 20
+    assert watch.samples > 3
+    assert watch.peak_open < 4 * mib, f"files open by the server or its sandbox grew by {watch.peak_open} bytes"
+    if private:
+        assert watch.peak_temp < 4 * mib, f"the host's temp dir grew by {watch.peak_temp} bytes"
+    assert not (result.error or "").startswith("Internal error"), result.error
+    completed = result.steps[0].ok
+    assert completed or (result.steps[0].error or "").startswith("TimeoutError"), result.steps[0].error
+    if completed:
+        assert output_of(result) == {"problems": []}
+    stored = agent.storage.steps(result.run_id)[0]
+    cap = 64 * 1024
+    for name, head in (("stdout", "HEAD-OF-STDOUT\n"), ("stderr", "HEAD-OF-STDERR\n")):
+        text = stored[name]
+        match = re.search(r"\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n", text)
+        assert match, f"{name} has no omission marker: {text[:200]!r}"
+        assert text.startswith(head)
+        kept = len(text) - len(match.group())
+        assert cap - 8 <= kept <= cap, (name, kept)
+        assert int(match.group(1)) >= 16 * mib, (name, match.group(1))  # it flooded, far past the cap
+    if completed:
+        assert stored["stdout"].endswith("\nTAIL-OF-STDOUT\n")
+    else:
+        assert stored["stdout"].endswith("f" * 100)
+    assert elapsed < 15
+    await check_unharmed(agent, result)
+
+
+DEEP = "<DEEP>"  # 100,000 nested lists, built inside the step (the step's source stays small)
+
+
+def forged(line: str) -> str:
+    """A step that writes `line` straight to its result channel (the socket fd it holds), bypassing child.py."""
+    return code("""
+        import os, socket, stat
+        def forge():
+            line = __LINE__.replace("<DEEP>", "[" * 100_000 + "]" * 100_000)
+            for name in sorted(os.listdir("/proc/self/fd"), key=int):
+                try:
+                    is_socket = stat.S_ISSOCK(os.fstat(int(name)).st_mode)
+                except OSError:
+                    continue
+                if is_socket:
+                    channel = socket.socket(fileno=os.dup(int(name)))
+                    channel.sendall(line.encode() + b"\\n")
+                    channel.close()
+                    break
+            os._exit(0)  # nothing after the forged message: no result of child.py's
+    """, line=line)
+
+
+def returned(body: str) -> str:
+    """A step that returns what `body` builds, through child.py as ordinary code does."""
+    return "import sys\n\ndef forge():\n" + textwrap.indent(textwrap.dedent(body).strip(), "    ") + "\n"
+
+
+FORGED_CALL = '{"op": "call", "id": 1, "name": %s, "args": %s, "kwargs": %s}'
+HELPER_PROMPT = f"forged-helper-prompt-{TOKEN}"
+UNTRUSTED_RESULTS = {
+    "deep_result_on_the_socket": (
+        forged('{"op": "result", "output": {"a": ' + DEEP + '}}'),
+        "ProtocolError: the step's result is nested deeper than 100 levels"),
+    "nan_on_the_socket": (
+        forged('{"op": "result", "output": {"a": NaN}}'),
+        "ProtocolError: the step's result contains NaN or Infinity, which JSON does not allow"),
+    "infinity_on_the_socket": (
+        forged('{"op": "result", "output": {"a": [1, {"b": -Infinity}]}}'),
+        "ProtocolError: the step's result contains NaN or Infinity, which JSON does not allow"),
+    "list_output_on_the_socket": (
+        forged('{"op": "result", "output": [1, 2, 3]}'),
+        "ProtocolError: the step's output is a list, not a dict"),
+    "error_report_not_text": (
+        forged('{"op": "error", "error": {"a": 1}, "traceback": null}'),
+        "ProtocolError: the step's error report is a dict, not a string"),
+    "call_args_a_dict": (
+        forged(FORGED_CALL % ('"llm"', json.dumps({"prompt": HELPER_PROMPT}), "{}")),
+        "ProtocolError: a tool call's args is a dict, not a list"),
+    "call_kwargs_a_list": (
+        forged(FORGED_CALL % ('"llm"', json.dumps([HELPER_PROMPT]), '[["system", "x"]]')),
+        "ProtocolError: a tool call's kwargs is a list, not a dict"),
+    "call_name_not_text": (
+        forged(FORGED_CALL % ('["llm"]', json.dumps([HELPER_PROMPT]), "{}")),
+        "ProtocolError: a tool call's name is a list, not a string"),
+    "deep_call": (
+        forged(FORGED_CALL % ('"llm"', f'["{HELPER_PROMPT}", {DEEP}]', "{}")),
+        "ProtocolError: a tool call is nested deeper than 100 levels"),
+    "nan_in_a_call": (
+        forged(FORGED_CALL % ('"llm"', f'["{HELPER_PROMPT}", NaN]', "{}")),
+        "ProtocolError: a tool call contains NaN or Infinity, which JSON does not allow"),
+    "deep_return": (
+        returned("""
+            value = []
+            for _ in range(500):
+                value = [value]
+            return {"deep": value}
+        """),
+        "ProtocolError: the step's result is nested deeper than 100 levels"),
+    "deeper_return_than_the_server_can_parse": (
+        returned("""
+            sys.setrecursionlimit(100_000)  # child.py's encoder then goes as deep as the step likes
+            value = []
+            for _ in range(20_000):
+                value = [value]
+            return {"deep": value}
+        """),
+        "ProtocolError: the step's result is nested deeper than 100 levels"),
+    "nan_return": (
+        returned("""return {"ratio": float("nan")}"""),
+        "TypeError: forge returned a dict that is not JSON: it contains NaN or Infinity, which JSON does not "
+        "allow"),
+    "lone_surrogate_return": (
+        returned("""return {"text": "broken \\ud800 text"}"""),
+        "ProtocolError: the step's result contains a lone surrogate, which is not valid text"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNTRUSTED_RESULTS))
+async def test_untrusted_result_is_a_failed_step_with_a_clear_error(case, escape_agent, llm_server, check_unharmed):
+    source, expected = UNTRUSTED_RESULTS[case]
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, subtask("forge", source), ok=False)
+
+    assert not (result.error or "").startswith("Internal error"), result.error
+    assert result.status == "failed"
+    assert [s.status for s in result.steps] == ["error"]
+    assert result.steps[0].error == expected
+    assert result.steps[0].output is None
+    json.loads(json.dumps(result.to_json(), allow_nan=False))  # what `autocode run --json` prints
+    helper_calls = [r for r in llm_server.chat_requests()
+                    if any(m.get("content") == HELPER_PROMPT for m in r.get("messages", []))]
+    assert helper_calls == [], "a malformed tool call reached llm()"
+    await check_unharmed(agent, result)
+
+
+def test_run_json_stays_json_when_a_step_forges_nan(llm_server, tmp_path):
+    """`autocode run --json` (a real CLI process) prints JSON that a strict parser accepts."""
+    runs_root = Path(tempfile.mkdtemp(prefix=f"autocode-escape-{TOKEN}-"))
+    os.chmod(runs_root, 0o711)  # traversable by the run uids (see `escape_agent`)
+    llm_server.reply_json(plan(subtask("forge", forged('{"op": "result", "output": {"a": NaN, "b": Infinity}}')),
+                               thought="attack"))
+    llm_server.reply_json(verdict("", ok=False, thoughts="attack finished"))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    environ.update(
+        AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", OPENAI_BASE_URL=llm_server.base_url,
+        OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model", AUTOCODE_SANDBOX_BACKEND=BACKEND_ENV,
+        AUTOCODE_SANDBOX_WARM="0", AUTOCODE_SANDBOX_UID_BASE=str(UID_BASE), AUTOCODE_WORKDIR_ROOT=str(runs_root),
+        AUTOCODE_STEP_TIMEOUT="10",
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "run", "attack the host", "--json"],
+                              cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=90)
+    finally:
+        shutil.rmtree(runs_root, ignore_errors=True)
+
+    def strict(constant: str) -> Any:
+        raise AssertionError(f"`autocode run --json` printed {constant}, which is not JSON")
+
+    assert proc.stdout.strip(), proc.stderr
+    out = json.loads(proc.stdout, parse_constant=strict)
+    assert proc.returncode == 1, proc.stderr
+    assert out["status"] == "failed" and not (out["error"] or "").startswith("Internal error"), out["error"]
+    assert [s["status"] for s in out["steps"]] == ["error"]
+    assert out["steps"][0]["error"] == (
+        "ProtocolError: the step's result contains NaN or Infinity, which JSON does not allow")
 
 
 # ------------------------------------------------------------------------------------------------ llm() helper budget

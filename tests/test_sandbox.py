@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import textwrap
@@ -375,6 +376,68 @@ async def test_stdout_flood_is_capped(sandbox):
     assert "bytes omitted" in result.stdout
     assert result.stdout.startswith("x" * 99 + "\n")
     assert result.stdout.endswith("THE END\n")
+
+
+def _rss_kb() -> int:
+    status = _status("self")
+    return int(status.get("VmRSS", "0 kB").split()[0])
+
+
+async def test_printing_at_full_speed_until_the_timeout_costs_bounded_memory(sandbox):
+    # Logs are pipes the server drains as the step writes, keeping only the head and the tail: however much the
+    # step prints in its time, the server holds the cap (plus a read buffer), and the step ends at its timeout.
+    # Past a burst the server reads each log at a bounded rate, so the flood costs it little CPU too.
+    code = """
+    import os
+
+    def step():
+        os.write(1, b"FIRST LINE\\n")
+        chunk = b"y" * 65536
+        while True:
+            os.write(1, chunk)
+            os.write(2, chunk)
+    """
+    baseline, peak, done = _rss_kb(), 0, False
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, _rss_kb() - baseline)
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    cpu_before = time.process_time()  # this process is the server: every thread of it
+    try:
+        result = await run(sandbox, code, limits=Limits(timeout_s=3, max_log_kb=16))
+    finally:
+        cpu = time.process_time() - cpu_before
+        done = True
+        await sampler
+    assert result.error.startswith("TimeoutError"), result.error
+    assert result.duration_ms < 3000 + 2500
+    for text in (result.stdout, result.stderr):
+        omitted = re.search(r"\n\[\.\.\. (\d+) bytes omitted \.\.\.\]\n", text)
+        assert omitted, text[:100]
+        assert int(omitted.group(1)) > 16 << 20  # it did print at speed, far past the cap...
+        assert len(text) - len(omitted.group()) <= 16 * 1024  # ...and what is kept is the cap
+    assert result.stdout.startswith("FIRST LINE\n")
+    assert peak < 48 * 1024, f"the server's memory grew by {peak} kB while the step printed"
+    assert cpu < 1.0, f"the server spent {cpu:.2f} s of CPU draining 3 s of a flooding step"
+
+
+async def test_result_nesting_is_capped_at_100_levels(sandbox):
+    code = """
+    def step(request):
+        value = 0
+        for _ in range(request["levels"] - 1):  # the result dict itself is the first level
+            value = [value]
+        return {"v": value}
+    """
+    kept = await run(sandbox, code, input={"levels": 100})
+    assert kept.ok, kept.error
+    refused = await run(sandbox, code, input={"levels": 101})
+    assert refused.error == "ProtocolError: the step's result is nested deeper than 100 levels"
+    assert refused.output is None
 
 
 async def test_small_stdout_and_stderr_are_kept_whole(sandbox):

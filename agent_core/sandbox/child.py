@@ -28,6 +28,11 @@ def _jsonable(value):
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+def _is_nan_error(exc):
+    """Whether json.dumps(allow_nan=False) refused a NaN or an Infinity (then the error says so plainly)."""
+    return isinstance(exc, ValueError) and str(exc).startswith("Out of range float")
+
+
 def _format_traceback(exc):
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) != _HERE]
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
@@ -60,7 +65,13 @@ def run_job(fd):
     def make_stub(name):
         def stub(*args, **kwargs):
             call_id = next(ids)
-            send({"op": "call", "id": call_id, "name": name, "args": list(args), "kwargs": kwargs})
+            try:
+                send({"op": "call", "id": call_id, "name": name, "args": list(args), "kwargs": kwargs})
+            except ValueError as exc:
+                if _is_nan_error(exc):
+                    raise ValueError(f"the arguments of {name}() contain NaN or Infinity, which JSON does not "
+                                     "allow") from None
+                raise
             line = rfile.readline()
             if not line:
                 raise ToolCallError(f"{name}: the tool host closed the connection")
@@ -88,7 +99,8 @@ def run_job(fd):
         try:
             payload = json.dumps({"op": "result", "output": result}, default=_jsonable, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"{job['function']} returned a dict that is not JSON: {exc}") from None
+            why = "it contains NaN or Infinity, which JSON does not allow" if _is_nan_error(exc) else exc
+            raise TypeError(f"{job['function']} returned a dict that is not JSON: {why}") from None
         _flush_logs()
         wfile.write(payload.encode() + b"\n")
         wfile.flush()
