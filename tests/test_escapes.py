@@ -184,7 +184,11 @@ async def test_proc_environ_of_other_processes_is_unreadable(escape_agent, llm_s
         def scan_proc():
             wanted = ("AUTOCODE_TEST_" + "SECRET", "OPENAI_API_" + "KEY")
             leaks, readable, denied = [], 0, 0
-            for name in os.listdir("/proc"):
+            try:
+                names = os.listdir("/proc")
+            except OSError:  # the fallback lets a step read only its own /proc entries
+                names = [str(os.getpid()), "1", str(__SERVER_PID__)]
+            for name in names:
                 if not name.isdigit():
                     continue
                 try:
@@ -798,7 +802,11 @@ async def test_exact_tool_uses_its_secret_that_the_step_cannot_read(
         def sign_and_snoop():
             name = "ESCAPE_TOOL_" + "SECRET"
             environ_hits = []
-            for pid in os.listdir("/proc"):
+            try:
+                pids = os.listdir("/proc")
+            except OSError:  # the fallback lets a step read only its own /proc entries
+                pids = [str(pid) for pid in range(1, 1 << 16) if os.path.exists(f"/proc/{pid}")]
+            for pid in pids:
                 if pid.isdigit():
                     try:
                         with open(f"/proc/{pid}/environ", "rb") as handle:
@@ -872,8 +880,466 @@ async def test_files_do_not_outlive_the_run(escape_agent, llm_server, check_unha
 # (issue 11, items 1 and 7: collection never leaves the run's directory; artifact count caps)
 
 
+@pytest.fixture
+def host_secret_dir():
+    """A world-readable host directory (0755) with a 0644 secret file: only the sandbox protects it."""
+    folder = Path("/tmp") / f"autocode-escape-{TOKEN}-hostdir"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(folder, 0o755)
+    secret = folder / "deploy.env"
+    secret.write_text(f"OPENAI_API_KEY={SECRET}\n")
+    os.chmod(secret, 0o644)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def stored_artifact_bytes(agent, result) -> bytes:
+    return b"\n".join(a["data"] for a in agent.storage.artifacts(result.run_id, with_data=True))
+
+
+async def test_symlinked_outputs_directory_collects_nothing_of_the_host(
+    escape_agent, llm_server, check_unharmed, host_secret_dir,
+):
+    step = subtask("swap_outputs", code("""
+        import os, shutil
+        def swap_outputs():
+            shutil.rmtree("outputs")
+            os.symlink(__HOSTDIR__, "outputs")
+            return {"swapped": os.path.islink("outputs")}
+    """, hostdir=str(host_secret_dir)))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    assert output_of(result) == {"swapped": True}
+    assert result.artifacts == [], result.artifacts
+    assert SECRET.encode() not in stored_artifact_bytes(agent, result)
+    await check_unharmed(agent, result)
+
+
+async def test_links_inside_outputs_collect_nothing_of_the_host(
+    escape_agent, llm_server, check_unharmed, host_secret_dir,
+):
+    step = subtask("plant_links", code("""
+        import os
+        def plant_links():
+            found = {}
+            with open("outputs/real.txt", "w") as handle:
+                handle.write("the step's own file")
+            for name, action in (
+                ("file_link", lambda: os.symlink(__SECRET_FILE__, "outputs/deploy.env")),
+                ("dir_link", lambda: os.symlink(__HOSTDIR__, "outputs/hostdir")),
+                ("etc_link", lambda: os.symlink("/etc", "outputs/etc")),
+                ("hard_link", lambda: os.link(__SECRET_FILE__, "outputs/hard.env")),
+            ):
+                try:
+                    action()
+                    found[name] = "made"
+                except OSError as exc:
+                    found[name] = type(exc).__name__
+            return found
+    """, hostdir=str(host_secret_dir), secret_file=str(host_secret_dir / "deploy.env")))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    assert output_of(result)["hard_link"] != "made", output_of(result)
+    assert [a["name"] for a in result.artifacts] == ["real.txt"], result.artifacts
+    data = stored_artifact_bytes(agent, result)
+    assert SECRET.encode() not in data and b"root:" not in data
+    await check_unharmed(agent, result)
+
+
+async def test_archive_and_restore_of_a_working_directory_stay_inside_it(
+    escape_agent, llm_server, check_unharmed, host_secret_dir,
+):
+    """The remote-job path: a run's files travel as a tar made (and unpacked) by the worker."""
+    import io
+    import tarfile
+
+    from agent_core.sandbox import StepRequest
+
+    agent = escape_agent()
+    sandbox = await agent.executor.open("archive-attack")
+    try:
+        result = await sandbox.run_step(StepRequest(code=code("""
+            import os
+            def swap():
+                with open("notes.txt", "w") as handle:
+                    handle.write("kept")
+                os.symlink(__HOSTDIR__, "data")
+                os.symlink("/etc/passwd", "passwd")
+                return {}
+        """, hostdir=str(host_secret_dir)), function="swap", input=None))
+        assert result.ok, result.error
+        data, skipped = await sandbox.archive(1 << 20)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            names = tar.getnames()
+            contents = b"".join(tar.extractfile(m).read() for m in tar if m.isfile())
+        assert "notes.txt" in names and not any(n.startswith(("data", "passwd")) for n in names), names
+        assert SECRET.encode() not in contents and b"root:" not in contents
+    finally:
+        await sandbox.close()
+
+    # A tar that tries to write through a link out of the working directory into the host directory.
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        link = tarfile.TarInfo("outputs2")
+        link.type, link.linkname = tarfile.SYMTYPE, str(host_secret_dir)
+        tar.addfile(link)
+        planted = tarfile.TarInfo("outputs2/planted.txt")
+        planted.size = 7
+        tar.addfile(planted, io.BytesIO(b"planted"))
+    fresh = await agent.executor.open("restore-attack")
+    try:
+        try:
+            await fresh.restore(evil.getvalue())
+        except Exception as exc:  # refusing the whole tar is fine; writing through the link is not
+            assert "restored" in str(exc), exc
+    finally:
+        await fresh.close()
+    assert not (host_secret_dir / "planted.txt").exists()
+    assert sorted(p.name for p in host_secret_dir.iterdir()) == ["deploy.env"]
+
+
+async def test_many_output_files_are_capped_and_the_answer_says_so(escape_agent, llm_server, check_unharmed):
+    step = subtask("many_outputs", code("""
+        import os
+        def many_outputs():
+            for index in range(300):
+                with open(f"outputs/file{index:03d}.txt", "w") as handle:
+                    handle.write(f"file {index}\\n")
+            return {"written": 300}
+    """))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    names = [a["name"] for a in result.artifacts]
+    assert len(names) <= agent.settings.artifacts_max_count + 1, names
+    assert names[:3] == ["file000.txt", "file001.txt", "file002.txt"], names
+    assert names[-1] == "more-outputs.zip", names
+    import io
+    import zipfile
+    zipped = next(a for a in agent.storage.artifacts(result.run_id, with_data=True) if a["name"] == "more-outputs.zip")
+    with zipfile.ZipFile(io.BytesIO(zipped["data"])) as archive:
+        inside = archive.namelist()
+    assert len(inside) + len(names) - 1 == 300 and "file299.txt" in inside
+    assert "more-outputs.zip" in result.answer and "300" in result.answer, result.answer
+    await check_unharmed(agent, result)
+
+
+async def test_tens_of_thousands_of_output_files_do_not_fail_collection_silently(
+    escape_agent, llm_server, check_unharmed,
+):
+    step = subtask("flood_outputs", code("""
+        import os
+        def flood_outputs():
+            for index in range(20000):
+                with open(f"outputs/f{index:05d}", "wb") as handle:
+                    handle.write(b"x")
+            return {"written": 20000}
+    """))
+    agent = escape_agent(step_timeout=30)
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    assert 1 <= len(result.artifacts) <= agent.settings.artifacts_max_count + 1, len(result.artifacts)
+    assert "20000" in result.answer.replace(",", ""), result.answer
+    assert "left out" in result.answer or "not kept" in result.answer, result.answer
+    await check_unharmed(agent, result)
+
+
 # ------------------------------------------------------------------------------------------------ host sockets, processes, IPC
 # (issue 11, items 2, 3 and 4: Unix sockets, other processes' /proc, signals, System V / POSIX IPC, kill -9)
+
+
+class UnixListener:
+    """A Unix socket server on the host (abstract or a 0777 socket file) that records every connection."""
+
+    def __init__(self, address: str):
+        import socket as socketlib
+        import threading
+
+        self.address = address
+        self.sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        self.sock.bind(address)
+        if not address.startswith("\0"):
+            os.chmod(address, 0o777)
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+async def test_host_unix_sockets_are_unreachable(escape_agent, llm_server, check_unharmed):
+    folder = Path("/tmp") / f"autocode-escape-{TOKEN}-sock"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(folder, 0o755)
+    abstract = UnixListener(f"\0autocode-escape-{TOKEN}")
+    path = UnixListener(str(folder / "host.sock"))
+    step = subtask("unix_out", code("""
+        import socket
+        def unix_out():
+            found = {}
+            for name, address in (("abstract", "\\0" + __ABSTRACT__), ("socket_file", __PATH__)):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    try:
+                        with socket.socket(socket.AF_UNIX, kind) as sock:
+                            sock.settimeout(2)
+                            sock.connect(address)
+                        found[f"{name}/{int(kind)}"] = "connected"
+                    except OSError as exc:
+                        found[f"{name}/{int(kind)}"] = type(exc).__name__
+            return found
+    """, abstract=f"autocode-escape-{TOKEN}", path=str(folder / "host.sock")))
+    agent = escape_agent()
+    try:
+        result = await run_attack(agent, llm_server, step)
+        await asyncio.sleep(0.2)
+    finally:
+        abstract.close()
+        path.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    assert result.status == "succeeded", result.error
+    assert "connected" not in output_of(result).values(), output_of(result)
+    assert abstract.connections == 0 and path.connections == 0
+    await check_unharmed(agent, result)
+
+
+async def test_other_processes_and_host_sockets_are_not_listed(escape_agent, llm_server, check_unharmed):
+    import subprocess
+
+    password = f"argv-password-{TOKEN}"
+    bystander = subprocess.Popen(["python3", "-c", "import time; time.sleep(60)", f"--password={password}"])
+    listener_name = f"autocode-escape-{TOKEN}-listing"
+    abstract = UnixListener(f"\0{listener_name}")
+    step = subtask("snoop_proc", code("""
+        import os
+        def snoop_proc():
+            found = {"cmdlines": [], "errors": {}}
+            try:
+                pids = [name for name in os.listdir("/proc") if name.isdigit()]
+            except OSError as exc:
+                pids = []
+                found["errors"]["listdir"] = type(exc).__name__
+            for pid in [*pids, str(__BYSTANDER__), str(__SERVER__)]:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                        found["cmdlines"].append(handle.read().decode("utf-8", "replace"))
+                except OSError as exc:
+                    found["errors"][pid] = type(exc).__name__
+            for table in ("tcp", "tcp6", "udp", "unix"):
+                for path in (f"/proc/net/{table}", f"/proc/self/net/{table}", f"/proc/{__SERVER__}/net/{table}"):
+                    try:
+                        with open(path) as handle:
+                            found[path] = handle.read()
+                    except OSError as exc:
+                        found["errors"][path] = type(exc).__name__
+            with open("/proc/self/status") as handle:  # its own entries stay readable
+                found["own_status"] = handle.read().startswith("Name:")
+            return found
+    """, bystander=bystander.pid, server=os.getpid()))
+    agent = escape_agent()
+    try:
+        with TcpListener("127.0.0.1") as tcp:
+            result = await run_attack(agent, llm_server, step)
+            port_hex = f":{tcp.port:04X}"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        abstract.close()
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    exposed = json.dumps(found)
+    assert password not in exposed, "another process's command line was readable"
+    assert "pytest" not in exposed and "test_escapes" not in exposed, "the server's command line was readable"
+    assert listener_name not in exposed, "the host's Unix sockets were listed"
+    assert port_hex not in exposed, "the host's TCP listeners were listed"
+    assert found["own_status"] is True
+    await check_unharmed(agent, result)
+
+
+async def test_system_v_ipc_and_message_queues_are_refused(escape_agent, llm_server, check_unharmed):
+    key = 0x5A000000 + int(TOKEN, 16) % 0xFFFFFF
+    step = subtask("ipc", code("""
+        import ctypes, ctypes.util, os
+        def ipc():
+            libc = ctypes.CDLL(None, use_errno=True)
+            IPC_CREAT = 0o1000
+            found = {}
+            for name, call in (
+                ("shmget", lambda: libc.shmget(ctypes.c_int(__KEY__), ctypes.c_size_t(64 << 20), IPC_CREAT | 0o666)),
+                ("msgget", lambda: libc.msgget(ctypes.c_int(__KEY__ + 1), IPC_CREAT | 0o666)),
+                ("semget", lambda: libc.semget(ctypes.c_int(__KEY__ + 2), 1, IPC_CREAT | 0o666)),
+                ("mq_open", lambda: libc.mq_open(b"/autocode-escape-" + __TOKEN__.encode(), os.O_CREAT | os.O_RDWR,
+                                                 0o666, None)),
+            ):
+                value = call()
+                found[name] = "created" if value >= 0 else os.strerror(ctypes.get_errno())
+            return found
+    """, key=key, token=TOKEN))
+    agent = escape_agent()
+
+    result = await run_attack(agent, llm_server, step)
+
+    assert result.status == "succeeded", result.error
+    found = output_of(result)
+    on_host = {table: [line for line in Path(f"/proc/sysvipc/{table}").read_text().splitlines()[1:]
+                       if f"{key:x}" in line.split()[0:1] or str(key) in line.split()[0:1]]
+               for table in ("shm", "msg", "sem")}
+    mq_left = os.path.exists(f"/dev/mqueue/autocode-escape-{TOKEN}")
+    if agent.executor.name == "bwrap":  # its own IPC namespace: allowed, and gone with the run
+        assert on_host == {"shm": [], "msg": [], "sem": []} and not mq_left, (found, on_host)
+    else:
+        assert "created" not in found.values(), found
+        assert on_host == {"shm": [], "msg": [], "sem": []} and not mq_left, on_host
+    await check_unharmed(agent, result)
+
+
+def test_ipc_objects_a_run_uid_still_owns_are_removed_when_its_sandbox_closes():
+    """Where seccomp cannot block IPC (an old kernel), what the run created is still removed with the run."""
+    import ctypes
+
+    from agent_core.sandbox.pool import remove_ipc_of
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to create IPC objects as a sandbox uid")
+    uid = UID_BASE + 63
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            libc = ctypes.CDLL(None, use_errno=True)
+            ids = [libc.shmget(0, ctypes.c_size_t(1 << 20), 0o1000 | 0o600),
+                   libc.msgget(0, 0o1000 | 0o600), libc.semget(0, 1, 0o1000 | 0o600)]
+            os.write(writer, json.dumps(ids).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    ids = json.loads(os.read(reader, 4096))
+    os.close(reader)
+    assert all(i >= 0 for i in ids), ids
+
+    def owned() -> list[str]:
+        rows = []
+        for table in ("shm", "msg", "sem"):
+            for line in Path(f"/proc/sysvipc/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if str(uid) in fields[4:8]:
+                    rows.append(f"{table}:{fields[1]}")
+        return rows
+
+    assert len(owned()) == 3
+    remove_ipc_of(uid)
+    assert owned() == []
+
+
+
+DAEMON_SERVER = r"""
+import asyncio, sys
+from pathlib import Path
+from agent_core.sandbox import StepRequest, Limits
+from agent_core.sandbox.pool import SandboxExecutor
+
+STEP = '''
+import os, signal, subprocess, time
+def daemonize():
+    subprocess.Popen(["sleep", MARKER])
+    first = os.fork()
+    if first == 0:
+        os.setsid()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if os.fork() == 0:
+            for _ in range(5):
+                if os.fork() == 0:
+                    break
+            time.sleep(300)
+        os._exit(0)
+    os.waitpid(first, 0)
+    time.sleep(300)
+    return {}
+'''
+
+async def main():
+    backend, uid_base, root, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    executor = SandboxExecutor(backend=backend, warm=1, uid_base=uid_base, max_workers=4, workdir_root=root)
+    await executor.start()
+    sandbox = await executor.open("daemon")
+    step = asyncio.create_task(sandbox.run_step(StepRequest(
+        code=STEP.replace("MARKER", repr(marker)), function="daemonize", input=None, limits=Limits(timeout_s=60))))
+    await asyncio.sleep(1.5)
+    print("ready", flush=True)
+    await step
+
+asyncio.run(main())
+"""
+
+
+async def test_nothing_of_the_sandbox_survives_a_kill_of_the_server(tmp_path):
+    """`kill -9` of the process that owns the executor: its workers, their steps and every daemon the steps
+    started (setsid, SIGHUP ignored, double fork) are gone within seconds, on both backends."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.escape_helpers import live_sandbox_processes
+
+    uid_base = UID_BASE + 32
+    runs_root = Path(tempfile.mkdtemp(prefix=f"autocode-escape-{TOKEN}-kill-"))
+    os.chmod(runs_root, 0o711)
+    marker = f"301.{int(TOKEN, 16) % 1000000}"
+    script = tmp_path / "daemon_server.py"
+    script.write_text(DAEMON_SERVER)
+    server = subprocess.Popen([sys.executable, str(script), BACKEND_ENV, str(uid_base), str(runs_root), marker],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 30)
+        assert line.strip() == "ready", server.stderr.read() if server.poll() is not None else line
+        before = live_sandbox_processes(uid_base, 4)
+        assert len(before) >= 5, before  # the step, its sleep and the daemons are running
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(5)
+        left = await wait_no_sandbox_processes(uid_base, 4, within_s=5)
+        assert left == [], f"processes of the sandbox outlived the server: {left}"
+        assert processes_with(f"sleep {marker}") == []
+        assert processes_with("autocode worker.py") == [] or all(
+            p.ppid != server.pid for p in processes_with("autocode worker.py"))
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        for process in live_sandbox_processes(uid_base, 4):
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(runs_root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ step results and logs
