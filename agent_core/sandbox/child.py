@@ -45,7 +45,7 @@ def _flush_logs():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a full log file (RLIMIT_FSIZE) or a closed stream
+        except (OSError, ValueError):  # a log pipe the server closed (EPIPE) or a closed stream
             pass
 
 

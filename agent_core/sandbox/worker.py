@@ -4,7 +4,7 @@ Runs as `python -I -B -u worker.py FD` inside the sandbox (bubblewrap namespaces
 backend) and imports nothing from AutoCode but its siblings. FD is a SOCK_SEQPACKET control socket to the
 server: one JSON object per message, file descriptors attached with SCM_RIGHTS.
 
-  server -> worker: {"op": "step", "limits": {...}}      + fds [step socket, stdout file, stderr file]
+  server -> worker: {"op": "step", "limits": {...}}      + fds [step socket, stdout pipe, stderr pipe]
                     {"op": "finish"}                      kill every process of the step, report its exit
                     {"op": "collect", "max_file_bytes", "max_total_bytes"}  + fd [file for a tar of outputs/]
                     {"op": "archive", ...same caps}         + fd [file for a tar of the working directory]
