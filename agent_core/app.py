@@ -21,16 +21,5 @@ def build_agent(settings: Settings, executor: Executor | None = None, storage: S
         from agent_core.sandbox.remote import RemoteExecutor
 
         executor = RemoteExecutor(settings, storage)
-    return Agent(settings, storage, llm, toolset, executor or build_executor(settings), EventBus())
-
-
-def build_executor(settings: Settings, preload: list[str] | None = None) -> SandboxExecutor:
-    """Raises SandboxUnavailable when AUTOCODE_SANDBOX_BACKEND=bwrap cannot work on this host.
-
-    Workers start bare (cheap enough to start one per run); a run's worker imports the declared libraries its
-    steps use when the first of them runs, and later steps fork with them loaded."""
-    return SandboxExecutor(
-        backend=settings.sandbox_backend, network=settings.sandbox_network, warm=settings.sandbox_warm,
-        uid_base=settings.sandbox_uid_base, max_workers=settings.sandbox_max_workers,
-        workdir_mb=settings.workdir_mb, workdir_root=settings.workdir_root, preload=preload,
-    )
+    return Agent(settings, storage, llm, toolset, executor or SandboxExecutor.from_settings(settings),
+                 EventBus())

@@ -301,7 +301,7 @@ def _save_artifacts(storage: Any, run_id: str, directory: Path) -> None:
 
 async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     """Configuration and sandbox report; starts one sandbox and runs a trivial step to prove it works."""
-    from agent_core.app import build_executor
+    from agent_core.sandbox.pool import SandboxExecutor
     from agent_core.sandbox import Limits, StepRequest
     from tools.registry import build_toolset
 
@@ -313,7 +313,7 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     }
     toolset = build_toolset(settings.tools_file)
     report["tools"] = {"libraries": toolset.libraries, "trusted functions": toolset.trusted_names}
-    executor = build_executor(settings)
+    executor = SandboxExecutor.from_settings(settings)
     ok = True
     try:
         sandbox = await executor.open("doctor")

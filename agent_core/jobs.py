@@ -31,6 +31,7 @@ from agent_core.config import Settings
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient
 from agent_core.sandbox import Limits, PlannedStep, SandboxUnavailable, StepBatch, StepResult
+from agent_core.sandbox.pool import SandboxExecutor
 from tools.host import ToolHost
 from tools.registry import build_toolset
 
@@ -97,12 +98,10 @@ class JobRunner:
     protection follows the worker process, not a pool thread."""
 
     def __init__(self, settings: Settings, name: str):
-        from agent_core.app import build_executor
-
         self.settings = settings
         self.name = name
         self.toolset = build_toolset(settings.tools_file)
-        self.executor = build_executor(settings)
+        self.executor = SandboxExecutor.from_settings(settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="autocode-jobs", daemon=True)
         self._thread.start()

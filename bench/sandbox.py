@@ -3,7 +3,7 @@
 1. A trivial step (`def f(): return {"x": 1}`): `run_step` wall time in an open sandbox of a warm pool (median and
    p95 of N sequential steps), and a cold start (`open()` with no warm worker, plus the first step); the same with
    the "process" fallback backend, and with a worker that preloads the built-in toolset's libraries (numpy, geopy,
-   as `app.build_executor` does); for reference, the start-up of a bare interpreter (`python -c pass`).
+   as `SandboxExecutor.from_settings` does); for reference, the start-up of a bare interpreter (`python -c pass`).
 2. A CPU-bound step (a pure-Python loop of 10**6 and 5*10**6 iterations): in our sandbox, in smolagents'
    `LocalPythonExecutor` (an AST interpreter, capped at 10**7 operations), and in plain `python -c` (a subprocess,
    start-up included) and in this interpreter.
@@ -48,7 +48,7 @@ STARTUP_RUNS = 20
 SYSTEM_PYTHON = "/usr/bin/python3"
 # Our own uids, away from the default 61000 and the tests' 63000-69399: a step sweep kills every process of its uid.
 BENCH_UID_BASE = 72000 + 64 * (os.getpid() % 100)
-TOOLSET_PRELOAD = ["numpy", "geopy"]  # what the built-in toolset declares (app.build_executor preloads it)
+TOOLSET_PRELOAD = ["numpy", "geopy"]  # what the built-in toolset declares (a run's worker preloads it)
 
 TRIVIAL = 'def f():\n    return {"x": 1}\n'
 TIMESTAMP = 'def f():\n    import time\n    return {"t": time.monotonic()}\n'

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tools.registry import LLM_HELPER, Tool, tool_from_dict
+from tools.declarations import LLM_HELPER, Tool, tool_from_dict
 
 GEOCODE_CODE = '''
 def geocode(address: str) -> dict | None:

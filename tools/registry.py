@@ -1,98 +1,24 @@
-"""Tool declarations in the original AutoCodeAgent dict format, and the set of tools a run may use.
+"""The set of tools a run may use: the built-in tools plus an operator's tools file, and how prompts describe them.
 
-Kinds:
-  library  {"lib_name": ["numpy"]}                                   generated code may import it
-  guide    {"lib_name": [...], "instructions": ..., "code_example": ...}   advice, not binding
-  exact    {..., "use_exactly_code_example": True, "code_example": "def f(...)"}  trusted operator code,
-           run by the tool host outside the sandbox and called by name from generated code
-  llm      the built-in `llm()` helper, answered by the tool host with the server's LLM client
+What one declaration is (the four kinds, the original AutoCodeAgent dict format) lives in tools/declarations.py.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
 import importlib.util
 import logging
-import re
 import runpy
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
+
+from tools.builtin import builtin_tools
+from tools.declarations import LLM_HELPER, Tool, ToolError, _normalize, tool_from_dict
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["library", "guide", "exact", "llm"]
-_KNOWN_KEYS = {
-    "lib_name", "lib_names", "instructions", "code_example", "use_exactly_code_example", "use_exaclty_code_example",
-}
-
-
-class ToolError(Exception):
-    """A tool declaration that cannot be used (the CLI exits with code 2)."""
-
-
-@dataclass
-class Tool:
-    kind: Kind
-    lib_names: list[str] = field(default_factory=list)
-    instructions: str = ""
-    code_example: str = ""
-    functions: dict[str, str] = field(default_factory=dict)  # exact/llm: name -> "name(signature)" for prompts
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _function_signatures(code: str) -> dict[str, str]:
-    tree = ast.parse(code)
-    found: dict[str, str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-            returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-            found[node.name] = f"{node.name}({ast.unparse(node.args)}){returns}"
-    return found
-
-
-def tool_from_dict(spec: dict[str, Any], where: str = "tool") -> Tool:
-    """Validate one declaration; the error names the declaration and what is wrong."""
-    if not isinstance(spec, dict):
-        raise ToolError(f"{where}: expected a dict, got {type(spec).__name__}")
-    unknown = set(spec) - _KNOWN_KEYS
-    if unknown:
-        log.warning("%s: ignoring unknown keys %s", where, sorted(unknown))
-    libs = spec.get("lib_names", spec.get("lib_name", []))
-    if isinstance(libs, str):
-        libs = [libs]
-    if not isinstance(libs, list) or not all(isinstance(x, str) and x.strip() for x in libs):
-        raise ToolError(f"{where}: lib_name/lib_names must be a list of library names")
-    instructions = str(spec.get("instructions") or "").strip()
-    code = str(spec.get("code_example") or "").strip()
-    exact = bool(spec.get("use_exactly_code_example", spec.get("use_exaclty_code_example", False)))
-    if exact:
-        if not code:
-            raise ToolError(f"{where}: use_exactly_code_example needs a code_example")
-        try:
-            functions = _function_signatures(code)
-        except SyntaxError as exc:
-            raise ToolError(f"{where}: code_example does not parse: {exc}") from None
-        if not functions:
-            raise ToolError(f"{where}: code_example defines no public function to call")
-        return Tool("exact", [x.strip() for x in libs], instructions, code, functions)
-    if not libs:
-        raise ToolError(f"{where}: declares no library (lib_name)")
-    kind: Kind = "guide" if (instructions or code) else "library"
-    return Tool(kind, [x.strip() for x in libs], instructions, code)
-
-
-LLM_HELPER = Tool(
-    "llm",
-    instructions="One-shot text work by an LLM (summarize, classify, extract, translate, write). Returns the text.",
-    functions={"llm": "llm(prompt: str, system: str = '') -> str"},
-)
 
 
 @dataclass
@@ -161,8 +87,6 @@ def load_tools_file(path: Path) -> tuple[list[Tool], bool]:
 
 
 def build_toolset(tools_file: Path | None = None) -> ToolSet:
-    from tools.builtin import builtin_tools
-
     extra, include_builtins = load_tools_file(tools_file) if tools_file else ([], True)
     tools = [*(builtin_tools() if include_builtins else [LLM_HELPER]), *extra]
     names: dict[str, int] = {}

@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_core.sandbox import (
     Artifact, BatchProgress, CollectedOutputs, Limits, SandboxUnavailable, StepBatch, StepRequest, StepResult,
@@ -33,6 +33,9 @@ from agent_core.sandbox import (
 from agent_core.sandbox import confine, network
 from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher, choose_launcher, compile_runtime
 from agent_core.sandbox.guardian import STOPPED as GUARDIAN_STOPPED, remove_ipc_of
+
+if TYPE_CHECKING:
+    from agent_core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -680,6 +683,19 @@ class SandboxExecutor:
                         self.fallback_reason)
         if self.uids.enabled is False:
             log.warning("sandbox: not running as root, so steps run under the server's own uid")
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", preload: list[str] | None = None) -> "SandboxExecutor":
+        """The executor `Settings` describe. Raises SandboxUnavailable when AUTOCODE_SANDBOX_BACKEND=bwrap cannot
+        work on this host.
+
+        Workers start bare (cheap enough to start one per run); a run's worker imports the declared libraries its
+        steps use when the first of them runs, and later steps fork with them loaded."""
+        return cls(
+            backend=settings.sandbox_backend, network=settings.sandbox_network, warm=settings.sandbox_warm,
+            uid_base=settings.sandbox_uid_base, max_workers=settings.sandbox_max_workers,
+            workdir_mb=settings.workdir_mb, workdir_root=settings.workdir_root, preload=preload,
+        )
 
     async def start(self) -> None:
         """For a long-running server: end leftovers of a previous server (a crash), then pre-start workers."""
