@@ -457,18 +457,20 @@ def _make_ruleset(abi: int, rules: list[tuple[int, int]], *, scoped: bool, deny_
 
 
 def apply_landlock(*, read_only: list[str], read_write: list[str]) -> str | None:
-    """Build a ruleset (see `build_landlock`) and restrict the calling process with it."""
-    ruleset_fd, reason = build_landlock(read_only=read_only, read_write=read_write)
-    if ruleset_fd is None:
+    """Restrict the calling process to the given paths (see `open_landlock_rules`): `read_only` paths get
+    read_file, read_dir and execute, `read_write` paths every right; None on success, else why not."""
+    plan, reason = open_landlock_rules(read_only=read_only, read_write=read_write)
+    if plan is None:
         return reason
     try:
-        return restrict_landlock(ruleset_fd)
+        return restrict_landlock_rules(plan["abi"], plan["rules"], scoped=False)
     finally:
-        os.close(ruleset_fd)
+        for fd, _ in plan["rules"]:
+            os.close(fd)
 
 
 def restrict_landlock(ruleset_fd: int) -> str | None:
-    """Restrict the calling process (and its future children) with a ruleset from `build_landlock`."""
+    """Restrict the calling process (and its future children) with a Landlock ruleset fd."""
     libc = _libc()
     if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
                   ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
@@ -476,25 +478,6 @@ def restrict_landlock(ruleset_fd: int) -> str | None:
     if libc.syscall(_c_long(_SYS_LANDLOCK_RESTRICT_SELF), _c_long(ruleset_fd), _c_long(0)) < 0:
         return f"landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
     return None
-
-
-def build_landlock(*, read_only: list[str], read_write: list[str]) -> tuple[int | None, str | None]:
-    """A Landlock ruleset fd granting only the given filesystem paths, or (None, reason) when unavailable.
-
-    Handles every filesystem right the running Landlock ABI knows, so anything not granted here is
-    denied: `read_only` paths get read_file, read_dir and execute; `read_write` paths get all
-    rights. Missing paths are skipped; a regular file gets only the file-level rights. Already
-    open file descriptors keep working. Apply it with `restrict_landlock`. (The sandbox worker uses
-    `open_landlock_rules` + `restrict_landlock_rules`, which also scope signals and abstract sockets.)
-    """
-    plan, reason = open_landlock_rules(read_only=read_only, read_write=read_write)
-    if plan is None:
-        return None, reason
-    try:
-        return _make_ruleset(plan["abi"], plan["rules"], scoped=False, deny_tcp=False)
-    finally:
-        for fd, _ in plan["rules"]:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
