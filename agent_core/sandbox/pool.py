@@ -14,7 +14,6 @@ import logging
 import math
 import mimetypes
 import os
-import re
 import shutil
 import signal
 import socket
@@ -33,6 +32,8 @@ from agent_core.sandbox import (
 from agent_core.sandbox import confine, network
 from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher, choose_launcher, compile_runtime
 from agent_core.sandbox.guardian import STOPPED as GUARDIAN_STOPPED, remove_ipc_of
+from agent_core.sandbox.messages import ProtocolError, read_message
+from agent_core.sandbox.steplog import LOG_DRAIN_TIMEOUT_S, StepLog, drain_logs
 
 if TYPE_CHECKING:
     from agent_core.config import Settings
@@ -41,14 +42,6 @@ log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 30.0
 CONTROL_TIMEOUT_S = 10.0
-# A step's stdout and stderr are pipes the server drains: after `finish` killed the step's processes, their ends
-# close at once; a writer that escaped the kill is cut off (EPIPE) after this long.
-LOG_DRAIN_TIMEOUT_S = 2.0
-# Draining costs the server CPU (a step printing at full speed: about a core): past a burst, each log is read at
-# this rate at most, and a step writing faster waits in write(). Logs are capped far below either anyway.
-LOG_BURST_BYTES = 16 << 20
-LOG_RATE_BYTES_S = 8 << 20
-MAX_MESSAGE_DEPTH = 100  # levels of nesting in a step's result or a tool call's arguments
 # Files read back from a run, at most: outputs/ for artifacts (the loop posts a few of them and zips the rest), and
 # the whole working directory when it travels with a remote job. Beyond them files are counted, not read.
 COLLECT_MAX_FILES = 1000
@@ -57,112 +50,6 @@ ARCHIVE_MAX_FILES = 10000
 
 class WorkerDied(Exception):
     """The worker stopped answering; the run's sandbox is gone."""
-
-
-class StepLog(asyncio.Protocol):
-    """One of a step's output streams (stdout or stderr), read from a pipe while the step writes it.
-
-    The first half of the cap and the last half are kept, what lies between is only counted: a step printing at
-    full speed for its whole timeout costs the cap and a read buffer, and nothing of its log touches the host's disk
-    (log files would grow to RLIMIT_FSIZE each, on top of the working directory's cap). Past LOG_BURST_BYTES the
-    pipe is read at LOG_RATE_BYTES_S at most (a token bucket), until `unthrottle` once the step's processes are
-    killed: what is left in the pipe then is read at once, so the tail is still the last the step wrote.
-    """
-
-    def __init__(self, cap_bytes: int):
-        self.half = max(cap_bytes, 0) // 2
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-        self.transport: asyncio.ReadTransport | None = None
-        self._loop = asyncio.get_running_loop()
-        self.ended: asyncio.Future[None] = self._loop.create_future()  # done at EOF or close
-        self._credit, self._stamp = float(LOG_BURST_BYTES), self._loop.time()  # the token bucket
-        self._resume: asyncio.TimerHandle | None = None
-        self._throttled = True
-
-    @classmethod
-    async def open(cls, cap_bytes: int) -> tuple["StepLog", int]:
-        """A log being drained, and the write end of its pipe (for the worker; the caller closes it once sent)."""
-        read_fd, write_fd = os.pipe()
-        stream = cls(cap_bytes)
-        pipe = os.fdopen(read_fd, "rb", buffering=0)
-        try:
-            await asyncio.get_running_loop().connect_read_pipe(lambda: stream, pipe)
-        except BaseException:
-            pipe.close()
-            os.close(write_fd)
-            raise
-        return stream, write_fd
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.total += len(data)
-        if self._throttled:
-            now = self._loop.time()
-            self._credit = min(float(LOG_BURST_BYTES), self._credit + (now - self._stamp) * LOG_RATE_BYTES_S)
-            self._stamp = now
-            self._credit -= len(data)
-            if self._credit < 0 and self._resume is None and self.transport is not None:
-                self.transport.pause_reading()
-                self._resume = self._loop.call_later(-self._credit / LOG_RATE_BYTES_S, self._resume_reading)
-        room = self.half - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if not data or not self.half:
-            return
-        if len(data) >= self.half:
-            self.tail[:] = data[-self.half:]
-        else:
-            self.tail += data
-            if len(self.tail) > self.half:
-                del self.tail[:len(self.tail) - self.half]  # cheap: a bytearray drops its front in place
-
-    def _resume_reading(self) -> None:
-        self._resume = None
-        if self.transport is not None:
-            self.transport.resume_reading()  # a no-op once closing
-
-    def unthrottle(self) -> None:
-        """Read what is left at full speed (the writers are gone: it is bounded by the pipe's size)."""
-        self._throttled = False
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
-        if not self.ended.done():
-            self.ended.set_result(None)
-
-    def close(self) -> None:
-        """Stop reading: a process still holding the pipe then gets EPIPE, and nothing more is kept."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def text(self) -> str:
-        """The log as stored: whole within the cap, else head, "[... N bytes omitted ...]", tail."""
-        omitted = self.total - len(self.head) - len(self.tail)
-        if not omitted:
-            return (self.head + self.tail).decode("utf-8", "replace")
-        return (f"{self.head.decode('utf-8', 'replace')}\n[... {omitted} bytes omitted ...]\n"
-                f"{self.tail.decode('utf-8', 'replace')}")
-
-
-async def drain_logs(logs: list[StepLog], timeout: float) -> None:
-    """Wait until every writer of the logs is gone (EOF), at most `timeout` seconds; then stop reading them."""
-    for stream in logs:
-        stream.unthrottle()
-    pending = [stream.ended for stream in logs if not stream.ended.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout)
-    for stream in logs:
-        stream.close()
 
 
 def describe_exit(returncode: int | None, limits: Limits) -> str:
@@ -536,102 +423,6 @@ async def _answer_call(message: dict[str, Any], request: StepRequest) -> dict[st
     except Exception as exc:  # a tool's failure is the step's error, reported to its code
         return {"id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"id": message.get("id"), "ok": True, "value": value}
-
-
-class ProtocolError(Exception):
-    """A message on a step's channel that the server will not pass on; the text says what is wrong with it."""
-
-
-GARBAGE = "the step wrote garbage to its result channel"
-_SUBJECTS = {"result": "the step's result", "call": "a tool call", "error": "the step's error report"}
-_KINDS = {dict: "a dict", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-          type(None): "null"}
-_OP = re.compile(r'"op"\s*:\s*"(\w+)"')
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def read_message(line: bytes) -> dict[str, Any]:
-    """One message from a step's channel, parsed and checked, or ProtocolError.
-
-    The step's code holds the channel's fd and can write anything to it, bypassing child.py's own checks, so
-    everything the rest of the server relies on is checked here: strict UTF-8 and JSON (no NaN or Infinity, which
-    `run --json` and the API would print as invalid JSON), at most MAX_MESSAGE_DEPTH levels of nesting (deeper
-    values end whatever recurses over them, the JSON parser and encoder first), no lone surrogates (they cannot be
-    stored or sent as text), and the shape of each op: a result's `output` is a dict (its keys are strings, as
-    in any JSON object), a tool call's `name` a string, `args` a list and `kwargs` a dict, an error report text.
-    Cheap for ordinary messages: the parse is C, the depth walk visits containers' items once, and the lone
-    surrogate check runs only when the text has a surrogate escape at all.
-    """
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError(GARBAGE) from None
-    constants: list[str] = []  # NaN, Infinity, -Infinity: noted (and read as None), the message then refused
-    try:
-        message = json.loads(text, parse_constant=constants.append)
-    except RecursionError:  # deeper than the parser goes (around 1,000 levels); the op only words the error
-        op = _OP.search(text)
-        raise ProtocolError(f"{_subject(op and op.group(1))} is nested deeper than {MAX_MESSAGE_DEPTH} levels"
-                            ) from None
-    except ValueError:
-        raise ProtocolError(GARBAGE) from None
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-        raise ProtocolError(GARBAGE)
-    subject = _subject(message["op"])
-    if constants:
-        raise ProtocolError(f"{subject} contains NaN or Infinity, which JSON does not allow")
-    if not _nests_within(message, MAX_MESSAGE_DEPTH + 1):  # the message object itself is one level
-        raise ProtocolError(f"{subject} is nested deeper than {MAX_MESSAGE_DEPTH} levels")
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(message):
-        raise ProtocolError(f"{subject} contains a lone surrogate, which is not valid text")
-    _check_shape(message)
-    return message
-
-
-def _subject(op: str | None) -> str:
-    return _SUBJECTS.get(op or "", "a message of the step")
-
-
-def _nests_within(value: Any, limit: int) -> bool:
-    """Whether lists and dicts in `value` nest at most `limit` levels deep; iterative, so depth costs no stack."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return False
-        for item in node.values() if type(node) is dict else node:
-            kind = type(item)
-            if kind is dict or kind is list:
-                stack.append((item, depth + 1))
-    return True
-
-
-def _has_lone_surrogate(message: dict[str, Any]) -> bool:
-    """Whether a string in the message holds half of a UTF-16 pair (a valid pair, e.g. an emoji, is fine)."""
-    try:
-        json.dumps(message, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _check_shape(message: dict[str, Any]) -> None:
-    op = message["op"]
-    if op == "result":
-        _expect(message.get("output"), dict, "the step's output")
-    elif op == "call":
-        _expect(message.get("name"), str, "a tool call's name")
-        _expect(message.get("args", []), list, "a tool call's args")
-        _expect(message.get("kwargs", {}), dict, "a tool call's kwargs")
-    elif op == "error":
-        _expect(message.get("error"), str, "the step's error report")
-        if message.get("traceback") is not None:
-            _expect(message["traceback"], str, "the step's traceback")
-
-
-def _expect(value: Any, kind: type, what: str) -> None:
-    if type(value) is not kind:
-        raise ProtocolError(f"{what} is {_KINDS.get(type(value), 'something else')}, not {_KINDS[kind]}")
 
 
 def _kill_spawned(spawning: "asyncio.Future[subprocess.Popen]") -> None:
