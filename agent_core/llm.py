@@ -57,6 +57,25 @@ def describe_api_error(exc: Exception, base_url: str, timeout: float) -> str:
     return f"The LLM call failed: {type(exc).__name__}"
 
 
+def build_client(settings: Settings, *, timeout: float | None = None, max_retries: int | None = None) -> AsyncOpenAI:
+    """The AsyncOpenAI client of the configured endpoint; `timeout` and `max_retries` override the settings'
+    (`agent_core.llm_probe` checks the endpoint with a short timeout and no retries)."""
+    return AsyncOpenAI(
+        api_key=settings.openai_api_key or "not-needed",  # local servers ignore it, the client requires one
+        base_url=settings.openai_base_url,
+        timeout=settings.llm_timeout if timeout is None else timeout,
+        max_retries=settings.llm_max_retries if max_retries is None else max_retries,
+    )
+
+
+def response_format_for(fmt: str, schema_name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The `response_format` a request in `fmt` (one of FORMATS) carries; None for plain text. A server that
+    answers HTTP 400 (openai.BadRequestError) to one is asked in the next of FORMATS."""
+    if fmt == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": schema_name, "strict": True, "schema": schema}}
+    return {"type": "json_object"} if fmt == "json_object" else None
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -71,12 +90,7 @@ class LLMClient:
         self.model = settings.model
         self.storage = storage
         self.record = record
-        self.client = client or AsyncOpenAI(
-            api_key=settings.openai_api_key or "not-needed",  # local servers ignore it, the client requires one
-            base_url=settings.openai_base_url,
-            timeout=settings.llm_timeout,
-            max_retries=settings.llm_max_retries,
-        )
+        self.client = client or build_client(settings)
         self._format_level = 0  # index into FORMATS of the best format this server accepted
 
     @property
@@ -126,12 +140,11 @@ class LLMClient:
     ) -> str:
         while True:
             fmt = FORMATS[self._format_level]
+            response_format = response_format_for(fmt, schema_name, schema)
             if fmt == "json_schema":
-                response_format = {"type": "json_schema", "json_schema": {"name": schema_name, "strict": True, "schema": schema}}
                 sent = messages
             else:
                 # Without a schema the shape travels in the prompt instead.
-                response_format = {"type": "json_object"} if fmt == "json_object" else None
                 sent = [*messages[:1], {"role": "system", "content": shape_hint}, *messages[1:]]
             try:
                 return await self._call(purpose, sent, fmt, response_format, context)
