@@ -1,9 +1,12 @@
 """Shared fixtures: a scripted OpenAI-compatible server over real HTTP, settings on a temp SQLite file,
-and helpers to write plans and evaluations the way an LLM would."""
+and helpers to write plans and evaluations the way an LLM would; the `requires(...)` system-package marks applied
+(tests/system_packages.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,40 @@ import pytest
 
 from agent_core.app import build_agent
 from agent_core.config import Settings
+from tests import system_packages
 from tests.fakes.openai_server import FakeOpenAI
+
+_hidden_programs: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _hidden_programs
+    config.addinivalue_line("markers", "system_packages(*names): the test needs these Debian packages "
+                                       "(use tests.system_packages.requires)")
+    shadow = system_packages.hide_programs(system_packages.hidden())
+    if shadow is not None:  # before any test module is imported: some decide their backend at import time
+        os.environ["PATH"], _hidden_programs = shadow
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _hidden_programs is not None:
+        shutil.rmtree(_hidden_programs, ignore_errors=True)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    hidden = system_packages.hidden()
+    lines = [f"system packages hidden ({system_packages.HIDE_ENV}): {', '.join(sorted(hidden))}"] if hidden else []
+    if system_packages.strict():
+        lines.append(f"{system_packages.REQUIRE_ENV}: a test needing a missing system package fails")
+    return lines
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (or, under AUTOCODE_TESTS_REQUIRE_SYSTEM_PACKAGES, fail) a test whose system packages are missing,
+    before its fixtures start anything."""
+    for mark in item.iter_markers("system_packages"):
+        system_packages.require(*mark.args)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from tests.escape_helpers import (
     BACKEND_ENV, Canaries, TcpListener, database_is_intact, everything_the_run_exposed, expected_backend,
     host_ipv4_address, processes_with, wait_no_sandbox_processes,
 )
+from tests.system_packages import NETWORK_PACKAGES, require
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = secrets.token_hex(6)
@@ -57,7 +58,12 @@ def code(template: str, **values: Any) -> str:
 
 
 def fallback_cannot(agent, what: str, reason: str) -> None:
+    """Skip an attack the fallback backend cannot stop. With AUTOCODE_SANDBOX_BACKEND=process that is the deliberate
+    skip `-rs` lists; when `auto` fell back, the host lacks a package bubblewrap's sandbox needs, and the skip names
+    it (tests/system_packages.py: a failure under AUTOCODE_TESTS_REQUIRE_SYSTEM_PACKAGES)."""
     if agent.executor.name == "process":
+        if BACKEND_ENV != "process":
+            require("bubblewrap", *(NETWORK_PACKAGES if agent.executor.network else ()))
         pytest.skip(f"fallback backend cannot stop {what}: {reason}")
 
 

@@ -25,10 +25,9 @@ from agent_core.sandbox import Limits, SandboxUnavailable, StepRequest
 from agent_core.sandbox.backends import SANDBOX_RUNTIME, SANDBOX_WORKDIR, mount_layout
 from agent_core.sandbox.pool import SandboxExecutor
 from tests.conftest import plan, subtask, verdict
+from tests.system_packages import requires
 
-needs_bwrap = pytest.mark.skipif(
-    shutil.which("bwrap") is None,
-    reason="needs bubblewrap (Debian package `bubblewrap`; `bash .ci/run` installs it)")
+needs_bwrap = requires("bubblewrap")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's uid drop needs root, as on the CI host")
 
 # A step as generated code writes it: a library of the environment, a scratch file in /tmp, one in its directory.

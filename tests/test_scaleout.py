@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,10 +19,11 @@ from tests.server_helpers import (
     ScriptedLLM, Serve, _die_with_the_tests, db_rows, free_port, serve_env, wait_for,
 )
 from tests.procs import host_processes
+from tests.system_packages import requires
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux"),
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (.ci/run installs it)"),
+    requires("redis-server"),
 ]
 
 # Each worker gets its own sandbox uid range (two workers on one machine must not share uids).

@@ -22,12 +22,13 @@ from agent_core.config import Settings
 from agent_core.viewer import run_url
 from tests.fakes.openai_server import FakeOpenAI
 from tests.server_helpers import Serve, db_rows, serve_env
+from tests.system_packages import requires
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's; the `requires` mark skips without it
 UID_BASE = 88000  # this file's sandbox uid range: 88000 (shared server), 88064 (viewer off)
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux"),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
+    requires("chromium"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api")
 
