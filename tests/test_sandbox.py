@@ -1,8 +1,8 @@
 """The sandbox executor, end to end on the real kernel: a warm pool of per-run workers, one fresh confined
 process per step, on both backends (bubblewrap namespaces, and the plain "process" fallback).
 
-Every test that takes the `sandbox` fixture runs once per backend. These tests need root (the uid drop) and
-a working bubblewrap, as on the CI host.
+Every test that takes the `sandbox` fixture runs once per backend. These tests need root (the uid drop), as on
+the CI host; the bwrap ones need bubblewrap and skip without it (tests/system_packages.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import textwrap
@@ -25,8 +26,9 @@ import pytest
 from agent_core.sandbox import CollectedOutputs, Limits, StepRequest, StepResult, confine
 from agent_core.sandbox.pool import SandboxExecutor, Worker
 from tests.procs import host_processes
+from tests.system_packages import requires
 
-BACKENDS = ["bwrap", "process"]
+BACKENDS = [pytest.param("bwrap", marks=requires("bubblewrap")), "process"]
 FAST = Limits(timeout_s=5)
 DEFAULT_UID_BASE = 61000
 # The fixture's own uid range, away from the default one, so that a concurrent test run elsewhere on this host
@@ -90,10 +92,16 @@ def uid_processes(uid: int) -> list[int]:
     return [p.pid for p in host_processes() if p.alive and uid in (p.uid, p.euid)]
 
 
-def host_sleep_300() -> list[int]:
-    """Live `sleep 300` processes anywhere on the host."""
+def host_sleeps(duration: str) -> list[int]:
+    """Live `sleep DURATION` processes anywhere on the host: give the test's sleeps a duration no one else uses
+    (`unique_sleep()`), so another program's `sleep 300` is never counted."""
     return [int(e) for e in os.listdir("/proc")
-            if e.isdigit() and _cmdline(e) == ["sleep", "300"] and _alive(_status(e))]
+            if e.isdigit() and _cmdline(e) == ["sleep", duration] and _alive(_status(e))]
+
+
+def unique_sleep(seconds: int) -> str:
+    """A `sleep` duration of about `seconds` that marks the processes as this test's: e.g. "300.004217"."""
+    return f"{seconds}.{os.getpid() % 1000:03d}{secrets.randbelow(1000):03d}"
 
 
 async def eventually(condition: Callable[[], bool], within_s: float, every_s: float = 0.02) -> bool:
@@ -297,28 +305,29 @@ async def test_background_process_killed_after_timeout(sandbox):
 
 async def test_timeout_kills_the_whole_process_tree(sandbox):
     seen: list[list[int]] = []
+    duration = unique_sleep(300)  # only this test's sleeps are counted, not any other `sleep 300` on the host
 
     async def on_call(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        seen.append([pid for pid in uid_processes(sandbox.uid) if _cmdline(pid) == ["sleep", "300"]])
+        seen.append([pid for pid in uid_processes(sandbox.uid) if _cmdline(pid) == ["sleep", duration]])
         return None
 
     code = """
     import os, subprocess, time
 
     def step():
-        subprocess.Popen(["sleep", "300"])
-        subprocess.Popen(["sleep", "300"], start_new_session=True)
+        subprocess.Popen(["sleep", DURATION])
+        subprocess.Popen(["sleep", DURATION], start_new_session=True)
         middle = os.fork()
         if middle == 0:  # a daemon: own session, orphaned right away
             os.setsid()
-            subprocess.Popen(["sleep", "300"])
+            subprocess.Popen(["sleep", DURATION])
             os._exit(0)
         os.waitpid(middle, 0)
         spawned()
         time.sleep(30)
         return {}
-    """
-    assert host_sleep_300() == []
+    """.replace("DURATION", repr(duration))
+    assert host_sleeps(duration) == []
     started = time.monotonic()
     result = await run(sandbox, code, limits=Limits(timeout_s=1), tool_names=["spawned"], on_call=on_call)
     elapsed = time.monotonic() - started
@@ -326,7 +335,7 @@ async def test_timeout_kills_the_whole_process_tree(sandbox):
     assert elapsed < 1 + 2
     assert len(seen) == 1 and len(seen[0]) == 3, f"the step's sleeps were not all running: {seen}"
     assert uid_processes(sandbox.uid) == []
-    assert host_sleep_300() == []
+    assert host_sleeps(duration) == []
 
 
 async def test_environment_is_scrubbed(sandbox, monkeypatch):
