@@ -404,15 +404,16 @@ def test_landlock_confines_reads_and_writes(tree: dict[str, Path]) -> None:
 
 @needs_landlock
 def test_landlock_keeps_stdlib_imports_working(tree: dict[str, Path]) -> None:
-    # No uid drop here: sys.prefix is under /root (mode 0700), which uid 61999 cannot traverse
+    # No uid drop here: the interpreter may live under /root (mode 0700), which uid 61999 cannot traverse
     # whatever Landlock allows; as root, only Landlock decides, which is what this test checks.
+    # The standard library lives under sys.base_prefix; in a virtualenv sys.prefix is only the venv.
     secret = tree["outside"] / "secret.txt"
 
     def body() -> dict[str, object]:
         for name in ("decimal", "_decimal", "_pydecimal", "fractions"):
             sys.modules.pop(name, None)
         reason = confine.apply_landlock(
-            read_only=[sys.prefix, "/usr", "/lib", "/lib64", "/etc"], read_write=[]
+            read_only=[sys.base_prefix, sys.prefix, "/usr", "/lib", "/lib64", "/etc"], read_write=[]
         )
         import decimal  # noqa: PLC0415 - the point: a fresh import after Landlock
         import fractions  # noqa: PLC0415
