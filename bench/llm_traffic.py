@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import textwrap
@@ -67,15 +68,21 @@ DONE = {"satisfactory": True, "thoughts": "The distances are correct.",
 
 
 async def measure() -> dict:
-    with FakeOpenAI() as server, tempfile.TemporaryDirectory() as tmp:
+    # The database in a private (0700) directory; the run directories under a root of their own that the sandbox
+    # uids can traverse (0711, like the default /tmp/autocode-sandbox): mkdtemp's 0700 would shut the process
+    # backend's steps out of their working directories.
+    with (FakeOpenAI() as server, tempfile.TemporaryDirectory(prefix="autocode-bench-") as tmp,
+          tempfile.TemporaryDirectory(prefix="autocode-bench-runs-") as runs):
+        os.chmod(runs, 0o711)
         for reply in (PLAN, REPAIR, DONE):
             server.reply_json(reply)
         settings = Settings(openai_api_key="bench", openai_base_url=server.base_url, model="fake-model",
-                            db_path=Path(tmp, "bench.db"), workdir_root=Path(tmp))
+                            db_path=Path(tmp, "bench.db"), workdir_root=Path(runs))
         agent = build_agent(settings)
         try:
             result = await agent.run(TASK, "bench")
         finally:
+            await agent.executor.stop()
             await agent.llm.close()
             agent.storage.close()
         assert result.status == "succeeded", result.error
