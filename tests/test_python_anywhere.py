@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import site
 import stat
 import subprocess
 import sys
@@ -63,11 +64,21 @@ def make_venv(parent: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
                    check=True, capture_output=True, timeout=120)
     python = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:
+        # The tests run in a virtualenv themselves: --system-site-packages shows the new one only the base
+        # interpreter's packages. A .pth adds this environment's site-packages as plain lines (so the sandbox binds
+        # them, as for any .pth directory) and through addsitedir (so their own .pth files, the editable install's
+        # import hook among them, work too).
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        outer = [d for d in site.getsitepackages() if os.path.isdir(d)]
+        Path(purelib, "autocode-tests-outer-env.pth").write_text(
+            "".join(f"{d}\n" for d in outer) + "".join(f"import site; site.addsitedir({d!r})\n" for d in outer))
     probe = subprocess.run([str(python), "-c", "import agent_core, numpy"], capture_output=True, text=True)
     if probe.returncode != 0:
         shutil.rmtree(venv, ignore_errors=True)
-        pytest.skip(f"a --system-site-packages venv of {sys.executable} cannot import autocode and numpy "
-                    f"(is the test interpreter itself a venv?): {probe.stderr.strip()[-300:]}")
+        pytest.fail(f"a --system-site-packages venv of {sys.executable} cannot import autocode and numpy: "
+                    f"{probe.stderr.strip()[-300:]}")
     return venv
 
 
@@ -118,6 +129,7 @@ def test_a_run_works_with_the_python_environment_under_a_mount_point(venv_under,
     assert not (venv_under / "planted-0").exists()
 
     # `auto` takes bubblewrap here too, rather than falling back.
+    llm_server.reply_json({"ok": True})  # the doctor's LLM check asks for one tiny JSON reply
     doctor = run_cli(venv_under / "bin" / "python", tmp_path, llm_server, "auto", "doctor", "--json")
     assert doctor.returncode == 0, doctor.stderr[-3000:]
     report = json.loads(doctor.stdout)["sandbox"]
