@@ -300,16 +300,20 @@ def _save_artifacts(storage: Any, run_id: str, directory: Path) -> None:
 
 
 async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    """Configuration and sandbox report; starts one sandbox and runs a trivial step to prove it works."""
+    """Configuration, LLM and sandbox report: asks the LLM endpoint (reachability, the model, the structured-output
+    mode; agent_core.llm_probe), then starts one sandbox and runs a trivial step to prove it works. Exit 1 when
+    either would not work."""
+    from agent_core.llm_probe import probe_llm
     from agent_core.sandbox.pool import SandboxExecutor
     from agent_core.sandbox import Limits, StepRequest
     from tools.registry import build_toolset
 
+    llm_check = await probe_llm(settings)
     report: dict[str, Any] = {
         "python": sys.version.split()[0],
         "database": str(settings.db_path.resolve()),
-        "llm": {"configured": settings.llm_configured, "base_url": settings.openai_base_url or "OpenAI",
-                "model": settings.model, "api_key": "set" if settings.openai_api_key else "not set"},
+        "llm": {"configured": settings.llm_configured, "api_key": "set" if settings.openai_api_key else "not set",
+                **llm_check.to_json()},
     }
     toolset = build_toolset(settings.tools_file)
     report["tools"] = {"libraries": toolset.libraries, "trusted functions": toolset.trusted_names}
@@ -330,21 +334,37 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await executor.stop()
     report["sandbox"] = executor.describe()
+    verdict = EXIT_OK if ok and llm_check.ok else EXIT_UNSATISFACTORY
     if args.json:
-        print(json.dumps(report, indent=2))
-        return EXIT_OK if ok else EXIT_UNSATISFACTORY
+        print(json_for_terminal(report, indent=2))
+        return verdict
     sandbox_info = report["sandbox"]
     print(f"Python {report['python']}; database {report['database']}")
-    llm = report["llm"]
-    print(f"LLM: {'configured' if llm['configured'] else 'NOT configured'} — {llm['base_url']}, model {llm['model']}, "
-          f"API key {llm['api_key']}")
+    _print_llm_check(llm_check, report["llm"]["api_key"])
     print(f"Tools: libraries {', '.join(toolset.libraries) or '-'}; trusted functions {', '.join(toolset.trusted_names)}")
     print(f"Sandbox backend: {sandbox_info['backend']}"
           + (f" (fallback: {sandbox_info['fallback_reason']})" if sandbox_info["fallback_reason"] else ""))
     for protection in sandbox_info["protections"]:
         print(f"  {'!' if protection.startswith('NO ') else '+'} {protection}")  # "!": missing on this host
     print(f"Sandbox check: {'ok' if ok else 'FAILED'} — {report['sandbox_check']}")
-    return EXIT_OK if ok else EXIT_UNSATISFACTORY
+    return verdict
+
+
+def _print_llm_check(check: Any, api_key: str) -> None:
+    """The doctor's LLM lines (an agent_core.llm_probe.ProbeResult). Server messages are untrusted text."""
+    print(f"LLM: {_field(check.base_url)}, model {_field(check.model)}, API key {api_key}")
+    if check.latency_ms is not None:
+        print(f"  + reachable: the server answered in {check.latency_ms} ms")
+    if check.model_listed:
+        print(f"  + model {_field(check.model)} is listed by the server")
+    elif check.model_listed is False and check.ok:
+        print(f"  ! model {_field(check.model)} is not listed by the server")
+    if check.structured_output:
+        print(f"  {'+' if check.structured_output != 'text' else '!'} structured output: {check.structured_output} "
+              f"(a test request took {check.request_ms} ms)")
+    for note in check.notes:
+        print(f"  ! {_field(note)}")
+    print("LLM check: ok" if check.ok else f"LLM check: FAILED — {_field(check.problem)}")
 
 
 def _indent(text: str | None, spaces: int = 4) -> str:

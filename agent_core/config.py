@@ -76,6 +76,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     llm_timeout: float = 120.0
     llm_max_retries: int = 3
+    llm_startup_check: bool = True  # serve checks the LLM endpoint in the background at start and logs it
     db_path: Path = Path("autocode.db")
     tools_file: Path | None = None
     max_iterations: int = 3
@@ -144,6 +145,7 @@ class Settings:
             model=env.get("AUTOCODE_MODEL", "").strip() or DEFAULT_MODEL,
             llm_timeout=_float(env, "AUTOCODE_LLM_TIMEOUT", 120.0),
             llm_max_retries=_int(env, "AUTOCODE_LLM_MAX_RETRIES", 3, minimum=0),
+            llm_startup_check=_choice(env, "AUTOCODE_LLM_STARTUP_CHECK", ("on", "off"), "on") == "on",
             db_path=Path(env.get("AUTOCODE_DB", "").strip() or "autocode.db"),
             tools_file=Path(tools) if tools else None,
             max_iterations=_int(env, "AUTOCODE_MAX_ITERATIONS", 3),

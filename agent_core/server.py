@@ -21,6 +21,7 @@ from starlette.routing import Route
 from agent_core import viewer
 from agent_core.app import build_agent
 from agent_core.config import Settings
+from agent_core.llm_probe import probe_llm
 from agent_core.scheduler import RunScheduler
 from bots import Runtime, build_adapters
 
@@ -71,6 +72,7 @@ class Server:
         self.adapters = build_adapters(self.runtime)
         for adapter in self.adapters:
             self.scheduler.on_interrupted(adapter.name, adapter.notify_interrupted)
+        self._llm_check: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -84,8 +86,12 @@ class Server:
             await self.scheduler.announce_interrupted()
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
                      ", ".join(a.name for a in self.adapters) or "none")
+            if self.settings.llm_startup_check:  # in the background: readiness never waits for the LLM
+                self._llm_check = asyncio.create_task(self.log_llm_check(), name="llm-startup-check")
             yield
         finally:
+            if self._llm_check is not None:
+                self._llm_check.cancel()
             await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:
@@ -95,6 +101,19 @@ class Server:
             await self.agent.executor.stop()
             await self.agent.llm.close()
             self.agent.storage.close()
+
+    async def log_llm_check(self) -> None:
+        """Log what the LLM endpoint answers (agent_core.llm_probe: reachability, latency, the model, the
+        structured-output mode): one line, a second for notes. A problem is a warning; serve keeps running."""
+        try:
+            result = await probe_llm(self.settings)
+        except Exception:  # the check reports; it must never take serve down
+            log.exception("LLM check: the check itself failed")
+            return
+        level = logging.INFO if result.ok else logging.WARNING
+        log.log(level, "LLM check %s: %s", "ok" if result.ok else "FAILED", result.summary())
+        if result.notes:
+            log.log(level, "LLM check notes: %s", "; ".join(result.notes))
 
     def app(self) -> "RequestGauge":
         routes = [
@@ -191,6 +210,9 @@ class Server:
 def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
+    for name in ("agent_core", "bots"):  # serve's start-up report (ready, adapters, LLM check) is INFO
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
     server = Server(settings)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
                 lifespan="on")

@@ -7,6 +7,7 @@ submits tasks to the scheduler (with its own routing in `reply_to`), renders the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -16,6 +17,8 @@ from agent_core.config import Settings
 from agent_core.events import EventBus
 from agent_core.scheduler import RunScheduler
 from storage.db import Storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Adapter(Protocol):
 
 
 def build_adapters(runtime: Runtime) -> list[Adapter]:
-    """The adapters the configuration enables."""
+    """The adapters the configuration enables, logged (a warning when none: serve then only answers its own API)."""
     adapters: list[Adapter] = []
     if runtime.settings.slack_enabled:
         from bots.slack import SlackAdapter
@@ -68,4 +71,8 @@ def build_adapters(runtime: Runtime) -> list[Adapter]:
         from bots.telegram import TelegramAdapter
 
         adapters.append(TelegramAdapter(runtime))
+    if adapters:
+        log.info("chat adapters on: %s", ", ".join(adapter.name for adapter in adapters))
+    else:
+        log.warning("no SLACK_BOT_TOKEN or TELEGRAM_BOT_TOKEN: serve only answers the internal API")
     return adapters

@@ -259,6 +259,8 @@ def serve_env(llm: ScriptedLLM, db: Path, **overrides: str) -> dict[str, str]:
         AUTOCODE_SANDBOX_UID_BASE=str(next_uid_base()), AUTOCODE_SANDBOX_MAX_WORKERS=str(SLICE),
         AUTOCODE_SANDBOX_WARM="1", AUTOCODE_SANDBOX_SLOTS="4", AUTOCODE_SHUTDOWN_GRACE="5",
         AUTOCODE_STEP_TIMEOUT="90",
+        # serve's start-up LLM check would take a reply tests script for their runs; tests of it turn it on
+        AUTOCODE_LLM_STARTUP_CHECK="off",
     )
     env.update(overrides)
     return env

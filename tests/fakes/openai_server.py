@@ -127,6 +127,10 @@ class FakeOpenAI(FakeService):
         self._requests: list[RecordedRequest] = []
         self._responder: Responder | None = None
         self._rejected_formats: set[str] = set()
+        self._api_key: str | None = None  # require_api_key
+        self._models: tuple[str, ...] | None = None  # serve_models (None: the default list, MODEL_ID)
+        self._reject_unlisted = False
+        self._no_models = False  # without_models_endpoint
         self._stopping = threading.Event()
         self._counter = 0
 
@@ -185,6 +189,26 @@ class FakeOpenAI(FakeService):
             self._rejected_formats.update(types)
         return self
 
+    def require_api_key(self, key: str) -> FakeOpenAI:
+        """Answer 401 to every request whose bearer token is not ``key``, quoting the key sent (as OpenAI does,
+        in part), so tests can check that nobody prints it."""
+        with self._lock:
+            self._api_key = key
+        return self
+
+    def serve_models(self, *ids: str, reject_others: bool = True) -> FakeOpenAI:
+        """List ``ids`` at GET /v1/models; with ``reject_others`` a chat request for another model gets 404
+        "model does not exist" (as OpenAI, Ollama and vLLM answer)."""
+        with self._lock:
+            self._models, self._reject_unlisted = tuple(ids), reject_others
+        return self
+
+    def without_models_endpoint(self) -> FakeOpenAI:
+        """Answer 404 to GET /v1/models, as servers without the endpoint do."""
+        with self._lock:
+            self._no_models = True
+        return self
+
     # -- inspection ------------------------------------------------------
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -211,8 +235,28 @@ class FakeOpenAI(FakeService):
         with self._lock:
             self._requests.append(rec)
 
+    def _refusal(self, method: str, rec: RecordedRequest) -> tuple[int, dict[str, Any], dict[str, str], float] | None:
+        """The answer of require_api_key / serve_models / without_models_endpoint, when one applies."""
+        with self._lock:
+            key, models, reject_unlisted, no_models = self._api_key, self._models, self._reject_unlisted, self._no_models
+        sent = rec.headers.get("authorization", "").removeprefix("Bearer ")
+        if key is not None and sent != key:
+            return 401, _error_body(401, f"Incorrect API key provided: {sent}."), {}, 0.0
+        if method == "GET" and rec.path == "/v1/models" and no_models:
+            return 404, _error_body(404, f"unknown endpoint {method} {rec.path}"), {}, 0.0
+        if method == "GET" and rec.path == "/v1/models" and models is not None:
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in models]
+            return 200, {"object": "list", "data": data}, {}, 0.0
+        model = (rec.body or {}).get("model")
+        if reject_unlisted and rec.path == "/v1/chat/completions" and model not in (models or ()):
+            return 404, _error_body(404, f"The model `{model}` does not exist."), {}, 0.0
+        return None
+
     def _answer(self, method: str, rec: RecordedRequest) -> tuple[int, dict[str, Any], dict[str, str], float]:
         """Decide (status, json payload, extra headers, delay) for a request."""
+        refusal = self._refusal(method, rec)
+        if refusal is not None:
+            return refusal
         if method == "GET" and rec.path == "/v1/models":
             model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "fake"}
             return 200, {"object": "list", "data": [model]}, {}, 0.0
