@@ -9,7 +9,8 @@ from typing import Any, Iterator, TypeVar
 import json_repair
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a tool_name; also in the schemas below
+IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 
 
 class ReplyError(ValueError):
@@ -30,7 +31,7 @@ class Subtask(BaseModel):
     @classmethod
     def _identifier(cls, value: str) -> str:
         value = value.strip()
-        if not IDENTIFIER.match(value):
+        if not IDENTIFIER.fullmatch(value):
             raise ValueError(f"tool_name {value!r} is not a Python identifier")
         return value
 
@@ -100,44 +101,57 @@ class Evaluation(BaseModel):
             raise ReplyError(describe_validation_error(exc)) from None
 
 
-# Strict JSON schemas sent as response_format; kept compact since they travel with every call.
-_SUBTASK_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "tool_name": {"type": "string"},
-        "input_from_tool": {"type": "string"},
-        "description": {"type": "string"},
-        "imports": {"type": "array", "items": {"type": "string"}},
-        "thought": {"type": "string"},
-        "code": {"type": "string"},
-    },
-    "required": ["tool_name", "input_from_tool", "description", "imports", "thought", "code"],
-    "additionalProperties": False,
-}
+# The JSON schemas sent as response_format (strict mode). They carry every rule of the models above that a schema
+# can say, so a server that constrains decoding by the schema (llama.cpp, vLLM, OpenAI) cannot produce a reply the
+# parser rejects for them: `subtasks` not empty, `tool_name` a Python identifier, `input_from_tool` empty or one.
+# What a schema cannot say stays with the models and Evaluation.check_against (unique names, retry_from naming a
+# subtask of the plan, a final_answer when satisfactory) and with agent_core/checks.py (the code itself).
+#
+# Only keywords OpenAI's strict mode documents are used (type, properties, required, additionalProperties, items,
+# minItems, pattern; tests/test_schemas.py checks them), and patterns only in the regex subset llama.cpp's
+# json-schema-to-grammar translates: anchored by ^ and $, character classes, groups, ? * + (no \w, no lookaround).
+# Kept compact since they travel with every call.
+EMPTY_OR_IDENTIFIER_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
 
-PLAN_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "main_task": {"type": "string"},
-        "main_task_thought": {"type": "string"},
-        "subtasks": {"type": "array", "items": _SUBTASK_SCHEMA},
-    },
-    "required": ["main_task", "main_task_thought", "subtasks"],
-    "additionalProperties": False,
-}
 
-EVALUATION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "satisfactory": {"type": "boolean"},
-        "thoughts": {"type": "string"},
-        "final_answer": {"type": "string"},
-        "retry_from": {"type": "string"},
-        "new_subtasks": {"type": "array", "items": _SUBTASK_SCHEMA},
-    },
-    "required": ["satisfactory", "thoughts", "final_answer", "retry_from", "new_subtasks"],
-    "additionalProperties": False,
-}
+def strict_object(properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An object schema as strict mode wants it: every property required, no other property allowed.
+
+    Adding a field to a reply (e.g. a direct answer) is one more entry in `properties`."""
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+SUBTASK_SCHEMA: dict[str, Any] = strict_object({
+    "tool_name": {"type": "string", "pattern": IDENTIFIER_PATTERN},
+    "input_from_tool": {"type": "string", "pattern": EMPTY_OR_IDENTIFIER_PATTERN},
+    "description": {"type": "string"},
+    "imports": {"type": "array", "items": {"type": "string"}},
+    "thought": {"type": "string"},
+    "code": {"type": "string"},
+})
+
+
+def subtask_list(min_items: int = 0) -> dict[str, Any]:
+    """An array of subtasks, at least `min_items` long."""
+    schema: dict[str, Any] = {"type": "array", "items": SUBTASK_SCHEMA}
+    if min_items:
+        schema["minItems"] = min_items
+    return schema
+
+
+PLAN_SCHEMA: dict[str, Any] = strict_object({
+    "main_task": {"type": "string"},
+    "main_task_thought": {"type": "string"},
+    "subtasks": subtask_list(min_items=1),
+})
+
+EVALUATION_SCHEMA: dict[str, Any] = strict_object({
+    "satisfactory": {"type": "boolean"},
+    "thoughts": {"type": "string"},
+    "final_answer": {"type": "string"},
+    "retry_from": {"type": "string", "pattern": EMPTY_OR_IDENTIFIER_PATTERN},
+    "new_subtasks": subtask_list(),  # empty: the evaluator gives up
+})
 
 _DECODER = json.JSONDecoder(strict=False)  # strict=False: raw newlines inside strings are common
 
@@ -148,9 +162,10 @@ def _first_object(candidate: Any) -> dict[str, Any] | None:
     return candidate if isinstance(candidate, dict) and candidate else None
 
 
-def json_candidates(text: str) -> Iterator[dict[str, Any]]:
+def json_candidates(text: str, *, repair: bool = True) -> Iterator[dict[str, Any]]:
     """JSON objects an LLM reply may mean, most plausible first: the object at the first brace as written,
-    then repaired (Python literals, trailing commas, unquoted keys), then any later complete object."""
+    then repaired (Python literals, trailing commas, unquoted keys; unless `repair` is false), then any later
+    complete object."""
     start = text.find("{")
     if start == -1:
         return
@@ -162,7 +177,7 @@ def json_candidates(text: str) -> Iterator[dict[str, Any]]:
     except ValueError:
         pass
     try:
-        repaired = _first_object(json_repair.loads(text[start:]))
+        repaired = _first_object(json_repair.loads(text[start:])) if repair else None
     except Exception:  # the repair library raises on some hopeless inputs
         repaired = None
     if repaired is not None:
@@ -203,20 +218,79 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Reasoning models write their reasoning before the answer: inline in a <think> block (Qwen3, DeepSeek-R1, QwQ
+# through llama.cpp or Ollama without a reasoning parser), a block whose opening tag the chat template already put in
+# the prompt (only the closing tag arrives), one never closed (the model ran out of tokens, or wrote the answer inside),
+# or gpt-oss's harmony channels. Reasoning sent in a separate field reaches parse_reply only when the content was empty
+# (agent_core/llm.py), as text without tags.
+_THINK_OPEN = re.compile(r"\A\s*<(think|thinking|reasoning)>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</(think|thinking|reasoning)>", re.IGNORECASE)
+_HARMONY_FINAL = "<|channel|>final<|message|>"
+_HARMONY_END = re.compile(r"(<\|(return|end|call)\|>\s*)+\Z")
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a reply; reasoning is "" when the reply has none."""
+    text = text or ""
+    final = text.rfind(_HARMONY_FINAL)
+    if final != -1:
+        return text[:final], _HARMONY_END.sub("", text[final + len(_HARMONY_FINAL):])
+    if text.lstrip().startswith(("<|channel|>", "<|start|>")):
+        return text, ""  # harmony channels, none of them final
+    opened = _THINK_OPEN.match(text)
+    if opened:
+        close = re.compile(rf"</{opened.group(1)}>", re.IGNORECASE).search(text, opened.end())
+        if close is None:
+            return text[opened.end():], ""  # never closed: everything is reasoning
+        return text[opened.end():close.start()], text[close.end():]
+    closed = _THINK_CLOSE.search(text)
+    if closed and not text.lstrip().startswith(("{", "[", "`")) \
+            and not re.search(rf"<{closed.group(1)}>", text[:closed.start()], re.IGNORECASE):
+        return text[:closed.start()], text[closed.end():]  # the opening tag was in the prompt
+    return "", text
+
+
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def parse_reply(text: str, model: type[Model]) -> Model:
-    """Parse and validate one reply, raising ReplyError with a message fit to quote back to the LLM.
-
-    Every plausible object in the reply is tried; the error quoted is the most plausible one's."""
-    text = (text or "").strip()
+def _validated(text: str, model: type[Model], *, reasoning: bool = False) -> Model:
+    """The first plausible object in `text` that validates as `model`; ReplyError with the most plausible one's
+    error otherwise. In `reasoning` only complete objects count (a repaired fragment of a draft is no answer) and
+    the last comes first: the final version of a drafted object is written last."""
     extract_json_object(text)  # raises the clear errors: empty reply, a list, no object at all
+    candidates = list(json_candidates(text, repair=not reasoning))
+    if not candidates:
+        raise ReplyError("the reasoning holds no complete JSON object")
     first_error: ValidationError | None = None
-    for candidate in json_candidates(text):
+    for candidate in reversed(candidates) if reasoning else candidates:
         try:
             return model.model_validate(candidate)
         except ValidationError as exc:
             first_error = first_error or exc
     assert first_error is not None
     raise ReplyError(f"the JSON does not match the expected object: {describe_validation_error(first_error)}") from None
+
+
+def parse_reply(text: str, model: type[Model]) -> Model:
+    """Parse and validate one reply, raising ReplyError with a message fit to quote back to the LLM.
+
+    Reasoning before the answer is set aside. Only when the answer holds no JSON object at all (a reasoning-only
+    reply, a <think> block never closed, prose) is the object looked for in the reasoning, its last complete one
+    first, then in the whole reply (a closing tag that was part of the answer). The error quoted is the answer's,
+    or the reasoning's when the reply has no answer."""
+    text = (text or "").strip()
+    reasoning, answer = (part.strip() for part in split_reasoning(text))
+    try:
+        return _validated(answer, model)
+    except ReplyError as exc:
+        if not reasoning or next(json_candidates(answer), None) is not None:
+            raise
+        error = exc
+    for part in (reasoning, text):
+        try:
+            return _validated(part, model, reasoning=True)
+        except ReplyError as exc:
+            if part is reasoning and not answer:
+                error = ReplyError(f"the reply holds only reasoning and no usable JSON object ({exc}); "
+                                   "answer with one JSON object after the reasoning")
+    raise error

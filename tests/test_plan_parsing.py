@@ -16,6 +16,7 @@ from agent_core.plan import (
     Subtask,
     extract_json_object,
     parse_reply,
+    split_reasoning,
 )
 
 FIRST_CODE = "def get_numbers():\n    return {'numbers': [1, 2, 3]}\n"
@@ -317,3 +318,88 @@ def test_schema_properties_match_models(schema, model):
     assert set(schema["properties"]) == set(model.model_fields)
     items = schema["properties"]["subtasks" if model is Plan else "new_subtasks"]["items"]
     assert set(items["properties"]) == set(Subtask.model_fields)
+
+
+# ---------------------------------------------------------------- replies of reasoning models
+
+DRAFT = plan_dict(subtask("draft_step"))  # a valid plan the model drafts while reasoning, then improves on
+DRAFT_JSON, FINAL_JSON = json.dumps(DRAFT), json.dumps(TWO_STEP)
+
+
+def _names(plan: Plan) -> list[str]:
+    return [s.tool_name for s in plan.subtasks]
+
+
+def test_think_preamble_before_the_plan():
+    text = "<think>\nThe user wants a sum {of numbers}. Two steps.\n</think>\n\n" + FINAL_JSON
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_json_drafted_while_thinking_is_not_the_answer():
+    text = f"<think>First idea: {DRAFT_JSON}\nNo, better split it in two.</think>\n{FINAL_JSON}"
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_only_the_closing_tag_when_the_template_opened_the_block():
+    # DeepSeek-R1 and QwQ chat templates put <think> into the prompt, so the reply starts inside the block.
+    text = f"Okay, a plan. Maybe {DRAFT_JSON}? Two steps are clearer.\n</think>\n\n{FINAL_JSON}"
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_unterminated_think_uses_the_last_object_in_it():
+    text = f"<think>Let me draft: {DRAFT_JSON}\nBetter, in two steps: {FINAL_JSON}"
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_unterminated_think_without_json_says_so():
+    with pytest.raises(ReplyError) as info:
+        parse_reply("<think>The user wants numbers. I should first", Plan)
+    assert "only reasoning" in str(info.value)
+    assert "no JSON object" in str(info.value)
+
+
+def test_think_with_an_evaluation():
+    text = '<think>{"satisfactory": false} was my first thought, but the total is right.</think>' \
+           '{"satisfactory": true, "thoughts": "ok", "final_answer": "6", "retry_from": "", "new_subtasks": []}'
+    evaluation = parse_reply(text, Evaluation)
+    assert evaluation.satisfactory is True and evaluation.final_answer == "6"
+
+
+def test_harmony_channels_take_the_final_one():
+    text = (f"<|channel|>analysis<|message|>Draft {DRAFT_JSON}, then two steps.<|end|>"
+            f"<|start|>assistant<|channel|>final<|message|>{FINAL_JSON}<|return|>")
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_the_answers_error_is_quoted_not_the_reasonings():
+    text = f"<think>{DRAFT_JSON}</think>" + json.dumps(plan_dict(subtask("bad name")))
+    with pytest.raises(ReplyError, match="'bad name' is not a Python identifier"):
+        parse_reply(text, Plan)
+
+
+def test_reasoning_with_an_unusable_answer_falls_back_to_the_reasoning():
+    text = f"<think>The plan: {FINAL_JSON}</think>\nI have written the plan above."
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_think_tags_inside_the_json_are_code_not_reasoning():
+    code = "def strip_tags():\n    return {'text': '<think>x</think>'.replace('</think>', '')}\n"
+    reply = json.dumps(plan_dict(subtask("strip_tags", code)))
+    assert parse_reply(reply, Plan).subtasks[0].code == code
+    assert parse_reply(f"Here it is: {reply}", Plan).subtasks[0].code == code
+
+
+def test_reasoning_field_text_without_tags():
+    # What llm.py hands over when `content` was empty and the reply sat in reasoning_content / reasoning.
+    text = f"We need the numbers, then the sum.\n\n{FINAL_JSON}"
+    assert _names(parse_reply(text, Plan)) == ["get_numbers", "add_up"]
+
+
+def test_split_reasoning_shapes():
+    assert split_reasoning("<think>a</think>b") == ("a", "b")
+    assert split_reasoning("<THINKING>a</THINKING>b") == ("a", "b")
+    assert split_reasoning("<think>a") == ("a", "")
+    assert split_reasoning("a</think>b") == ("a", "b")
+    assert split_reasoning('{"k": "</think>"}') == ("", '{"k": "</think>"}')
+    assert split_reasoning("<|channel|>analysis<|message|>a<|end|>") == ("<|channel|>analysis<|message|>a<|end|>", "")
+    assert split_reasoning("plain") == ("", "plain")
