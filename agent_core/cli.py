@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tools", type=Path, help="Python file defining TOOLS = [...] (default $AUTOCODE_TOOLS)")
     run.add_argument("--max-iterations", type=int, help="plan/repair iterations (default 3)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    run.add_argument("--file", type=Path, action="append", default=[], metavar="PATH",
+                     help="a file for the task (repeatable): the steps read it as inputs/NAME")
 
     chat = sub.add_parser("chat", help="a console conversation with live progress")
     chat.add_argument("--conversation", default="console")
@@ -124,14 +126,26 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
     from agent_core.app import build_agent
     from bots.console import ConsoleRenderer, chat
 
+    from agent_core.workspace import InputRefused, Workspace, run_with_files
+
     settings.require_llm()
     agent = build_agent(settings)
     try:
         if args.command == "chat":
             return await chat(agent, args.conversation)
+        files = getattr(args, "file", None) or []
+        if files:  # over a limit: the user is told, and nothing runs
+            try:
+                Workspace(agent.storage, settings).admit(args.conversation, files)
+            except InputRefused as exc:
+                print(f"autocode: {_field(exc)}", file=sys.stderr)
+                return EXIT_CONFIG
         if not args.json:
             agent.events.subscribe(ConsoleRenderer(sys.stderr))
-        result = await agent.run(args.task, args.conversation)
+        if files:
+            result = await run_with_files(agent, args.task, args.conversation, files)
+        else:
+            result = await agent.run(args.task, args.conversation)
     finally:
         await agent.executor.stop()
         await agent.llm.close()
@@ -201,11 +215,26 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
         for message in storage.recent_messages(args.conversation, max_chars=10**9)[-args.limit:]:
             who = "you" if message["role"] == "user" else "autocode"
             print(f"{message['created_at'][:19]}  {who:>8}  [{message['run_id']}]  {_block(message['text'])}")
+        _print_workspace(storage, settings, args.conversation)
     else:
         for run in storage.list_runs(limit=args.limit):
             print(f"{run['id']}  {run['created_at'][:19]}  {run['status']:<9}  {_field(run['conversation']):<16}  "
                   f"{_one_line(run['task'], 70)}")
     return EXIT_OK
+
+
+def _print_workspace(storage: Any, settings: Settings, conversation: str) -> None:
+    """The conversation's files (its workspace): name, size, where each came from."""
+    from agent_core.workspace import Workspace
+
+    workspace = Workspace(storage, settings)
+    files = workspace.listing(conversation)
+    if not files:
+        return
+    print(f"Files ({workspace.usage(conversation)} bytes of {settings.workspace_mb} MB; the next run finds them "
+          "under inputs/):")
+    for row in files:
+        print(f"  inputs/{_field(row['name'])}  {row['size']} bytes  {_field(row['origin'])}  {row['created_at'][:19]}")
 
 
 def _one_line(text: str | None, limit: int) -> str:

@@ -97,6 +97,10 @@ class Settings:
     artifact_max_mb: int = 10
     artifacts_max_mb: int = 25
     artifacts_max_count: int = 10  # files kept one by one; the rest of outputs/ goes into one more-outputs.zip
+    input_max_mb: int = 50  # a file given to a run (inputs/), at most
+    input_max_files: int = 10  # files given to one run, at most
+    workspace_mb: int = 200  # a conversation's kept files (agent_core/workspace.py), at most
+    workspace_days: int = 30  # a kept file is removed after this many days
     max_concurrent_runs: int = 32
     sandbox_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
     max_tokens_per_run: int = 200_000  # 0: no limit
@@ -166,6 +170,10 @@ class Settings:
             artifact_max_mb=_int(env, "AUTOCODE_ARTIFACT_MAX_MB", 10),
             artifacts_max_mb=_int(env, "AUTOCODE_ARTIFACTS_MAX_MB", 25),
             artifacts_max_count=_int(env, "AUTOCODE_ARTIFACTS_MAX_COUNT", 10),
+            input_max_mb=_int(env, "AUTOCODE_INPUT_MAX_MB", 50),
+            input_max_files=_int(env, "AUTOCODE_INPUT_MAX_FILES", 10),
+            workspace_mb=_int(env, "AUTOCODE_WORKSPACE_MB", 200),
+            workspace_days=_int(env, "AUTOCODE_WORKSPACE_DAYS", 30),
             max_concurrent_runs=_int(env, "AUTOCODE_MAX_CONCURRENT_RUNS", 32),
             sandbox_slots=_int(env, "AUTOCODE_SANDBOX_SLOTS", os.cpu_count() or 2),
             max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 200_000, minimum=0),

@@ -19,10 +19,12 @@ from agent_core.events import (
 )
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
+from agent_core.manifest import PreparedInputs, prepare_inputs
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
 from agent_core.sandbox import (
     Executor, Limits, PlannedStep, Sandbox, SandboxUnavailable, StepBatch, StepResult,
 )
+from agent_core.workspace import Workspace, result_record
 from storage.db import Storage, now
 from tools.host import ToolHost
 from tools.registry import ToolSet, describe_functions, describe_guides
@@ -211,6 +213,9 @@ class _Run:
         self.records: list[StepRecord] = []
         self.artifacts: list[dict[str, Any]] = []
         self.files_note: str | None = None  # what of outputs/ was bundled or left out
+        self.workspace = Workspace(self.storage, self.settings)  # the conversation's files (issue 13)
+        self.inputs = PreparedInputs()  # the workspace as this run's inputs/, and its manifest
+        self.kept_files: list[Any] = []  # the artifacts kept: they join the workspace after the run
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
         self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget)
 
@@ -260,6 +265,7 @@ class _Run:
                 collected = await sandbox.collect_outputs(
                     self.settings.artifact_max_mb * mib, self.settings.artifacts_max_mb * mib)
                 kept, self.files_note = select_artifacts(collected, self.settings.artifacts_max_count)
+                self.kept_files = kept
                 for artifact in kept:
                     self.storage.add_artifact(self.run_id, artifact.name, artifact.mime, artifact.data)
                     self.artifacts.append({"name": artifact.name, "mime": artifact.mime, "size": len(artifact.data)})
@@ -270,6 +276,8 @@ class _Run:
             await sandbox.close()
 
     async def _loop(self, sandbox: Sandbox) -> tuple[str, str, str | None]:
+        self.inputs = await prepare_inputs(sandbox, self.workspace, self.conversation, self.agent.limits,
+                                           self.agent.step_slots)
         plan = await self._plan()
         outputs: dict[str, dict[str, Any]] = {}
         start = 0
@@ -315,7 +323,8 @@ class _Run:
         messages = [
             {"role": "system", "content": self.agent._planner_system},
             {"role": "user", "content": prompts.render(
-                "planner_user", history=_history_text(self.history), task=self.task)},
+                "planner_user", history=_history_text(self.history), files=self.inputs.manifest,
+                task=self.task)},
         ]
         plan = await self.agent.llm.structured(
             purpose="plan", messages=messages, schema_name="plan", schema=PLAN_SCHEMA,
@@ -416,7 +425,8 @@ class _Run:
         messages = [
             {"role": "system", "content": self.agent._evaluator_system},
             {"role": "user", "content": prompts.render(
-                "evaluator_user", history=_history_text(self.history[-2:], 400), task=self.task,
+                "evaluator_user", history=_history_text(self.history[-2:], 400), files=self.inputs.manifest,
+                task=self.task,
                 iteration=f"{self.iteration} of {self.settings.max_iterations}", steps=self._steps_view(plan, start, current),
             )},
         ]
@@ -435,6 +445,7 @@ class _Run:
 
     async def _finish(self, status: str, answer: str, error: str | None) -> str:
         """Store and announce the run's end; returns the answer as stored (with the note on its files)."""
+        self._keep_workspace(status, answer, error)
         if answer and self.files_note:  # the answer says which files it could not attach
             answer = f"{answer}\n\n{self.files_note}"
         self.storage.finish_run(self.run_id, status, answer, error, self.iteration)
@@ -444,6 +455,23 @@ class _Run:
         usage = self.storage.usage(self.run_id)
         await self.agent.emit(RunFinished(self.run_id, status, answer, error, self.iteration, usage))
         return answer
+
+    def _keep_workspace(self, status: str, answer: str, error: str | None) -> None:
+        """The run's kept outputs and its result join the conversation's workspace (not for a cancelled run);
+        what the user should know about it (files removed by age, or over the quota) joins the files note."""
+        notes = list(self.inputs.notes)
+        if status != "cancelled":
+            try:
+                record = result_record(self.storage.run_number(self.run_id), self.run_id, self.task, status, answer,
+                                       error, [a.name for a in self.kept_files])
+                note = self.workspace.keep_run(self.conversation, self.run_id, self.kept_files, record)
+                if note:
+                    notes.append(note)
+            except OSError as exc:  # the disk is full or the blob directory unwritable: the run's answer stands
+                log.error("run %s: could not keep its files in the workspace: %s", self.run_id, exc)
+                notes.append("This run's files could not be kept for follow-ups (a storage error on the server).")
+        if notes:
+            self.files_note = "\n".join([*([self.files_note] if self.files_note else []), *notes])
 
     def _result(self, status: str, answer: str, error: str | None) -> RunResult:
         return RunResult(

@@ -61,10 +61,16 @@ class ConsoleRenderer:
 
 
 async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """A console conversation: each line is a task; /reset clears the history, /exit (or EOF) quits."""
+    """A console conversation: each line is a task; /attach PATH adds a file to the next task; /reset clears the
+    history and the conversation's files; /exit (or EOF) quits."""
+    from pathlib import Path
+
+    from agent_core.workspace import InputRefused, Workspace, run_with_files
+
     agent.events.subscribe(ConsoleRenderer(stdout))
-    print(f"AutoCode chat (conversation {conversation!r}). Type a task; /reset clears history; /exit quits.",
-          file=stdout, flush=True)
+    print(f"AutoCode chat (conversation {conversation!r}). Type a task; /attach PATH adds a file to it; "
+          "/reset clears history and files; /exit quits.", file=stdout, flush=True)
+    attached: list[Path] = []
     loop = asyncio.get_running_loop()
     while True:
         print("> ", end="", file=stdout, flush=True)
@@ -77,9 +83,30 @@ async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdou
         if task in ("/exit", "/quit"):
             return 0
         if task == "/reset":
-            removed = agent.storage.clear_conversation(conversation)
-            print(f"History cleared ({removed} messages).", file=stdout, flush=True)
+            removed = agent.storage.clear_conversation(conversation)  # the workspace too
+            attached = []
+            print(f"History and files cleared ({removed} messages).", file=stdout, flush=True)
             continue
-        result = await agent.run(task, conversation)
+        if task.startswith("/attach"):
+            path = Path(task.removeprefix("/attach").strip()).expanduser()
+            try:
+                Workspace(agent.storage, agent.settings).admit(conversation, [*attached, path])
+            except InputRefused as exc:
+                print(safe_for_terminal(str(exc), single_line=True), file=stdout, flush=True)
+                continue
+            attached.append(path)
+            print(safe_for_terminal(f"Attached {path.name}; it goes with your next task.", single_line=True),
+                  file=stdout, flush=True)
+            continue
+        if attached:
+            try:
+                result = await run_with_files(agent, task, conversation, attached)
+            except InputRefused as exc:  # changed since it was attached
+                print(safe_for_terminal(str(exc), single_line=True), file=stdout, flush=True)
+                continue
+            finally:
+                attached = []
+        else:
+            result = await agent.run(task, conversation)
         reply = result.answer or f"Sorry, that did not work: {safe_for_terminal(result.error, single_line=True)}"
         print(safe_for_terminal(reply), file=stdout, flush=True)

@@ -88,6 +88,14 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "id",
         ["run_id"],
     ),
+    # A conversation's workspace (agent_core/workspace.py): its files by name; the bytes are sha256-named blob
+    # files beside the database (Storage.blob_dir), each stored once however many rows name it.
+    "workspace_files": (
+        {"id": int, "conversation": str, "name": str, "sha256": str, "size": int, "kind": str, "run_id": str,
+         "run_no": int, "created_at": str},
+        "id",
+        ["conversation", "sha256"],
+    ),
 }
 
 
@@ -173,8 +181,53 @@ class Storage:
         return picked[::-1]
 
     def clear_conversation(self, conversation: str) -> int:
+        """Forget the conversation's messages and its workspace (every adapter's /reset); returns the messages."""
         with self._lock, self.db.conn:
-            return self.db.execute("DELETE FROM messages WHERE conversation = ?", (conversation,)).rowcount
+            removed = self.db.execute("DELETE FROM messages WHERE conversation = ?", (conversation,)).rowcount
+        self.delete_workspace_files(conversation)
+        return removed
+
+    # a conversation's workspace (agent_core/workspace.py)
+    @property
+    def blob_dir(self) -> Path:
+        """Where workspace blobs live: `<db>.blobs/` beside the database file."""
+        return self.path.with_name(self.path.name + ".blobs")
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256
+
+    def workspace_files(self, conversation: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM workspace_files WHERE conversation = ? ORDER BY run_no, id", (conversation,))
+
+    def add_workspace_file(self, row: dict[str, Any]) -> None:
+        """Add a file by name; an older file of the same name in the conversation is replaced."""
+        self.delete_workspace_files(row["conversation"], names=[row["name"]], keep_blob=row["sha256"])
+        self._insert("workspace_files", {**row, "created_at": row.get("created_at") or now()})
+
+    def delete_workspace_files(self, conversation: str, names: list[str] | None = None,
+                               keep_blob: str | None = None) -> int:
+        """Remove the conversation's files (those named, or all), and the blobs no other row refers to."""
+        with self._lock, self.db.conn:
+            where, params = "conversation = ?", [conversation]
+            if names is not None:
+                where += f" AND name IN ({', '.join('?' for _ in names)})"
+                params += names
+            hashes = {r[0] for r in self.db.execute(f"SELECT sha256 FROM workspace_files WHERE {where}", params)}
+            removed = self.db.execute(f"DELETE FROM workspace_files WHERE {where}", params).rowcount
+            orphans = [h for h in hashes if h != keep_blob and not self.db.execute(
+                "SELECT 1 FROM workspace_files WHERE sha256 = ? LIMIT 1", (h,)).fetchone()]
+        for sha256 in orphans:
+            try:
+                self.blob_path(sha256).unlink()
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def run_number(self, run_id: str) -> int:
+        """The run's place in its conversation: 1 for the first run, and so on."""
+        rows = self._rows("SELECT COUNT(*) AS n FROM runs WHERE conversation = (SELECT conversation FROM runs "
+                          "WHERE id = ?) AND seq <= (SELECT seq FROM runs WHERE id = ?)", (run_id, run_id))
+        return int(rows[0]["n"]) if rows else 0
 
     def conversations(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM conversations ORDER BY updated_at DESC")

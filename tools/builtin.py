@@ -22,6 +22,25 @@ def geocode(address: str) -> dict | None:
 
 BUILTIN_SPECS = [
     {"lib_name": ["numpy"]},
+    # Data tools (issue 13). Imported by the steps that use them, never preloaded: a worker starts without them.
+    {
+        "lib_name": ["pandas"],
+        "instructions": "Tables: the user's files are under inputs/ (read-only), e.g. "
+        "pd.read_csv('inputs/sales.csv'); return small summaries, not whole tables.",
+        "code_example": "import pandas as pd\ndf = pd.read_csv('inputs/sales.csv')\ntotals = df.groupby('region')"
+        "['amount'].sum().to_dict()",
+    },
+    {
+        "lib_name": ["matplotlib"],
+        "instructions": "Charts: use the Agg backend and save PNGs under outputs/ (they are sent to the user).",
+        "code_example": "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots()\nax.bar(names, values)\nfig.savefig('outputs/chart.png', dpi=100)",
+    },
+    {
+        "lib_name": ["openpyxl"],
+        "instructions": "Excel files under inputs/: pd.read_excel('inputs/book.xlsx', sheet_name=None) (openpyxl "
+        "engine), or openpyxl.load_workbook(path, read_only=True); write .xlsx results under outputs/.",
+    },
     {
         "lib_name": ["geopy"],
         "instructions": "Distances between coordinates with geopy.distance.geodesic(a, b).km. "

@@ -8,7 +8,10 @@ through `on_call` (answered by the server, so secrets stay outside), and returns
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+
+if TYPE_CHECKING:
+    from agent_core.inputs import InputFile
 
 ToolCallHandler = Callable[[str, list[Any], dict[str, Any]], Awaitable[Any]]
 
@@ -135,6 +138,10 @@ class Sandbox(Protocol):
     async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int,
                               max_files: int = 1000) -> CollectedOutputs:
         """The regular files under outputs/ within the caps (at most `max_files`), never following a link."""
+
+    async def put_inputs(self, files: "list[InputFile]") -> None:
+        """Place `files` under inputs/ in the working directory, read-only for the steps (once, before any step;
+        names already made safe by agent_core.inputs). Raises SandboxUnavailable when they cannot be placed."""
 
     async def close(self) -> None: ...
 

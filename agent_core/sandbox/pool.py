@@ -37,6 +37,7 @@ from agent_core.sandbox.steplog import LOG_DRAIN_TIMEOUT_S, StepLog, drain_logs
 
 if TYPE_CHECKING:
     from agent_core.config import Settings
+    from agent_core.inputs import InputFile
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +317,26 @@ class Worker:
                 report = await self._request({"op": "restore"}, [archive.fileno()], expect="restored", timeout=60)
         if report.get("error"):
             raise WorkerDied(f"the working files could not be restored: {report['error']}")
+
+    async def put_inputs(self, files: "list[InputFile]") -> None:
+        """Send the files as a tar on a temporary file (written from disk in chunks, in a thread: a 50 MB upload is
+        never whole in memory); the worker unpacks it into a read-only inputs/ (worker.py `put_inputs`)."""
+        from agent_core.inputs import write_inputs_tar
+
+        if self.dead:
+            raise SandboxUnavailable("the run's sandbox was lost before its input files were placed")
+        async with self._lock:
+            with tempfile.TemporaryFile() as archive:
+                await asyncio.to_thread(write_inputs_tar, files, archive)
+                archive.flush()
+                archive.seek(0)
+                try:
+                    report = await self._request({"op": "inputs"}, [archive.fileno()], expect="inputs_put",
+                                                 timeout=120)
+                except WorkerDied as exc:
+                    raise SandboxUnavailable(f"the input files could not be placed: {exc}") from None
+        if report.get("error"):
+            raise SandboxUnavailable(f"the input files could not be placed: {report['error']}")
 
     async def collect_outputs(self, max_file_bytes: int, max_total_bytes: int,
                               max_files: int = COLLECT_MAX_FILES) -> CollectedOutputs:

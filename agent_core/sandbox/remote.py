@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from kombu.exceptions import OperationalError
@@ -30,6 +30,9 @@ from agent_core.sandbox import (
 )
 from agent_core.sandbox.pool import _read_archive
 from storage.db import Storage
+
+if TYPE_CHECKING:
+    from agent_core.inputs import InputFile
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +229,27 @@ class RemoteSandbox:
                 total += len(artifact.data)
                 artifacts.append(type(artifact)(name, artifact.data, artifact.mime))
         return CollectedOutputs(artifacts, skipped[:20], len(skipped))
+
+    async def put_inputs(self, files: "list[InputFile]") -> None:
+        """The input files become inputs/ of the working files every job carries (mode 0444 in the tar; a worker
+        restores them as the run's uid, so there they are read-only by mode only).
+
+        Why they travel with the job rather than being fetched by the worker: the working files already make this
+        trip (base64 in the job, within AUTOCODE_JOB_TRANSFER_MB), any worker can take any job with nothing shared,
+        and for a 50 MB file it is one Redis write and read per iteration (well under a second on a LAN), against a
+        fetch path back to `serve` (a new authenticated endpoint, its own timeouts and retries) that would be needed
+        for every job anyway. Inputs over the transfer cap are refused here with a clear message."""
+        from agent_core.inputs import write_inputs_tar
+
+        cap = self.settings.job_transfer_mb * 1024 * 1024
+        total = sum(f.size for f in files)
+        if total > cap:
+            raise SandboxUnavailable(f"the input files ({total / 1048576:.1f} MB) are over what a job carries to a worker "
+                               f"(AUTOCODE_JOB_TRANSFER_MB={self.settings.job_transfer_mb})")
+        prefixed = [type(f)(f"inputs/{f.name}", f.path, f.size, f.origin) for f in files]
+        buffer = io.BytesIO()  # the job holds it in memory anyway (it is sent base64 in the job)
+        await asyncio.to_thread(write_inputs_tar, prefixed, buffer)
+        self.workdir = buffer.getvalue()
 
     async def close(self) -> None:
         self.workdir = None

@@ -9,8 +9,10 @@ server: one JSON object per message, file descriptors attached with SCM_RIGHTS.
                     {"op": "collect", "max_file_bytes", "max_total_bytes"}  + fd [file for a tar of outputs/]
                     {"op": "archive", ...same caps}         + fd [file for a tar of the working directory]
                     {"op": "restore"}                       + fd [a tar made by "archive", unpacked into it]
+                    {"op": "inputs"}                        + fd [a tar of the run's input files -> inputs/]
   worker -> server: {"op": "ready", ...} once, then {"op": "started", "pid"}, {"op": "exited", "returncode"},
-                    {"op": "collected" | "archived", "files", "skipped"}, {"op": "restored", "error"?}
+                    {"op": "collected" | "archived", "files", "skipped"}, {"op": "restored", "error"?},
+                    {"op": "inputs_put", "files", "error"?}
 
 The worker itself stays privileged enough to drop a step to the run's uid and to kill it; a step never
 runs with the worker's identity, so it cannot tamper with the worker.
@@ -324,6 +326,73 @@ class Worker:
         (in_fd,) = fds[:1]
         return self._as_run_user([in_fd], lambda: _untar(in_fd, self.workdir), writable=True)
 
+    def put_inputs(self, fds):
+        """Unpack the run's input files into inputs/, with the worker's own identity: with a uid drop the files are
+        root's, mode 0444, in a root-owned 0555 inputs/ (and results/), so no step can change, delete or add one;
+        inside bwrap the working directory becomes sticky, so inputs/ cannot be renamed or removed either (on the
+        process backend the run's uid owns the working directory and may move inputs/ aside, never change its
+        files). Without a uid drop the steps share our uid and the modes are only advice.
+        Every member goes through tarfile's `data` filter and must be NAME or results/NAME with NAME one plain
+        component; files are created with O_EXCL|O_NOFOLLOW under directory fds, so nothing is written outside."""
+        import tarfile
+
+        (in_fd,) = fds[:1]
+        owner = 0 if self.uid is not None else None
+        names = []
+        base = top = results = None
+        try:
+            base = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            os.mkdir("inputs", 0o755, dir_fd=base)  # fails if anything is there: inputs come before any step
+            top = os.open("inputs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base)
+            dest = os.path.join(self.workdir, "inputs")
+            with os.fdopen(in_fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                in_fd = None
+                for member in tar:
+                    member = tarfile.data_filter(member, dest)
+                    parts = member.name.split("/")
+                    if not all(_plain_name(p) for p in parts) or len(parts) > 2 or (
+                            len(parts) == 2 and parts[0] != "results"):
+                        raise ValueError(f"refused input name {member.name!r}")
+                    if member.isdir():
+                        if parts != ["results"] or results is not None:
+                            raise ValueError(f"refused input directory {member.name!r}")
+                        os.mkdir("results", 0o755, dir_fd=top)
+                        results = os.open("results", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                        continue
+                    if not member.isfile():
+                        raise ValueError(f"refused input {member.name!r}: not a regular file")
+                    parent = top if len(parts) == 1 else results
+                    if parent is None:
+                        raise ValueError(f"refused input {member.name!r}: no results/ directory")
+                    fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                                 dir_fd=parent)
+                    with os.fdopen(fd, "wb") as out:
+                        source = tar.extractfile(member)
+                        while True:
+                            chunk = source.read(1 << 20)
+                            if not chunk:
+                                break
+                            out.write(chunk)
+                        if owner is not None:
+                            os.fchown(out.fileno(), owner, owner)
+                        os.fchmod(out.fileno(), 0o444)
+                    names.append(member.name)
+            for fd in (results, top):
+                if fd is not None:
+                    if owner is not None:
+                        os.fchown(fd, owner, owner)
+                    os.fchmod(fd, 0o555)
+            info = os.fstat(base)
+            if owner is not None and info.st_uid == 0 and info.st_mode & 0o002:
+                os.fchmod(base, (info.st_mode & 0o7777) | 0o1000)  # sticky: our inputs/ stays ours
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            return {"files": names, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            for fd in (results, top, base, in_fd):
+                if fd is not None:
+                    os.close(fd)
+        return {"files": names}
+
     def _as_run_user(self, keep, work, writable=False):
         """Run `work()` in a child holding only `keep` fds, as the run's uid, confined like a step but to the run's
         working directory alone (read-only unless `writable`); return the dict it returns."""
@@ -381,6 +450,8 @@ class Worker:
                 send(self.sock, {"op": "archived", **report})
             elif op == "restore":
                 send(self.sock, {"op": "restored", **self.restore(message, fds)})
+            elif op == "inputs":
+                send(self.sock, {"op": "inputs_put", **self.put_inputs(fds)})
             else:
                 for fd in fds:
                     os.close(fd)
@@ -444,6 +515,12 @@ def _tar_tree(workdir, top, out_fd, caps):
     finally:
         os.close(base)
     return {"files": files, "skipped": skipped, "skipped_count": skipped_count}
+
+
+def _plain_name(name):
+    """One path component a user's file may have under inputs/ (agent_core.inputs.safe_name makes them)."""
+    return (0 < len(name.encode()) <= 255 and not name.startswith(".") and "/" not in name and "\\" not in name
+            and not any(ord(ch) < 32 or ord(ch) == 127 for ch in name))
 
 
 def _untar(in_fd, root):

@@ -1,0 +1,210 @@
+"""Files in, and a workspace per conversation (issue 13), as a user runs them: real `autocode` subprocesses, a real
+SQLite file and blob directory, the scripted LLM server, real sandboxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent_core.inputs import safe_name, unique_name
+from tests.conftest import plan, subtask, user_prompt, verdict
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = 40
+SECRET_ROW = "zz-row-the-planner-never-sees"
+
+
+@pytest.fixture
+def cli(tmp_path, llm_server):
+    def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None):
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+        environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0",
+                       OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
+                       AUTOCODE_SANDBOX_WARM="0")
+        environ["PYTHONPATH"] = str(REPO)  # this checkout, whatever the editable install points at
+        environ.update(env or {})
+        proc = subprocess.run(
+            [sys.executable, "-P", "-m", "agent_core.cli", *args], cwd=tmp_path, env=environ,
+            input=None if stdin is None else stdin.encode(), capture_output=True, timeout=120,
+        )
+        return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+    return run
+
+
+@pytest.fixture
+def sales_csv(tmp_path) -> Path:
+    path = tmp_path / "upload" / "sales.csv"
+    path.parent.mkdir()
+    lines = ["region,month,amount"]
+    for i in range(ROWS):
+        lines.append(f"{'north' if i % 2 else 'south'},2024-{i % 12 + 1:02d},{i + 1}")
+    lines[30] = f"{SECRET_ROW},2024-06,30"  # far past the preview's first rows
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+CHART = subtask("chart_sales", '''
+def chart_sales():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    df = pd.read_csv("inputs/sales.csv")
+    totals = df.groupby("region")["amount"].sum()
+    fig, ax = plt.subplots()
+    ax.bar(list(totals.index), list(totals.values))
+    fig.savefig("outputs/chart.png", dpi=50)
+    return {"rows": len(df), "total": int(df["amount"].sum())}
+''', imports=["pandas", "matplotlib"])
+
+LOOK = subtask("look_around", '''
+def look_around():
+    import os
+    import pandas as pd
+    names = sorted(os.listdir("inputs"))
+    with open("inputs/chart.png", "rb") as handle:
+        png = handle.read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
+    with open("inputs/results/run-1.json") as handle:
+        import json
+        earlier = json.load(handle)
+    return {"names": names, "rows": len(pd.read_csv("inputs/sales.csv")), "png": png,
+            "earlier": earlier["answer"], "results": sorted(os.listdir("inputs/results"))}
+''', imports=["pandas"])
+
+
+def blobs(tmp_path: Path) -> list[Path]:
+    root = tmp_path / "cli.db.blobs"
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def test_csv_reaches_the_steps_the_planner_sees_a_manifest_and_a_follow_up_reuses_it(cli, llm_server, sales_csv,
+                                                                                      tmp_path):
+    llm_server.reply_json(plan(CHART))
+    llm_server.reply_json(verdict("Total 820 over 40 rows."))
+
+    first = cli("run", "--file", str(sales_csv), "--conversation", "team", "--json", "what does it say?")
+
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert out["steps"][0]["output"] == {"rows": ROWS, "total": sum(range(1, ROWS + 1))}
+    assert [a["name"] for a in out["artifacts"]] == ["chart.png"]
+    prompt = user_prompt(llm_server.chat_requests()[0])
+    assert "inputs/sales.csv" in prompt and "uploaded with run 1" in prompt
+    assert "header: region | month | amount" in prompt and f"{ROWS} data rows" in prompt
+    assert "delimiter ','" in prompt
+    everything = json.dumps(llm_server.chat_requests())
+    assert SECRET_ROW not in everything, "the planner got the file's bytes beyond the preview"
+    assert "inputs/sales.csv" in user_prompt(llm_server.chat_requests()[1])  # the evaluator sees the manifest
+    for blob in blobs(tmp_path):
+        assert blob.stat().st_mode & 0o777 == 0o600
+
+    # Turn 2: no upload; the workspace (the CSV, run 1's chart and result) is there.
+    llm_server.reply_json(plan(LOOK))
+    llm_server.reply_json(verdict("Still 40 rows."))
+
+    second = cli("run", "--conversation", "team", "--json", "now chart it by month")
+
+    assert second.returncode == 0, second.stderr
+    out = json.loads(second.stdout)
+    assert out["steps"][0]["output"] == {
+        "names": ["chart.png", "results", "sales.csv"], "rows": ROWS, "png": True,
+        "earlier": "Total 820 over 40 rows.", "results": ["run-1.json"]}
+    prompt = user_prompt(llm_server.chat_requests()[2])
+    assert "inputs/sales.csv" in prompt and "uploaded with run 1" in prompt
+    assert "inputs/chart.png" in prompt and "output of run 1" in prompt and "PNG image" in prompt
+    assert "inputs/results/run-1.json" in prompt and "result of run 1" in prompt
+    assert SECRET_ROW not in json.dumps(llm_server.chat_requests())
+
+    history = cli("history", "--conversation", "team")
+    assert history.returncode == 0, history.stderr
+    assert "inputs/sales.csv" in history.stdout and "inputs/results/run-2.json" in history.stdout
+    assert "output of run 1" in history.stdout
+
+    # /reset in the console chat clears the files as well as the history.
+    reset = cli("chat", "--conversation", "team", stdin="/reset\n/exit\n")
+    assert reset.returncode == 0, reset.stderr
+    assert "History and files cleared" in reset.stdout
+    after = cli("history", "--conversation", "team")
+    assert "inputs/" not in after.stdout
+    assert blobs(tmp_path) == []
+
+
+def test_chat_attach_sends_the_file_with_the_next_task(cli, llm_server, sales_csv):
+    llm_server.reply_json(plan(CHART))
+    llm_server.reply_json(verdict("Charted."))
+
+    proc = cli("chat", "--conversation", "c1", stdin=f"/attach {sales_csv}\nchart the sales\n/exit\n")
+
+    assert proc.returncode == 0, proc.stderr
+    assert "Attached sales.csv" in proc.stdout and "Charted." in proc.stdout
+    assert "header: region | month | amount" in user_prompt(llm_server.chat_requests()[0])
+
+
+def test_over_limit_files_are_refused_with_a_message_and_nothing_runs(cli, llm_server, tmp_path, sales_csv):
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"a,b\n" + b"1,2\n" * (300 * 1024))  # 1.2 MB
+    cases = [
+        (["--file", str(big)], {"AUTOCODE_INPUT_MAX_MB": "1"}, "over the limit of 1 MB a file (AUTOCODE_INPUT_MAX_MB)"),
+        (["--file", str(sales_csv), "--file", str(big)], {"AUTOCODE_INPUT_MAX_FILES": "1"},
+         "more than the 1 a task can take (AUTOCODE_INPUT_MAX_FILES)"),
+        (["--file", str(big)], {"AUTOCODE_WORKSPACE_MB": "1"}, "over its quota of 1 MB (AUTOCODE_WORKSPACE_MB)"),
+        (["--file", str(tmp_path / "missing.csv")], {}, "cannot read"),
+    ]
+    for flags, env, message in cases:
+        proc = cli("run", *flags, "analyse", env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "nothing was run" in proc.stderr.lower(), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert llm_server.chat_requests() == []
+    db = tmp_path / "cli.db"
+    if db.exists():
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+    assert blobs(tmp_path) == []
+
+    refused = cli("chat", stdin=f"/attach {big}\n/exit\n", env={"AUTOCODE_INPUT_MAX_MB": "1"})
+    assert "over the limit of 1 MB" in refused.stdout and llm_server.chat_requests() == []
+
+
+def test_workspace_files_older_than_the_limit_are_removed_with_a_note(cli, llm_server, sales_csv, tmp_path):
+    llm_server.reply_json(plan(CHART))
+    llm_server.reply_json(verdict("Charted."))
+    assert cli("run", "--file", str(sales_csv), "--conversation", "old", "go").returncode == 0
+    db = sqlite3.connect(tmp_path / "cli.db")
+    with db:
+        db.execute("UPDATE workspace_files SET created_at = '2000-01-01T00:00:00.000+00:00'")
+    llm_server.reply_json(plan(subtask("noop", "def noop():\n    import os\n    return {'there': os.path.exists('inputs')}")))
+    llm_server.reply_json(verdict("Nothing left."))
+
+    proc = cli("run", "--conversation", "old", "--json", "what is left?")
+
+    out = json.loads(proc.stdout)
+    assert out["steps"][0]["output"] == {"there": False}
+    assert "after 30 days (AUTOCODE_WORKSPACE_DAYS): sales.csv" in out["answer"]
+    assert "inputs/" not in user_prompt(llm_server.chat_requests()[2])
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("../../etc/passwd", "_._etc_passwd"),
+    (".bashrc", "bashrc"),
+    ("a/b", "a_b"),
+    ("x\x1b[31m\ny.csv", "x[31my.csv"),
+    ("..", "file"),
+    ("é" * 200 + ".csv", "é" * 58 + ".csv"),
+])
+def test_safe_names(given, expected):
+    assert safe_name(given) == expected
+    assert "/" not in safe_name(given) and not safe_name(given).startswith(".")
+
+
+def test_clashing_names_are_told_apart():
+    taken = {"sales.csv"}
+    assert unique_name("sales.csv", taken) == "sales (2).csv"
+    assert unique_name("Sales.CSV", taken | {"sales (2).csv"}) == "Sales (3).CSV"
+    assert unique_name("other.csv", taken) == "other.csv"
