@@ -173,7 +173,12 @@ class LLMClient:
             record["retries"] = raw.retries_taken
             completion = raw.parse()
             usage = completion.usage
-            content = (completion.choices[0].message.content or "") if completion.choices else ""
+            message = completion.choices[0].message if completion.choices else None
+            content = (message.content or "") if message is not None else ""
+            if not content.strip() and message is not None:  # a reasoning model may leave its reply in the reasoning
+                content = next((r for r in (getattr(message, "reasoning_content", None),  # vLLM, DeepSeek
+                                            getattr(message, "reasoning", None))  # Ollama, OpenRouter
+                                if isinstance(r, str) and r.strip()), "")
             record.update(
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,

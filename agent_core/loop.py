@@ -37,6 +37,15 @@ VIEW_OUTPUT_CHARS = 800
 VIEW_ERROR_CHARS = 700
 VIEW_LOG_CHARS = 300
 
+# What the user reads when the model's plan or evaluation stayed unusable after the re-asks; the exact validation
+# error goes to the log and onto the run's last LLM call of that purpose (run page, `autocode show`).
+UNUSABLE_REPLY = {
+    "plan": "The model could not make a usable plan for this task; try rephrasing it, "
+            "or use a stronger model (AUTOCODE_MODEL).",
+    "evaluate": "The model could not make a usable evaluation of the results; try rephrasing the task, "
+                "or use a stronger model (AUTOCODE_MODEL).",
+}
+
 
 @dataclass(kw_only=True)
 class StepRecord(StepResult):
@@ -326,10 +335,13 @@ class _Run:
                 "planner_user", history=_history_text(self.history), files=self.inputs.manifest,
                 task=self.task)},
         ]
-        plan = await self.agent.llm.structured(
-            purpose="plan", messages=messages, schema_name="plan", schema=PLAN_SCHEMA,
-            shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
-        )
+        try:
+            plan = await self.agent.llm.structured(
+                purpose="plan", messages=messages, schema_name="plan", schema=PLAN_SCHEMA,
+                shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
+            )
+        except LLMError as exc:
+            raise self._plain_if_unusable(exc, "plan") from None
         self._check_budget()
         await self.agent.emit(PlanReady(
             self.run_id, 1, plan.main_task_thought, [s.tool_name for s in plan.subtasks],
@@ -430,11 +442,14 @@ class _Run:
                 iteration=f"{self.iteration} of {self.settings.max_iterations}", steps=self._steps_view(plan, start, current),
             )},
         ]
-        evaluation = await self.agent.llm.structured(
-            purpose="evaluate", messages=messages, schema_name="evaluation", schema=EVALUATION_SCHEMA,
-            shape_hint=prompts.render("evaluation_shape"), model=Evaluation,
-            validate=lambda e: e.check_against(plan), context=self._context(),
-        )
+        try:
+            evaluation = await self.agent.llm.structured(
+                purpose="evaluate", messages=messages, schema_name="evaluation", schema=EVALUATION_SCHEMA,
+                shape_hint=prompts.render("evaluation_shape"), model=Evaluation,
+                validate=lambda e: e.check_against(plan), context=self._context(),
+            )
+        except LLMError as exc:
+            raise self._plain_if_unusable(exc, "evaluate") from None
         self.storage.add_evaluation({
             "run_id": self.run_id, "iteration": self.iteration, "satisfactory": int(evaluation.satisfactory),
             "thoughts": evaluation.thoughts, "final_answer": evaluation.final_answer,
@@ -442,6 +457,18 @@ class _Run:
         })
         await self.agent.emit(EvaluationDone(self.run_id, self.iteration, evaluation.satisfactory, evaluation.thoughts))
         return evaluation
+
+    def _plain_if_unusable(self, exc: LLMError, purpose: str) -> LLMError:
+        """A reply still unusable after the re-asks becomes UNUSABLE_REPLY's sentence; its exact validation error is
+        logged and stored on the run's last `purpose` call. Other LLM errors (unreachable, 401...) are plain already."""
+        detail = str(exc)
+        if "reply was unusable" not in detail:  # LLMClient.structured's wording for a reply that never parsed
+            return exc
+        log.warning("run %s: %s", self.run_id, detail)
+        answered = [c for c in self.storage.llm_calls(self.run_id) if c["purpose"] == purpose and not c["error"]]
+        if answered:
+            self.storage.note_llm_call_error(answered[-1]["id"], detail)
+        return LLMError(UNUSABLE_REPLY[purpose])
 
     async def _finish(self, status: str, answer: str, error: str | None) -> str:
         """Store and announce the run's end; returns the answer as stored (with the note on its files)."""

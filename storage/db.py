@@ -348,6 +348,10 @@ class Storage:
     def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM llm_calls WHERE run_id = ? ORDER BY id", (run_id,))
 
+    def note_llm_call_error(self, call_id: int, error: str) -> None:
+        """Record why a call that got an answer was still of no use (its reply never parsed)."""
+        self._update("llm_calls", call_id, {"error": error})
+
     def usage(self, run_id: str) -> dict[str, int]:
         row = self._rows(
             "SELECT COUNT(*) AS llm_calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "

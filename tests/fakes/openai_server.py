@@ -58,6 +58,7 @@ class _Reply:
     delay: float = 0.0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    message_fields: dict[str, Any] = field(default_factory=dict)  # more fields of the reply's message
 
     @classmethod
     def from_spec(cls, spec: Spec) -> _Reply:
@@ -167,6 +168,11 @@ class FakeOpenAI(FakeService):
         """Queue a chat completion whose content is ``json.dumps(obj)``."""
         return self.reply(json.dumps(obj), prompt_tokens=prompt_tokens,
                           completion_tokens=completion_tokens, delay=delay)
+
+    def reply_message(self, content: str | None, **fields: Any) -> FakeOpenAI:
+        """Queue a chat completion whose message has ``content`` (None sends null) and more ``fields``, e.g. a
+        reasoning model's ``reasoning_content`` (vLLM, DeepSeek) or ``reasoning`` (Ollama, OpenRouter)."""
+        return self._push(_Reply(content=content or "", message_fields={**fields, "content": content}))
 
     def error(self, status: int, message: str = "fake openai server error", *,
               headers: dict[str, str] | None = None, delay: float = 0.0) -> FakeOpenAI:
@@ -298,7 +304,8 @@ class FakeOpenAI(FakeService):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or MODEL_ID,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content,
+                                                    **reply.message_fields},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion},
