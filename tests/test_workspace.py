@@ -208,3 +208,25 @@ def test_clashing_names_are_told_apart():
     assert unique_name("sales.csv", taken) == "sales (2).csv"
     assert unique_name("Sales.CSV", taken | {"sales (2).csv"}) == "Sales (3).CSV"
     assert unique_name("other.csv", taken) == "other.csv"
+
+
+async def test_data_tools_are_built_in_but_never_preloaded(make_agent, llm_server, tmp_path):
+    """pandas, matplotlib and openpyxl are declared libraries with guides, imported only by the steps that use
+    them: a step forked from a fresh worker (after the input preview ran) finds none of them loaded."""
+    from agent_core.workspace import run_with_files
+
+    agent = make_agent(sandbox_warm=0)
+    assert {"pandas", "matplotlib", "openpyxl"} <= set(agent.toolset.libraries)
+    assert "inputs/" in agent._planner_system and "outputs/" in agent._planner_system  # the guides
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("a,b\n1,2\n")
+    probe = subtask("probe", "def probe():\n    import sys\n    return {'loaded': sorted(m for m in "
+                    "('pandas', 'matplotlib', 'openpyxl') if m in sys.modules)}")
+    llm_server.reply_json(plan(probe))
+    llm_server.reply_json(verdict("none"))
+
+    result = await run_with_files(agent, "what is loaded?", "c", [csv_file])
+
+    assert result.status == "succeeded", result.error
+    assert result.steps[0].output == {"loaded": []}
+    assert agent.executor.preload == []
