@@ -74,9 +74,10 @@ class Settings:
     openai_api_key: str | None = None
     openai_base_url: str | None = None
     model: str = DEFAULT_MODEL
-    llm_timeout: float = 120.0
+    llm_timeout: float = 120.0  # one attempt of one request
     llm_max_retries: int = 3
     llm_startup_check: bool = True  # serve checks the LLM endpoint in the background at start and logs it
+    llm_deadline: float = 180.0  # one LLM call in all: its retries, format fallbacks and re-asks
     db_path: Path = Path("autocode.db")
     tools_file: Path | None = None
     max_iterations: int = 3
@@ -150,6 +151,7 @@ class Settings:
             llm_timeout=_float(env, "AUTOCODE_LLM_TIMEOUT", 120.0),
             llm_max_retries=_int(env, "AUTOCODE_LLM_MAX_RETRIES", 3, minimum=0),
             llm_startup_check=_choice(env, "AUTOCODE_LLM_STARTUP_CHECK", ("on", "off"), "on") == "on",
+            llm_deadline=_float(env, "AUTOCODE_LLM_DEADLINE", 180.0),
             db_path=Path(env.get("AUTOCODE_DB", "").strip() or "autocode.db"),
             tools_file=Path(tools) if tools else None,
             max_iterations=_int(env, "AUTOCODE_MAX_ITERATIONS", 3),

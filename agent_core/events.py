@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Union
 
@@ -77,14 +78,64 @@ class RunFinished:
     usage: dict[str, int]
 
 
-RunEvent = Union[RunStarted, PlanReady, StepStarted, StepFinished, EvaluationDone, RepairPlanned, RunFinished]
+# What the progress lines call the run's LLM calls (their `purpose`).
+_CALLERS = {"plan": "planner", "evaluate": "evaluator", "helper": "llm() helper"}
+
+
+def _caller(purpose: str) -> str:
+    return _CALLERS.get(purpose, purpose)
+
+
+@dataclass(frozen=True)
+class LLMWaiting:
+    """An LLM call of the run is still waiting: sent NOTICE_AFTER_S after the call began and every NOTICE_EVERY_S
+    after (agent_core/llm_wait.py), and when a request is retried. Adapters show it as the progress line, e.g.
+    "waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"."""
+
+    run_id: str
+    purpose: str  # plan | evaluate | helper
+    waited_s: float  # since the call began: its retries, format fallbacks and re-asks included
+    attempt: int  # of the request now waiting: 1 its first try, 2 its first retry, …
+    attempts: int  # the most a request is tried: 1 + AUTOCODE_LLM_MAX_RETRIES
+    reason: str = ""  # why the previous try failed ("timeout", "HTTP 429", "HTTP 503", "connection error")
+
+    def describe(self) -> str:
+        line = f"waiting for the LLM ({_caller(self.purpose)})… {self.waited_s:.0f} s"
+        if self.attempt > 1:
+            line += f", retry {self.attempt - 1} of {self.attempts - 1}"
+            if self.reason:
+                line += f" ({self.reason})"
+        return line
+
+
+@dataclass(frozen=True)
+class LLMWaitOver:
+    """An LLM call that had sent LLMWaiting is over (answered, or given up: the error follows elsewhere)."""
+
+    run_id: str
+    purpose: str
+    waited_s: float
+    requests: int  # HTTP requests the call sent
+    ok: bool
+
+    def describe(self) -> str:
+        tries = f", {self.requests} attempts" if self.requests > 1 else ""
+        if self.ok:
+            return f"the LLM answered ({_caller(self.purpose)}) after {self.waited_s:.0f} s{tries}"
+        return f"no answer from the LLM ({_caller(self.purpose)}) after {self.waited_s:.0f} s{tries}"
+
+
+RunEvent = Union[RunStarted, PlanReady, StepStarted, StepFinished, EvaluationDone, RepairPlanned, LLMWaiting,
+                 LLMWaitOver, RunFinished]
 Subscriber = Callable[[RunEvent], Union[None, Awaitable[None]]]
 
 
 def event_type(event: RunEvent) -> str:
-    """snake_case name, e.g. "step_finished", used in storage and JSON."""
-    name = type(event).__name__
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+    """snake_case name, e.g. "step_finished" or "llm_waiting", used in storage and JSON."""
+    return _WORD_START.sub("_", type(event).__name__).lower()
+
+
+_WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # RunStarted, LLMWaiting
 
 
 def event_data(event: RunEvent) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 makes is recorded with the run like every LLM call (its tokens count against the budgets), together with the first
 `AUDIT_CHARS` characters of the prompt, of the step's system text and of the reply, and the prompt's and system
 text's full lengths (the reply's is the record's `response_chars`), so an operator can audit what left
-(`autocode show RUN_ID`). Used by the run loop on `serve` and by remote workers alike.
+(`autocode show RUN_ID`). Used by the run loop on `serve` and by remote workers alike. A call ends within
+AUTOCODE_LLM_DEADLINE, and just before the tool host's AUTOCODE_TOOL_TIMEOUT would cut it, so the step reads how
+long it waited and why it stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 from agent_core import prompts
 from agent_core.llm import CallContext, LLMClient
+from agent_core.llm_wait import Deadline
 
 AUDIT_CHARS = 2000
 
@@ -39,7 +42,8 @@ async def ask_helper(llm: LLMClient, prompt: str, system: str, context: CallCont
                 {"role": "user", "content": prompt}]
     reply = ""
     try:
-        reply = await client.text(purpose="helper", messages=messages, context=context)
+        reply = await client.text(purpose="helper", messages=messages, context=context,
+                                  deadline=Deadline.for_helper(llm.settings))
         return reply
     finally:
         for row in records:

@@ -2,8 +2,9 @@
 
 Structured calls ask for a strict JSON schema and fall back to json_object, then plain text, when a server
 rejects the format; the working format is remembered. Replies are parsed tolerantly and re-asked (quoting
-the error) at most twice. Transport retries (429/5xx/timeouts, with backoff) are the openai client's own.
-Every HTTP call is recorded with its purpose, model, duration, token usage and error.
+the error) at most twice. Transport retries (429/5xx/timeouts, with backoff honouring Retry-After) are AutoCode's
+own, and one deadline bounds a whole call: fallbacks, re-asks and retries (agent_core/llm_wait.py), which also tells
+the run while a call waits. Every HTTP call is recorded with its purpose, model, duration, token usage and error.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import openai
@@ -19,6 +20,9 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel
 
 from agent_core.config import Settings
+from agent_core.llm_wait import (
+    MIN_TRY_S, CallClock, Deadline, Notify, PastDeadline, retry_after, retry_reason, send_with_retries, watching,
+)
 from agent_core.plan import ReplyError, parse_reply
 from storage.db import Storage, now
 
@@ -37,8 +41,11 @@ class LLMError(Exception):
 
 @dataclass(frozen=True)
 class CallContext:
+    """Whom a call is for: its run and iteration, and where it reports that it is waiting (the run's events)."""
+
     run_id: str | None = None
     iteration: int | None = None
+    notify: Notify | None = field(default=None, compare=False, repr=False)
 
 
 def describe_api_error(exc: Exception, base_url: str, timeout: float) -> str:
@@ -90,7 +97,9 @@ class LLMClient:
         self.model = settings.model
         self.storage = storage
         self.record = record
-        self.client = client or build_client(settings)
+        # Retries are ours (llm_wait.send_with_retries), so that each can be seen and none outlasts the deadline;
+        # a `client` passed in should have max_retries=0 too.
+        self.client = client or build_client(settings, max_retries=0)
         self._format_level = 0  # index into FORMATS of the best format this server accepted
 
     @property
@@ -112,31 +121,41 @@ class LLMClient:
         validate: Callable[[Model], None] | None = None,
         context: CallContext = CallContext(),
     ) -> Model:
-        """Ask for one JSON object of `model`; re-ask up to twice with the error when it does not parse."""
-        conversation = list(messages)
-        for attempt in range(MAX_REASKS + 1):
-            text = await self._structured_call(purpose, conversation, schema_name, schema, shape_hint, context)
-            try:
-                value = parse_reply(text, model)
-                if validate:
-                    validate(value)
-                return value
-            except ReplyError as exc:
-                log.warning("%s reply unusable (attempt %d): %s", purpose, attempt + 1, exc)
-                error = str(exc)
-            conversation += [
-                {"role": "assistant", "content": text[:_BAD_REPLY_ECHO_CHARS]},
-                {"role": "user", "content": f"That reply could not be used: {error}. "
-                 "Send the complete JSON object again, nothing else."},
-            ]
-        raise LLMError(f"The LLM's {purpose} reply was unusable after {MAX_REASKS + 1} attempts: {error}")
+        """Ask for one JSON object of `model`; re-ask up to twice with the error when it does not parse. The whole
+        call, fallbacks and re-asks included, ends within AUTOCODE_LLM_DEADLINE (LLMError saying how long it waited)."""
+        async with watching(self._clock(purpose, context, None)) as clock:
+            conversation = list(messages)
+            for attempt in range(MAX_REASKS + 1):
+                text = await self._structured_call(purpose, conversation, schema_name, schema, shape_hint, context,
+                                                   clock)
+                try:
+                    value = parse_reply(text, model)
+                    if validate:
+                        validate(value)
+                    return value
+                except ReplyError as exc:
+                    log.warning("%s reply unusable (attempt %d): %s", purpose, attempt + 1, exc)
+                    error = str(exc)
+                conversation += [
+                    {"role": "assistant", "content": text[:_BAD_REPLY_ECHO_CHARS]},
+                    {"role": "user", "content": f"That reply could not be used: {error}. "
+                     "Send the complete JSON object again, nothing else."},
+                ]
+            raise LLMError(f"The LLM's {purpose} reply was unusable after {MAX_REASKS + 1} attempts: {error}")
 
-    async def text(self, *, purpose: str, messages: list[dict[str, str]], context: CallContext = CallContext()) -> str:
-        return await self._call(purpose, messages, "text", None, context)
+    async def text(self, *, purpose: str, messages: list[dict[str, str]], context: CallContext = CallContext(),
+                   deadline: Deadline | None = None) -> str:
+        """A plain-text reply, within `deadline` (default: AUTOCODE_LLM_DEADLINE) retries included."""
+        async with watching(self._clock(purpose, context, deadline)) as clock:
+            return await self._call(purpose, messages, "text", None, context, clock)
+
+    def _clock(self, purpose: str, context: CallContext, deadline: Deadline | None) -> CallClock:
+        return CallClock(purpose, deadline or Deadline.of(self.settings), 1 + self.settings.llm_max_retries,
+                         context.run_id, context.notify)
 
     async def _structured_call(
         self, purpose: str, messages: list[dict[str, str]], schema_name: str, schema: dict[str, Any],
-        shape_hint: str, context: CallContext,
+        shape_hint: str, context: CallContext, clock: CallClock,
     ) -> str:
         while True:
             fmt = FORMATS[self._format_level]
@@ -147,7 +166,7 @@ class LLMClient:
                 # Without a schema the shape travels in the prompt instead.
                 sent = [*messages[:1], {"role": "system", "content": shape_hint}, *messages[1:]]
             try:
-                return await self._call(purpose, sent, fmt, response_format, context)
+                return await self._call(purpose, sent, fmt, response_format, context, clock)
             except openai.BadRequestError:
                 if fmt == "text":
                     raise LLMError(f"The LLM server rejected the {purpose} request (HTTP 400).") from None
@@ -156,8 +175,12 @@ class LLMClient:
 
     async def _call(
         self, purpose: str, messages: list[dict[str, str]], fmt: str, response_format: dict[str, Any] | None,
-        context: CallContext,
+        context: CallContext, clock: CallClock,
     ) -> str:
+        """One request (tried again on timeouts, 429 and 5xx within the call's deadline), recorded."""
+        if clock.remaining() < MIN_TRY_S:  # a re-ask or fallback with no time left: nothing is sent
+            clock.past_deadline = True
+            raise LLMError(self._gave_up(None, clock))
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
         if response_format is not None:
             kwargs["response_format"] = response_format
@@ -169,8 +192,9 @@ class LLMClient:
         }
         started = time.monotonic()
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
-            record["retries"] = raw.retries_taken
+            raw = await send_with_retries(clock, self.settings.llm_timeout, lambda limit: (
+                self.client.chat.completions.with_raw_response.create(**kwargs, timeout=limit)))
+            record["retries"] = clock.attempt - 1
             completion = raw.parse()
             usage = completion.usage
             message = completion.choices[0].message if completion.choices else None
@@ -188,8 +212,9 @@ class LLMClient:
         except openai.BadRequestError as exc:
             record["error"] = describe_api_error(exc, self.base_url, self.settings.llm_timeout)
             raise
-        except openai.OpenAIError as exc:
-            record["error"] = describe_api_error(exc, self.base_url, self.settings.llm_timeout)
+        except (openai.OpenAIError, TimeoutError, PastDeadline) as exc:
+            record["retries"] = clock.attempt - 1
+            record["error"] = self._gave_up(exc, clock)
             raise LLMError(record["error"]) from None
         finally:
             record["duration_ms"] = int((time.monotonic() - started) * 1000)
@@ -197,3 +222,25 @@ class LLMClient:
                 self.storage.add_llm_call(record)
             if self.record is not None:
                 self.record(record)
+
+    def _gave_up(self, exc: BaseException | None, clock: CallClock) -> str:
+        """Why the call ended without an answer: how long it waited in all, over how many attempts, and the limit."""
+        tries = clock.requests
+        elapsed = clock.elapsed()
+        waited = f"waited {elapsed:.{0 if elapsed >= 10 else 1}f} s over {tries} attempt{'' if tries == 1 else 's'}"
+        reason = retry_reason(exc) if exc is not None else None
+        if clock.past_deadline:
+            what = {None: "did not answer", "timeout": "did not answer",
+                    "connection error": "could not be reached"}.get(reason, f"answered {reason}")
+            limit = clock.deadline.describe()
+            hint = retry_after(exc)
+            if hint is not None and hint > clock.remaining():
+                limit = f"it asked to wait {hint:.0f} s; {limit}"
+            return f"The LLM at {self.base_url} {what}: {waited} ({limit})."
+        if reason == "timeout":
+            each = (f"(AUTOCODE_LLM_TIMEOUT is {self.settings.llm_timeout:g} s)" if tries == 1 else
+                    f"of up to {self.settings.llm_timeout:g} s each (AUTOCODE_LLM_TIMEOUT, AUTOCODE_LLM_MAX_RETRIES)")
+            return f"The LLM at {self.base_url} did not answer: {waited} {each}."
+        message = describe_api_error(exc, self.base_url, self.settings.llm_timeout) if exc is not None else \
+            f"The LLM at {self.base_url} did not answer."
+        return message if tries <= 1 else f"{message.rstrip('.')} ({waited})."

@@ -229,7 +229,7 @@ class _Run:
         self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget)
 
     def _context(self) -> CallContext:
-        return CallContext(self.run_id, self.iteration or None)
+        return CallContext(self.run_id, self.iteration or None, self.agent.emit)  # emit: its waits are shown
 
     def _check_budget(self) -> None:
         """Before the run's next LLM call of its own: stop it (BudgetExceeded) when its run or daily budget is spent."""
