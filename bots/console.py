@@ -11,7 +11,8 @@ import sys
 from typing import TextIO
 
 from agent_core.events import (
-    EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
+    StepStarted,
 )
 from agent_core.loop import Agent
 from agent_core.terminal import safe_for_terminal
@@ -54,6 +55,8 @@ class ConsoleRenderer:
             case RepairPlanned(retry_from=name, reused=reused):
                 kept = f" (keeping {', '.join(reused)})" if reused else ""
                 return f"· repair from {name}{kept}"
+            case LLMWaiting() | LLMWaitOver():
+                return f"· {event.describe()}"  # "· waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"
             case RunFinished(status=status, usage=usage):
                 return (f"· run {status}: {usage.get('llm_calls', 0)} LLM calls, "
                         f"{usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens")

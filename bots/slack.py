@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from agent_core.config import ConfigError
 from agent_core.events import (
-    EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
@@ -97,7 +97,10 @@ class RunView:
 
     def apply(self, event: RunEvent) -> None:
         p = self.progress
+        p.waiting = ""  # whatever the run does next, the LLM call that waited is over
         match event:
+            case LLMWaiting():
+                p.waiting = event.describe()
             case RunStarted():
                 p.status = "running"
             case PlanReady(iteration=iteration, steps=steps):

@@ -173,6 +173,7 @@ class Progress:
     plan: list[str] = field(default_factory=list)
     steps: dict[int, str] = field(default_factory=dict)  # 1-based index -> status line of this iteration
     note: str = ""
+    waiting: str = ""  # an LLM call still waiting (LLMWaiting.describe()); cleared by the run's next event
     usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     url: str | None = None
@@ -210,6 +211,8 @@ def progress_blocks(progress: Progress) -> Blocks:
         lines.extend(line for _, line in shown)
     if progress.note and not progress.final:
         lines.append(escape(clip(progress.note, 400)))
+    if progress.waiting and not progress.final:
+        lines.append(":hourglass: " + escape(clip(progress.waiting, 300)))
     text = clip("\n".join(lines), PROGRESS_CHARS)
     blocks: Blocks = [section(text)]
     elements = []

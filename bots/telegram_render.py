@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent_core.events import (
-    EvaluationDone, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
 
 MAX_TEXT = 4096  # Telegram's limit for a message, counted after entity parsing
@@ -140,9 +140,13 @@ class Progress:
     lines: list[str] = field(default_factory=list)
     iteration: int = 1
     finished: RunFinished | None = None
+    waiting: str = ""  # an LLM call still waiting (LLMWaiting.describe()); cleared by the run's next event
 
     def apply(self, event: RunEvent) -> None:
+        self.waiting = ""  # whatever the run does next, the LLM call that waited is over
         match event:
+            case LLMWaiting():
+                self.waiting = event.describe()
             case RunStarted():
                 self.status = "running"
             case PlanReady(steps=steps):
@@ -179,6 +183,8 @@ class Progress:
         if len(lines) > PROGRESS_LINES:
             lines = [f"… {len(lines) - PROGRESS_LINES} earlier lines in the log", *lines[-PROGRESS_LINES:]]
         out.extend(lines)
+        if self.waiting and self.finished is None:
+            out.append(f"⏳ {clip(self.waiting, 300)}")
         if self.finished is not None:
             usage = self.finished.usage
             out.append(f"{usage.get('llm_calls', 0)} LLM calls · "
