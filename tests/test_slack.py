@@ -378,6 +378,22 @@ def test_updates_of_one_message_are_spaced_about_a_second_apart(server, slack):
     assert min(gaps) >= 0.9, gaps  # a lower bound only: a slow machine spaces them further
 
 
+def test_the_progress_message_shows_a_slow_llm_and_clears_it_once_it_answers(server, slack):
+    channel = "CSLOWLLM"
+    slash(server, "job tag=SLOW llmdelay=6.5", channel)  # the planner answers after 6.5 s
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", run
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    root = in_channel(slack, "chat.postMessage", channel)[0].response["ts"]
+    texts = [message_text(c) for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root]
+    shown = [i for i, text in enumerate(texts) if ":hourglass: waiting for the LLM (planner)… 5 s" in text]
+    assert shown, texts  # after 5 s of waiting, the progress line says so
+    assert "Plan: work" in texts[-2] and "waiting for the LLM" not in texts[-2]  # gone once the plan came
+    assert "Succeeded" in texts[-1] and "waiting for the LLM" not in texts[-1]
+
+
 def test_long_answers_are_split_within_block_kit_limits_and_never_cut():
     from bots import slack_render as render
 

@@ -26,7 +26,7 @@ BOT = "AutoCodeTestBot"
 PUBLIC_URL = "http://autocode.example"
 UID_BASE = 84000
 # Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
-ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, -1001001, -1001002, -1001003]
+ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, 7011, -1001001, -1001002, -1001003]
 STRANGER = 7666
 ADMIN_ID = 7999  # on TELEGRAM_ADMIN_USERS
 WAIT = 60
@@ -423,6 +423,20 @@ def test_rate_limits_are_waited_out(bot, tg):
         limited = [c for c in tg.calls_of(method, 7009, ok=None) if c.status == 429]
         assert len(limited) == 1, method
         assert [c for c in tg.calls_of(method, 7009) if c.at >= limited[0].at + 1.0], f"{method} retried"
+
+
+def test_the_progress_message_shows_a_slow_llm_and_clears_it_once_it_answers(bot, tg):
+    chat, user = private(tg, 7011)
+    update = ask(tg, chat, user, "job tag=SLOW llmdelay=6.5")  # the planner answers after 6.5 s
+    assert finished_run(bot, tg, update)["status"] == "succeeded"
+    progress_id = progress_call(tg, 7011, update["message"]["message_id"]).result["message_id"]
+    final_edit(tg, bot, 7011, progress_id)
+    texts = [c.params["text"] for c in tg.calls_of("editMessageText", 7011) if c.params["message_id"] == progress_id]
+    waiting = [t for t in texts if "⏳ waiting for the LLM (planner)… 5 s" in t]
+    assert waiting and waiting[0].startswith("⏳ Working"), texts  # after 5 s of waiting, the progress line says so
+    later = texts[texts.index(waiting[0]) + 1:]
+    assert later and all("waiting for the LLM" not in t for t in later), texts  # gone once the plan came
+    assert later[-1].startswith("✅ Done")
 
 
 def test_commands(bot, tg):

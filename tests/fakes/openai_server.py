@@ -100,6 +100,10 @@ class _Handler(BodyHandler):
         )
         fake = self.server.fake
         fake._record(rec)
+        if fake._holds_requests():
+            fake._stopping.wait()  # never_answer: the connection stays open, unanswered, until stop()
+            self.close_connection = True
+            return
         status, payload, headers, delay = fake._answer(self.command, rec)
         if delay > 0 and fake._stopping.wait(delay):
             self.close_connection = True
@@ -134,6 +138,8 @@ class FakeOpenAI(FakeService):
         self._no_models = False  # without_models_endpoint
         self._stopping = threading.Event()
         self._counter = 0
+        self._silent = False  # never_answer
+        self._busy: deque[tuple[int, dict[str, str]]] = deque()  # busy: error answers still to give
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> FakeOpenAI:
@@ -215,6 +221,21 @@ class FakeOpenAI(FakeService):
             self._no_models = True
         return self
 
+    def never_answer(self, on: bool = True) -> FakeOpenAI:
+        """Accept every request (any path) and never answer it: an endpoint that hangs. Held requests are released
+        (unanswered) only by stop()."""
+        with self._lock:
+            self._silent = on
+        return self
+
+    def busy(self, times: int, status: int = 429, retry_after: float | None = 1.0) -> FakeOpenAI:
+        """Answer the next ``times`` chat completion requests with ``status`` (429, 503…) and, unless None, a
+        ``Retry-After`` header of ``retry_after`` seconds, before any scripted reply (none is consumed)."""
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        with self._lock:
+            self._busy.extend([(status, headers)] * times)
+        return self
+
     # -- inspection ------------------------------------------------------
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -258,8 +279,25 @@ class FakeOpenAI(FakeService):
             return 404, _error_body(404, f"The model `{model}` does not exist."), {}, 0.0
         return None
 
+    def _holds_requests(self) -> bool:
+        with self._lock:
+            return self._silent
+
+    def _busy_answer(self, method: str, rec: RecordedRequest) -> tuple[int, dict[str, Any], dict[str, str], float] | None:
+        """The next error answer of busy(), for a chat completion request, while any is left."""
+        if method != "POST" or rec.path != "/v1/chat/completions":
+            return None
+        with self._lock:
+            if not self._busy:
+                return None
+            status, headers = self._busy.popleft()
+        return status, _error_body(status, f"fake openai server: busy (HTTP {status})"), dict(headers), 0.0
+
     def _answer(self, method: str, rec: RecordedRequest) -> tuple[int, dict[str, Any], dict[str, str], float]:
         """Decide (status, json payload, extra headers, delay) for a request."""
+        busy = self._busy_answer(method, rec)
+        if busy is not None:
+            return busy
         refusal = self._refusal(method, rec)
         if refusal is not None:
             return refusal

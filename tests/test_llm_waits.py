@@ -1,0 +1,187 @@
+"""LLM waits are bounded and visible (issue 12): one deadline per LLM call (AUTOCODE_LLM_DEADLINE) over all its
+tries, retries that honour Retry-After, and LLMWaiting events while a call waits — against the fake OpenAI server
+over real HTTP (a server that never answers, one that answers 429/503 first), through the real agent loop, the
+real sandbox and `autocode run` as a subprocess. Settings come from environment variables, as a user sets them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_core.app import build_agent
+from agent_core.config import Settings
+from agent_core.events import LLMWaitOver, LLMWaiting, RunEvent, RunFinished
+from tests.conftest import STEP_NUMBERS, plan, subtask, verdict
+from tests.fakes.openai_server import FakeOpenAI
+
+
+@pytest.fixture
+async def agent_from_env(tmp_path: Path, llm_server: FakeOpenAI):
+    """An agent built from environment-style settings, with every run event it emits collected."""
+    agents = []
+
+    def make(**env: str):
+        settings = Settings.from_env({
+            "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm_server.base_url, "AUTOCODE_MODEL": "fake-model",
+            "AUTOCODE_DB": str(tmp_path / "autocode.db"), "AUTOCODE_STEP_TIMEOUT": "20", **env,
+        })
+        agent = build_agent(settings)
+        agent.seen: list[RunEvent] = []
+        agent.events.subscribe(agent.seen.append)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        await agent.executor.stop()
+        await agent.llm.close()
+        agent.storage.close()
+
+
+def waits(events: list[RunEvent]) -> list[LLMWaiting]:
+    return [e for e in events if isinstance(e, LLMWaiting)]
+
+
+async def test_a_server_that_never_answers_ends_the_run_at_the_deadline_and_says_so_meanwhile(
+        agent_from_env, llm_server):
+    llm_server.never_answer()
+    agent = agent_from_env(AUTOCODE_LLM_DEADLINE="6", AUTOCODE_LLM_TIMEOUT="10", AUTOCODE_LLM_MAX_RETRIES="3")
+
+    started = time.monotonic()
+    result = await agent.run("numbers")
+    took = time.monotonic() - started
+
+    assert result.status == "failed"
+    assert took < 6 + 2, f"the run took {took:.1f} s with a 6 s deadline"
+    url = llm_server.base_url
+    assert result.error == f"The LLM at {url} did not answer: waited 6.0 s over 1 attempt (AUTOCODE_LLM_DEADLINE is 6 s).", \
+        result.error
+    # After 5 s of waiting the run said so, on the planner's first try.
+    (waiting,) = waits(agent.seen)
+    assert (waiting.purpose, waiting.attempt, waiting.attempts, waiting.reason) == ("plan", 1, 4, "")
+    assert 5 <= waiting.waited_s < 6
+    assert waiting.describe() == "waiting for the LLM (planner)… 5 s"
+    over = [e for e in agent.seen if isinstance(e, LLMWaitOver)]
+    assert [(e.purpose, e.ok, e.requests) for e in over] == [("plan", False, 1)]
+    assert isinstance(agent.seen[-1], RunFinished) and agent.seen[-1].error == result.error
+    stored = [e["type"] for e in agent.storage.events(result.run_id)]
+    assert "llm_waiting" in stored and "llm_wait_over" in stored
+    (call,) = agent.storage.llm_calls(result.run_id)
+    assert call["error"] == result.error and call["purpose"] == "plan"
+    assert len(llm_server.chat_requests()) == 1
+
+
+async def test_each_try_is_cut_at_the_timeout_and_the_retries_stop_at_the_deadline(agent_from_env, llm_server):
+    llm_server.never_answer()
+    agent = agent_from_env(AUTOCODE_LLM_DEADLINE="3", AUTOCODE_LLM_TIMEOUT="1", AUTOCODE_LLM_MAX_RETRIES="3")
+
+    started = time.monotonic()
+    result = await agent.run("numbers")
+    took = time.monotonic() - started
+
+    assert result.status == "failed" and took < 3 + 2, f"the run took {took:.1f} s with a 3 s deadline"
+    sent = len(llm_server.chat_requests())
+    match = re.fullmatch(rf"The LLM at {re.escape(llm_server.base_url)} did not answer: waited ([\d.]+) s over "
+                         rf"{sent} attempts \(AUTOCODE_LLM_DEADLINE is 3 s\)\.", result.error or "")
+    assert match, result.error
+    assert 2 <= float(match.group(1)) <= 3.2 and sent >= 2
+    retries = waits(agent.seen)
+    assert [(w.attempt, w.reason) for w in retries] == [(n, "timeout") for n in range(2, sent + 1)]
+    assert all(w.purpose == "plan" and w.attempts == 4 for w in retries)
+    assert retries[0].describe().startswith("waiting for the LLM (planner)… ")
+    assert retries[0].describe().endswith(", retry 1 of 3 (timeout)")
+    assert agent.storage.llm_calls(result.run_id)[0]["retries"] == sent - 1
+
+
+async def test_rate_limits_and_errors_are_retried_as_the_server_asks_and_shown(agent_from_env, llm_server):
+    llm_server.busy(1, 503, retry_after=None)  # backoff
+    llm_server.busy(2, 429, retry_after=1)  # Retry-After: 1
+    llm_server.reply_json(plan(STEP_NUMBERS))
+    llm_server.reply_json(verdict("1, 2, 3"))
+    agent = agent_from_env(AUTOCODE_LLM_MAX_RETRIES="3", AUTOCODE_LLM_TIMEOUT="10")
+
+    result = await agent.run("numbers")
+
+    assert result.status == "succeeded", result.error
+    assert [r.response_status for r in llm_server.requests] == [503, 429, 429, 200, 200]
+    retries = waits(agent.seen)
+    assert [(w.purpose, w.attempt, w.attempts, w.reason) for w in retries] == [
+        ("plan", 2, 4, "HTTP 503"), ("plan", 3, 4, "HTTP 429"), ("plan", 4, 4, "HTTP 429")]
+    assert retries[2].waited_s - retries[1].waited_s >= 0.95, "Retry-After: 1 was not waited"
+    assert retries[2].describe().endswith("retry 3 of 3 (HTTP 429)")
+    over = [e for e in agent.seen if isinstance(e, LLMWaitOver)]
+    assert [(e.purpose, e.ok, e.requests) for e in over] == [("plan", True, 4)]
+    assert agent.storage.llm_calls(result.run_id)[0]["retries"] == 3
+
+
+async def test_a_retry_after_past_the_deadline_fails_at_once(agent_from_env, llm_server):
+    llm_server.busy(1, 429, retry_after=600)
+    agent = agent_from_env(AUTOCODE_LLM_DEADLINE="30")
+
+    started = time.monotonic()
+    result = await agent.run("numbers")
+
+    assert result.status == "failed" and time.monotonic() - started < 10
+    assert result.error.startswith(f"The LLM at {llm_server.base_url} answered HTTP 429: waited ")
+    assert result.error.endswith("over 1 attempt (it asked to wait 600 s; AUTOCODE_LLM_DEADLINE is 30 s).")
+
+
+ASKING_STEP = subtask("ask", (
+    "def ask():\n"
+    "    try:\n"
+    "        return {'reply': llm('Say hi')}\n"
+    "    except Exception as exc:\n"
+    "        return {'error': type(exc).__name__ + ': ' + str(exc)}\n"
+))
+
+
+async def test_an_llm_call_from_a_step_ends_before_the_tool_timeout_saying_why(agent_from_env, llm_server):
+    def respond(body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("response_format"):  # the evaluator
+            return {"json": verdict("no reply")}
+        return {"content": "hi", "delay": 3600}  # the llm() helper: never answered
+
+    llm_server.reply_json(plan(ASKING_STEP))
+    llm_server.responder(respond)
+    agent = agent_from_env(AUTOCODE_TOOL_TIMEOUT="3", AUTOCODE_LLM_TIMEOUT="1", AUTOCODE_LLM_MAX_RETRIES="3")
+
+    result = await agent.run("ask the llm")
+
+    assert result.status == "succeeded", result.error
+    error = result.steps[0].output["error"]
+    assert re.fullmatch(rf"ToolCallError: llm: LLMError: The LLM at {re.escape(llm_server.base_url)} did not answer: waited [\d.]+ s "
+                        r"over \d attempts \(AUTOCODE_TOOL_TIMEOUT is 3 s\)\.", error), error
+    retries = [w for w in waits(agent.seen) if w.purpose == "helper"]
+    assert retries and retries[0].attempt == 2 and retries[0].reason == "timeout"
+    assert retries[0].describe().startswith("waiting for the LLM (llm() helper)… ")
+    helper_calls = [c for c in agent.storage.llm_calls(result.run_id) if c["purpose"] == "helper"]
+    assert len(helper_calls) == 1 and helper_calls[0]["error"] in error
+
+
+def test_the_console_shows_the_waiting_lines_and_the_total_wait(tmp_path, llm_server):
+    llm_server.never_answer()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    env.update(OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
+               AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_DEADLINE="3", AUTOCODE_LLM_TIMEOUT="1",
+               AUTOCODE_LLM_MAX_RETRIES="3")
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "run", "numbers"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    waiting = [line for line in lines if line.startswith("· waiting for the LLM (planner)… ")]
+    assert waiting and waiting[0].endswith(", retry 1 of 3 (timeout)"), proc.stderr
+    assert any(line.startswith("· no answer from the LLM (planner) after ") for line in lines), proc.stderr
+    assert re.search(r"Run \w+ failed: The LLM at \S+ did not answer: waited [\d.]+ s over \d attempts "
+                     r"\(AUTOCODE_LLM_DEADLINE is 3 s\)\.", proc.stderr), proc.stderr
+    assert took < 3 + 12, f"autocode run took {took:.1f} s with a 3 s deadline"
