@@ -230,3 +230,49 @@ async def test_data_tools_are_built_in_but_never_preloaded(make_agent, llm_serve
     assert result.status == "succeeded", result.error
     assert result.steps[0].output == {"loaded": []}
     assert agent.executor.preload == []
+
+
+async def test_the_manifest_previews_excel_json_text_and_images_and_survives_a_preview_timeout(
+        make_agent, llm_server, tmp_path):
+    import openpyxl
+
+    from agent_core.workspace import run_with_files
+
+    book = openpyxl.Workbook()
+    book.active.title = "Q1"
+    book.active.append(["region", "amount"])
+    book.active.append(["north", 5])
+    book.create_sheet("Q2").append(["city", "visits"])
+    book.save(tmp_path / "book.xlsx")
+    (tmp_path / "data.json").write_text(json.dumps({"orders": [{"id": 1}], "total": 3}))
+    (tmp_path / "notes.txt").write_text("first line\nsecond line\n")
+    (tmp_path / "photo.gif").write_bytes(b"GIF89a\x20\x03\x58\x02" + b"\0" * 20)
+    (tmp_path / "jpeg.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x04ab\xff\xc0\x00\x11\x08\x01\xe0\x02\x80" + b"\0" * 20)
+    llm_server.reply_json(plan(subtask("ok", "def ok():\n    return {'ok': True}")))
+    llm_server.reply_json(verdict("fine"))
+    agent = make_agent(sandbox_warm=0)
+
+    result = await run_with_files(agent, "look", "m", [tmp_path / n for n in (
+        "book.xlsx", "data.json", "notes.txt", "photo.gif", "jpeg.jpg")])
+
+    assert result.status == "succeeded", result.error
+    prompt = user_prompt(llm_server.chat_requests()[0])
+    assert "Excel workbook, sheets: Q1, Q2" in prompt and "sheet Q1 (2 rows): region | amount" in prompt
+    assert "JSON object with 2 keys {orders: array of 1" in prompt
+    assert "text, first lines:" in prompt and "second line" in prompt
+    assert "GIF image 800x600" in prompt and "JPEG image 640x480" in prompt
+
+    # A file the previewer cannot finish within the step's time limit: every file says so, the run goes on.
+    slow = tmp_path / "slow.csv"
+    with slow.open("w") as handle:
+        for _ in range(40):
+            handle.write("a,b,c,d,e,f,g,h\n" * 50_000)
+    llm_server.reply_json(plan(subtask("ok", "def ok():\n    return {'ok': True}")))
+    llm_server.reply_json(verdict("fine"))
+    agent = make_agent(sandbox_warm=0, step_timeout=0.3)
+
+    result = await run_with_files(agent, "look", "slow", [slow])
+
+    assert result.status == "succeeded", result.error
+    prompt = user_prompt(llm_server.chat_requests()[2])
+    assert "inputs/slow.csv" in prompt and "preview failed:" in prompt
