@@ -126,6 +126,10 @@ class _Probe:
             self.notes.append(f"the server {reason}, so the model name could not be checked")
         except (openai.APIConnectionError, TimeoutError) as exc:
             return self._unreachable(exc, "GET /models")
+        except (openai.APIError, TypeError, AttributeError, ValueError):  # 200, but not a model list
+            self.facts["latency_ms"] = None
+            self.notes.append("the server's GET /models answer is not a model list, so the model name could not be "
+                              "checked")
         return await self._structured_output()
 
     def _check_model(self, ids: list[str]) -> None:
@@ -153,6 +157,9 @@ class _Probe:
                 return self._chat_failed(exc)
             except (openai.APIConnectionError, TimeoutError) as exc:
                 return self._unreachable(exc, "a tiny chat request")
+            except (openai.APIError, TypeError, AttributeError, ValueError) as exc:  # 200, but not a completion
+                return self.result("error", f"the server's answer to a tiny chat request is not a chat completion "
+                                            f"({type(exc).__name__})")
             return self._accepted(fmt, completion, elapsed, rejected)
         if self.facts.get("model_listed") is False:
             return self.result("unknown_model", self._unknown_model())
