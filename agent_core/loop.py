@@ -19,7 +19,7 @@ from agent_core.events import (
 )
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
-from agent_core.manifest import PreparedInputs, prepare_inputs
+from agent_core.manifest import InputsNotPlaced, PreparedInputs, prepare_inputs
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
 from agent_core.sandbox import (
     Executor, Limits, PlannedStep, Sandbox, SandboxUnavailable, StepBatch, StepResult,
@@ -250,6 +250,8 @@ class _Run:
             sandbox = await self.agent.executor.open(self.run_id)
             status, answer, error = await self._loop(sandbox)
         except LLMError as exc:
+            error = str(exc)
+        except InputsNotPlaced as exc:  # the user's files did not fit (issue 13): their message, not the operator's
             error = str(exc)
         except SandboxUnavailable as exc:
             log.error("run %s: no sandbox: %s", self.run_id, exc)

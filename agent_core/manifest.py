@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_core.inputs import InputFile
-from agent_core.sandbox import Limits, Sandbox, StepRequest
+from agent_core.sandbox import Limits, Sandbox, SandboxUnavailable, StepRequest
 from agent_core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,11 @@ PREVIEW_SOURCE = (Path(__file__).parent / "preview.py").read_text()
 PREVIEW_CHARS = 400  # as preview.py clips; clipped again here, whatever the sandbox returned
 MANIFEST_HEADER = ("Files in inputs/ (read-only: read them from inputs/NAME, save what you make under outputs/; "
                    "the bytes are not shown here):")
+
+
+class InputsNotPlaced(SandboxUnavailable):
+    """The conversation's files could not be placed in the run's sandbox (e.g. over its disk cap); the message is
+    for the user."""
 
 
 @dataclass
@@ -39,7 +44,12 @@ async def prepare_inputs(sandbox: Sandbox, workspace: Workspace, conversation: s
     files = workspace.inputs_for(conversation)
     if not files:
         return PreparedInputs(notes=notes)
-    await sandbox.put_inputs(files)
+    try:
+        await sandbox.put_inputs(files)
+    except SandboxUnavailable as exc:
+        log.warning("run's input files not placed: %s", exc)
+        raise InputsNotPlaced(f"The files could not be placed in the sandbox, so no code ran ({_clip(str(exc), 200)}"
+                              f"). Fewer or smaller files may fit; /reset clears the conversation's files.") from None
     previews = await _previews(sandbox, [f"inputs/{f.name}" for f in files], limits, gate)
     lines = [MANIFEST_HEADER]
     for item in files:
@@ -77,4 +87,4 @@ def _size(size: int) -> str:
     return f"{size} bytes"
 
 
-__all__ = ["PreparedInputs", "prepare_inputs"]
+__all__ = ["InputsNotPlaced", "PreparedInputs", "prepare_inputs"]

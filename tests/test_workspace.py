@@ -211,13 +211,15 @@ def test_clashing_names_are_told_apart():
 
 
 async def test_data_tools_are_built_in_but_never_preloaded(make_agent, llm_server, tmp_path):
-    """pandas, matplotlib and openpyxl are declared libraries with guides, imported only by the steps that use
-    them: a step forked from a fresh worker (after the input preview ran) finds none of them loaded."""
+    """pandas, matplotlib and openpyxl are declared libraries, imported only by the steps that use them: a step
+    forked from a fresh worker (after the input preview ran) finds none of them loaded. Where files are is said
+    by the manifest (inputs/) and the system prompt (outputs/), not by per-library guides in every request."""
+    from agent_core.manifest import MANIFEST_HEADER
     from agent_core.workspace import run_with_files
 
     agent = make_agent(sandbox_warm=0)
     assert {"pandas", "matplotlib", "openpyxl"} <= set(agent.toolset.libraries)
-    assert "inputs/" in agent._planner_system and "outputs/" in agent._planner_system  # the guides
+    assert "inputs/" in MANIFEST_HEADER and "outputs/" in agent._planner_system
     csv_file = tmp_path / "t.csv"
     csv_file.write_text("a,b\n1,2\n")
     probe = subtask("probe", "def probe():\n    import sys\n    return {'loaded': sorted(m for m in "
@@ -276,3 +278,65 @@ async def test_the_manifest_previews_excel_json_text_and_images_and_survives_a_p
     assert result.status == "succeeded", result.error
     prompt = user_prompt(llm_server.chat_requests()[2])
     assert "inputs/slow.csv" in prompt and "preview failed:" in prompt
+
+
+async def test_files_over_the_sandbox_disk_cap_fail_the_run_with_a_message_for_the_user(make_agent, llm_server,
+                                                                                        tmp_path):
+    from agent_core.workspace import run_with_files
+
+    agent = make_agent(sandbox_warm=0, workdir_mb=1)
+    if agent.executor.name != "bwrap":
+        pytest.skip("only bubblewrap caps a run's working directory (a size-capped tmpfs)")
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"a,b\n" + b"1,2\n" * (512 * 1024))  # 2 MB
+
+    result = await run_with_files(agent, "look", "full", [big])
+
+    assert result.status == "failed"
+    assert result.error.startswith("The files could not be placed in the sandbox, so no code ran")
+    assert "No space left" in result.error
+    assert llm_server.chat_requests() == []
+
+
+async def test_inputs_travel_with_a_remote_job_as_working_files(make_agent, make_settings, llm_server,
+                                                                          tmp_path):
+    """The Celery sandbox's put_inputs: the files become inputs/ of the working files a job carries, which a
+    worker's sandbox restores (`JobRunner` calls `restore`) and a step there reads. (Not read-only there: the
+    restore's `data` filter gives the owner write; the workspace keeps the server's copy either way.)"""
+    import io
+    import tarfile
+
+    from agent_core.inputs import InputFile
+    from agent_core.sandbox import StepRequest
+    from agent_core.sandbox.remote import RemoteExecutor, RemoteSandbox
+    from storage.db import Storage
+
+    data = tmp_path / "blob"
+    data.write_bytes(b"a,b\n1,2\n")
+    settings = make_settings()
+    remote = RemoteSandbox(RemoteExecutor(settings, Storage(tmp_path / "r.db")), "run1")
+    await remote.put_inputs([InputFile("sales.csv", data, 8, "uploaded with run 1"),
+                             InputFile("results/run-1.json", data, 8)])
+
+    with tarfile.open(fileobj=io.BytesIO(remote.workdir)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["inputs/sales.csv"].mode == 0o444 and members["inputs/results/run-1.json"].isfile()
+    assert (await remote.collect_outputs(1 << 20, 1 << 20)).artifacts == []  # inputs are not outputs
+
+    agent = make_agent(sandbox_warm=0)
+    worker_sandbox = await agent.executor.open("run1")
+    try:
+        await worker_sandbox.restore(remote.workdir)
+        result = await worker_sandbox.run_step(StepRequest(code=(
+            "def read():\n    return {'text': open('inputs/sales.csv').read()}\n"),
+            function="read", input=None))
+    finally:
+        await worker_sandbox.close()
+    assert result.ok, result.error
+    assert result.output == {"text": "a,b\n1,2\n"}
+
+    from agent_core.sandbox import SandboxUnavailable
+
+    small = RemoteSandbox(RemoteExecutor(make_settings(job_transfer_mb=1), Storage(tmp_path / "r.db")), "run2")
+    with pytest.raises(SandboxUnavailable, match="AUTOCODE_JOB_TRANSFER_MB=1"):
+        await small.put_inputs([InputFile("sales.csv", data, 2 << 20)])

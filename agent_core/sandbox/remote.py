@@ -231,8 +231,10 @@ class RemoteSandbox:
         return CollectedOutputs(artifacts, skipped[:20], len(skipped))
 
     async def put_inputs(self, files: "list[InputFile]") -> None:
-        """The input files become inputs/ of the working files every job carries (mode 0444 in the tar; a worker
-        restores them as the run's uid, so there they are read-only by mode only).
+        """The input files become inputs/ of the working files every job carries. A worker restores them as the
+        run's uid through tarfile's `data` filter, which gives the owner write: on workers inputs/ is NOT read-only
+        (a step's change stays within this run; the conversation's workspace keeps the server's copy). Making it
+        read-only there needs the job to carry inputs apart and the worker to call `put_inputs` (agent_core/jobs.py).
 
         Why they travel with the job rather than being fetched by the worker: the working files already make this
         trip (base64 in the job, within AUTOCODE_JOB_TRANSFER_MB), any worker can take any job with nothing shared,
