@@ -27,7 +27,7 @@ def defined_functions(code: str) -> list[str]:
 
 def test_builtin_toolset_shape(toolset):
     assert toolset.trusted_names == ["geocode", "llm"]
-    assert toolset.libraries == ["numpy", "geopy"]
+    assert toolset.libraries == ["numpy", "pandas", "matplotlib", "openpyxl", "geopy"]  # the data tools of issue 13 too
 
 
 # ---------------------------------------------------------------- signatures and order
@@ -174,7 +174,7 @@ def test_undeclared_import_rejected(toolset, imports, module):
         check_subtask(make("load", code), [], toolset)
     message = str(info.value)
     assert f"import of {module!r} is not allowed" in message
-    assert "numpy, geopy" in message
+    assert "numpy, pandas, matplotlib, openpyxl, geopy" in message
 
 
 def test_undeclared_import_inside_function_rejected(toolset):

@@ -187,9 +187,10 @@ def test_tools_file_bad_entry_is_located(tmp_path):
 
 def test_builtin_toolset():
     toolset = build_toolset(None)
-    assert [t.kind for t in toolset.tools] == ["library", "guide", "exact", "llm"]
+    kinds = [t.kind for t in toolset.tools]  # numpy, the data tools (issue 13), geopy's guide, geocode, llm
+    assert kinds[0] == "library" and kinds[-3:] == ["guide", "exact", "llm"] and len(kinds) == 7
     assert toolset.trusted_names == ["geocode", "llm"]
-    assert toolset.libraries == ["numpy", "geopy"]
+    assert toolset.libraries == ["numpy", "pandas", "matplotlib", "openpyxl", "geopy"]
 
 
 def test_tools_file_extends_builtins(tmp_path):
@@ -263,7 +264,7 @@ def test_describe_functions_and_guides():
     assert bare.splitlines() == ["- geocode(address: str) -> dict | None", "- llm(prompt: str, system: str = '') -> str"]
 
     guides = describe_guides(toolset)
-    assert guides.startswith("geopy: Distances between coordinates with geopy.distance.geodesic(a, b).km.")
+    assert "\ngeopy: Distances between coordinates with geopy.distance.geodesic(a, b).km." in guides
     assert "never a geocoder directly" in guides
     assert "  e.g. from geopy.distance import geodesic\n  km = geodesic(" in guides
     assert "numpy" not in guides  # a plain library has nothing to describe
