@@ -100,11 +100,12 @@ def _clip(text: str | None, limit: int, keep: str = "head") -> str:
 
 
 def _traceback_frames(traceback: str | None) -> str:
-    """The frames of a traceback without its header and final line (the error is shown on its own)."""
+    """The frames of a traceback without its header, final line (the error is shown on its own) and the ~~~^^^
+    marker lines under a frame's code (they point at columns: noise for the evaluator, and tokens)."""
     lines = (traceback or "").strip().splitlines()
     if lines and lines[0].startswith("Traceback"):
         lines = lines[1:]
-    frames = [line for line in lines if line.startswith(" ")]
+    frames = [line for line in lines if line.startswith(" ") and line.strip().strip("~^")]
     return "\n".join(frames)
 
 

@@ -187,8 +187,7 @@ def test_tools_file_bad_entry_is_located(tmp_path):
 
 def test_builtin_toolset():
     toolset = build_toolset(None)
-    kinds = [t.kind for t in toolset.tools]  # numpy, the data tools (issue 13), geopy's guide, geocode, llm
-    assert kinds[0] == "library" and kinds[-3:] == ["guide", "exact", "llm"] and len(kinds) == 7
+    assert [t.kind for t in toolset.tools] == ["library", "library", "library", "library", "guide", "exact", "llm"]
     assert toolset.trusted_names == ["geocode", "llm"]
     assert toolset.libraries == ["numpy", "pandas", "matplotlib", "openpyxl", "geopy"]
 
@@ -255,19 +254,23 @@ def test_allows_import_by_distribution_name(tmp_path):
 # ---------------------------------------------------------------- describe_*
 
 
-def test_describe_functions_and_guides():
+def test_describe_functions_and_guides(tmp_path):
     toolset = build_toolset(None)
     functions = describe_functions(toolset)
-    assert "- geocode(address: str) -> dict | None: Coordinates of an address" in functions
+    assert "- geocode(address: str) -> dict | None: Returns {address, latitude, longitude} or None" in functions
     assert "- llm(prompt: str, system: str = '') -> str: One-shot text work" in functions
     bare = describe_functions(toolset, with_instructions=False)
     assert bare.splitlines() == ["- geocode(address: str) -> dict | None", "- llm(prompt: str, system: str = '') -> str"]
 
     guides = describe_guides(toolset)
-    assert "\ngeopy: Distances between coordinates with geopy.distance.geodesic(a, b).km." in guides
+    assert guides.startswith("geopy: Distances: geopy.distance.geodesic((lat, lon), (lat, lon)).km.")
     assert "never a geocoder directly" in guides
-    assert "  e.g. from geopy.distance import geodesic\n  km = geodesic(" in guides
-    assert "numpy" not in guides  # a plain library has nothing to describe
+    assert "numpy" not in guides and "pandas" not in guides  # a plain library has nothing to describe
+
+    path = write_tools_file(tmp_path, "TOOLS = [{'lib_name': ['shapely'], 'instructions': 'Geometry.', "
+                                      "'code_example': 'from shapely import Point\\np = Point(0, 0)'}]\n")
+    guides = describe_guides(build_toolset(path))
+    assert "shapely: Geometry.\n  e.g. from shapely import Point\n  p = Point(0, 0)" in guides
 
 
 def test_describe_functions_empty():

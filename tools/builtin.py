@@ -22,35 +22,20 @@ def geocode(address: str) -> dict | None:
 
 BUILTIN_SPECS = [
     {"lib_name": ["numpy"]},
-    # Data tools (issue 13). Imported by the steps that use them, never preloaded: a worker starts without them.
-    {
-        "lib_name": ["pandas"],
-        "instructions": "Tables: the user's files are under inputs/ (read-only), e.g. "
-        "pd.read_csv('inputs/sales.csv'); return small summaries, not whole tables.",
-        "code_example": "import pandas as pd\ndf = pd.read_csv('inputs/sales.csv')\ntotals = df.groupby('region')"
-        "['amount'].sum().to_dict()",
-    },
-    {
-        "lib_name": ["matplotlib"],
-        "instructions": "Charts: use the Agg backend and save PNGs under outputs/ (they are sent to the user).",
-        "code_example": "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
-        "fig, ax = plt.subplots()\nax.bar(names, values)\nfig.savefig('outputs/chart.png', dpi=100)",
-    },
-    {
-        "lib_name": ["openpyxl"],
-        "instructions": "Excel files under inputs/: pd.read_excel('inputs/book.xlsx', sheet_name=None) (openpyxl "
-        "engine), or openpyxl.load_workbook(path, read_only=True); write .xlsx results under outputs/.",
-    },
+    # Data tools (issue 13), imported by the steps that use them (never preloaded: a worker starts without them).
+    # No guide text: the files manifest says where inputs are and the system prompt where outputs go, and the
+    # sandbox sets MPLBACKEND=Agg, so each planner request stays as small as before.
+    {"lib_name": ["pandas"]},
+    {"lib_name": ["matplotlib"]},
+    {"lib_name": ["openpyxl"]},
     {
         "lib_name": ["geopy"],
-        "instructions": "Distances between coordinates with geopy.distance.geodesic(a, b).km. "
-        "To turn addresses into coordinates call geocode(address), never a geocoder directly.",
-        "code_example": "from geopy.distance import geodesic\nkm = geodesic((48.85, 2.35), (51.51, -0.13)).km",
+        "instructions": "Distances: geopy.distance.geodesic((lat, lon), (lat, lon)).km. Addresses to coordinates "
+        "only through geocode(address), never a geocoder directly.",
     },
     {
         "lib_names": ["geopy"],
-        "instructions": "Coordinates of an address: {address, latitude, longitude} or None. Call it at most once "
-        "per address.",
+        "instructions": "Returns {address, latitude, longitude} or None; call it at most once per address.",
         "use_exactly_code_example": True,
         "code_example": GEOCODE_CODE.strip(),
     },

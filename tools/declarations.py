@@ -88,7 +88,7 @@ def tool_from_dict(spec: dict[str, Any], where: str = "tool") -> Tool:
 
 LLM_HELPER = Tool(
     "llm",
-    instructions="One-shot text work by an LLM (summarize, classify, extract, translate, write). Returns the text.",
+    instructions="One-shot text work by an LLM (summarize, classify, extract, translate, write).",
     functions={"llm": "llm(prompt: str, system: str = '') -> str"},
 )
 
