@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_core.inputs import InputFile
+from agent_core.inputs import RESULTS_DIR, InputFile
 from agent_core.sandbox import Limits, Sandbox, SandboxUnavailable, StepRequest
 from agent_core.workspace import Workspace
 
@@ -50,7 +50,10 @@ async def prepare_inputs(sandbox: Sandbox, workspace: Workspace, conversation: s
         log.warning("run's input files not placed: %s", exc)
         raise InputsNotPlaced(f"The files could not be placed in the sandbox, so no code ran ({_clip(str(exc), 200)}"
                               f"). Fewer or smaller files may fit; /reset clears the conversation's files.") from None
-    previews = await _previews(sandbox, [f"inputs/{f.name}" for f in files], limits, gate)
+    # Earlier runs' results are our own small records: their origin line says enough, and a conversation with
+    # nothing else costs no preview step.
+    previewed = [f"inputs/{f.name}" for f in files if not f.name.startswith(f"{RESULTS_DIR}/")]
+    previews = await _previews(sandbox, previewed, limits, gate) if previewed else {}
     lines = [MANIFEST_HEADER]
     for item in files:
         where = f"inputs/{item.name}"

@@ -120,6 +120,8 @@ def test_csv_reaches_the_steps_the_planner_sees_a_manifest_and_a_follow_up_reuse
     assert "inputs/sales.csv" in prompt and "uploaded with run 1" in prompt
     assert "inputs/chart.png" in prompt and "output of run 1" in prompt and "PNG image" in prompt
     assert "inputs/results/run-1.json" in prompt and "result of run 1" in prompt
+    after_result = prompt.split("inputs/results/run-1.json", 1)[1].split("\n")[1:2]
+    assert not after_result or not after_result[0].startswith("    "), "our own result file is not previewed"
     assert SECRET_ROW not in json.dumps(llm_server.chat_requests())
 
     history = cli("history", "--conversation", "team")
