@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PREVIEW_SOURCE = (Path(__file__).parent / "preview.py").read_text()
 PREVIEW_CHARS = 400  # as preview.py clips; clipped again here, whatever the sandbox returned
+MANIFEST_MAX_FILES = 30  # files listed (and previewed); the rest are counted, so the prompt stays small
 MANIFEST_HEADER = ("Files in inputs/ (read-only: read them from inputs/NAME, save what you make under outputs/; "
                    "the bytes are not shown here):")
 
@@ -52,14 +53,17 @@ async def prepare_inputs(sandbox: Sandbox, workspace: Workspace, conversation: s
                               f"). Fewer or smaller files may fit; /reset clears the conversation's files.") from None
     # Earlier runs' results are our own small records: their origin line says enough, and a conversation with
     # nothing else costs no preview step.
-    previewed = [f"inputs/{f.name}" for f in files if not f.name.startswith(f"{RESULTS_DIR}/")]
+    listed = files[:MANIFEST_MAX_FILES]
+    previewed = [f"inputs/{f.name}" for f in listed if not f.name.startswith(f"{RESULTS_DIR}/")]
     previews = await _previews(sandbox, previewed, limits, gate) if previewed else {}
     lines = [MANIFEST_HEADER]
-    for item in files:
+    for item in listed:
         where = f"inputs/{item.name}"
         lines.append(f"- {where} ({_size(item.size)}, {item.mime}{', ' + item.origin if item.origin else ''})")
         preview = _clip(previews.get(where) or "", PREVIEW_CHARS)
         lines += [f"    {line}" for line in preview.splitlines() if line.strip()]
+    if len(files) > len(listed):
+        lines.append(f"- … and {len(files) - len(listed)} more files (list inputs/ to see them)")
     return PreparedInputs(files, "\n".join(lines), notes)
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RESULT_ANSWER_CHARS = 4000  # a result file stays small: the answer as the user read it, clipped
+RESULTS_KEPT = 5  # results/run-N.json of the latest runs only: a long conversation's inputs/ stays short
 
 
 class Workspace:
@@ -160,6 +161,10 @@ class Workspace:
             self.storage.add_workspace_file({"conversation": conversation, "name": name, "sha256": sha256,
                                              "size": size, "kind": kind, "run_id": run_id, "run_no": run_no})
             used += grows
+        results = sorted((r for r in self.storage.workspace_files(conversation) if r["kind"] == "result"),
+                         key=lambda r: r["run_no"])
+        if len(results) > RESULTS_KEPT:
+            self.storage.delete_workspace_files(conversation, names=[r["name"] for r in results[:-RESULTS_KEPT]])
         if not left_out:
             return None
         return (f"Not kept for follow-ups (this conversation's files are over {self.settings.workspace_mb} MB, "

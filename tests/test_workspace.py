@@ -342,3 +342,25 @@ async def test_inputs_travel_with_a_remote_job_as_working_files(make_agent, make
     small = RemoteSandbox(RemoteExecutor(make_settings(job_transfer_mb=1), Storage(tmp_path / "r.db")), "run2")
     with pytest.raises(SandboxUnavailable, match="AUTOCODE_JOB_TRANSFER_MB=1"):
         await small.put_inputs([InputFile("sales.csv", data, 2 << 20)])
+
+
+def test_a_long_conversation_keeps_only_the_latest_results_and_each_blob_once(make_settings, tmp_path):
+    from agent_core.sandbox import Artifact
+    from agent_core.workspace import RESULTS_KEPT, Workspace, result_record
+    from storage.db import Storage
+
+    storage = Storage(tmp_path / "w.db")
+    workspace = Workspace(storage, make_settings())
+    chart = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+    for number in range(1, RESULTS_KEPT + 3):
+        run_id = storage.create_run("long", f"task {number}", status="queued")
+        workspace.keep_run("long", run_id, [Artifact("chart.png", chart, "image/png")],
+                           result_record(number, run_id, "t", "succeeded", "a", None, ["chart.png"]))
+
+    names = [r["name"] for r in storage.workspace_files("long")]
+    assert names.count("chart.png") == 1
+    assert sorted(n for n in names if n.startswith("results/")) == sorted(
+        f"results/run-{n}.json" for n in range(3, RESULTS_KEPT + 3))
+    assert len([p for p in storage.blob_dir.rglob("*") if p.is_file()]) == RESULTS_KEPT + 1
+    assert storage.clear_conversation("long") == 0 and storage.workspace_files("long") == []
+    assert [p for p in storage.blob_dir.rglob("*") if p.is_file()] == []
