@@ -61,8 +61,10 @@ async def test_a_server_that_never_answers_ends_the_run_at_the_deadline_and_says
     assert result.status == "failed"
     assert took < 6 + 2, f"the run took {took:.1f} s with a 6 s deadline"
     url = llm_server.base_url
-    assert result.error == f"The LLM at {url} did not answer: waited 6.0 s over 1 attempt (AUTOCODE_LLM_DEADLINE is 6 s).", \
-        result.error
+    # The wait is measured, so on a loaded machine it may read 6.1 s or so: the wording is exact, the number close.
+    match = re.fullmatch(rf"The LLM at {re.escape(url)} did not answer: waited (\d+\.\d) s over 1 attempt "
+                         r"\(AUTOCODE_LLM_DEADLINE is 6 s\)\.", result.error or "")
+    assert match and 6.0 <= float(match.group(1)) < 7.5, result.error
     # After 5 s of waiting the run said so, on the planner's first try.
     (waiting,) = waits(agent.seen)
     assert (waiting.purpose, waiting.attempt, waiting.attempts, waiting.reason) == ("plan", 1, 4, "")
