@@ -1,6 +1,10 @@
 """The run scheduler: a durable queue in SQLite, one active run per conversation, a global cap, cancellation,
 daily token budgets at submission (a running run counts them too, see agent_core/budget.py), and recovery of runs
-a crash left behind."""
+a crash left behind.
+
+A run submitted with `hold=True` is stored (and de-duplicated by its delivery id) but `held`: the dispatcher does not
+start it until `release(run_id)` (its files are in the conversation's workspace) or ends it with `fail_held(run_id,
+message)`. agent_core/uploads.py is the one caller of both; a held run found at start-up is interrupted."""
 
 from __future__ import annotations
 
@@ -20,12 +24,14 @@ log = logging.getLogger(__name__)
 # conversation can tell its user.
 InterruptedNotifier = Callable[[dict], Awaitable[None]]
 INTERRUPTED_MESSAGE = "AutoCode restarted while this task was running; please send it again."
+HELD_INTERRUPTED_MESSAGE = ("AutoCode restarted while this task's files were being received; nothing was run. "
+                            "Please send the task and its files again.")
 
 
 @dataclass(frozen=True)
 class Submission:
     run_id: str | None
-    status: str  # queued | duplicate | refused
+    status: str  # queued | held | duplicate | refused
     message: str = ""
     reason: str = ""  # when refused: empty | budget | shutting_down
 
@@ -51,9 +57,10 @@ class RunScheduler:
 
     # --- submission -----------------------------------------------------------------------------------------
     def submit(self, task: str, conversation: str, *, user: str = "", adapter: str = "api",
-               delivery_id: str | None = None, reply_to: dict | None = None) -> Submission:
+               delivery_id: str | None = None, reply_to: dict | None = None, hold: bool = False) -> Submission:
         """Store the task as a queued run (before the adapter acknowledges it); never starts a second run for
-        the same delivery; refuses users over their daily token budget."""
+        the same delivery; refuses users over their daily token budget. With `hold`, the run is stored `held`
+        (not started) until `release` or `fail_held`: the adapter receives its files meanwhile."""
         if not self.accepting:
             return Submission(None, "refused", "AutoCode is shutting down; please try again in a minute.",
                               "shutting_down")
@@ -67,12 +74,36 @@ class RunScheduler:
                     f"You have used {used} of your {self.settings.daily_tokens_per_user} LLM tokens for today; "
                     "please try again tomorrow."), "budget")
         try:
-            run_id = self.storage.create_run(conversation, task, status="queued", user=user, adapter=adapter,
+            run_id = self.storage.create_run(conversation, task, status="held" if hold else "queued", user=user,
+                                             adapter=adapter,
                                              delivery_id=delivery_id, reply_to=reply_to)
         except DuplicateDelivery as duplicate:
             return Submission(duplicate.run_id, "duplicate", "This delivery already started a run.")
+        if hold:
+            return Submission(run_id, "held")
         self._wake.set()
         return Submission(run_id, "queued")
+
+    # --- held runs (agent_core/uploads.py) ------------------------------------------------------------------------
+    def release(self, run_id: str) -> bool:
+        """A held run may start now (its files are stored); False if it is no longer held (cancelled, failed,
+        interrupted by a stop meanwhile)."""
+        run = self.storage.get_run(run_id)
+        if run is None or run["status"] != "held":
+            return False
+        self.storage.update_run(run_id, status="queued")
+        self._wake.set()
+        return True
+
+    async def fail_held(self, run_id: str, message: str) -> bool:
+        """End a held run as failed with `message` for the user, and its RunFinished event, so the adapter renders
+        it like any failed run. False if it is no longer held."""
+        run = self.storage.get_run(run_id)
+        if run is None or run["status"] != "held":
+            return False
+        self.storage.finish_run(run_id, "failed", None, message, 0)
+        await self.agent.emit(RunFinished(run_id, "failed", "", message, 0, self.storage.usage(run_id)))
+        return True
 
     def daily_tokens(self, user: str) -> int:
         """Tokens of the user's runs in the last 24 hours (the window the daily budget counts)."""
@@ -84,7 +115,7 @@ class RunScheduler:
         run = self.storage.get_run(run_id)
         if run is None:
             return None
-        if run["status"] == "queued":  # record it first, so nothing dispatches it in between
+        if run["status"] in ("queued", "held"):  # record it first, so nothing dispatches it in between
             self.storage.finish_run(run_id, "cancelled", None, "Cancelled before it started.", 0)
             await self.agent.emit(RunFinished(run_id, "cancelled", "", "Cancelled before it started.", 0,
                                               self.storage.usage(run_id)))
@@ -108,6 +139,10 @@ class RunScheduler:
         for run in self.storage.runs_with_status("running"):
             self._interrupt(run["id"])
             log.warning("run %s was interrupted by a restart", run["id"])
+            interrupted.append(run["id"])
+        for run in self.storage.runs_with_status("held"):  # its files' download died with the process
+            self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE)
+            log.warning("held run %s was interrupted by a restart", run["id"])
             interrupted.append(run["id"])
         return interrupted
 
@@ -140,11 +175,14 @@ class RunScheduler:
                 await asyncio.gather(task, return_exceptions=True)
                 self._interrupt(run_id)
                 self._unannounced.append(run_id)
+        for run in self.storage.runs_with_status("held"):  # a receiver still downloading finds it no longer held
+            self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE)
+            self._unannounced.append(run["id"])
         await self.announce_interrupted()  # the adapters are still up
 
-    def _interrupt(self, run_id: str) -> None:
+    def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> None:
         iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0
-        self.storage.finish_run(run_id, "interrupted", None, INTERRUPTED_MESSAGE, iterations)
+        self.storage.finish_run(run_id, "interrupted", None, message, iterations)
 
     @property
     def running(self) -> list[str]:

@@ -14,6 +14,8 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -22,6 +24,7 @@ from agent_core import viewer
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.llm_probe import probe_llm
+from agent_core import uploads
 from agent_core.scheduler import RunScheduler
 from bots import Runtime, build_adapters
 
@@ -59,6 +62,38 @@ class RequestGauge:
             if not self.in_flight and now - self._last_done >= self.SETTLE_S:
                 return
             await asyncio.sleep(0.01)
+
+
+class FileTooLarge(MultiPartException):
+    """A file part went over AUTOCODE_INPUT_MAX_MB while the request was being read (reading stopped there)."""
+
+
+class CappedMultiPartParser(MultiPartParser):
+    """starlette's parser (files spooled to disk past 1 MB, SpooledTemporaryFile) that also stops reading a file
+    part at `max_file_bytes`: starlette's own `max_part_size` bounds only the non-file fields."""
+
+    def __init__(self, *args: Any, max_file_bytes: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_file_bytes = max_file_bytes
+        self._file_bytes = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._file_bytes = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is not None:
+            self._file_bytes += end - start
+            if self._file_bytes > self.max_file_bytes:
+                raise FileTooLarge(f"{self._current_part.file.filename or 'a file'} is over the limit of "
+                                   f"{self.max_file_bytes // 1048576} MB a file (AUTOCODE_INPUT_MAX_MB); "
+                                   "nothing was run.")
+        super().on_part_data(data, start, end)
+
+
+async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1 << 20):
+        yield chunk
 
 
 class Server:
@@ -169,6 +204,8 @@ class Server:
         return guarded
 
     async def submit(self, request: Request) -> JSONResponse:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await self.submit_with_files(request)
         try:
             body: Any = await request.json()
         except ValueError:
@@ -187,6 +224,57 @@ class Server:
             "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
         return JSONResponse({"run_id": submission.run_id, "status": submission.status,
                              "message": submission.message}, status_code=code)
+
+    async def submit_with_files(self, request: Request) -> JSONResponse:
+        """`POST /api/runs` as multipart/form-data: fields task, conversation, user, delivery_id and `file` parts,
+        through agent_core.uploads (the run is held while its files are stored). Over AUTOCODE_INPUT_MAX_MB a file
+        or AUTOCODE_INPUT_MAX_FILES files: 413 and no run."""
+        settings = self.settings
+        max_file = settings.input_max_mb * 1024 * 1024
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.input_max_files * max_file + (1 << 20):
+            return JSONResponse({"error": f"the request is over {settings.input_max_files} files of "
+                                 f"{settings.input_max_mb} MB (AUTOCODE_INPUT_MAX_FILES, AUTOCODE_INPUT_MAX_MB); "
+                                 "nothing was run."}, status_code=413)
+        parser = CappedMultiPartParser(request.headers, request.stream(), max_files=settings.input_max_files,
+                                       max_fields=16, max_part_size=64 * 1024, max_file_bytes=max_file)
+        try:
+            form = await parser.parse()
+        except FileTooLarge as exc:
+            return JSONResponse({"error": exc.message}, status_code=413)
+        except MultiPartException as exc:
+            status = 413 if exc.message.startswith(("Too many", "Part exceeded")) else 400
+            return JSONResponse({"error": f"{exc.message} (AUTOCODE_INPUT_MAX_FILES is "
+                                 f"{settings.input_max_files}); nothing was run."}, status_code=status)
+        try:
+            files = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
+            text = {name: form.get(name) for name in ("task", "conversation", "user", "delivery_id")}
+            if not isinstance(text["task"], str) or not all(isinstance(v, (str, type(None))) for v in text.values()):
+                return JSONResponse({"error": "send a 'task' field (and optional conversation, user, delivery_id) "
+                                     "with 'file' parts"}, status_code=400)
+            submission = self.scheduler.submit(
+                text["task"], text["conversation"] or "api", user=text["user"] or "", adapter="api",
+                delivery_id=text["delivery_id"] or None, hold=True)
+            if submission.status != "held":
+                code = {"duplicate": 200}.get(submission.status) or {
+                    "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
+                return JSONResponse({"run_id": submission.run_id, "status": submission.status,
+                                     "message": submission.message}, status_code=code)
+            async with uploads.receiving(self.scheduler, submission.run_id) as receiver:
+                for part in files:
+                    await receiver.add(part.filename or "file", _upload_chunks(part))
+            if receiver.failure is not None:
+                return JSONResponse({"run_id": submission.run_id, "status": "failed",
+                                     "error": self.agent.storage.get_run(submission.run_id)["error"]},
+                                    status_code=413 if isinstance(receiver.failure, uploads.InputRefused) else 500)
+            if not receiver.released:  # cancelled or interrupted while its files were being stored
+                run = self.agent.storage.get_run(submission.run_id)
+                return JSONResponse({"run_id": submission.run_id, "status": run["status"], "error": run["error"]},
+                                    status_code=409)
+            return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": "",
+                                 "files": len(files)}, status_code=202)
+        finally:
+            await form.close()
 
     async def get_run(self, request: Request) -> JSONResponse:
         run = self.agent.storage.get_run(request.path_params["run_id"])
