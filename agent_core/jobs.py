@@ -20,8 +20,12 @@ import json
 import logging
 import os
 import socket
+import io
+import tarfile
+import tempfile
 import threading
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -70,15 +74,43 @@ def celery_app(settings: Settings) -> Celery:
 
 
 def encode_job(job_id: str, run_id: str, iteration: int, batch: StepBatch, workdir: bytes | None,
-               budget: dict[str, Any]) -> dict[str, Any]:
-    """`budget` is the run's `RunBudget.snapshot()`."""
+               budget: dict[str, Any], inputs: bytes | None = None) -> dict[str, Any]:
+    """`budget` is the run's `RunBudget.snapshot()`; `inputs` the tar of its input files (agent_core.inputs)."""
     return {
         "job_id": job_id, "run_id": run_id, "iteration": iteration,
         "steps": [asdict(step) for step in batch.steps], "outputs": batch.outputs,
         "limits": asdict(batch.limits), "tool_names": batch.tool_names,
         "workdir": base64.b64encode(workdir).decode() if workdir else None,
         "budget": budget,
+        "inputs": base64.b64encode(inputs).decode() if inputs else None,
     }
+
+
+async def place_inputs(sandbox: Any, data: bytes) -> None:
+    """Put a job's input files into the worker's sandbox as serve's own pool does (`put_inputs`: root-owned, 0444,
+    in a read-only inputs/): unpacked first into a private temporary directory (tarfile's `data` filter; the tar
+    comes from serve), then handed over by path."""
+    from agent_core.inputs import InputFile
+
+    with tempfile.TemporaryDirectory(prefix="autocode-job-inputs-") as directory:
+        def unpack() -> list[InputFile]:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                tar.extractall(directory, members=members, filter="data")
+            return [InputFile(m.name, Path(directory, m.name), m.size) for m in members]
+
+        await sandbox.put_inputs(await asyncio.to_thread(unpack))
+
+
+def without_inputs(workdir: bytes) -> bytes:
+    """The working files a job brings back, less inputs/ (the next job gets them read-only from `inputs` again)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(workdir), mode="r:") as source, tarfile.open(fileobj=out, mode="w") as tar:
+        for member in source:
+            if member.name == "inputs" or member.name.startswith(("inputs/", "./inputs")):
+                continue
+            tar.addfile(member, source.extractfile(member) if member.isfile() else None)
+    return out.getvalue()
 
 
 def job_budget(job: dict[str, Any], settings: Settings) -> RunBudget:
@@ -169,11 +201,15 @@ class JobRunner:
         try:
             if job.get("workdir"):
                 await sandbox.restore(base64.b64decode(job["workdir"]))
+            if job.get("inputs"):
+                await place_inputs(sandbox, base64.b64decode(job["inputs"]))
             budget = job_budget(job, self.settings)
             helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"]), budget)
             host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget)
             await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name, budget), gate=self.slots)
             data, skipped = await sandbox.archive(self.settings.job_transfer_mb * 1024 * 1024)
+            if job.get("inputs"):
+                data = without_inputs(data)
             await publish({"type": "done", "worker": self.name, "workdir": base64.b64encode(data).decode(),
                            "skipped": skipped})
         except Exception as exc:  # the worker's sandbox broke: serve turns this into the step's failure

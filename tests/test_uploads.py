@@ -5,6 +5,7 @@ failed, redelivered and interrupted by a restart — over a real scheduler and S
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -271,3 +272,50 @@ async def test_a_run_held_when_serve_dies_is_interrupted_at_restart_and_its_user
     finally:
         await restarted.stop(grace=1)
         await restarted.agent.executor.stop()
+
+
+# ------------------------------------------------------------------------------------------ on Celery workers
+
+from tests.system_packages import requires  # noqa: E402
+from tests.test_scaleout import cluster, redis_url  # noqa: E402,F401  (the scale-out fixtures)
+
+TAMPER = subtask("tamper", '''
+def tamper():
+    import os
+    tried = {}
+    for what, attempt in (("append", lambda: open("inputs/x.csv", "a").write("evil")),
+                          ("chmod", lambda: os.chmod("inputs/x.csv", 0o666)),
+                          ("replace", lambda: open("inputs/new.csv", "w").write("evil")),
+                          ("remove", lambda: os.remove("inputs/x.csv"))):
+        try:
+            attempt()
+            tried[what] = "done"
+        except OSError as exc:
+            tried[what] = type(exc).__name__
+    tried["text"] = open("inputs/x.csv").read()
+    return tried
+''', imports=["os"])
+
+
+@requires("redis-server")
+def test_a_step_on_a_worker_cannot_modify_its_inputs(cluster, llm_server):
+    # Iteration 1 tampers and then fails; iteration 2 (a fresh sandbox from the working files brought back) reads.
+    llm_server.reply_json(plan(TAMPER, subtask("broken", "def broken(previous_output):\n    raise ValueError('x')\n",
+                                               input_from="tamper")))
+    llm_server.reply_json(verdict(ok=False, retry_from="broken", new=[subtask(
+        "again", "def again(previous_output):\n    import os\n"
+        "    return {'text': open('inputs/x.csv').read(), 'names': sorted(os.listdir('inputs'))}\n",
+        input_from="tamper", imports=["os"])]))
+    llm_server.reply_json(verdict("unchanged"))
+    server, _ = cluster(llm_server.base_url, workers=1)
+
+    response = server.http.post("/api/runs", data={"task": "tamper with it", "conversation": "remote"},
+                                files=[("file", ("x.csv", b"a,b\n1,2\n", "text/csv"))])
+    assert response.status_code == 202, response.text
+    run = server.wait_status(response.json()["run_id"], timeout=90)
+    assert run["status"] == "succeeded", (run, server.log_tail())
+    steps = db_rows(server.db, "SELECT tool_name, output_json FROM steps ORDER BY id")
+    tried = json.loads(steps[0]["output_json"])
+    assert tried["text"] == "a,b\n1,2\n", tried
+    assert all(tried[what] != "done" for what in ("append", "chmod", "replace", "remove")), tried
+    assert json.loads(steps[2]["output_json"]) == {"text": "a,b\n1,2\n", "names": ["x.csv"]}

@@ -302,9 +302,9 @@ async def test_files_over_the_sandbox_disk_cap_fail_the_run_with_a_message_for_t
 
 async def test_inputs_travel_with_a_remote_job_as_working_files(make_agent, make_settings, llm_server,
                                                                           tmp_path):
-    """The Celery sandbox's put_inputs: the files become inputs/ of the working files a job carries, which a
-    worker's sandbox restores (`JobRunner` calls `restore`) and a step there reads. (Not read-only there: the
-    restore's `data` filter gives the owner write; the workspace keeps the server's copy either way.)"""
+    """The Celery sandbox's put_inputs: the files travel with every job as a tar apart from the working files, which
+    a worker places with its sandbox's `put_inputs` (agent_core.jobs.place_inputs, read-only as on serve's pool) and
+    a step there reads (tests/test_uploads.py: a step on a worker cannot modify them)."""
     import io
     import tarfile
 
@@ -320,15 +320,18 @@ async def test_inputs_travel_with_a_remote_job_as_working_files(make_agent, make
     await remote.put_inputs([InputFile("sales.csv", data, 8, "uploaded with run 1"),
                              InputFile("results/run-1.json", data, 8)])
 
-    with tarfile.open(fileobj=io.BytesIO(remote.workdir)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(remote.inputs)) as tar:
         members = {m.name: m for m in tar.getmembers()}
-    assert members["inputs/sales.csv"].mode == 0o444 and members["inputs/results/run-1.json"].isfile()
+    assert members["sales.csv"].mode == 0o444 and members["results/run-1.json"].isfile()
+    assert remote.workdir is None  # not among the working files
     assert (await remote.collect_outputs(1 << 20, 1 << 20)).artifacts == []  # inputs are not outputs
 
     agent = make_agent(sandbox_warm=0)
     worker_sandbox = await agent.executor.open("run1")
     try:
-        await worker_sandbox.restore(remote.workdir)
+        from agent_core.jobs import place_inputs
+
+        await place_inputs(worker_sandbox, remote.inputs)
         result = await worker_sandbox.run_step(StepRequest(code=(
             "def read():\n    return {'text': open('inputs/sales.csv').read()}\n"),
             function="read", input=None))

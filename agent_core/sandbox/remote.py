@@ -106,6 +106,7 @@ class RemoteSandbox:
         self.redis = executor.redis
         self.run_id = run_id
         self.workdir: bytes | None = None
+        self.inputs: bytes | None = None  # the run's input files as a tar, placed read-only by every job's worker
 
     async def run_step(self, request: StepRequest) -> StepResult:
         """A single step as a batch of one (its input travels as an output named `__input__`)."""
@@ -150,7 +151,7 @@ class RemoteSandbox:
         """Send the batch as a job and follow its reports: (outcome, results, the step left without a result)."""
         job_id = uuid.uuid4().hex
         budget = RunBudget.for_run(self.settings, self.executor.storage, self.run_id).snapshot()
-        job = encode_job(job_id, self.run_id, batch.iteration, batch, self.workdir, budget)
+        job = encode_job(job_id, self.run_id, batch.iteration, batch, self.workdir, budget, self.inputs)
         deadline = time.monotonic() + len(batch.steps) * batch.limits.timeout_s + self.settings.job_margin
         steps = {step.name: step for step in batch.steps}
         results: list[StepResult] = []
@@ -231,10 +232,9 @@ class RemoteSandbox:
         return CollectedOutputs(artifacts, skipped[:20], len(skipped))
 
     async def put_inputs(self, files: "list[InputFile]") -> None:
-        """The input files become inputs/ of the working files every job carries. A worker restores them as the
-        run's uid through tarfile's `data` filter, which gives the owner write: on workers inputs/ is NOT read-only
-        (a step's change stays within this run; the conversation's workspace keeps the server's copy). Making it
-        read-only there needs the job to carry inputs apart and the worker to call `put_inputs` (agent_core/jobs.py).
+        """The input files travel with every job apart from the working files, and the worker places them with its
+        sandbox's `put_inputs` (root-owned, 0444, as on serve's own pool) before any step; the working files a job
+        brings back leave inputs/ out (agent_core/jobs.py), so a step can never change them for a later job either.
 
         Why they travel with the job rather than being fetched by the worker: the working files already make this
         trip (base64 in the job, within AUTOCODE_JOB_TRANSFER_MB), any worker can take any job with nothing shared,
@@ -248,13 +248,12 @@ class RemoteSandbox:
         if total > cap:
             raise SandboxUnavailable(f"the input files ({total / 1048576:.1f} MB) are over what a job carries to a worker "
                                f"(AUTOCODE_JOB_TRANSFER_MB={self.settings.job_transfer_mb})")
-        prefixed = [type(f)(f"inputs/{f.name}", f.path, f.size, f.origin) for f in files]
         buffer = io.BytesIO()  # the job holds it in memory anyway (it is sent base64 in the job)
-        await asyncio.to_thread(write_inputs_tar, prefixed, buffer)
-        self.workdir = buffer.getvalue()
+        await asyncio.to_thread(write_inputs_tar, files, buffer)
+        self.inputs = buffer.getvalue()
 
     async def close(self) -> None:
-        self.workdir = None
+        self.workdir = self.inputs = None
 
 
 class _Quiet:
