@@ -83,6 +83,11 @@ async def make_agent(make_settings):
         return agent
 
     yield make
+    await close_agents(agents)
+
+
+async def close_agents(agents: list[Any]) -> None:
+    """Stop what each test agent started: its sandbox pool, its LLM client, its database."""
     for agent in agents:
         await agent.executor.stop()
         await agent.llm.close()

@@ -18,7 +18,7 @@ import pytest
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.events import LLMWaitOver, LLMWaiting, RunEvent, RunFinished
-from tests.conftest import STEP_NUMBERS, plan, subtask, verdict
+from tests.conftest import STEP_NUMBERS, close_agents, plan, subtask, verdict
 from tests.fakes.openai_server import FakeOpenAI
 
 
@@ -39,10 +39,7 @@ async def agent_from_env(tmp_path: Path, llm_server: FakeOpenAI):
         return agent
 
     yield make
-    for agent in agents:
-        await agent.executor.stop()
-        await agent.llm.close()
-        agent.storage.close()
+    await close_agents(agents)
 
 
 def waits(events: list[RunEvent]) -> list[LLMWaiting]:
