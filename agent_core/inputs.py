@@ -32,6 +32,7 @@ class InputFile:
     path: Path  # where the server keeps the bytes (an upload, or a workspace blob)
     size: int
     origin: str = ""  # for the planner: "uploaded with run 1", "output of run 2", "result of run 2"
+    sha256: str = ""  # the content's hash, when known (workspace blobs): previews are stored by it
 
     @property
     def mime(self) -> str:

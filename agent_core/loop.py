@@ -19,7 +19,7 @@ from agent_core.events import (
 )
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
-from agent_core.manifest import InputsNotPlaced, PreparedInputs, prepare_inputs
+from agent_core.manifest import InputsNotPlaced, PreparedInputs, known_inputs, place_inputs
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
 from agent_core.sandbox import (
     Executor, Limits, PlannedStep, Sandbox, SandboxUnavailable, StepBatch, StepResult,
@@ -225,6 +225,7 @@ class _Run:
         self.files_note: str | None = None  # what of outputs/ was bundled or left out
         self.workspace = Workspace(self.storage, self.settings)  # the conversation's files (issue 13)
         self.inputs = PreparedInputs()  # the workspace as this run's inputs/, and its manifest
+        self.sandbox: Sandbox | None = None  # opened when the first code needs it (a direct answer needs none)
         self.kept_files: list[Any] = []  # the artifacts kept: they join the workspace after the run
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
         self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget)
@@ -246,10 +247,8 @@ class _Run:
     async def execute(self) -> RunResult:
         await self.agent.emit(RunStarted(self.run_id, self.conversation, self.task))
         status, answer, error = "failed", "", None
-        sandbox: Sandbox | None = None
         try:
-            sandbox = await self.agent.executor.open(self.run_id)
-            status, answer, error = await self._loop(sandbox)
+            status, answer, error = await self._loop()
         except LLMError as exc:
             error = str(exc)
         except InputsNotPlaced as exc:  # the user's files did not fit (issue 13): their message, not the operator's
@@ -264,8 +263,8 @@ class _Run:
             log.exception("run %s crashed", self.run_id)
             error = f"Internal error ({type(exc).__name__}); see the server log for run {self.run_id}."
         finally:
-            if sandbox is not None:
-                await asyncio.shield(self._close_sandbox(sandbox, keep_outputs=status != "cancelled"))
+            if self.sandbox is not None:
+                await asyncio.shield(self._close_sandbox(self.sandbox, keep_outputs=status != "cancelled"))
             answer = await self._finish(status, answer, error)
         return self._result(status, answer, error)
 
@@ -287,10 +286,25 @@ class _Run:
         finally:
             await sandbox.close()
 
-    async def _loop(self, sandbox: Sandbox) -> tuple[str, str, str | None]:
-        self.inputs = await prepare_inputs(sandbox, self.workspace, self.conversation, self.agent.limits,
-                                           self.agent.step_slots)
+    async def _open_sandbox(self) -> Sandbox:
+        """The run's sandbox with the conversation's files under inputs/ (previewed there if no run did before)."""
+        if self.sandbox is None:
+            self.sandbox = await self.agent.executor.open(self.run_id)
+            await place_inputs(self.sandbox, self.workspace, self.inputs, self.agent.limits, self.agent.step_slots)
+        return self.sandbox
+
+    async def _loop(self) -> tuple[str, str, str | None]:
+        # The planner is asked before a sandbox is opened when the files' manifest is known from earlier runs (or
+        # there are no files): a direct answer then costs one LLM call and no sandbox. A new file is previewed in
+        # the sandbox first, since the planner must see it.
+        self.inputs = known_inputs(self.workspace, self.conversation)
+        if not self.inputs.ready:
+            await self._open_sandbox()
         plan = await self._plan()
+        if plan.direct:
+            self.storage.update_run(self.run_id, plan=plan.model_dump())
+            return "succeeded", plan.direct_answer.strip(), None
+        sandbox = await self._open_sandbox()
         outputs: dict[str, dict[str, Any]] = {}
         start = 0
         previous_failure: tuple[str, str] | None = None
@@ -346,6 +360,8 @@ class _Run:
         except LLMError as exc:
             raise self._plain_if_unusable(exc, "plan") from None
         self._check_budget()
+        if plan.direct:
+            return plan  # no steps to announce: the answer comes with RunFinished
         await self.agent.emit(PlanReady(
             self.run_id, 1, plan.main_task_thought, [s.tool_name for s in plan.subtasks],
             [s.description for s in plan.subtasks],
@@ -490,7 +506,7 @@ class _Run:
         """The run's kept outputs and its result join the conversation's workspace (not for a cancelled run);
         what the user should know about it (files removed by age, or over the quota) joins the files note."""
         notes = list(self.inputs.notes)
-        if status != "cancelled":
+        if status != "cancelled" and self.sandbox is not None:  # a direct answer made no data to keep
             try:
                 record = result_record(self.storage.run_number(self.run_id), self.run_id, self.task, status, answer,
                                        error, [a.name for a in self.kept_files])

@@ -7,7 +7,7 @@ import re
 from typing import Any, Iterator, TypeVar
 
 import json_repair
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a tool_name; also in the schemas below
 IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
@@ -42,11 +42,26 @@ class Subtask(BaseModel):
 
 
 class Plan(BaseModel):
+    """The planner's reply: subtasks to run, or — when the task needs no code (a greeting, a question about AutoCode,
+    one the conversation or its files' manifest answers) — a `direct_answer` and no subtasks (issue 14)."""
+
     model_config = ConfigDict(extra="ignore")
 
-    main_task: str = ""
+    # Older replies also echo the task as main_task: ignored, and no longer asked for (it cost each plan the task twice).
     main_task_thought: str = ""
-    subtasks: list[Subtask] = Field(min_length=1)
+    direct_answer: str = ""
+    subtasks: list[Subtask] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _code_or_answer(self) -> "Plan":
+        if not self.subtasks and not self.direct_answer.strip():
+            raise ValueError("subtasks is empty and so is direct_answer: give subtasks, or the reply in direct_answer")
+        return self
+
+    @property
+    def direct(self) -> bool:
+        """Answered without code: no sandbox, no evaluator. Subtasks, when given, win over a direct answer."""
+        return not self.subtasks
 
     @field_validator("subtasks")
     @classmethod
@@ -69,7 +84,6 @@ class Plan(BaseModel):
         index = self.index_of(retry_from)
         assert index is not None
         return Plan(
-            main_task=self.main_task,
             main_task_thought=self.main_task_thought,
             subtasks=[*self.subtasks[:index], *new_subtasks],
         )
@@ -103,9 +117,9 @@ class Evaluation(BaseModel):
 
 # The JSON schemas sent as response_format (strict mode). They carry every rule of the models above that a schema
 # can say, so a server that constrains decoding by the schema (llama.cpp, vLLM, OpenAI) cannot produce a reply the
-# parser rejects for them: `subtasks` not empty, `tool_name` a Python identifier, `input_from_tool` empty or one.
-# What a schema cannot say stays with the models and Evaluation.check_against (unique names, retry_from naming a
-# subtask of the plan, a final_answer when satisfactory) and with agent_core/checks.py (the code itself).
+# parser rejects for them: `tool_name` a Python identifier, `input_from_tool` empty or one.
+# What a schema cannot say stays with the models and Evaluation.check_against (unique names, subtasks or a
+# direct_answer, retry_from naming a subtask of the plan, a final_answer when satisfactory) and with agent_core/checks.py (the code itself).
 #
 # Only keywords OpenAI's strict mode documents are used (type, properties, required, additionalProperties, items,
 # minItems, pattern; tests/test_schemas.py checks them), and patterns only in the regex subset llama.cpp's
@@ -131,18 +145,15 @@ SUBTASK_SCHEMA: dict[str, Any] = strict_object({
 })
 
 
-def subtask_list(min_items: int = 0) -> dict[str, Any]:
-    """An array of subtasks, at least `min_items` long."""
-    schema: dict[str, Any] = {"type": "array", "items": SUBTASK_SCHEMA}
-    if min_items:
-        schema["minItems"] = min_items
-    return schema
+def subtask_list() -> dict[str, Any]:
+    """An array of subtasks; empty is allowed (a plan's direct answer, an evaluator giving up)."""
+    return {"type": "array", "items": SUBTASK_SCHEMA}
 
 
 PLAN_SCHEMA: dict[str, Any] = strict_object({
-    "main_task": {"type": "string"},
     "main_task_thought": {"type": "string"},
-    "subtasks": subtask_list(min_items=1),
+    "direct_answer": {"type": "string"},  # "" unless no code is needed; then subtasks is []
+    "subtasks": subtask_list(),
 })
 
 EVALUATION_SCHEMA: dict[str, Any] = strict_object({

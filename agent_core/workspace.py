@@ -132,7 +132,7 @@ class Workspace:
             if not path.is_file():
                 log.warning("workspace of %s: blob of %s is missing", conversation, row["name"])
                 continue
-            files.append(InputFile(row["name"], path, row["size"], row["origin"]))
+            files.append(InputFile(row["name"], path, row["size"], row["origin"], row["sha256"]))
         return files
 
     def keep_run(self, conversation: str, run_id: str, artifacts: list[Artifact], result: dict[str, Any]) -> str | None:

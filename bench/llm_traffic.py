@@ -58,7 +58,7 @@ REPORT = _subtask("report", "closest_pair", "Sentence for the user", [], """
         return {"answer": f"{p['a']} and {p['b']} are closest: {p['km']} km apart."}
 """)
 
-PLAN = {"main_task": TASK, "main_task_thought": "Compute all pairwise geodesic distances and take the minimum.",
+PLAN = {"main_task_thought": "Compute all pairwise geodesic distances and take the minimum.", "direct_answer": "",
         "subtasks": [LOAD, PAIRS_BROKEN, REPORT]}
 REPAIR = {"satisfactory": False, "thoughts": "closest_pair read the key 'locations'; the input key is 'offices'.",
           "final_answer": "", "retry_from": "closest_pair", "new_subtasks": [PAIRS_FIXED, REPORT]}

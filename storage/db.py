@@ -96,6 +96,13 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "id",
         ["conversation", "sha256"],
     ),
+    # Previews of workspace files (agent_core/manifest.py), made in a sandbox once per content and kind of file
+    # (key "sha256:.suffix"), so a follow-up's planner sees the manifest without a sandbox being opened.
+    "previews": (
+        {"key": str, "preview": str, "created_at": str},
+        "key",
+        [],
+    ),
 }
 
 
@@ -204,6 +211,20 @@ class Storage:
         self.delete_workspace_files(row["conversation"], names=[row["name"]], keep_blob=row["sha256"])
         self._insert("workspace_files", {**row, "created_at": row.get("created_at") or now()})
 
+    def previews(self, keys: list[str]) -> dict[str, str]:
+        """The stored previews of these keys (see the `previews` table); missing keys are left out."""
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            found.update({r["key"]: r["preview"] for r in self._rows(
+                f"SELECT key, preview FROM previews WHERE key IN ({', '.join('?' for _ in chunk)})", tuple(chunk))})
+        return found
+
+    def add_previews(self, previews: dict[str, str]) -> None:
+        with self._lock, self.db.conn:
+            self.db.conn.executemany("INSERT OR REPLACE INTO previews (key, preview, created_at) VALUES (?, ?, ?)",
+                                     [(key, text, now()) for key, text in previews.items()])
+
     def delete_workspace_files(self, conversation: str, names: list[str] | None = None,
                                keep_blob: str | None = None) -> int:
         """Remove the conversation's files (those named, or all), and the blobs no other row refers to."""
@@ -216,6 +237,9 @@ class Storage:
             removed = self.db.execute(f"DELETE FROM workspace_files WHERE {where}", params).rowcount
             orphans = [h for h in hashes if h != keep_blob and not self.db.execute(
                 "SELECT 1 FROM workspace_files WHERE sha256 = ? LIMIT 1", (h,)).fetchone()]
+        if orphans:
+            with self._lock, self.db.conn:
+                self.db.conn.executemany("DELETE FROM previews WHERE key LIKE ?", [(f"{h}:%",) for h in orphans])
         for sha256 in orphans:
             try:
                 self.blob_path(sha256).unlink()

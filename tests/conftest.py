@@ -121,7 +121,12 @@ def png_step_code(function: str, path: str, *, then: str = "", returns: str = "{
 
 
 def plan(*subtasks: dict[str, Any], thought: str = "simple") -> dict[str, Any]:
-    return {"main_task": "task", "main_task_thought": thought, "subtasks": list(subtasks)}
+    return {"main_task_thought": thought, "direct_answer": "", "subtasks": list(subtasks)}
+
+
+def direct(answer: str, thought: str = "no code needed") -> dict[str, Any]:
+    """A planner reply that answers without code (issue 14)."""
+    return {"main_task_thought": thought, "direct_answer": answer, "subtasks": []}
 
 
 def verdict(answer: str = "", *, ok: bool = True, retry_from: str = "", new: list[dict[str, Any]] | None = None,

@@ -106,7 +106,7 @@ async def test_unusable_plan_reads_as_a_plain_sentence(make_agent, llm_server, c
     run = agent.storage.get_run(result.run_id)
     assert run["error"] == PLAN_SENTENCE
     assert agent.storage.recent_messages("c1", 10_000)[-1]["text"] == PLAN_SENTENCE
-    assert "List should have" not in json.dumps(run) and "Python identifier" not in json.dumps(run)
+    assert "so is direct_answer" not in json.dumps(run) and "Python identifier" not in json.dumps(run)
 
     exact = "tool_name 'The alien yourself!' is not a Python identifier"
     calls = agent.storage.llm_calls(result.run_id)
@@ -114,7 +114,7 @@ async def test_unusable_plan_reads_as_a_plain_sentence(make_agent, llm_server, c
     assert calls[0]["error"] is None and calls[1]["error"] is None
     assert exact in calls[2]["error"] and "after 3 attempts" in calls[2]["error"]
     assert any(exact in r.getMessage() and result.run_id in r.getMessage() for r in caplog.records)
-    assert any("List should have at least 1 item" in r.getMessage() for r in caplog.records)  # attempt 1
+    assert any("subtasks is empty and so is direct_answer" in r.getMessage() for r in caplog.records)  # attempt 1
 
     shown = _autocode_show(agent.settings, result.run_id)
     assert f"Error: {PLAN_SENTENCE}" in shown

@@ -50,8 +50,8 @@ def make_plan(*names: str) -> Plan:
 
 
 def test_plain_json_plan():
-    plan = parse_reply(json.dumps(TWO_STEP), Plan)
-    assert plan.main_task == "add numbers"
+    plan = parse_reply(json.dumps(TWO_STEP), Plan)  # with the main_task older replies echo: ignored
+    assert plan.main_task_thought == "simple" and not plan.direct
     assert [s.tool_name for s in plan.subtasks] == ["get_numbers", "add_up"]
     assert plan.subtasks[0].code == FIRST_CODE
     assert plan.subtasks[1].input_from_tool == "get_numbers"
@@ -197,8 +197,21 @@ def test_missing_subtasks():
 
 
 def test_empty_subtasks_list():
-    with pytest.raises(ReplyError, match="subtasks"):
+    with pytest.raises(ReplyError, match="subtasks is empty and so is direct_answer"):
         parse_reply('{"main_task": "x", "subtasks": []}', Plan)
+    with pytest.raises(ReplyError, match="direct_answer"):
+        parse_reply('{"direct_answer": "  ", "subtasks": []}', Plan)
+
+
+def test_direct_answer_without_subtasks():
+    plan = parse_reply('{"main_task_thought": "a greeting", "direct_answer": "You are welcome!", "subtasks": []}', Plan)
+    assert plan.direct and plan.direct_answer == "You are welcome!"
+
+
+def test_subtasks_win_over_a_direct_answer():
+    reply = {**TWO_STEP, "direct_answer": "It is 3."}
+    plan = parse_reply(json.dumps(reply), Plan)
+    assert not plan.direct and len(plan.subtasks) == 2
 
 
 def test_duplicate_tool_name():
@@ -266,7 +279,6 @@ def test_valid_repair_passes_and_repaired_keeps_prefix():
     repaired = plan.repaired("clean", new)
     assert [s.tool_name for s in repaired.subtasks] == ["load", "clean_v2", "report_v2"]
     assert repaired.subtasks[0] == plan.subtasks[0]
-    assert repaired.main_task == plan.main_task
     assert repaired.main_task_thought == plan.main_task_thought
     # the original plan is untouched
     assert [s.tool_name for s in plan.subtasks] == ["load", "clean", "report"]

@@ -209,7 +209,8 @@ async def test_schemas_sent_carry_the_parsers_rules_within_strict_mode(make_agen
     plan_schema, evaluation_schema = sent["plan"]["schema"], sent["evaluation"]["schema"]
 
     subtasks = plan_schema["properties"]["subtasks"]
-    assert subtasks["minItems"] == 1  # a plan without subtasks cannot be produced
+    assert "minItems" not in subtasks  # [] with a direct_answer: no code needed
+    assert plan_schema["properties"]["direct_answer"] == {"type": "string"}
     for items in (subtasks["items"], evaluation_schema["properties"]["new_subtasks"]["items"]):
         assert items["properties"]["tool_name"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]*$"
         assert items["properties"]["input_from_tool"]["pattern"] == "^([A-Za-z_][A-Za-z0-9_]*)?$"
@@ -236,7 +237,6 @@ def _plan_with(**changes: Any) -> dict[str, Any]:
 
 
 PARSER_REJECTS = {
-    "no subtasks": {**GOOD_PLAN, "subtasks": []},
     "subtasks missing": {k: v for k, v in GOOD_PLAN.items() if k != "subtasks"},
     "tool_name prose": _plan_with(tool_name="The alien yourself!"),
     "tool_name starts with a digit": _plan_with(tool_name="1st"),
@@ -258,6 +258,14 @@ def test_what_the_parser_rejects_the_plan_schema_rules_out(case):
 def test_a_good_plan_and_evaluations_pass_the_schemas():
     jsonschema.validate(GOOD_PLAN, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
     Plan.model_validate(GOOD_PLAN)
+    direct = {"main_task_thought": "a thank-you", "direct_answer": "You're welcome!", "subtasks": []}
+    jsonschema.validate(direct, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert Plan.model_validate(direct).direct
+    # What the schema cannot say (one of two fields non-empty) the model says, and the reply is asked again:
+    neither = {**direct, "direct_answer": ""}
+    jsonschema.validate(neither, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
+    with pytest.raises(ValidationError):
+        Plan.model_validate(neither)
     for evaluation in (verdict("done"), verdict(ok=False, thoughts="impossible"),
                        verdict(ok=False, retry_from="add_up", new=[STEP_TOTAL])):
         jsonschema.validate(evaluation, EVALUATION_SCHEMA, cls=jsonschema.Draft202012Validator)

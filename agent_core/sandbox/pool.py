@@ -490,6 +490,7 @@ class SandboxExecutor:
         self._probe: dict[str, Any] = {}
         self._confinement: dict[str, str] = {}  # what the last started worker actually built: "on" or why not
         self._guardian: subprocess.Popen | None = None
+        self.opened = 0  # sandboxes handed to runs since start (a run answered without code opens none)
         if self.fallback_reason and backend == "auto":
             log.warning("sandbox: using the fallback 'process' backend because %s; see `autocode doctor`",
                         self.fallback_reason)
@@ -550,6 +551,7 @@ class SandboxExecutor:
         return worker
 
     async def open(self, run_id: str) -> Worker:
+        self.opened += 1
         if self._idle:
             worker = self._idle.pop(0)
             if self.warm and (self._refill is None or self._refill.done()):
