@@ -1,4 +1,5 @@
-"""LLM traffic of the repair scenario with the built-in tools: characters and tokens sent and received.
+"""LLM traffic of the repair scenario with the built-in tools: characters and tokens sent and received; and of a
+direct answer ("thanks!" after that run: one planner call, no sandbox, no evaluator — issue 14).
 
 The scenario: "which two of these 5 offices are closest?"; the plan has 3 steps, step 2 raises KeyError, the
 evaluator repairs from step 2, the second evaluation is satisfactory: 3 LLM calls. The replies are what a
@@ -67,28 +68,41 @@ DONE = {"satisfactory": True, "thoughts": "The distances are correct.",
         "new_subtasks": []}
 
 
-async def measure() -> dict:
+DIRECT_TASK = "thanks!"
+DIRECT = {"main_task_thought": "A thank-you; no code needed.",
+          "direct_answer": "You're welcome! Ask me anytime.", "subtasks": []}
+
+
+async def measure(direct: bool = False) -> dict:
+    """The repair scenario's calls; with `direct`, the calls of the "thanks!" that follows it in the same
+    conversation (its history holds the first run)."""
     # The database in a private (0700) directory; the run directories under a root of their own that the sandbox
     # uids can traverse (0711, like the default /tmp/autocode-sandbox): mkdtemp's 0700 would shut the process
     # backend's steps out of their working directories.
     with (FakeOpenAI() as server, tempfile.TemporaryDirectory(prefix="autocode-bench-") as tmp,
           tempfile.TemporaryDirectory(prefix="autocode-bench-runs-") as runs):
         os.chmod(runs, 0o711)
-        for reply in (PLAN, REPAIR, DONE):
+        for reply in (PLAN, REPAIR, DONE, *([DIRECT] if direct else [])):
             server.reply_json(reply)
         settings = Settings(openai_api_key="bench", openai_base_url=server.base_url, model="fake-model",
                             db_path=Path(tmp, "bench.db"), workdir_root=Path(runs))
         agent = build_agent(settings)
         try:
             result = await agent.run(TASK, "bench")
+            if direct:
+                assert result.status == "succeeded", result.error
+                opened = agent.executor.opened
+                result = await agent.run(DIRECT_TASK, "bench")
+                assert agent.executor.opened == opened, "a direct answer opened a sandbox"
+                assert not result.steps
         finally:
             await agent.executor.stop()
             await agent.llm.close()
             agent.storage.close()
         assert result.status == "succeeded", result.error
-        assert [s.tool_name for s in result.steps].count("load_offices") == 1
+        assert direct or [s.tool_name for s in result.steps].count("load_offices") == 1
         calls = []
-        for request in server.requests:
+        for request in server.requests[3:] if direct else server.requests:
             body = request.body or {}
             message_chars = sum(len(m["content"]) for m in body.get("messages", []))
             schema_chars = len(json.dumps(body["response_format"])) if "response_format" in body else 0
@@ -110,9 +124,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report = asyncio.run(measure())
+    direct = asyncio.run(measure(direct=True))
     total = report["total"]
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({"repair": report, "direct": direct}, indent=2))
     else:
         print(f"{'call':<10}{'sent':>8}{'(schema)':>10}{'received':>10}{'prompt tok':>12}{'compl tok':>11}")
         for name, call in zip(("plan", "evaluate", "evaluate"), report["calls"]):
@@ -123,6 +138,10 @@ def main() -> int:
         print(f"characters sent + received: {total['chars']} (budget {BUDGET_CHARS}; original AutoCodeAgent "
               f"{ORIGINAL_CHARS}: {ORIGINAL_CHARS / total['chars']:.1f}x more)")
         print(f"HTTP bodies: {total['http_request_bytes']} bytes sent, {total['http_response_bytes']} received")
+        d = direct["total"]
+        print(f"direct answer ({DIRECT_TASK!r} after that run): {len(direct['calls'])} call, {d['sent_chars']} sent "
+              f"({d['schema_chars']} schema), {d['received_chars']} received, {d['prompt_tokens']} + "
+              f"{d['completion_tokens']} tokens; HTTP {d['http_request_bytes']} + {d['http_response_bytes']} bytes")
     return 0 if total["chars"] <= BUDGET_CHARS else 1
 
 

@@ -14,3 +14,11 @@ async def test_repair_scenario_traffic_within_budget():
     assert report["answer"].startswith("Paris and Brussels")
     assert report["total"]["chars"] <= llm_traffic.BUDGET_CHARS
     assert report["total"]["http_request_bytes"] + report["total"]["http_response_bytes"] <= llm_traffic.BUDGET_CHARS
+
+
+async def test_a_direct_answer_costs_one_small_call():
+    report = await llm_traffic.measure(direct=True)
+    assert len(report["calls"]) == 1  # the planner only
+    assert report["answer"] == llm_traffic.DIRECT["direct_answer"]
+    # one planner request with the first run in its history: well under the repair scenario's first call and reply
+    assert report["total"]["chars"] < 3500
