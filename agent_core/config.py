@@ -89,6 +89,7 @@ class Settings:
     workdir_mb: int = 256
     workdir_root: Path | None = None
     tool_timeout: float = 60.0
+    approval_timeout: float = 600.0  # seconds a `confirm` tool call waits for Approve/Deny; then it is denied
     step_max_procs: int = 64
     sandbox_backend: str = "auto"  # auto | bwrap | process
     sandbox_network: bool = False
@@ -163,6 +164,7 @@ class Settings:
             workdir_mb=_int(env, "AUTOCODE_WORKDIR_MB", 256),
             workdir_root=Path(root) if root else None,
             tool_timeout=_float(env, "AUTOCODE_TOOL_TIMEOUT", 60.0),
+            approval_timeout=_float(env, "AUTOCODE_APPROVAL_TIMEOUT", 600.0),
             step_max_procs=_int(env, "AUTOCODE_STEP_MAX_PROCS", 64),
             sandbox_backend=_choice(env, "AUTOCODE_SANDBOX_BACKEND", ("auto", "bwrap", "process"), "auto"),
             sandbox_network=_choice(env, "AUTOCODE_SANDBOX_NETWORK", ("off", "on"), "off") == "on",

@@ -125,8 +125,30 @@ class LLMWaitOver:
         return f"no answer from the LLM ({_caller(self.purpose)}) after {self.waited_s:.0f} s{tries}"
 
 
+@dataclass(frozen=True)
+class ApprovalRequested:
+    """A step called a tool declared with `"confirm": True` and waits: the requester (or an admin) decides with
+    Approve / Deny (agent_core/approvals.py). `arguments` is the call rendered as text, clipped; untrusted (the
+    generated code chose it): adapters escape it."""
+
+    run_id: str
+    number: int  # 1-based within the run: POST /api/runs/{id}/approvals/{number}
+    tool: str
+    arguments: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class ApprovalDecided:
+    run_id: str
+    number: int
+    tool: str
+    decision: str  # approved | denied | timeout | cancelled | interrupted
+    by: str  # who decided ("" for a timeout or a cancellation)
+
+
 RunEvent = Union[RunStarted, PlanReady, StepStarted, StepFinished, EvaluationDone, RepairPlanned, LLMWaiting,
-                 LLMWaitOver, RunFinished]
+                 LLMWaitOver, ApprovalRequested, ApprovalDecided, RunFinished]
 Subscriber = Callable[[RunEvent], Union[None, Awaitable[None]]]
 
 

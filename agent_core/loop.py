@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_core import prompts
+from agent_core.approvals import Approvals
 from agent_core.artifacts import select_artifacts
 from agent_core.budget import RunBudget
 from agent_core.checks import CheckError, check_subtask
@@ -133,6 +134,7 @@ class Agent:
         self.toolset = toolset
         self.executor = executor
         self.events = events or EventBus()
+        self.approvals = Approvals(storage, self.emit, settings.approval_timeout)  # calls of `confirm` tools
         self.step_slots = asyncio.Semaphore(settings.sandbox_slots)  # steps executing at once, all runs
         self.limits = Limits(
             timeout_s=settings.step_timeout, memory_mb=settings.step_memory_mb,
@@ -228,7 +230,8 @@ class _Run:
         self.sandbox: Sandbox | None = None  # opened when the first code needs it (a direct answer needs none)
         self.kept_files: list[Any] = []  # the artifacts kept: they join the workspace after the run
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
-        self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget)
+        self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget,
+                                  approve=lambda tool, args, kwargs: agent.approvals.ask(run_id, tool, args, kwargs))
 
     def _context(self) -> CallContext:
         return CallContext(self.run_id, self.iteration or None, self.agent.emit)  # emit: its waits are shown

@@ -182,6 +182,7 @@ class RunScheduler:
 
     def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> None:
         iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0
+        self.storage.end_pending_approvals(run_id, "interrupted")  # a decision now could reach no step
         self.storage.finish_run(run_id, "interrupted", None, message, iterations)
 
     @property

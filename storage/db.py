@@ -103,6 +103,13 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "key",
         [],
     ),
+    # Calls of `confirm` tools and who decided them (agent_core/approvals.py).
+    "approvals": (
+        {"id": int, "run_id": str, "number": int, "tool": str, "arguments": str, "status": str,
+         "requested_at": str, "decided_by": str, "decided_at": str},
+        "id",
+        ["run_id"],
+    ),
 }
 
 
@@ -224,6 +231,32 @@ class Storage:
         with self._lock, self.db.conn:
             self.db.conn.executemany("INSERT OR REPLACE INTO previews (key, preview, created_at) VALUES (?, ?, ?)",
                                      [(key, text, now()) for key, text in previews.items()])
+
+    # approvals of `confirm` tool calls (agent_core/approvals.py)
+    def add_approval(self, run_id: str, tool: str, arguments: str) -> int:
+        """A pending approval; returns its number within the run (1, 2, …)."""
+        with self._lock, self.db.conn:
+            number = self.db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM approvals WHERE run_id = ?",
+                                     (run_id,)).fetchone()[0]
+            self.db.table("approvals").insert({"run_id": run_id, "number": number, "tool": tool,
+                                               "arguments": arguments, "status": "pending", "requested_at": now()})
+        return number
+
+    def decide_approval(self, run_id: str, number: int, status: str, by: str = "") -> bool:
+        """Record a decision on a pending approval; False when it was not pending (decided already, or unknown)."""
+        with self._lock, self.db.conn:
+            return self.db.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
+                "WHERE run_id = ? AND number = ? AND status = 'pending'",
+                (status, by, now(), run_id, number)).rowcount == 1
+
+    def approvals(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM approvals WHERE run_id = ? ORDER BY number", (run_id,))
+
+    def end_pending_approvals(self, run_id: str, status: str) -> int:
+        with self._lock, self.db.conn:
+            return self.db.execute("UPDATE approvals SET status = ?, decided_at = ? WHERE run_id = ? AND "
+                                   "status = 'pending'", (status, now(), run_id)).rowcount
 
     def delete_workspace_files(self, conversation: str, names: list[str] | None = None,
                                keep_blob: str | None = None) -> int:

@@ -5,7 +5,8 @@ Kinds:
   guide    {"lib_name": [...], "instructions": ..., "code_example": ...}   advice, not binding
   exact    {..., "use_exactly_code_example": True, "code_example": "def f(...)"}  trusted operator code,
            run by the tool host outside the sandbox and called by name from generated code
-           (the misspelling `use_exaclty_code_example` found in the wild is accepted too)
+           (the misspelling `use_exaclty_code_example` found in the wild is accepted too); with
+           `"confirm": True` each call waits for the requester's Approve/Deny (agent_core/approvals.py)
   llm      the built-in `llm()` helper, answered by the tool host with the server's LLM client
 
 The built-in tools (tools/builtin.py) and an operator's tools file are both made of these; tools/registry.py puts
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["library", "guide", "exact", "llm"]
 _KNOWN_KEYS = {
     "lib_name", "lib_names", "instructions", "code_example", "use_exactly_code_example", "use_exaclty_code_example",
+    "confirm",
 }
 
 
@@ -39,6 +41,7 @@ class Tool:
     instructions: str = ""
     code_example: str = ""
     functions: dict[str, str] = field(default_factory=dict)  # exact/llm: name -> "name(signature)" for prompts
+    confirm: bool = False  # exact: every call waits for a person's approval (a side effect: email, payment, …)
 
 
 def _normalize(name: str) -> str:
@@ -79,9 +82,14 @@ def tool_from_dict(spec: dict[str, Any], where: str = "tool") -> Tool:
             raise ToolError(f"{where}: code_example does not parse: {exc}") from None
         if not functions:
             raise ToolError(f"{where}: code_example defines no public function to call")
-        return Tool("exact", [x.strip() for x in libs], instructions, code, functions)
+        confirm = spec.get("confirm", False)
+        if not isinstance(confirm, bool):
+            raise ToolError(f"{where}: confirm must be true or false")
+        return Tool("exact", [x.strip() for x in libs], instructions, code, functions, confirm)
     if not libs:
         raise ToolError(f"{where}: declares no library (lib_name)")
+    if spec.get("confirm"):
+        raise ToolError(f"{where}: confirm applies to exact tools (use_exactly_code_example) only")
     kind: Kind = "guide" if (instructions or code) else "library"
     return Tool(kind, [x.strip() for x in libs], instructions, code)
 

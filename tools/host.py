@@ -2,7 +2,9 @@
 
 It runs in the server process, which holds the operator's secrets and the LLM key; the sandbox only ever
 sees JSON arguments going out and JSON results coming back. Each `llm()` call must first be admitted by the run's
-budget (calls per step, prompt size, run and daily tokens): a refusal is the step's exception.
+budget (calls per step, prompt size, run and daily tokens): a refusal is the step's exception. A call of a tool
+declared with `"confirm": True` first waits for a person's decision (`approve`, agent_core/approvals.py); without
+an `approve` such a tool is refused, never run unasked.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from agent_core.budget import RunBudget
 from tools.registry import ToolSet
 
 LLMHelper = Callable[[str, str], Awaitable[str]]
+Approver = Callable[[str, list[Any], dict[str, Any]], Awaitable[None]]  # returns when approved, raises otherwise
 
 
 def _to_json(value: Any) -> Any:
@@ -23,12 +26,15 @@ def _to_json(value: Any) -> Any:
 
 
 class ToolHost:
-    def __init__(self, toolset: ToolSet, llm_helper: LLMHelper, timeout_s: float, budget: RunBudget | None = None):
-        """`budget`: the run's, asked before every `llm()` call (None: no limits, for tests of the host alone)."""
+    def __init__(self, toolset: ToolSet, llm_helper: LLMHelper, timeout_s: float, budget: RunBudget | None = None,
+                 approve: Approver | None = None):
+        """`budget`: the run's, asked before every `llm()` call (None: no limits, for tests of the host alone).
+        `approve`: asked before every call of a `confirm` tool (Approvals.ask bound to the run)."""
         self.toolset = toolset
         self.llm_helper = llm_helper
         self.timeout_s = timeout_s
         self.budget = budget
+        self.approve = approve
 
     @property
     def names(self) -> list[str]:
@@ -47,6 +53,10 @@ class ToolHost:
                 self.budget.admit_helper(prompt, system)  # raises BudgetExceeded: nothing is sent
             return await asyncio.wait_for(self.llm_helper(prompt, system), self.timeout_s)
         function = self.toolset.exact_function(name)
+        if self.toolset.needs_confirmation(name):
+            if self.approve is None:
+                raise PermissionError(f"{name} needs a person's approval, and nobody can be asked here")
+            await self.approve(name, list(args), dict(kwargs))  # its time is not the tool's timeout
         try:
             value = await asyncio.wait_for(asyncio.to_thread(function, *args, **kwargs), self.timeout_s)
         except TimeoutError:

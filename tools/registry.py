@@ -40,6 +40,10 @@ class ToolSet:
     def trusted_names(self) -> list[str]:
         return [name for tool in self.tools if tool.kind in ("exact", "llm") for name in tool.functions]
 
+    def needs_confirmation(self, name: str) -> bool:
+        """Whether a call of trusted function `name` waits for a person's approval (its tool says `confirm`)."""
+        return any(t.kind == "exact" and t.confirm and name in t.functions for t in self.tools)
+
     def exact_function(self, name: str) -> Callable[..., Any]:
         """The operator's function, defined once from its code_example in the trusted host."""
         if name not in self._callables:
@@ -127,5 +131,7 @@ def describe_functions(toolset: ToolSet, with_instructions: bool = True) -> str:
     for tool in toolset.tools:
         for signature in tool.functions.values():
             note = f": {tool.instructions}" if with_instructions and tool.instructions else ""
+            if tool.confirm:  # the plan should expect a refusal, and catch it where it can go on without
+                note += " (the user approves each call first; raises ToolDenied if not approved)"
             lines.append(f"- {signature}{note}")
     return "\n".join(lines) or "(none)"

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
+from agent_core.sandbox.clock import STEP_SLOT, StepSlot
+
 if TYPE_CHECKING:
     from agent_core.inputs import InputFile
 
@@ -87,7 +89,7 @@ class BatchProgress(Protocol):
 
 async def run_batch_locally(sandbox: "Sandbox", batch: StepBatch, on_call: ToolCallHandler | None,
                             progress: BatchProgress, gate: Any = None) -> list[StepResult]:
-    """Run a batch step by step on `sandbox`; `gate` (an async context manager) bounds steps running at once."""
+    """Run a batch step by step on `sandbox`; `gate` (an asyncio.Semaphore) bounds steps running at once."""
     outputs = dict(batch.outputs)
     results: list[StepResult] = []
     for step in batch.steps:
@@ -99,8 +101,14 @@ async def run_batch_locally(sandbox: "Sandbox", batch: StepBatch, on_call: ToolC
         if gate is None:
             result = await sandbox.run_step(request)
         else:
-            async with gate:
+            slot = StepSlot(gate)  # given back while a tool call waits for a person (clock.paused)
+            await slot.acquire()
+            token = STEP_SLOT.set(slot)
+            try:
                 result = await sandbox.run_step(request)
+            finally:
+                STEP_SLOT.reset(token)
+                slot.release()
         results.append(result)
         await progress.finished(step, result)
         if not result.ok:

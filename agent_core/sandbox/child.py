@@ -21,6 +21,11 @@ class ToolCallError(Exception):
     """A trusted tool reported an error."""
 
 
+class ToolDenied(ToolCallError):
+    """A tool that needs a person's approval was not approved (denied, or no decision in time): nothing was done.
+    Generated code may catch it by this name (it is a builtin of the step)."""
+
+
 def _jsonable(value):
     # numpy scalars and arrays are common in generated code; everything else must already be JSON.
     if hasattr(value, "tolist"):
@@ -77,6 +82,8 @@ def run_job(fd):
                 raise ToolCallError(f"{name}: the tool host closed the connection")
             reply = json.loads(line)
             if not reply.get("ok"):
+                if reply.get("raise_as") == "ToolDenied":
+                    raise ToolDenied(reply.get("error"))
                 raise ToolCallError(f"{name}: {reply.get('error')}")
             return reply.get("value")
 
@@ -89,6 +96,7 @@ def run_job(fd):
     namespace = {"__name__": "__autocode_step__", "__builtins__": builtins}
     for name in job["tools"]:
         namespace[name] = make_stub(name)
+    namespace["ToolDenied"] = ToolDenied
 
     try:
         exec(compile(source, filename, "exec"), namespace)

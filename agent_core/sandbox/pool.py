@@ -30,6 +30,7 @@ from agent_core.sandbox import (
     ToolCallHandler, run_batch_locally,
 )
 from agent_core.sandbox import confine, network
+from agent_core.sandbox.clock import STEP_DEADLINE
 from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher, choose_launcher, compile_runtime
 from agent_core.sandbox.guardian import STOPPED as GUARDIAN_STOPPED, remove_ipc_of
 from agent_core.sandbox.messages import ProtocolError, read_message
@@ -401,7 +402,12 @@ async def _converse(sock: socket.socket, request: StepRequest) -> StepResult:
     try:
         writer.write(json.dumps(job).encode() + b"\n")
         await writer.drain()
-        return await asyncio.wait_for(_serve(reader, writer, request), limits.timeout_s)
+        async with asyncio.timeout(limits.timeout_s) as deadline:  # stopped while a person decides (clock.py)
+            token = STEP_DEADLINE.set(deadline)
+            try:
+                return await _serve(reader, writer, request)
+            finally:
+                STEP_DEADLINE.reset(token)
     except TimeoutError:
         return StepResult(ok=False, error=f"TimeoutError: the step did not finish within {limits.timeout_s:g}s")
     except (ValueError, asyncio.LimitOverrunError):
@@ -442,7 +448,10 @@ async def _answer_call(message: dict[str, Any], request: StepRequest) -> dict[st
     try:
         value = await request.on_call(name, list(message.get("args", [])), dict(message.get("kwargs", {})))
     except Exception as exc:  # a tool's failure is the step's error, reported to its code
-        return {"id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply = {"id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if getattr(exc, "raised_in_step_as", None) == "ToolDenied":  # the step may catch ToolDenied by name
+            reply.update(error=str(exc), raise_as="ToolDenied")
+        return reply
     return {"id": message.get("id"), "ok": True, "value": value}
 
 

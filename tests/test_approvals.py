@@ -1,0 +1,220 @@
+"""Approvals (issue 14): a call of a tool declared `"confirm": True` waits for a person; approve → the tool runs
+once, deny or no decision → the step gets ToolDenied and nothing happens; a cancel ends the wait. Real agent, real
+sandbox steps calling the real tool host, a real tools file whose tool writes to a host file (the side effect)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from agent_core.approvals import render_call
+from agent_core.events import ApprovalDecided, ApprovalRequested
+from tests.conftest import plan, subtask, verdict
+
+TOOLS = '''
+import json
+SENT = {sent!r}
+
+TOOLS = [{{
+    "lib_names": [],
+    "instructions": "Send an email.",
+    "use_exactly_code_example": True,
+    "confirm": True,
+    "code_example": """
+def send_email(to: str, subject: str, body: str = "") -> dict:
+    import json
+    with open(SENT, "a") as out:
+        out.write(json.dumps({{"to": to, "subject": subject}}) + "\\\\n")
+    return {{"sent": True}}
+""".replace("SENT", repr(SENT)),
+}}]
+'''
+
+SEND = subtask("notify", '''
+def notify():
+    try:
+        result = send_email("boss@example.com", subject="Q3 numbers", body="up 4%")
+    except ToolDenied as exc:
+        return {"sent": False, "why": str(exc)}
+    return {"sent": result["sent"]}
+''')
+
+SEND_UNCAUGHT = subtask("notify", '''
+def notify():
+    return send_email("boss@example.com", subject="Q3 numbers")
+''')
+
+
+@pytest.fixture
+def mail(tmp_path) -> tuple[Path, Path]:
+    sent = tmp_path / "sent.jsonl"
+    tools = tmp_path / "tools.py"
+    tools.write_text(TOOLS.format(sent=str(sent)))
+    return tools, sent
+
+
+def _sent(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _decide_when_asked(agent, approve: bool, by: str = "alice", after: float = 0.0, seen: list | None = None):
+    async def on_event(event):
+        if isinstance(event, ApprovalRequested):
+            if seen is not None:
+                seen.append(event)
+            await asyncio.sleep(after)
+            agent.approvals.decide(event.run_id, event.number, approve, by)
+    agent.events.subscribe(on_event)
+
+
+async def test_approved_call_runs_the_tool_once(make_agent, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("The email was sent."))
+    agent = make_agent(tools_file=tools)
+    asked: list[ApprovalRequested] = []
+    _decide_when_asked(agent, True, seen=asked)
+
+    result = await agent.run("email the boss the Q3 numbers", "c1")
+
+    assert result.status == "succeeded", result.error
+    assert result.steps[0].output == {"sent": True}
+    assert _sent(sent) == [{"to": "boss@example.com", "subject": "Q3 numbers"}]
+    assert len(asked) == 1 and asked[0].tool == "send_email" and asked[0].number == 1
+    assert asked[0].arguments == 'send_email("boss@example.com", subject="Q3 numbers", body="up 4%")'
+    [row] = agent.storage.approvals(result.run_id)
+    assert row["status"] == "approved" and row["decided_by"] == "alice" and row["decided_at"]
+    kinds = [e["type"] for e in agent.storage.events(result.run_id)]
+    assert kinds.index("approval_requested") < kinds.index("approval_decided") < kinds.index("step_finished")
+    # The planner was told the tool asks first.
+    assert "raises ToolDenied" in llm_server.chat_requests()[0]["messages"][0]["content"]
+
+
+async def test_denied_call_raises_tool_denied_in_the_step_and_sends_nothing(make_agent, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("The email was not sent: it was denied."))
+    agent = make_agent(tools_file=tools)
+    _decide_when_asked(agent, False, by="bob")
+
+    result = await agent.run("email the boss", "c2")
+
+    assert result.status == "succeeded", result.error
+    assert result.steps[0].output == {"sent": False, "why": "send_email was not run: bob denied it"}
+    assert _sent(sent) == []
+    [row] = agent.storage.approvals(result.run_id)
+    assert row["status"] == "denied" and row["decided_by"] == "bob"
+
+
+async def test_no_decision_in_time_is_a_denial(make_agent, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND_UNCAUGHT))
+    llm_server.reply_json(verdict(ok=False, thoughts="not approved"))
+    agent = make_agent(tools_file=tools, approval_timeout=1.0)
+
+    result = await agent.run("email the boss", "c3")
+
+    step = result.steps[0]
+    assert not step.ok and step.error.startswith("ToolDenied: send_email was not run: nobody approved it within 1 s")
+    assert _sent(sent) == []
+    assert agent.storage.approvals(result.run_id)[0]["status"] == "timeout"
+
+
+async def test_the_step_timeout_does_not_run_while_waiting(make_agent, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("sent"))
+    agent = make_agent(tools_file=tools, step_timeout=2)
+    _decide_when_asked(agent, True, after=3.0)  # longer than the step may run
+
+    result = await agent.run("email the boss", "c4")
+
+    assert result.steps[0].ok, result.steps[0].error
+    assert len(_sent(sent)) == 1
+
+
+async def test_cancel_while_waiting_ends_the_run_and_sends_nothing(make_agent, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    agent = make_agent(tools_file=tools)
+    asked = asyncio.Event()
+    decided: list[ApprovalDecided] = []
+    agent.events.subscribe(lambda e: asked.set() if isinstance(e, ApprovalRequested) else
+                           decided.append(e) if isinstance(e, ApprovalDecided) else None)
+
+    task = asyncio.create_task(agent.run("email the boss", "c5"))
+    await asyncio.wait_for(asked.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    run = agent.storage.runs_with_status("cancelled")[0]
+    assert agent.storage.approvals(run["id"])[0]["status"] == "cancelled"
+    assert [d.decision for d in decided] == ["cancelled"]
+    assert agent.approvals.decide(run["id"], 1, True, "alice").ok is False  # too late: nothing to approve
+    await asyncio.sleep(0.5)
+    assert _sent(sent) == []
+
+
+async def test_first_decision_counts(make_agent, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("sent"))
+    agent = make_agent(tools_file=tools)
+    answers = []
+
+    async def on_event(event):
+        if isinstance(event, ApprovalRequested):
+            answers.append(agent.approvals.decide(event.run_id, event.number, True, "alice"))
+            answers.append(agent.approvals.decide(event.run_id, event.number, False, "mallory"))
+    agent.events.subscribe(on_event)
+
+    await agent.run("email the boss", "c6")
+
+    assert [a.ok for a in answers] == [True, False]
+    assert answers[1].message == "Already approved by alice."
+    assert len(_sent(sent)) == 1
+
+
+async def test_waiting_gives_back_the_step_slot(make_agent, llm_server, mail):
+    """A run waiting for a person does not hold the only step slot: another run's step runs meanwhile."""
+    tools, sent = mail
+    other = subtask("quick", "def quick():\n    return {'ok': 1}")
+    llm_server.reply_json(plan(SEND))
+    agent = make_agent(tools_file=tools, sandbox_slots=1)
+    asked = asyncio.Event()
+    pending = []
+
+    def on_event(event):
+        if isinstance(event, ApprovalRequested):
+            pending.append(event)
+            asked.set()
+    agent.events.subscribe(on_event)
+
+    waiting = asyncio.create_task(agent.run("email the boss", "c7"))
+    await asyncio.wait_for(asked.wait(), 30)
+    llm_server.reply_json(plan(other))
+    llm_server.reply_json(verdict("1"))
+    quick = await asyncio.wait_for(agent.run("quick one", "c8"), 30)
+    assert quick.status == "succeeded"
+    llm_server.reply_json(verdict("sent"))
+    agent.approvals.decide(pending[0].run_id, pending[0].number, True, "alice")
+    assert (await asyncio.wait_for(waiting, 30)).status == "succeeded"
+    assert len(_sent(sent)) == 1
+
+
+def test_render_call_is_clipped_and_printable():
+    text = render_call("send_email", ["a\x1b[31mred"], {"body": "x" * 5000})
+    assert "\x1b" not in text and len(text) <= 1500 and text.endswith("…")
+
+
+def test_confirm_is_refused_on_a_library_tool(tmp_path):
+    from tools.declarations import ToolError, tool_from_dict
+
+    with pytest.raises(ToolError, match="confirm applies to exact tools"):
+        tool_from_dict({"lib_name": ["numpy"], "confirm": True})
+    with pytest.raises(ToolError, match="confirm must be true or false"):
+        tool_from_dict({"use_exactly_code_example": True, "code_example": "def f():\n    pass", "confirm": "yes"})
