@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tools", type=Path, help="Python file defining TOOLS = [...] (default $AUTOCODE_TOOLS)")
     run.add_argument("--max-iterations", type=int, help="plan/repair iterations (default 3)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    run.add_argument("--yes", action="store_true",
+                     help='approve every call of a "confirm" tool (otherwise each is asked for on the terminal)')
     run.add_argument("--file", type=Path, action="append", default=[], metavar="PATH",
                      help="a file for the task (repeatable): the steps read it as inputs/NAME")
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
     from agent_core.app import build_agent
-    from bots.console import ConsoleRenderer, chat
+    from bots.console import ConsoleApprovals, ConsoleRenderer, chat
 
     from agent_core.workspace import InputRefused, Workspace, run_with_files
 
@@ -142,6 +144,10 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
                 return EXIT_CONFIG
         if not args.json:
             agent.events.subscribe(ConsoleRenderer(sys.stderr))
+        if args.yes:
+            agent.approvals.approve_all_as = "console (--yes)"
+        else:
+            agent.events.subscribe(ConsoleApprovals(agent))
         if files:
             result = await run_with_files(agent, args.task, args.conversation, files)
         else:

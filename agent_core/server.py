@@ -156,6 +156,7 @@ class Server:
             Route("/api/runs", self._guarded(self.submit), methods=["POST"]),
             Route("/api/runs/{run_id}", self._guarded(self.get_run), methods=["GET"]),
             Route("/api/runs/{run_id}/cancel", self._guarded(self.cancel), methods=["POST"]),
+            Route("/api/runs/{run_id}/approvals/{number:int}", self._guarded(self.decide), methods=["POST"]),
             Route("/api/usage", self._guarded(self.usage), methods=["GET"]),
             *viewer.routes(self.settings, self.agent.storage),
         ]
@@ -282,7 +283,29 @@ class Server:
             return JSONResponse({"error": "no such run"}, status_code=404)
         fields = ("id", "conversation", "task", "status", "answer", "error", "iterations", "user", "created_at",
                   "started_at", "finished_at")
-        return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"])})
+        approvals = [{k: a[k] for k in ("number", "tool", "arguments", "status", "requested_at", "decided_by",
+                                         "decided_at")} for a in self.agent.storage.approvals(run["id"])]
+        return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"]),
+                             "approvals": approvals})
+
+    async def decide(self, request: Request) -> JSONResponse:
+        """Approve or deny a `confirm` tool call: body {"approve": true|false, "by": "who (for the log)"}. The API
+        token's holder may decide any run's calls (it is the operator's)."""
+        run_id, number = request.path_params["run_id"], request.path_params["number"]
+        if self.agent.storage.get_run(run_id) is None:
+            return JSONResponse({"error": "no such run"}, status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("approve"), bool):
+            return JSONResponse({"error": 'send {"approve": true} or {"approve": false}'}, status_code=400)
+        by = str(body.get("by") or "").strip()[:80]
+        decided = self.agent.approvals.decide(run_id, number, body["approve"], f"api:{by}" if by else "api")
+        if not decided.ok:
+            return JSONResponse({"error": decided.message}, status_code=409 if "Already" in decided.message else 404)
+        return JSONResponse({"run_id": run_id, "number": number,
+                             "decision": "approved" if body["approve"] else "denied"})
 
     async def cancel(self, request: Request) -> JSONResponse:
         status = await self.scheduler.cancel(request.path_params["run_id"])

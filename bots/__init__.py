@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from starlette.routing import BaseRoute
 
+from agent_core.approvals import Approvals
 from agent_core.config import Settings
 from agent_core.events import EventBus
 from agent_core.scheduler import RunScheduler
@@ -32,6 +33,12 @@ class Runtime:
     # Awaited before non-urgent platform calls (progress messages): returns once no webhook is waiting for its
     # acknowledgement, or after a short bound, so rendering never delays acks. Set by the server.
     quiet: Callable[[], Awaitable[None]] = field(default=lambda: _nothing())
+
+    @property
+    def approvals(self) -> "Approvals":
+        """Pending `confirm` tool calls: adapters render ApprovalRequested and call `decide` for the requester or
+        an admin (bots/permissions.py)."""
+        return self.scheduler.agent.approvals
 
     def run_url(self, run: dict[str, Any]) -> str | None:
         """The run's web page (the "Full log" link), or None when the viewer is off."""

@@ -11,8 +11,8 @@ import sys
 from typing import TextIO
 
 from agent_core.events import (
-    EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
-    StepStarted,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
+    RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.loop import Agent
 from agent_core.terminal import safe_for_terminal
@@ -57,10 +57,33 @@ class ConsoleRenderer:
                 return f"· repair from {name}{kept}"
             case LLMWaiting() | LLMWaitOver():
                 return f"· {event.describe()}"  # "· waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"
+            case ApprovalRequested(tool=tool, arguments=arguments):
+                return f"· {tool} needs your approval: {arguments}"
+            case ApprovalDecided(tool=tool, decision=decision, by=by):
+                return f"· {tool}: {decision}{' by ' + by if by else ''}"
             case RunFinished(status=status, usage=usage):
                 return (f"· run {status}: {usage.get('llm_calls', 0)} LLM calls, "
                         f"{usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens")
         return None
+
+
+class ConsoleApprovals:
+    """Asks on the terminal when a run's step calls a `confirm` tool: "Approve? [y/N]"; anything but y/yes (and an
+    end of input, e.g. `autocode run` in a pipeline) is a denial. The request itself is printed by ConsoleRenderer."""
+
+    def __init__(self, agent: Agent, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stderr, user: str = "console"):
+        self.agent, self.stdin, self.stdout, self.user = agent, stdin, stdout, user
+
+    async def __call__(self, event: RunEvent) -> None:
+        if not isinstance(event, ApprovalRequested):
+            return
+        print(safe_for_terminal(f"Approve {event.tool}? [y/N] ", single_line=True), end="", file=self.stdout,
+              flush=True)
+        line = await asyncio.get_running_loop().run_in_executor(None, self.stdin.readline)
+        approve = line.strip().lower() in ("y", "yes")
+        if not line:
+            print("", file=self.stdout, flush=True)
+        self.agent.approvals.decide(event.run_id, event.number, approve, self.user)
 
 
 async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
@@ -71,6 +94,7 @@ async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdou
     from agent_core.workspace import InputRefused, Workspace, run_with_files
 
     agent.events.subscribe(ConsoleRenderer(stdout))
+    agent.events.subscribe(ConsoleApprovals(agent, stdin, stdout))
     print(f"AutoCode chat (conversation {conversation!r}). Type a task; /attach PATH adds a file to it; "
           "/reset clears history and files; /exit quits.", file=stdout, flush=True)
     attached: list[Path] = []

@@ -218,3 +218,90 @@ def test_confirm_is_refused_on_a_library_tool(tmp_path):
         tool_from_dict({"lib_name": ["numpy"], "confirm": True})
     with pytest.raises(ToolError, match="confirm must be true or false"):
         tool_from_dict({"use_exactly_code_example": True, "code_example": "def f():\n    pass", "confirm": "yes"})
+
+
+# ------------------------------------------------------------------------- the console: y/N, --yes, end of input
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(tmp_path, llm_server, tools, *args, stdin: str = ""):
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", PYTHONPATH=str(REPO),
+                   OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
+                   AUTOCODE_SANDBOX_WARM="0")
+    return subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "run", "--tools", str(tools), *args],
+                          cwd=tmp_path, env=environ, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("answer, sent_count, output", [
+    ("y\n", 1, '"sent": true'),
+    ("n\n", 0, "console denied it"),
+    ("", 0, "console denied it"),  # end of input: nobody said yes
+])
+def test_console_asks_y_n(tmp_path, llm_server, mail, answer, sent_count, output):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("done"))
+    proc = _cli(tmp_path, llm_server, tools, "email the boss", stdin=answer)
+    assert proc.returncode == 0, proc.stderr
+    assert 'send_email needs your approval: send_email("boss@example.com", subject="Q3 numbers"' in proc.stderr
+    assert "Approve send_email? [y/N]" in proc.stderr
+    assert len(_sent(sent)) == sent_count
+    evaluator_prompt = json.dumps(llm_server.chat_requests()[1])
+    assert output.replace('"', '\\"') in evaluator_prompt
+
+
+def test_console_yes_approves_without_asking(tmp_path, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("done"))
+    proc = _cli(tmp_path, llm_server, tools, "--yes", "email the boss")
+    assert proc.returncode == 0, proc.stderr
+    assert "[y/N]" not in proc.stderr and "send_email: approved by console (--yes)" in proc.stderr
+    assert len(_sent(sent)) == 1
+
+
+# ------------------------------------------------------------------------- the internal API of `autocode serve`
+def test_api_decides_an_approval(tmp_path, llm_server, mail):
+    import time
+
+    from tests.server_helpers import Serve, serve_env
+
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("sent"))
+    env = serve_env(llm_server, tmp_path / "serve.db", AUTOCODE_TOOLS=str(tools), AUTOCODE_API_TOKEN="tok-1")
+    server = Serve(env, tmp_path / "serve.log", tmp_path)
+    try:
+        server.wait_ready()
+        auth = {"Authorization": "Bearer tok-1"}
+        run_id = server.http.post("/api/runs", json={"task": "email the boss"}, headers=auth).json()["run_id"]
+        deadline = time.monotonic() + 60
+        while True:
+            run = server.http.get(f"/api/runs/{run_id}", headers=auth).json()
+            if run["approvals"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert run["status"] == "running" and run["approvals"][0]["status"] == "pending", server.log_tail()
+        assert run["approvals"][0]["arguments"].startswith('send_email("boss@example.com"')
+        assert _sent(sent) == []
+        path = f"/api/runs/{run_id}/approvals/1"
+        assert server.http.post(path, json={"approve": True}).status_code == 401  # the API token is needed
+        assert server.http.post(path, json={"approve": "yes"}, headers=auth).status_code == 400
+        assert server.http.post(f"/api/runs/{run_id}/approvals/9", json={"approve": True},
+                                headers=auth).status_code == 404
+        answer = server.http.post(path, json={"approve": True, "by": "ops"}, headers=auth)
+        assert answer.status_code == 200 and answer.json()["decision"] == "approved"
+        assert server.http.post(path, json={"approve": False}, headers=auth).status_code == 409  # decided already
+        while run["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            run = server.http.get(f"/api/runs/{run_id}", headers=auth).json()
+        assert run["status"] == "succeeded", server.log_tail()
+        assert run["approvals"][0]["status"] == "approved" and run["approvals"][0]["decided_by"] == "api:ops"
+        assert len(_sent(sent)) == 1
+    finally:
+        server.close()
