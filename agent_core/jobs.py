@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import io
+import itertools
 import tarfile
 import tempfile
 import threading
@@ -30,11 +31,13 @@ from typing import Any
 
 from celery import Celery
 
+from agent_core.approvals import ToolDenied
 from agent_core.budget import BudgetLimits, CountedUsage, RunBudget
 from agent_core.config import Settings
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient
 from agent_core.sandbox import Limits, PlannedStep, SandboxUnavailable, StepBatch, StepResult
+from agent_core.sandbox.clock import paused
 from agent_core.sandbox.pool import SandboxExecutor
 from tools.host import ToolHost
 from tools.registry import build_toolset
@@ -205,7 +208,8 @@ class JobRunner:
                 await place_inputs(sandbox, base64.b64decode(job["inputs"]))
             budget = job_budget(job, self.settings)
             helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"]), budget)
-            host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget)
+            host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget,
+                            approve=_RemoteApprover(self.redis, publish, job_id))
             await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name, budget), gate=self.slots)
             data, skipped = await sandbox.archive(self.settings.job_transfer_mb * 1024 * 1024)
             if job.get("inputs"):
@@ -256,6 +260,30 @@ class _PublishedProgress:
 
     async def restarted(self) -> None:  # only serve restarts batches
         pass
+
+
+class _RemoteApprover:
+    """Approvals for a worker's tool host: a `confirm` tool call is reported to serve (which asks the requester,
+    agent_core/approvals.py) and waits for the decision on the job's approval list. The step's timeout and its
+    slot are paused meanwhile (sandbox/clock.py), as on serve; a cancelled job ends the wait with the step."""
+
+    def __init__(self, redis: Any, publish: _Publisher, job_id: str):
+        self.redis, self.publish, self.job_id = redis, publish, job_id
+        self.numbers = itertools.count(1)
+
+    async def __call__(self, tool: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        number = next(self.numbers)
+        async with paused():
+            await self.publish({"type": "approval", "number": number, "tool": tool, "args": args, "kwargs": kwargs})
+            key = job_key(self.job_id, f"approval:{number}")
+            while (popped := await self.redis.blpop([key], timeout=1)) is None:
+                pass  # serve answers within its approval timeout; a cancel of the job cancels this task
+        reply = json.loads(popped[1])
+        if reply.get("approved"):
+            return
+        if reply.get("denied"):
+            raise ToolDenied(reply.get("error") or f"{tool} was not approved")
+        raise PermissionError(reply.get("error") or f"{tool} was not approved")
 
 
 class _BudgetedHelper:

@@ -395,7 +395,7 @@ class _Run:
             needed = {step.input_from for step in batch} - {step.name for step in batch} - {None}
             await sandbox.run_batch(
                 StepBatch(batch, {name: outputs[name] for name in needed}, self.agent.limits, self.tool_host.names,
-                          self.iteration),
+                          self.iteration, approve=self.tool_host.approve),
                 self.tool_host.call, progress, gate=self.agent.step_slots,
             )
         batch_completed = len(progress.records) == len(batch) and all(r.ok for r in progress.records)

@@ -287,3 +287,36 @@ def test_remote_llm_helper_calls_count_against_the_users_daily_budget(cluster, l
                for text in output["refused"])
     assert len([b for b in llm_server.chat_requests() if "response_format" not in b]) == 3
     assert run["status"] == "failed" and "AUTOCODE_DAILY_TOKENS_PER_USER" in run["error"], run
+
+
+def test_a_confirm_tool_on_a_worker_waits_for_the_decision_made_on_serve(cluster, llm_server, tmp_path):
+    """Approvals with Celery workers: the worker's step waits (its timeout stopped) while serve asks; approve →
+    the tool runs once on the worker; deny → ToolDenied in the step and nothing sent."""
+    from tests.test_approvals import SEND, TOOLS, _sent
+
+    sent = tmp_path / "sent.jsonl"
+    tools = tmp_path / "tools.py"
+    tools.write_text(TOOLS.format(sent=str(sent)))
+    for _ in range(2):
+        llm_server.reply_json(plan(SEND))
+        llm_server.reply_json(verdict("done"))
+    server, _ = cluster(llm_server.base_url, workers=1, AUTOCODE_TOOLS=str(tools), AUTOCODE_STEP_TIMEOUT="3")
+
+    def pending(run_id: str) -> list:
+        return [a for a in server.http.get(f"/api/runs/{run_id}").json()["approvals"] if a["status"] == "pending"]
+
+    first = server.submit_ok("email the boss")
+    wait_for(lambda: pending(first), 60, what="the approval to be asked for")
+    time.sleep(4)  # longer than the step may run: the wait does not count
+    assert server.http.post(f"/api/runs/{first}/approvals/1", json={"approve": True}).status_code == 200
+    run = server.wait_status(first, timeout=60)
+    assert run["status"] == "succeeded", (run, server.log_tail())
+    assert len(_sent(sent)) == 1
+
+    second = server.submit_ok("email the boss again")
+    wait_for(lambda: pending(second), 60, what="the second approval")
+    assert server.http.post(f"/api/runs/{second}/approvals/1", json={"approve": False, "by": "ops"}).status_code == 200
+    assert server.wait_status(second, timeout=60)["status"] == "succeeded"
+    output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?", (second,))[0]["output_json"])
+    assert output == {"sent": False, "why": "send_email was not run: api:ops denied it"}
+    assert len(_sent(sent)) == 1

@@ -74,6 +74,9 @@ class StepBatch:
     limits: Limits = field(default_factory=Limits)
     tool_names: list[str] = field(default_factory=list)
     iteration: int = 0  # the run's iteration it belongs to (labels a worker's LLM calls)
+    # Who decides calls of `confirm` tools (Approvals.ask bound to the run): a remote batch's worker asks serve
+    # through it; a local batch's tool host holds the same callable.
+    approve: Callable[[str, list[Any], dict[str, Any]], Awaitable[None]] | None = field(default=None, repr=False)
 
 
 class BatchProgress(Protocol):

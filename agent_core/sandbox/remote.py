@@ -156,9 +156,12 @@ class RemoteSandbox:
         steps = {step.name: step for step in batch.steps}
         results: list[StepResult] = []
         beat_seen = False
+        deciding: set[asyncio.Task] = set()  # approvals the worker's steps wait for (answered on serve)
         await self.executor.send(job)
         try:
             while True:
+                if deciding:  # a person's time is not the job's: the deadline waits too
+                    deadline = max(deadline, time.monotonic() + batch.limits.timeout_s + self.settings.job_margin)
                 message = await self._next_message(job_id)
                 if message is None:  # nothing for a second: is anyone still working on it?
                     alive = bool(await self.redis.exists(job_key(job_id, "beat")))
@@ -178,6 +181,10 @@ class RemoteSandbox:
                     await progress.finished(steps[message["step"]], result)
                 elif kind == "llm_call":
                     self.executor.storage.add_llm_call(message["record"])
+                elif kind == "approval":
+                    task = asyncio.create_task(self._decide(job_id, batch, message))
+                    deciding.add(task)
+                    task.add_done_callback(deciding.discard)
                 elif kind == "done":
                     self._keep_workdir(message)
                     return "done", results, None
@@ -191,6 +198,26 @@ class RemoteSandbox:
         except asyncio.CancelledError:
             await asyncio.shield(self._abandon(job_id))  # the worker kills the step at once
             raise
+        finally:
+            for task in deciding:
+                task.cancel()  # ends the wait (ApprovalDecided "cancelled") if the job ended without its step
+
+    async def _decide(self, job_id: str, batch: StepBatch, message: dict[str, Any]) -> None:
+        """A step on the worker called a `confirm` tool: ask here (where the adapters and Approvals live) and
+        send the decision back on the job's approval list, which the worker's tool host waits on."""
+        reply: dict[str, Any] = {"approved": True}
+        try:
+            if batch.approve is None:
+                raise PermissionError(f"{message.get('tool')} needs a person's approval, and nobody can be asked")
+            await batch.approve(str(message.get("tool")), list(message.get("args") or []),
+                                dict(message.get("kwargs") or {}))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # ToolDenied, or the refusal above: the step gets it
+            reply = {"approved": False, "error": str(exc), "denied": type(exc).__name__ == "ToolDenied"}
+        key = job_key(job_id, f"approval:{message.get('number')}")
+        await self.redis.rpush(key, json.dumps(reply))
+        await self.redis.expire(key, KEY_TTL_S)
 
     async def _next_message(self, job_id: str) -> dict[str, Any] | None:
         popped = await self.redis.blpop([job_key(job_id, "events")], timeout=1)
