@@ -262,6 +262,7 @@ def run_details(storage: Any, run_id: str) -> dict[str, Any] | None:
         "llm_calls": storage.llm_calls(run_id),
         "usage": storage.usage(run_id),
         "artifacts": storage.artifacts(run_id),
+        "approvals": storage.approvals(run_id),
     }
 
 
@@ -300,6 +301,12 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
         for evaluation in (e for e in details["evaluations"] if e["iteration"] == iteration):
             verdict = "satisfactory" if evaluation["satisfactory"] else f"retry from {evaluation['retry_from'] or '-'}"
             print(f"--- evaluator: {_field(verdict)}. {_field(evaluation['thoughts'])}")
+    if details["approvals"]:
+        print("\nApprovals:")
+        for approval in details["approvals"]:
+            who = f" by {_field(approval['decided_by'])}" if approval["decided_by"] else ""
+            print(f"  #{approval['number']} {_field(approval['arguments'])}: {approval['status']}{who} "
+                  f"({approval['decided_at'] or 'waiting'})")
     print("\nLLM calls:")
     for call in details["llm_calls"]:
         error = f"  error: {_field(call['error'])}" if call["error"] else ""

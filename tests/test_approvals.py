@@ -263,6 +263,15 @@ def test_console_yes_approves_without_asking(tmp_path, llm_server, mail):
     assert proc.returncode == 0, proc.stderr
     assert "[y/N]" not in proc.stderr and "send_email: approved by console (--yes)" in proc.stderr
     assert len(_sent(sent)) == 1
+    import sqlite3
+    run_id = sqlite3.connect(tmp_path / "cli.db").execute("SELECT id FROM runs").fetchone()[0]
+    import subprocess
+    import sys
+    show = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "show", run_id], cwd=tmp_path,
+                          env={"AUTOCODE_DB": str(tmp_path / "cli.db"), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert 'Approvals:\n  #1 send_email("boss@example.com", subject="Q3 numbers", body="up 4%"): approved by ' \
+        'console (--yes)' in show.stdout, show.stdout + show.stderr
 
 
 # ------------------------------------------------------------------------- the internal API of `autocode serve`
