@@ -5,6 +5,13 @@ recorded with its method, merged params (query, form or JSON; form fields that h
 headers. It answers the methods AutoCode uses; anything else gets `{"ok": true}`. `rate_limit(method, times)` makes
 the next `times` calls of a method answer 429 with `Retry-After`, as Slack does.
 
+Files users send: `add_file(name, data, token=...)` keeps the bytes (or a path to them) and returns the file object
+a `message`/`app_mention` event carries in `files` (id, name, mimetype, size, url_private, url_private_download,
+both on this server). `GET` on those URLs serves the bytes only with `Authorization: Bearer <that token>`; as Slack
+does, a wrong token gets a 200 text/html sign-in page, no token a 401, an unknown file a 404. Each download is
+recorded (method "download", params file and sent = bytes written before the client was done); `files.info`
+answers the full object (what a Slack Connect stub, `add_file(..., connect=True)`, must be completed with).
+
     with FakeSlack() as slack:
         env["SLACK_API_URL"] = slack.api_url
         ...
@@ -15,11 +22,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import mimetypes
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from tests.fakes.base import BodyHandler, FakeService, QuietServer
 
@@ -32,6 +41,35 @@ EPHEMERAL_PARAMS = {"channel", "user", "text", "as_user", "attachments", "blocks
                     "icon_url", "link_names", "username", "parse", "markdown_text"}
 BOT_USER_ID = "UAUTOCODE"
 BOT_ID = "BAUTOCODE"
+SIGN_IN_PAGE = (b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Slack</title></head><body><h1>Sign in to "
+                b"Fake</h1><form action=\"/signin\" method=\"post\"><input name=\"email\"></form></body></html>")
+SERVE_CHUNK = 1 << 16
+
+
+@dataclass
+class FakeFile:
+    """A file a user shared: its bytes (or where they are) and the only token that may download them."""
+
+    id: str
+    name: str
+    data: bytes | Path
+    token: str
+    mimetype: str
+    entry: dict[str, Any]  # the full file object (files.info)
+    stall: threading.Event | None = None  # set: serve the first chunk, then wait for it before the rest
+
+    @property
+    def size(self) -> int:
+        return self.data.stat().st_size if isinstance(self.data, Path) else len(self.data)
+
+    def chunks(self) -> Any:
+        if isinstance(self.data, bytes):
+            for start in range(0, len(self.data), SERVE_CHUNK):
+                yield self.data[start:start + SERVE_CHUNK]
+            return
+        with open(self.data, "rb") as handle:
+            while chunk := handle.read(SERVE_CHUNK):
+                yield chunk
 
 
 @dataclass
@@ -58,6 +96,9 @@ class _Handler(BodyHandler):
     def _handle(self, raw: bytes) -> None:
         url = urlsplit(self.path)
         headers = {k.lower(): v for k, v in self.headers.items()}
+        if url.path.startswith("/files-pri/") and self.command == "GET":
+            self._download(url.path, headers)
+            return
         params: dict[str, Any] = dict(parse_qsl(url.query))
         kind = headers.get("content-type", "")
         if url.path.startswith("/api/"):
@@ -89,6 +130,38 @@ class _Handler(BodyHandler):
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
 
+    def _download(self, path: str, headers: dict[str, str]) -> None:
+        """GET /files-pri/<team>-<id>/[download/]<name>: the bytes for the right bearer token, streamed."""
+        fake = self.server.fake
+        file_id = path.split("/")[2].rsplit("-", 1)[-1]
+        call = SlackCall("download", {"file": file_id, "path": path, "sent": 0}, headers, time.monotonic())
+        item = fake.file(file_id)
+        auth = headers.get("authorization", "")
+        if item is None:
+            status, kind, body = 404, "text/plain", b"file not found"
+        elif not auth.startswith("Bearer "):
+            status, kind, body = 401, "text/plain", b"not authed"
+        elif auth.removeprefix("Bearer ") != item.token:
+            status, kind, body = 200, "text/html; charset=utf-8", SIGN_IN_PAGE
+        else:
+            status, kind, body = 200, item.mimetype, None
+        call.status = status
+        fake._record(call)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(item.size if body is None and item else len(body or b"")))
+            self.end_headers()
+            for chunk in (item.chunks() if body is None and item else [body]):
+                self.wfile.write(chunk)
+                call.params["sent"] += len(chunk)
+                if body is None and item is not None and item.stall is not None:
+                    self.wfile.flush()
+                    item.stall.wait(30)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
+
 
 class FakeSlack(FakeService):
     """In-process fake of the Slack Web API; `api_url` is what `AsyncWebClient(base_url=...)` takes."""
@@ -100,6 +173,7 @@ class FakeSlack(FakeService):
         self._limits: dict[str, list[int]] = {}  # method -> [remaining 429s, retry_after]
         self._clock = itertools.count(1)
         self._files = itertools.count(1)
+        self._shared: dict[str, FakeFile] = {}  # files users shared, by id
 
     # -- life cycle -------------------------------------------------------------------------------------
     @property
@@ -128,6 +202,55 @@ class FakeSlack(FakeService):
     def clear(self) -> None:
         with self._lock:
             self._calls.clear()
+
+    def add_file(self, name: str, data: bytes | Path, *, token: str, mimetype: str | None = None,
+                 user: str = "UALICE", connect: bool = False, stall: bool = False, **overrides: Any) -> dict[str, Any]:
+        """Share a file: `token` is the only bearer token that may download it. Returns the file object for an
+        event's `files` (a Slack Connect stub with `connect`: id and `file_access: check_file_info` only).
+        With `stall`, a download sends the first chunk and waits for `release()`. `overrides` change the object
+        (e.g. size=None to state no size, url_private_download=None)."""
+        file_id = f"F{next(self._files):08d}"
+        mimetype = mimetype or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        base = f"{self.url}/files-pri/{self.team_id}-{file_id}"
+        item = FakeFile(file_id, name, data, token, mimetype, {}, threading.Event() if stall else None)
+        entry: dict[str, Any] = {
+            "id": file_id, "created": int(time.time()), "timestamp": int(time.time()), "name": name, "title": name,
+            "mimetype": mimetype, "filetype": name.rsplit(".", 1)[-1] if "." in name else "", "user": user,
+            "user_team": self.team_id, "mode": "hosted", "is_external": False, "external_type": "",
+            "is_public": False, "size": item.size, "url_private": f"{base}/{quote(name)}",
+            "url_private_download": f"{base}/download/{quote(name)}",
+            "permalink": f"https://fake.slack.test/files/{user}/{file_id}/{quote(name)}",
+        }
+        for key, value in overrides.items():
+            if value is None:
+                entry.pop(key, None)
+            else:
+                entry[key] = value
+        item.entry = entry
+        with self._lock:
+            self._shared[file_id] = item
+        if connect:
+            return {"id": file_id, "mode": "file_access", "file_access": "check_file_info", "created": 0,
+                    "timestamp": 0, "user": ""}
+        return dict(entry)
+
+    def release(self) -> None:
+        """Let stalled downloads go on."""
+        with self._lock:
+            stalls = [item.stall for item in self._shared.values() if item.stall is not None]
+        for stall in stalls:
+            stall.set()
+
+    def _release_waiters(self) -> None:
+        self.release()
+
+    def file(self, file_id: str) -> FakeFile | None:
+        with self._lock:
+            return self._shared.get(unquote(file_id))
+
+    def downloads(self, file_id: str | None = None) -> list[SlackCall]:
+        """Download requests (any answer), of one file or all."""
+        return [c for c in self.calls_of("download", status=None) if file_id is None or c.params["file"] == file_id]
 
     # -- answers ------------------------------------------------------------------------------------------
     def _record(self, call: SlackCall) -> None:
@@ -170,6 +293,11 @@ class FakeSlack(FakeService):
         if call.method == "files.completeUploadExternal":
             files = call.json_param("files") or []
             return 200, {"ok": True, "files": [{"id": f.get("id"), "title": f.get("title")} for f in files]}, {}
+        if call.method == "files.info":
+            item = self.file(str(params.get("file", "")))
+            if item is None:
+                return 200, {"ok": False, "error": "file_not_found"}, {}
+            return 200, {"ok": True, "file": dict(item.entry), "comments": [], "response_metadata": {}}, {}
         if call.method == "users.info":
             user = params.get("user", "")
             return 200, {"ok": True, "user": {"id": user, "name": user.lower(), "tz": "UTC"}}, {}
