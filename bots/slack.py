@@ -5,6 +5,11 @@ lives in that post's thread), direct messages, and follow-ups in a thread AutoCo
 `slack:{team}:{channel}:{thread_root_ts}`). Every request is submitted to the scheduler *before* it is acknowledged
 (durable), then answered asynchronously: one progress message updated at most once a second, the answer in the
 thread, the execution log and artifacts below it.
+
+Files users send (`file_share` messages, files on mentions): the run is submitted *held* before the ack, then each
+file is streamed from Slack (`url_private_download` with the bot token, the workspace's for OAuth installs) into
+the run's inputs through agent_core/uploads.py, which releases the run or fails it with a message for the user.
+A retried delivery is a duplicate of the held run, so a file is never downloaded twice.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler, AsyncRateLimitErrorRetryHandler,
 )
@@ -29,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from agent_core.config import ConfigError
+from agent_core import uploads
+from agent_core.config import ConfigError, Settings
 from agent_core.events import (
     EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
@@ -41,19 +49,27 @@ from bots.permissions import may_act_on_run, refusal_text
 log = logging.getLogger(__name__)
 
 UPDATE_INTERVAL = 1.0  # seconds between chat.update calls on one message
-BOT_SCOPES = ["app_mentions:read", "channels:history", "chat:write", "commands", "files:write", "groups:history",
-              "im:history", "mpim:history"]
+BOT_SCOPES = ["app_mentions:read", "channels:history", "chat:write", "commands", "files:read", "files:write",
+              "groups:history", "im:history", "mpim:history"]
 SUBCOMMANDS = ("help", "reset", "history", "usage", "cancel")
 HELP = (
     "*AutoCode* writes and runs Python to do a task, then answers with the result.\n"
     "• `/autocode TASK` — start a task here; the answer and its execution log go in the thread\n"
     "• `@AutoCode TASK` in a channel, or a direct message — same, in that message's thread\n"
     "• Reply in an AutoCode thread to follow up: it remembers the thread's conversation\n"
+    "• Attach files (CSV, Excel, JSON, text, images) to a task: its code reads them, and the thread's follow-ups "
+    "see them and the files it made\n"
     "• `/autocode history` — your recent runs in this channel · `/autocode usage` — your LLM tokens\n"
     "• `/autocode cancel` — cancel your running tasks here · `/autocode reset` — forget your conversations here\n"
     "In a thread, mention AutoCode with `reset`, `cancel`, `history` or `usage` to act on that thread only."
 )
 _MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+FILES_TASK = "Analyse the attached file(s) and tell me what they contain."  # a message that is only files
+DOWNLOAD_CHUNK = 1 << 18
+# No overall deadline (a 50 MB file on a slow link may take minutes), but a stalled connection ends the download.
+DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+# Hosts Slack serves files from; the bot token is sent to no other (nor to SLACK_API_URL's host when it is set).
+SLACK_FILE_DOMAINS = ("slack.com", "slack-gov.com")
 
 
 class ThreadIndex:
@@ -250,8 +266,9 @@ class SlackAdapter:
         if route.get("progress_ts"):
             progress = self._progress_from_row(run)
             await self._update(client, route, progress)
+        # The stored reason: a held run's says its files never arrived and nothing ran (HELD_INTERRUPTED_MESSAGE).
         await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
-                                      text=f":warning: {INTERRUPTED_MESSAGE}")
+                                      text=f":warning: {render.escape(run.get('error') or INTERRUPTED_MESSAGE)}")
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task:
@@ -344,8 +361,8 @@ class SlackAdapter:
         await self._on_post(event, body, context, require_owned=False)
 
     async def _on_message(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
-        if event.get("subtype") or event.get("bot_id") or not event.get("user"):
-            return  # edits, joins, bots (including ourselves)
+        if event.get("subtype") not in (None, "file_share") or event.get("bot_id") or not event.get("user"):
+            return  # edits, joins, bots (including ourselves); a message with files is a post like any other
         if event.get("channel_type") == "im":
             await self._on_post(event, body, context, require_owned=False)
         elif event.get("thread_ts") and event.get("thread_ts") != event.get("ts"):
@@ -369,18 +386,32 @@ class SlackAdapter:
                 self._spawn(self._ephemeral(route, refusal), "posting a refusal")
             return
         task = _MENTION.sub("", event.get("text") or "").strip()
+        files = [entry for entry in event.get("files") or [] if isinstance(entry, dict)]
         conversation = owned or f"slack:{team}:{channel}:{root}"
         words = task.split()
-        if len(words) <= 1 and (not words or words[0].lower() in SUBCOMMANDS):
+        word = words[0].lower() if len(words) == 1 else ""
+        if (not words and not files) or word in SUBCOMMANDS:
             if self._first_time(delivery):
-                reply = self._thread_command(words[0].lower() if words else "help", conversation, team, user)
+                reply = self._thread_command(word or "help", conversation, team, user)
                 self._spawn(self._say(route, reply), "answering a thread command")
             return
+        if files:
+            over = over_limits(files, self.settings)
+            if over:  # from the sizes Slack states: nothing is stored or downloaded
+                if self._first_time(delivery):
+                    self._spawn(self._say(route, render.escape(over)), "refusing files over the limits")
+                return
+            task = task or FILES_TASK
+            route["files"] = [file_label(entry) for entry in files]
+        # With files the run is held (stored, not started) until they are received, after the ack; a retried
+        # delivery is a "duplicate" of it and downloads nothing.
         submission = self.scheduler.submit(task, conversation, user=self._user_key(team, user), adapter=self.name,
-                                           delivery_id=delivery, reply_to=route)
-        if submission.status == "queued":
+                                           delivery_id=delivery, reply_to=route, hold=bool(files))
+        if submission.status in ("queued", "held"):
             self.threads.add(team, channel, root, conversation)
             self._spawn(self._open(submission.run_id), "posting the progress message")
+            if submission.status == "held":
+                self._spawn(self._receive(submission.run_id, route, files), f"receiving files of {submission.run_id}")
         elif submission.status == "refused" and self._first_time(delivery):
             self._spawn(self._say(route, submission.message), "posting a refusal")
 
@@ -440,6 +471,62 @@ class SlackAdapter:
         requester = (run["user"] or "").rsplit(":", 1)[-1] if (run["user"] or "").startswith("slack:") else ""
         return refusal_text(action, f"<@{requester}>" if requester else None)
 
+    # --- files users send ---------------------------------------------------------------------------------------
+    async def _receive(self, run_id: str, route: dict[str, Any], files: list[dict[str, Any]]) -> None:
+        """After the ack: stream each file from Slack into the held run's inputs (agent_core/uploads.py). Any
+        failure fails the run with its message (DownloadFailed, over a limit), rendered like any failed run."""
+        async with uploads.receiving(self.scheduler, run_id) as receiver:
+            client = await self._client_for(route)
+            for entry in files:
+                entry = await self._file_info(client, entry)
+                over = over_limits([entry], self.settings)  # a Slack Connect stub states its size only now
+                if over:
+                    raise uploads.InputRefused(over)
+                name, url = download_source(entry, self.settings)
+                await receiver.add(name, self._file_chunks(url, name, client.token or "", entry))
+        if receiver.failure is None and receiver.released:
+            log.info("slack: run %s received %d file(s)", run_id, len(receiver.files))
+
+    @staticmethod
+    async def _file_info(client: AsyncWebClient, entry: dict[str, Any]) -> dict[str, Any]:
+        """The file object with its download link: Slack Connect files come as a stub (`file_access:
+        check_file_info`, no name, no link) that files.info completes."""
+        if entry.get("file_access") != "check_file_info" or not entry.get("id"):
+            return entry
+        try:
+            response = await client.files_info(file=str(entry["id"]))
+        except SlackApiError as exc:
+            reason = exc.response.get("error", "") if exc.response is not None else ""
+            raise uploads.DownloadFailed(
+                f"Slack did not let AutoCode read the attached file {entry['id']} ({reason or 'no access'}); files "
+                "shared from another organization through Slack Connect may not be open to apps. Download it and "
+                "attach it yourself. Nothing was run.") from None
+        return dict(response.get("file") or entry)
+
+    async def _file_chunks(self, url: str, name: str, token: str, entry: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The file's bytes as Slack sends them, chunk by chunk (never whole in memory). One GET, never retried: a
+        download cut midway fails the run rather than storing a half or a second copy. aiohttp drops the
+        Authorization header on a redirect to another origin."""
+        if self._session is None:
+            raise uploads.DownloadFailed(f"AutoCode's Slack connection is not up yet, so {name} was not fetched; "
+                                         "please send it again in a minute. Nothing was run.")
+        try:
+            async with self._session.get(url, headers={"Authorization": f"Bearer {token}"},
+                                         timeout=DOWNLOAD_TIMEOUT) as response:
+                if response.status != 200:
+                    raise uploads.DownloadFailed(download_refusal(name, response.status))
+                mimetype = str(entry.get("mimetype") or "")
+                if response.content_type == "text/html" and "html" not in mimetype:
+                    # What Slack answers (200, a sign-in page) when the token may not read the file.
+                    raise uploads.DownloadFailed(
+                        f"Slack answered a sign-in page instead of {name}: AutoCode's token may not read it (the app "
+                        "needs the files:read scope; reinstall it after adding the scope). Nothing was run.")
+                async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
+                    yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise uploads.DownloadFailed(f"Downloading {name} from Slack failed ({type(exc).__name__}); nothing was "
+                                         "run. Please send it again.") from None
+
     # --- commands --------------------------------------------------------------------------------------------
     def _user_runs_here(self, team: str, channel: str, user: str, limit: int = 500) -> list[dict[str, Any]]:
         prefix, who = f"slack:{team}:{channel}:", self._user_key(team, user)
@@ -476,11 +563,12 @@ class SlackAdapter:
             return self._history_text(runs, "of yours in this channel")
         if word == "reset":
             conversations = {r["conversation"] for r in runs}
-            removed = sum(self.storage.clear_conversation(c) for c in conversations)
-            return (f"Forgot {removed} messages of your {len(conversations)} AutoCode conversations in this channel; "
-                    "new tasks start fresh.")
+            files = sum(self._kept_files(c) for c in conversations)
+            removed = sum(self.storage.clear_conversation(c) for c in conversations)  # messages and workspace
+            return (f"Forgot {removed} messages and {files} files of your {len(conversations)} AutoCode "
+                    "conversations in this channel; new tasks start fresh.")
         if word == "cancel":
-            active = [r for r in runs if r["status"] in ("queued", "running")]
+            active = [r for r in runs if r["status"] in render.ACTIVE]
             for run in active:
                 self._spawn(self._cancel(run["id"], None), "cancelling a run")
             return f"Cancelling {len(active)} run(s)." if active else "You have no running tasks in this channel."
@@ -494,15 +582,22 @@ class SlackAdapter:
         if word == "history":
             return self._history_text(runs, "in this thread")
         if word == "reset":
-            removed = self.storage.clear_conversation(conversation)
-            return f"Forgot this thread's history ({removed} messages); the next task starts fresh."
+            files = self._kept_files(conversation)
+            removed = self.storage.clear_conversation(conversation)  # its messages and its workspace
+            return (f"Forgot this thread's history ({removed} messages) and its files ({files}); the next task "
+                    "starts fresh.")
         if word == "cancel":  # only the caller's own runs: others' are theirs (or an admin's, by the button)
             mine = self._user_key(team, user)
-            active = [r for r in runs if r["status"] in ("queued", "running") and r["user"] == mine]
+            active = [r for r in runs if r["status"] in render.ACTIVE and r["user"] == mine]
             for run in active:
                 self._spawn(self._cancel(run["id"], None), "cancelling a run")
             return f"Cancelling {len(active)} run(s)." if active else "Nothing of yours is running in this thread."
         return HELP
+
+    def _kept_files(self, conversation: str) -> int:
+        """The files a conversation's workspace holds for the user (uploads and outputs; not AutoCode's own
+        results/run-N.json records)."""
+        return sum(1 for row in self.storage.workspace_files(conversation) if row["kind"] != "result")
 
     async def _cancel(self, run_id: str, route: dict[str, Any] | None) -> None:
         status = await self.scheduler.cancel(run_id)
@@ -522,8 +617,9 @@ class SlackAdapter:
 
     def _progress_from_row(self, run: dict[str, Any]) -> render.Progress:
         route = self.storage.reply_to(run["id"])
-        progress = render.Progress(run["id"], run["task"], user=route.get("user", ""), url=self.runtime.run_url(run))
-        if run["status"] not in ("queued", "running"):
+        progress = render.Progress(run["id"], run["task"], user=route.get("user", ""), url=self.runtime.run_url(run),
+                                   files=[str(name) for name in route.get("files") or []])
+        if run["status"] not in render.ACTIVE:
             progress.status, progress.error, progress.iteration = run["status"], run["error"], run["iterations"] or 0
             progress.usage = self.storage.usage(run["id"])
         return progress
@@ -642,6 +738,67 @@ class SlackAdapter:
                 log.warning("slack: upload of %s failed for run %s: %s", item.filename, run_id, _short(exc))
                 await client.chat_postMessage(channel=channel, thread_ts=thread,
                                               text=f"Could not upload `{render.escape(item.filename)}` to Slack.")
+
+
+def file_label(entry: dict[str, Any]) -> str:
+    """The name a user gave a file (a Slack Connect stub has only its id)."""
+    return str(entry.get("name") or entry.get("title") or entry.get("id") or "file")
+
+
+def over_limits(files: list[dict[str, Any]], settings: Settings) -> str | None:
+    """What to tell the user when the files, by the count and sizes Slack states, are over AUTOCODE_INPUT_MAX_FILES
+    or AUTOCODE_INPUT_MAX_MB (None: within them, or sizes not stated; the streaming cap stays the backstop)."""
+    if len(files) > settings.input_max_files:
+        return (f"That is {len(files)} files; a task can take at most {settings.input_max_files} "
+                "(AUTOCODE_INPUT_MAX_FILES). Nothing was run.")
+    for entry in files:
+        size = entry.get("size")
+        if isinstance(size, int) and size > settings.input_max_mb * 1024 * 1024:
+            return (f"{file_label(entry)} is {size / 1048576:.1f} MB, over the limit of {settings.input_max_mb} MB a "
+                    "file (AUTOCODE_INPUT_MAX_MB). Nothing was run.")
+    return None
+
+
+def download_source(entry: dict[str, Any], settings: Settings) -> tuple[str, str]:
+    """(name, download URL) of a Slack file object; DownloadFailed with the user's message when AutoCode cannot
+    or must not fetch it: a link to an external file (Google Drive…), no download link (Slack Connect), a
+    deleted file, or a link to a host that is not Slack's (the bot token is never sent there)."""
+    name = file_label(entry)
+    if entry.get("is_external") or entry.get("mode") == "external":
+        where = f" ({entry['external_type']})" if entry.get("external_type") else ""
+        raise uploads.DownloadFailed(f"{name} is a link to a file stored outside Slack{where}, so AutoCode cannot "
+                                     "fetch it; attach the file itself. Nothing was run.")
+    if entry.get("mode") == "tombstone":
+        raise uploads.DownloadFailed(f"{name} was deleted from Slack before AutoCode could fetch it. Nothing was run.")
+    url = str(entry.get("url_private_download") or entry.get("url_private") or "")
+    if not url:
+        raise uploads.DownloadFailed(f"Slack gave no download link for {name} (files shared through Slack Connect "
+                                     "or from outside Slack may have none); download it and attach it yourself. "
+                                     "Nothing was run.")
+    if not may_send_token(url, settings.slack_api_url):
+        raise uploads.DownloadFailed(f"The link of {name} does not point to Slack, so AutoCode did not fetch it (it "
+                                     "sends its token to Slack only). Nothing was run.")
+    return name, url
+
+
+def may_send_token(url: str, api_url: str | None) -> bool:
+    """Whether a file URL is Slack's (https, slack.com or slack-gov.com), or on the host of a configured
+    SLACK_API_URL (a proxy, an Enterprise gateway, the tests' fake), so the bot token may go with the request."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if api_url:
+        api = urlsplit(api_url)
+        if (parts.scheme, parts.netloc.lower()) == (api.scheme, api.netloc.lower()):
+            return True
+    return parts.scheme == "https" and any(host == d or host.endswith("." + d) for d in SLACK_FILE_DOMAINS)
+
+
+def download_refusal(name: str, status: int) -> str:
+    """The user's message for a download Slack answered with `status` instead of the bytes."""
+    reason = {401: "AutoCode's token was refused (the app needs the files:read scope)",
+              403: "AutoCode may not read it (the app needs the files:read scope and access to the channel)",
+              404: "Slack no longer has it (deleted?)"}.get(status, "Slack could not serve it right now")
+    return f"Could not download {name}: HTTP {status}, {reason}. Nothing was run."
 
 
 def _action_place(body: dict[str, Any]) -> tuple[str, str, str]:

@@ -17,8 +17,10 @@ CODE_INLINE_CHARS = 2400  # longer step code goes into a file
 TAIL_CHARS = 600  # stdout/stderr tails shown in the log
 CANCEL_ACTION = "autocode_cancel"
 RERUN_ACTION = "autocode_rerun"
-STATUS_ICONS = {"queued": ":hourglass:", "running": ":hourglass_flowing_sand:", "succeeded": ":white_check_mark:",
-                "failed": ":x:", "cancelled": ":no_entry_sign:", "interrupted": ":warning:"}
+ACTIVE = ("held", "queued", "running")  # a run not over yet (held: its files are still being received)
+STATUS_ICONS = {"held": ":inbox_tray:", "queued": ":hourglass:", "running": ":hourglass_flowing_sand:",
+                "succeeded": ":white_check_mark:", "failed": ":x:", "cancelled": ":no_entry_sign:",
+                "interrupted": ":warning:"}
 Blocks = list[dict[str, Any]]
 
 
@@ -177,10 +179,11 @@ class Progress:
     usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     url: str | None = None
+    files: list[str] = field(default_factory=list)  # the names of the files the user sent with the task
 
     @property
     def final(self) -> bool:
-        return self.status not in ("queued", "running")
+        return self.status not in ACTIVE
 
 
 def progress_blocks(progress: Progress) -> Blocks:
@@ -188,7 +191,14 @@ def progress_blocks(progress: Progress) -> Blocks:
     asker = f" for <@{progress.user}>" if progress.user else ""
     lines = [f"*AutoCode*{asker}: {escape(clip(progress.task, 300))}"]
     icon = STATUS_ICONS.get(progress.status, ":grey_question:")
-    if progress.status == "queued":
+    if progress.files:
+        names = ", ".join(f"`{escape(clip(name, 80))}`" for name in progress.files[:5])
+        more = f" and {len(progress.files) - 5} more" if len(progress.files) > 5 else ""
+        lines.append(f":paperclip: {names}{more}")
+    if progress.status == "held":
+        count = len(progress.files)
+        lines.append(f"{icon} Receiving {'the file' if count == 1 else f'{count} files' if count else 'the files'}…")
+    elif progress.status == "queued":
         lines.append(f"{icon} Queued")
     elif progress.status == "running":
         lines.append(f"{icon} Running" + (f" — iteration {progress.iteration}" if progress.iteration else ""))
