@@ -1,11 +1,17 @@
 """The Slack adapter end to end: signed requests POSTed over HTTP to a running `autocode serve`, whose Slack
 clients (Bolt's and ours) talk to a fake Slack Web API on 127.0.0.1 (tests/fakes/slack_server.py), while a
-scripted OpenAI-compatible server plays the LLM (tests/server_helpers.ScriptedLLM: "job tag=A sleep=0.5")."""
+scripted OpenAI-compatible server plays the LLM (tests/server_helpers.ScriptedLLM: "job tag=A sleep=0.5"; with
+files in its prompt's manifest, a step that reads the first line of each inputs/NAME).
+
+Files users send (issue 13) are shared on the fake (`add_file`), which serves their bytes only to the bot token;
+serve runs with AUTOCODE_INPUT_MAX_MB=1 so that the limits are cheap to cross."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +22,8 @@ import httpx
 import pytest
 from slack_sdk.signature import SignatureVerifier
 
-from tests.conftest import png_step_code
+from bots.slack import FILES_TASK
+from tests.conftest import png_step_code, user_prompt
 from tests.fakes.slack_server import BOT_USER_ID, EPHEMERAL_PARAMS, TEAM_ID, FakeSlack, SlackCall, message_text
 from tests.server_helpers import ScriptedLLM, Serve, db_rows, serve_env, wait_for
 
@@ -27,16 +34,36 @@ ALICE, BOB, MALLORY = "UALICE", "UBOB", "UMALLORY"  # Mallory is not on the allo
 ADMIN = "UADMIN"  # on SLACK_ADMIN_USERS
 _ids = itertools.count(1)
 
+TOKEN = "xoxb-test-token-never-logged"
 PNG_CODE = png_step_code("work", "outputs/plot.png", then='    print("wrote the plot")\n', returns='{"tag": "PNG"}')
+_LISTED = re.compile(r"^- inputs/(?!results/)(\S+) \(", re.MULTILINE)
+# The first line of each file the manifest lists, read from inputs/ by the step: "tag a.csv: x,y; b.txt: hello".
+READ_HEADS = (
+    "    heads = []\n"
+    "    for name in NAMES:\n"
+    "        with open('inputs/' + name, 'rb') as handle:\n"
+    "            heads.append(name + ': ' + handle.readline().decode('utf-8', 'replace').strip())\n"
+)
 
 
 class PlottingLLM(ScriptedLLM):
-    """ScriptedLLM, plus: a task containing "png" gets a step that writes outputs/plot.png."""
+    """ScriptedLLM, plus: a task containing "png" gets a step that writes outputs/plot.png; a planner prompt with
+    files in its manifest gets a step that reads each file's first line from inputs/ (and, when the task says
+    "chart", writes outputs/chart.png too)."""
 
     def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = super()._respond(body)
         plan = spec.get("json") or {}
-        if "subtasks" in plan and "png" in plan["main_task"]:
+        if "subtasks" not in plan:
+            return spec
+        prompt = "\n".join(str(m.get("content")) for m in body.get("messages", []) if m.get("role") != "system")
+        names = _LISTED.findall(prompt)
+        if names:
+            then, returns = f"    NAMES = {names!r}\n" + READ_HEADS, '{"tag": "; ".join(heads)}'
+            plan["subtasks"][0]["code"] = (
+                png_step_code("work", "outputs/chart.png", then=then, returns=returns) if "chart" in plan["main_task"]
+                else f"def work():\n{then}    return {returns}\n")
+        elif "png" in plan["main_task"]:
             plan["subtasks"][0]["code"] = PNG_CODE
         return spec
 
@@ -60,7 +87,7 @@ def llm():
 def server(slack, llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-serve")
     env = serve_env(
-        llm, directory / "autocode.db", SLACK_BOT_TOKEN="xoxb-test-token-never-logged", SLACK_SIGNING_SECRET=SECRET,
+        llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET, AUTOCODE_INPUT_MAX_MB="1",
         SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
         AUTOCODE_PUBLIC_URL="https://autocode.test",
         AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
@@ -72,7 +99,7 @@ def server(slack, llm, tmp_path_factory):
         yield serve
     finally:
         serve.close()
-        assert "xoxb-test-token-never-logged" not in serve.log_tail(10**7)
+        assert TOKEN not in serve.log_tail(10**7)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -425,3 +452,260 @@ def test_manifest_declares_what_the_adapter_needs():
                                                                     ["bot_events"])
     assert manifest["features"]["slash_commands"][0]["command"] == "/autocode"
     assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")
+
+
+# ------------------------------------------------------------------------------------------ files users send
+
+CSV = b"region,month,amount\n" + b"".join(b"%s,2024-%02d,%d\n" % (b"north" if i % 2 else b"south", i % 12 + 1, i + 1)
+                                          for i in range(30))
+CSV_HEADER = "header: region | month | amount"  # how the manifest shows the CSV's header line
+
+
+def file_message(channel: str, files: list[dict[str, Any]], text: str = "", thread_ts: str | None = None,
+                 channel_type: str = "channel", user: str = ALICE) -> dict[str, Any]:
+    """A `message` event of subtype `file_share`, as Slack sends one for a post with files."""
+    ts = f"{1600000000 + next(_ids)}.000400"
+    event = {"type": "message", "subtype": "file_share", "channel_type": channel_type, "user": user, "text": text,
+             "files": files, "upload": False, "display_as_bot": False, "ts": ts, "channel": channel, "event_ts": ts}
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def planner_prompts(llm: PlottingLLM, task: str) -> list[str]:
+    return [user_prompt(r.body) for r in llm.fake.requests if r.body and r.path.endswith("/chat/completions")
+            and ((r.body.get("response_format") or {}).get("json_schema") or {}).get("name") == "plan"
+            and f"Task: {task}" in user_prompt(r.body)]
+
+
+def steps_of(server: Serve, run_id: str) -> list[dict[str, Any]]:
+    return db_rows(server.db, "SELECT * FROM steps WHERE run_id = ? ORDER BY id", (run_id,))
+
+
+def workspace_of(server: Serve, conversation: str) -> list[dict[str, Any]]:
+    return db_rows(server.db, "SELECT * FROM workspace_files WHERE conversation = ? ORDER BY id", (conversation,))
+
+
+def answers(slack: FakeSlack, channel: str) -> str:
+    return "\n".join(message_text(c) for c in in_channel(slack, "chat.postMessage", channel))
+
+
+def test_a_csv_on_a_thread_mention_reaches_the_planner_a_step_reads_it_and_the_answer_is_posted(server, slack, llm):
+    channel = "CFILECSV"
+    root = f"{1600000000 + next(_ids)}.000100"  # someone's post; the mention is in its thread
+    shared = slack.add_file("sales.csv", CSV, token=TOKEN)
+    event = {**mention(channel, "what does it say?", thread_ts=root), "files": [shared]}
+    assert send_event(server, event).status_code == 200
+    send_event(server, {**event, "type": "message", "subtype": "file_share", "channel_type": "channel"})  # its twin
+
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", (run, server.log_tail())
+    delivered(server, run["id"])
+    assert run["conversation"] == f"slack:{TEAM_ID}:{channel}:{root}" and run["task"] == "what does it say?"
+    (download,) = slack.downloads(shared["id"])  # one post, two events: one run, one download
+    assert download.status == 200 and download.headers["authorization"] == f"Bearer {TOKEN}"
+    assert download.params["path"].endswith("/download/sales.csv")  # url_private_download, not the page
+
+    prompt = planner_prompts(llm, "what does it say?")[0]
+    assert "inputs/sales.csv" in prompt and CSV_HEADER in prompt and "30 data rows" in prompt
+    (step,) = steps_of(server, run["id"])
+    assert json.loads(step["output_json"]) == {"tag": "sales.csv: region,month,amount"}  # read from inputs/
+    settled(slack, channel)
+    assert "tag sales.csv: region,month,amount" in answers(slack, channel)
+    assert all(c.params.get("thread_ts") == root for c in in_channel(slack, "chat.postMessage", channel))
+    progress = in_channel(slack, "chat.postMessage", channel)[0]
+    assert "sales.csv" in message_text(progress)  # the progress message names the file
+
+
+def test_a_direct_message_that_is_only_a_file_is_a_task(server, slack):
+    channel = "DFILEONLY"
+    shared = slack.add_file("notes.txt", b"quarterly numbers look fine\nsecond line\n", token=TOKEN)
+    assert send_event(server, file_message(channel, [shared], channel_type="im")).status_code == 200
+
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", run
+    assert run["task"] == FILES_TASK
+    delivered(server, run["id"])
+    settled(slack, channel)
+    assert "tag notes.txt: quarterly numbers look fine" in answers(slack, channel)
+
+
+def test_a_top_level_channel_post_with_a_file_and_no_mention_does_nothing(server, slack):
+    channel = "CFILEQUIET"
+    shared = slack.add_file("quiet.csv", CSV, token=TOKEN)
+    assert send_event(server, file_message(channel, [shared], text="our export")).status_code == 200
+    time.sleep(1)
+    assert runs_in(server, channel) == [] and slack.downloads(shared["id"]) == []
+    assert in_channel(slack, "chat.postMessage", channel) == []
+
+
+def test_a_follow_up_with_a_file_in_an_autocode_thread_sees_both_turns_files(server, slack):
+    channel = "CFILEFOLLOW"
+    first = {**mention(channel, "summarise our sales"), "files": [slack.add_file("sales.csv", CSV, token=TOKEN)]}
+    send_event(server, first)
+    delivered(server, wait_run(server, channel)["id"])
+
+    more = slack.add_file("targets.csv", b"region,target\nnorth,500\nsouth,400\n", token=TOKEN)
+    send_event(server, file_message(channel, [more], thread_ts=first["ts"]))  # no text: the file is the task
+    second = wait_for(lambda: [r for r in runs_in(server, channel)[1:] if r["status"] == "succeeded"], 60,
+                      what="the follow-up run")[0]
+    assert second["conversation"] == f"slack:{TEAM_ID}:{channel}:{first['ts']}" and second["task"] == FILES_TASK
+    (step,) = steps_of(server, second["id"])
+    assert json.loads(step["output_json"])["tag"] == "sales.csv: region,month,amount; targets.csv: region,target"
+    delivered(server, second["id"])
+
+
+def test_two_turns_in_a_thread_reuse_the_file_post_the_chart_and_reset_empties_the_workspace(server, slack):
+    channel = "CFILETWO"
+    own = CSV + b"east,2024-12,999\n"  # bytes no other test shares: their blob is this conversation's alone
+    first = {**mention(channel, "look at our sales"), "files": [slack.add_file("sales.csv", own, token=TOKEN)]}
+    send_event(server, first)
+    delivered(server, wait_run(server, channel)["id"])
+    conversation = f"slack:{TEAM_ID}:{channel}:{first['ts']}"
+
+    follow_up = {"type": "message", "channel_type": "channel", "user": ALICE, "text": "now chart it",
+                 "ts": f"{1600000000 + next(_ids)}.000300", "thread_ts": first["ts"], "channel": channel}
+    asked = time.monotonic()  # the fake records on this process's clock
+    send_event(server, follow_up)
+    second = wait_for(lambda: [r for r in runs_in(server, channel)[1:] if r["status"] == "succeeded"], 60,
+                      what="turn 2")[0]
+    assert len(slack.downloads(first["files"][0]["id"])) == 1
+    assert [c for c in slack.downloads() if c.at > asked] == []  # turn 2 downloads nothing
+    (step,) = steps_of(server, second["id"])
+    assert json.loads(step["output_json"])["tag"] == "sales.csv: region,month,amount"  # turn 1's upload
+    delivered(server, second["id"])
+    settled(slack, channel)
+    (complete,) = in_channel(slack, "files.completeUploadExternal", channel)
+    assert complete.params["thread_ts"] == first["ts"]
+    (upload,) = [c for c in slack.calls_of("files.getUploadURLExternal") if c.params.get("filename") == "chart.png"
+                 and c.at > asked]
+    assert slack.uploads()[upload.response["file_id"]].startswith(b"\x89PNG")
+    names = {row["name"] for row in workspace_of(server, conversation)}
+    assert {"sales.csv", "chart.png"} <= names
+    blobs = {r["sha256"]: server.db.with_name(server.db.name + ".blobs") / r["sha256"][:2] / r["sha256"]
+             for r in workspace_of(server, conversation)}
+    assert all(blob.is_file() for blob in blobs.values())
+
+    send_event(server, mention(channel, "reset", thread_ts=first["ts"]))
+    reply = wait_for(lambda: [c for c in in_channel(slack, "chat.postMessage", channel)
+                              if "Forgot this thread's history" in message_text(c)], 10, what="the reset reply")[0]
+    assert "and its files (2)" in message_text(reply)
+    assert workspace_of(server, conversation) == []
+    elsewhere = {r["sha256"] for r in db_rows(server.db, "SELECT sha256 FROM workspace_files")}  # same bytes, kept
+    assert [sha for sha, blob in blobs.items() if blob.exists() and sha not in elsewhere] == []
+    assert not blobs[hashlib.sha256(own).hexdigest()].exists()  # the upload's bytes are gone
+
+
+def test_files_slack_will_not_serve_get_a_clear_reply_and_no_step_runs(server, slack, llm):
+    elsewhere = FakeSlack().start()  # another host: the bot token must never be sent there
+    try:
+        cases = {
+            "CFILEWRONG": (slack.add_file("secret.csv", CSV, token="xoxb-another-workspace"),
+                           "Slack answered a sign-in page instead of secret.csv"),
+            "CFILEGONE": ({**slack.add_file("gone.csv", CSV, token=TOKEN),
+                           "url_private_download": f"{slack.url}/files-pri/{TEAM_ID}-FNOSUCH/download/gone.csv"},
+                          "Could not download gone.csv: HTTP 404"),
+            "CFILENOLINK": (slack.add_file("shared.csv", CSV, token=TOKEN, url_private=None,
+                                           url_private_download=None),
+                            "Slack gave no download link for shared.csv"),
+            "CFILEDRIVE": (slack.add_file("budget.xlsx", CSV, token=TOKEN, mode="external", is_external=True,
+                                          external_type="gdrive"),
+                           "budget.xlsx is a link to a file stored outside Slack (gdrive)"),
+            "CFILEHOST": ({**slack.add_file("evil.csv", CSV, token=TOKEN),
+                           "url_private_download": f"{elsewhere.url}/files-pri/{TEAM_ID}-F1/download/evil.csv"},
+                          "The link of evil.csv does not point to Slack"),
+        }
+        for channel, (entry, _) in cases.items():
+            send_event(server, {**mention(channel, f"sum it {channel}"), "files": [entry]})
+        for channel, (entry, told) in cases.items():
+            run = wait_run(server, channel, "failed", "succeeded")
+            assert run["status"] == "failed" and told in run["error"] and "Nothing was run." in run["error"], run
+            assert steps_of(server, run["id"]) == [] and planner_prompts(llm, f"sum it {channel}") == []
+            delivered(server, run["id"])
+            wait_for(lambda: f"Sorry, that did not work: {told}" in answers(slack, channel), 10,
+                     what=f"the reply in {channel}")
+        assert [c.status for c in slack.downloads(cases["CFILEWRONG"][0]["id"])] == [200]  # the sign-in page
+        assert elsewhere.calls == []  # nothing, so not the token either, went to the other host
+    finally:
+        elsewhere.stop()
+
+
+def test_a_slack_connect_stub_is_completed_with_files_info(server, slack):
+    channel = "CFILECONNECT"
+    stub = slack.add_file("partner.csv", CSV, token=TOKEN, connect=True)
+    assert "url_private" not in stub and stub["file_access"] == "check_file_info"
+    send_event(server, {**mention(channel, "what did our partner send?"), "files": [stub]})
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", run
+    assert [c.params["file"] for c in slack.calls_of("files.info")][-1] == stub["id"]
+    assert json.loads(steps_of(server, run["id"])[0]["output_json"])["tag"] == "partner.csv: region,month,amount"
+
+
+def test_files_over_the_limits_get_a_reply_and_nothing_runs_or_downloads_whole(server, slack):
+    # AUTOCODE_INPUT_MAX_MB=1: Slack states the size, so nothing is stored or downloaded.
+    channel = "CFILEBIG"
+    big = slack.add_file("big.csv", b"a,b\n" * (600 * 1024), token=TOKEN)  # 2.4 MB
+    event = {**mention(channel, "sum it"), "files": [big]}
+    send_event(server, event)
+    told = wait_for(lambda: [c for c in in_channel(slack, "chat.postMessage", channel)
+                             if "big.csv is 2.3 MB, over the limit of 1 MB a file" in message_text(c)], 10,
+                    what="the over-limit reply")
+    assert told[0].params["thread_ts"] == event["ts"] and "Nothing was run." in message_text(told[0])
+    many = [slack.add_file(f"f{i}.txt", b"x", token=TOKEN) for i in range(11)]
+    send_event(server, file_message("DFILEMANY", many, channel_type="im"))
+    wait_for(lambda: "a task can take at most 10 (AUTOCODE_INPUT_MAX_FILES)" in answers(slack, "DFILEMANY"), 10,
+             what="the too-many-files reply")
+
+    # A size Slack understated: the streaming cap stops reading at 1 MB and the run fails with the reason.
+    liar = slack.add_file("liar.csv", b"a,b\n" * (5 << 20), token=TOKEN, size=1000)  # 20 MB
+    send_event(server, {**mention("CFILELIAR", "sum it"), "files": [liar]})
+    run = wait_run(server, "CFILELIAR", "failed", "succeeded")
+    assert run["status"] == "failed" and "liar.csv is over the limit of 1 MB a file" in run["error"], run
+    assert steps_of(server, run["id"]) == []
+    (download,) = slack.downloads(liar["id"])
+    wait_for(lambda: download.params["sent"] < (20 << 20), 10, what="the fake to notice the client left")
+    time.sleep(1)
+    assert download.params["sent"] < (20 << 20), "the whole file was downloaded"
+    time.sleep(0.5)
+    assert runs_in(server, channel) == [] and runs_in(server, "DFILEMANY") == []
+    assert slack.downloads(big["id"]) == [] and not any(slack.downloads(f["id"]) for f in many)
+
+
+def test_a_retried_file_event_downloads_once(server, slack):
+    channel = "CFILERETRY"
+    shared = slack.add_file("once.csv", CSV, token=TOKEN)
+    event = {**mention(channel, "what is in it?"), "files": [shared]}
+    for attempt in range(3):
+        retry = {"X-Slack-Retry-Num": str(attempt), "X-Slack-Retry-Reason": "http_timeout"} if attempt else {}
+        assert send_event(server, event, event_id="EvFILERETRY1", **retry).status_code == 200
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", run
+    send_event(server, event, event_id="EvFILERETRY1", **{"X-Slack-Retry-Num": "3"})  # even after it finished
+    delivered(server, run["id"])
+    time.sleep(0.5)
+    assert len(runs_in(server, channel)) == 1 and len(slack.downloads(shared["id"])) == 1
+
+
+def test_a_task_whose_files_were_still_arriving_at_shutdown_is_told_so(slack, llm, tmp_path):
+    serve = Serve(serve_env(llm, tmp_path / "stop.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
+                            SLACK_API_URL=slack.api_url, AUTOCODE_SHUTDOWN_GRACE="1"), tmp_path / "serve.log", tmp_path)
+    try:
+        serve.wait_ready()
+        serve.db = tmp_path / "stop.db"
+        channel = "CFILESTOP"
+        slow = slack.add_file("slow.csv", CSV * 200, token=TOKEN, stall=True)  # sends a chunk, then waits
+        send_event(serve, {**mention(channel, "sum it"), "files": [slow]})
+        wait_for(lambda: slack.downloads(slow["id"]) and runs_in(serve, channel), 10, what="the download")
+        assert runs_in(serve, channel)[0]["status"] == "held"
+
+        serve.proc.terminate()  # while the file is still arriving
+        told = wait_for(lambda: [c for c in in_channel(slack, "chat.postMessage", channel)
+                                 if "files were being received" in message_text(c)], 20, what="the notice")
+        assert "nothing was run" in message_text(told[0]) and told[0].params["thread_ts"]
+        slack.release()
+        serve.proc.wait(timeout=20)
+        (run,) = runs_in(serve, channel)
+        assert run["status"] == "interrupted" and steps_of(serve, run["id"]) == []
+    finally:
+        slack.release()
+        serve.close()
