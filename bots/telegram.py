@@ -30,6 +30,7 @@ from telegram.constants import ChatType, ParseMode
 from telegram.error import BadRequest, InvalidToken, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
+from agent_core import uploads
 from agent_core.events import RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
@@ -63,6 +64,10 @@ HELP = (
     "/cancel stops your running task · /history lists recent tasks · /usage shows token usage · "
     "/reset forgets this conversation's history."
 )
+FILES_TASK = "Analyse the attached file and tell me what it contains."
+PUBLIC_API_FILE_MB = 20  # what the public Bot API downloads; a local Bot API server lifts it
+PUBLIC_API_HINT = ("Telegram's public Bot API lets bots download files up to 20 MB; the operator can lift that "
+                   "with a local Bot API server (TELEGRAM_API_URL, see docs/telegram.md).")
 PRIVATE_EDIT_SECONDS = 1.0  # ~1 message/s per chat
 GROUP_EDIT_SECONDS = 3.0  # groups allow ~20 messages/min
 CONNECT_RETRY_S = 15  # when the Bot API is unreachable at start
@@ -90,6 +95,17 @@ def conversation_key(chat_id: int, thread_id: int | None) -> str:
 def _topic(message: Message) -> int | None:
     """The forum topic of a message (only real topic messages: replies in plain groups carry thread ids too)."""
     return message.message_thread_id if message.is_topic_message and message.message_thread_id else None
+
+
+def _files_of(message: Message) -> list[tuple[str, str, int | None]]:
+    """(name the user gave, file_id, stated size) of a message's document, or of its photo's largest size."""
+    if message.document is not None:
+        document = message.document
+        return [(document.file_name or f"document-{document.file_unique_id}", document.file_id, document.file_size)]
+    if message.photo:
+        largest = max(message.photo, key=lambda size: (size.width * size.height, size.file_size or 0))
+        return [(f"photo-{largest.file_unique_id}.jpg", largest.file_id, largest.file_size)]
+    return []
 
 
 def _names_of(*ids: Any, username: str | None = None) -> set[str]:
@@ -275,7 +291,7 @@ class TelegramAdapter:
         route = self.storage.reply_to(run["id"])
         if not route.get("chat_id"):
             return
-        await self._send(route, INTERRUPTED_MESSAGE, reply_to=route.get("message_id"))
+        await self._send(route, run.get("error") or INTERRUPTED_MESSAGE, reply_to=route.get("message_id"))
         if route.get("progress_message_id"):
             progress = Progress(run["task"], status="interrupted")
             await self._edit(route, route["progress_message_id"], progress.render(), markup=None)
@@ -318,12 +334,14 @@ class TelegramAdapter:
         private = chat.type == ChatType.PRIVATE
         route = {"chat_id": chat.id, "thread_id": _topic(message), "message_id": message.message_id,
                  "chat_type": chat.type, "user_id": user.id}
-        text = message.text
-        if text is None:
+        files = _files_of(message)
+        text = message.text if message.text is not None else message.caption
+        if text is None and not files:
             if private:
-                self._spawn(self._send(route, "Please send the task as a text message.",
-                                       reply_to=message.message_id))
+                self._spawn(self._send(route, "Please send the task as a text message, or a file with the task "
+                                              "as its caption.", reply_to=message.message_id))
             return
+        text = text or ""
         command = parse_command(text)
         if command is not None:
             name, target, rest = command
@@ -332,6 +350,8 @@ class TelegramAdapter:
             if name != "run" and not hasattr(self, f"_command_{name}") and not (private or target):
                 return  # an unknown general command in a group is probably another bot's
             task: str | None = rest if name == "run" else None
+            if files and name != "run":
+                return  # a file with another command as its caption: not a task
         else:
             name, task = "", self._addressed_text(message, private)
             if task is None:
@@ -345,14 +365,19 @@ class TelegramAdapter:
             reply = handler(route, user) if handler else "I don't know that command; /help lists what I understand."
             self._spawn(self._answer_command(route, reply))
             return
+        if files:
+            self._submit_with_files(update_id, route, user, (task or "").strip() or FILES_TASK, files)
+            return
         self._submit(update_id, route, user, task or "")
 
     def _addressed_text(self, message: Message, private: bool) -> str | None:
-        """The task in a message addressed to the bot (private chat, mention, reply to the bot), else None."""
-        text = message.text or ""
+        """The task in a message addressed to the bot (private chat, mention, reply to the bot), else None. A
+        document's or photo's caption is its text."""
+        text = message.text if message.text is not None else (message.caption or "")
         if private:
             return text
-        mentions = [found for entity, found in message.parse_entities(
+        parse = message.parse_entities if message.text is not None else message.parse_caption_entities
+        mentions = [found for entity, found in parse(
             [MessageEntity.MENTION, MessageEntity.TEXT_MENTION]).items()
             if (entity.type == MessageEntity.MENTION and found[1:].lower() == self._username.lower())
             or (entity.user is not None and entity.user.id == self._bot_id)]
@@ -385,6 +410,74 @@ class TelegramAdapter:
             if run is not None:
                 self._open_view(run)
         # duplicate: the first delivery already answers
+
+    def _submit_with_files(self, update_id: int, route: dict[str, Any], user: User, task: str,
+                           files: list[tuple[str, str, int | None]]) -> None:
+        """A task with a document or photo: sizes Telegram states are checked first (a reply, nothing runs); the
+        run is stored held, then each file is fetched (getFile, then its bytes streamed from the Bot API server's
+        file URL) into agent_core/uploads.py, once per delivery."""
+        too_big = self._over_limits(files)
+        if too_big:
+            self._spawn(self._send(route, too_big, reply_to=route["message_id"]))
+            return
+        submission = self.scheduler.submit(
+            task, conversation_key(route["chat_id"], route["thread_id"]), user=f"telegram:{user.id}",
+            adapter=NAME, delivery_id=f"telegram:{self._bot_id}:{update_id}", reply_to=route, hold=True)
+        if submission.status == "refused":
+            self._spawn(self._send(route, submission.message, reply_to=route["message_id"]))
+        elif submission.status == "held" and submission.run_id:
+            run = self.storage.get_run(submission.run_id)
+            if run is not None:
+                self._open_view(run)
+            self._spawn(self._receive(submission.run_id, files))
+        # duplicate: the first delivery already downloads and answers
+
+    def _over_limits(self, files: list[tuple[str, str, int | None]]) -> str | None:
+        limit_mb = self.settings.input_max_mb
+        for name, _, size in files:
+            if size is not None and size > limit_mb * 1024 * 1024:
+                return (f"{name} is {size / 1048576:.1f} MB, over the limit of {limit_mb} MB a file "
+                        "(AUTOCODE_INPUT_MAX_MB); nothing was run.")
+            if size is not None and size > PUBLIC_API_FILE_MB * 1024 * 1024 and not self.settings.telegram_api_url:
+                return f"{name} is {size / 1048576:.1f} MB. {PUBLIC_API_HINT} Nothing was run."
+        if len(files) > self.settings.input_max_files:
+            return (f"More than the {self.settings.input_max_files} files a task can take "
+                    "(AUTOCODE_INPUT_MAX_FILES); nothing was run.")
+        return None
+
+    async def _receive(self, run_id: str, files: list[tuple[str, str, int | None]]) -> None:
+        async with uploads.receiving(self.scheduler, run_id) as receiver:
+            for name, file_id, _ in files:
+                await receiver.add(name, self._file_chunks(name, file_id))
+
+    async def _file_chunks(self, name: str, file_id: str):
+        """The file's bytes as they arrive (httpx streaming: PTB's own download reads a file whole into memory).
+        No retry: a download cut midway fails the run with a message rather than storing a part twice."""
+        import httpx
+
+        try:
+            found = await self.app.bot.get_file(file_id)
+        except BadRequest as exc:
+            if "too big" in str(exc).lower():
+                raise uploads.DownloadFailed(f"{name} is too big to download. {PUBLIC_API_HINT} Nothing was run.")
+            raise uploads.DownloadFailed(f"Telegram would not hand over {name} ({exc.message}); nothing was run.")
+        except TelegramError as exc:
+            raise uploads.DownloadFailed(f"{name} could not be fetched from Telegram ({type(exc).__name__}); "
+                                         "nothing was run. Please send it again.") from None
+        url = found.file_path or ""
+        if not url.startswith(("http://", "https://")):
+            raise uploads.DownloadFailed(f"{name} has no download link on this Bot API server; nothing was run.")
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10)) as client:
+                async with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise uploads.DownloadFailed(f"{name} could not be downloaded (HTTP {response.status_code}); "
+                                                     "nothing was run. Please send it again.")
+                    async for chunk in response.aiter_bytes(256 * 1024):
+                        yield chunk
+        except httpx.HTTPError as exc:
+            raise uploads.DownloadFailed(f"The download of {name} failed ({type(exc).__name__}); nothing was run. "
+                                         "Please send it again.") from None
 
     def _handle_callback(self, query: CallbackQuery) -> None:
         self._spawn(self._callback(query))
@@ -438,7 +531,7 @@ class TelegramAdapter:
 
     def _command_reset(self, route: dict[str, Any], user: User) -> str:
         removed = self.storage.clear_conversation(conversation_key(route["chat_id"], route["thread_id"]))
-        return f"History cleared ({removed} messages). The next task starts fresh."
+        return f"History and files cleared ({removed} messages). The next task starts fresh."
 
     def _command_history(self, route: dict[str, Any], user: User) -> str:
         runs = self.storage.list_runs(conversation_key(route["chat_id"], route["thread_id"]), limit=10)

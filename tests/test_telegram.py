@@ -26,7 +26,8 @@ BOT = "AutoCodeTestBot"
 PUBLIC_URL = "http://autocode.example"
 UID_BASE = 84000
 # Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
-ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, 7011, -1001001, -1001002, -1001003]
+ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, 7011, -1001001, -1001002, -1001003,
+           7101, 7102, 7103, 7104, 7105, 7106, 7107, -1001101]  # 71xx, -10011xx: the file tests
 STRANGER = 7666
 ADMIN_ID = 7999  # on TELEGRAM_ADMIN_USERS
 WAIT = 60
@@ -40,6 +41,14 @@ ANSWERS = {"long": LONG_ANSWER, "huge": HUGE_ANSWER, "tricky": TRICKY_ANSWER}
 PLOT_STEP = subtask("draw", png_step_code("draw", "outputs/plot.png",
                                           returns='{"plot": "outputs/plot.png", "bytes": len(png)}'))
 
+
+_LISTED = re.compile(r"^- inputs/(?!results/)(\S+) \(", re.MULTILINE)
+READ_HEADS = (
+    "    heads = []\n"
+    "    for name in NAMES:\n"
+    "        with open('inputs/' + name, 'rb') as handle:\n"
+    "            heads.append(name + ': ' + handle.readline()[:40].decode('utf-8', 'replace').strip())\n"
+)
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -57,6 +66,15 @@ def scripted_llm() -> ScriptedLLM:
         key = re.search(r"\banswer=(\w+)", task)
         if kind == "evaluation" and key:
             return {"json": verdict(ANSWERS[key.group(1)])}
+        listed = _LISTED.findall(prompt)
+        if kind == "plan" and listed:  # files in the manifest: a step reads each one's first line from inputs/
+            then, returns = f"    NAMES = {listed!r}\n" + READ_HEADS, '{"heads": "; ".join(heads)}'
+            code = (png_step_code("work", "outputs/chart.png", then=then, returns=returns) if "chart" in task
+                    else f"def work():\n{then}    return {returns}\n")
+            return {"json": plan(subtask("work", code))}
+        if kind == "evaluation" and listed:
+            found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
+            return {"json": verdict("Read: " + (found.group(1) if found else "nothing"))}
         if kind == "plan" and "plot" in task.split():
             return {"json": plan(PLOT_STEP)}
         if kind == "evaluation" and "plot" in task.split():
@@ -450,7 +468,7 @@ def test_commands(bot, tg):
     assert "/run" in replies["/help"]
     assert "job tag=P1" in replies["/history"]
     assert "This conversation: 1 tasks" in replies["/usage"]
-    assert replies["/reset"].startswith("History cleared (2 messages)")
+    assert replies["/reset"].startswith("History and files cleared (2 messages)")
     assert replies["/cancel"].startswith("Nothing")
 
 
@@ -594,3 +612,122 @@ def test_an_unreachable_bot_api_does_not_take_the_server_down(llm, tmp_path):
         assert "Traceback" not in log and TOKEN not in log
     finally:
         server.close()
+
+
+# ------------------------------------------------------------------------------------------ files (issue 13)
+CSV = b"region,month,amount\nnorth,2024-01,10\nsouth,2024-01,12\nnorth,2024-02,14\n"
+
+
+def _png(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header
+            + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + b"\x00" * 64)
+
+
+def _texts(tg: FakeTelegram, chat_id: int) -> list[str]:
+    return [visible_text(c) for c in tg.sent_to(chat_id) if c.method in ("sendMessage", "editMessageText")]
+
+
+def _planner_prompts(llm: ScriptedLLM, needle: str) -> list[str]:
+    bodies = [b for b in llm.fake.chat_requests()
+              if ((b.get("response_format") or {}).get("json_schema") or {}).get("name") == "plan"]
+    prompts = ["\n".join(str(m.get("content")) for m in b["messages"] if m.get("role") != "system") for b in bodies]
+    return [p for p in prompts if needle in p]
+
+
+def _send_document(tg, chat, user, data: bytes, name: str, caption: str | None, **kw):
+    file = tg.add_file(data, **{k: kw.pop(k) for k in ("size", "too_big", "missing") if k in kw})
+    update = tg.update(message=tg.document(chat, user, file, name, caption=caption, **kw))
+    tg.queue(update)
+    return update
+
+
+def test_a_document_with_a_caption_is_a_task_on_the_file(bot, tg, llm):
+    chat, user = private(tg, 7101)
+    update = _send_document(tg, chat, user, CSV, "sales.csv", "which region sold most? tag=doc7101")
+    run = finished_run(bot, tg, update)
+    assert run["status"] == "succeeded", (run, bot.log_tail())
+    assert run["task"] == "which region sold most? tag=doc7101"
+    prompt = _planner_prompts(llm, "tag=doc7101")[0]
+    assert "inputs/sales.csv" in prompt and "region | month | amount" in prompt  # the manifest, not the bytes
+    (answer,) = answer_calls(tg, 7101, update["message"]["message_id"])
+    assert "sales.csv: region,month,amount" in visible_text(answer)  # the step read inputs/sales.csv
+    assert tg.downloads.count("documents/file_%d.bin" % int(update["message"]["document"]["file_id"][6:])) == 1
+
+
+def test_a_file_alone_in_a_private_chat_is_a_task(bot, tg, llm):
+    chat, user = private(tg, 7102)
+    update = _send_document(tg, chat, user, b"hello from a note\n", "note.txt", None)
+    run = finished_run(bot, tg, update)
+    assert run["status"] == "succeeded" and run["task"].startswith("Analyse the attached file")
+    (answer,) = answer_calls(tg, 7102, update["message"]["message_id"])
+    assert "note.txt: hello from a note" in visible_text(answer)
+
+
+def test_a_photo_downloads_its_largest_size(bot, tg, llm):
+    chat, user = private(tg, 7103)
+    small, large = tg.add_file(_png(90, 60)), tg.add_file(_png(1280, 853))
+    update = tg.update(message=tg.photo(chat, user, [(small, 90, 60), (large, 1280, 853)],
+                                        caption="what is in this picture? tag=photo7103"))
+    tg.queue(update)
+    run = finished_run(bot, tg, update)
+    assert run["status"] == "succeeded", (run, bot.log_tail())
+    prompt = _planner_prompts(llm, "tag=photo7103")[0]
+    assert f"inputs/photo-{large['file_unique_id']}.jpg" in prompt and "PNG image 1280x853" in prompt
+    assert tg.downloads.count(f"documents/file_{int(large['file_id'][6:])}.bin") == 1
+    assert f"documents/file_{int(small['file_id'][6:])}.bin" not in tg.downloads
+
+
+def test_group_documents_need_run_a_mention_or_a_reply(bot, tg, llm):
+    group, user = tg.group_chat(-1001101), tg.user(7104, name="Grace")
+    ignored = _send_document(tg, group, user, CSV, "chatter.csv", "look at this, team")
+    ran = _send_document(tg, group, user, CSV, "sales.csv", "/run count the rows tag=grp7104")
+    assert finished_run(bot, tg, ran)["status"] == "succeeded"
+    assert not runs_where(bot.db, "delivery_id = ?", (delivery(tg, ignored),))
+    assert f"documents/file_{int(ignored['message']['document']['file_id'][6:])}.bin" not in tg.downloads
+
+
+def test_over_the_limits_gets_a_reply_and_nothing_runs(bot, tg):
+    chat, user = private(tg, 7105)
+    big = _send_document(tg, chat, user, b"x", "huge.csv", "sum it", size=60 * 1024 * 1024)
+    wait_for(lambda: any("over the limit of 50 MB" in t for t in _texts(tg, 7105)), WAIT, what="the limit reply")
+    assert not runs_where(bot.db, "delivery_id = ?", (delivery(tg, big),))
+    too_big = _send_document(tg, chat, user, b"y" * 10, "export.csv", "sum it", too_big=True)
+    run = finished_run(bot, tg, too_big)
+    assert run["status"] == "failed" and "up to 20 MB" in run["error"] and "local Bot API server" in run["error"]
+    wait_for(lambda: any("up to 20 MB" in t for t in _texts(tg, 7105)), WAIT, what="the 20 MB reply")
+    assert not db_rows(bot.db, "SELECT * FROM steps WHERE run_id = ?", (run["id"],))
+
+
+def test_a_failed_download_gets_a_clear_reply(bot, tg):
+    chat, user = private(tg, 7106)
+    update = _send_document(tg, chat, user, CSV, "gone.csv", "sum it", missing=True)
+    run = finished_run(bot, tg, update)
+    assert run["status"] == "failed" and run["error"].startswith("gone.csv could not be downloaded (HTTP 404)")
+    wait_for(lambda: any("gone.csv could not be downloaded" in t for t in _texts(tg, 7106)), WAIT,
+             what="the failure reply")
+    assert not db_rows(bot.db, "SELECT * FROM steps WHERE run_id = ?", (run["id"],))
+
+
+def test_two_turns_reuse_the_file_and_reset_clears_it(bot, tg, llm):
+    chat, user = private(tg, 7107)
+    first = _send_document(tg, chat, user, CSV + b"west,2024-03,7\n", "sales.csv", "total by region tag=t7107a")
+    assert finished_run(bot, tg, first)["status"] == "succeeded"
+    downloads = len(tg.downloads)
+    second = ask(tg, chat, user, "now chart it tag=t7107b")
+    run = finished_run(bot, tg, second)
+    assert run["status"] == "succeeded", (run, bot.log_tail())
+    assert len(tg.downloads) == downloads  # no new upload
+    (answer,) = answer_calls(tg, 7107, second["message"]["message_id"])
+    assert "sales.csv: region,month,amount" in visible_text(answer)
+    wait_calls(tg, lambda c: c.method == "sendPhoto" and c.chat_id == 7107
+               and c.files["photo"][0] == "chart.png", "the chart", bot)
+    conversation = runs_where(bot.db, "id = ?", (run["id"],))[0]["conversation"]
+    assert db_rows(bot.db, "SELECT * FROM workspace_files WHERE conversation = ?", (conversation,))
+    ask(tg, chat, user, "/reset")
+    wait_for(lambda: any(t.startswith("History and files cleared") for t in _texts(tg, 7107)), WAIT,
+             what="the reset reply")
+    assert not db_rows(bot.db, "SELECT * FROM workspace_files WHERE conversation = ?", (conversation,))

@@ -133,6 +133,17 @@ class _Handler(BodyHandler):
     server: QuietServer
 
     def _handle(self, raw: bytes) -> None:
+        if self.path.startswith("/file/"):  # file downloads: bytes, not JSON
+            status, data = self.server.fake._download(self.path)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                self.close_connection = True
+            return
         status, payload = self.server.fake._dispatch(self.path, self.headers.get("Content-Type") or "", raw)
         data = json.dumps(payload).encode()
         try:
@@ -192,6 +203,8 @@ class FakeTelegram(FakeService):
         self._user_ids = itertools.count(5000)
         self._failures: dict[str, list[tuple[ApiError, Callable[[dict[str, Any]], bool]]]] = {}
         self._queries: set[str] = set()  # callback query ids handed out and not answered yet
+        self._files: dict[str, dict[str, Any]] = {}  # file_id -> {"data", "path", "size", "too_big"}
+        self.downloads: list[str] = []  # file paths served (right token only)
         self._cond = threading.Condition()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -248,6 +261,70 @@ class FakeTelegram(FakeService):
         if reply_to is not None:
             message["reply_to_message"] = reply_to
         return message
+
+    # -- files users send ------------------------------------------------------------------------------
+    def add_file(self, data: bytes, *, size: int | None = None, too_big: bool = False,
+                 missing: bool = False) -> dict[str, Any]:
+        """Register a file's bytes; returns {file_id, file_unique_id, file_size} for a document or photo size.
+        `size` states another size than the bytes' (the message's file_size); `too_big`: getFile refuses it as
+        the public Bot API does over 20 MB; `missing`: getFile answers but the download is a 404."""
+        with self._cond:
+            number = len(self._files) + 1
+            file_id = f"FILEID{number:04d}"
+            self._files[file_id] = {"data": data, "path": f"documents/file_{number}.bin", "too_big": too_big,
+                                    "missing": missing}
+        return {"file_id": file_id, "file_unique_id": f"U{number:04d}",
+                "file_size": len(data) if size is None else size}
+
+    def document(self, chat: dict[str, Any], user: dict[str, Any], file: dict[str, Any], name: str,
+                 mime: str = "text/csv", caption: str | None = None, **extra: Any) -> dict[str, Any]:
+        """A message with a document (and its caption: the task)."""
+        message = self.message(chat, user, "", **extra)
+        message.pop("text", None)
+        message.pop("entities", None)
+        message["document"] = {**file, "file_name": name, "mime_type": mime}
+        self._caption(message, caption)
+        return message
+
+    def photo(self, chat: dict[str, Any], user: dict[str, Any], sizes: list[tuple[dict[str, Any], int, int]],
+              caption: str | None = None, **extra: Any) -> dict[str, Any]:
+        """A message with a photo in several sizes: [(file, width, height), …], smallest first as Telegram sends."""
+        message = self.message(chat, user, "", **extra)
+        message.pop("text", None)
+        message.pop("entities", None)
+        message["photo"] = [{**file, "width": w, "height": h} for file, w, h in sizes]
+        self._caption(message, caption)
+        return message
+
+    @staticmethod
+    def _caption(message: dict[str, Any], caption: str | None) -> None:
+        if caption:
+            message["caption"] = caption
+            if caption.startswith("/"):
+                message["caption_entities"] = [{"type": "bot_command", "offset": 0,
+                                                "length": len(caption.split()[0])}]
+
+    def _api_getFile(self, params: dict[str, Any], files: dict) -> dict[str, Any]:
+        with self._cond:
+            known = self._files.get(str(params.get("file_id")))
+        if known is None:
+            raise ApiError(400, "Bad Request: invalid file_id")
+        if known["too_big"]:
+            raise ApiError(400, "Bad Request: file is too big")
+        return {"file_id": params["file_id"], "file_unique_id": "U", "file_size": len(known["data"]),
+                "file_path": known["path"]}
+
+    def _download(self, path: str) -> tuple[int, bytes]:
+        match = re.fullmatch(r"/file/bot([^/]+)/(.+)", path.split("?", 1)[0])
+        if match is None or match.group(1) != self.token:
+            return 404, b'{"ok":false,"error_code":404,"description":"Not Found"}'
+        with self._cond:
+            known = next((f for f in self._files.values() if f["path"] == match.group(2) and not f["missing"]), None)
+            if known is not None:
+                self.downloads.append(match.group(2))
+        if known is None:
+            return 404, b'{"ok":false,"error_code":404,"description":"Not Found"}'
+        return 200, known["data"]
 
     def update(self, **content: Any) -> dict[str, Any]:
         """An update with a fresh update_id, e.g. `update(message=...)` or `update(callback_query=...)`."""
