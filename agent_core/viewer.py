@@ -211,6 +211,7 @@ def build_view(storage: Storage, run: dict[str, Any]) -> dict[str, Any]:
     artifacts = [{**a, "image": a["mime"] in INLINE_IMAGES, "size_text": _size(a["size"])}
                  for a in storage.artifacts(run_id)]
     return {
+        "inputs": _inputs(storage, run), "approvals": storage.approvals(run_id),
         "run": run, "finished": run["status"] in FINISHED, "doing": doing, "timeline": timeline,
         "calls": calls, "total": total, "artifacts": artifacts, "poll_ms": POLL_MS,
         "created": clock(run["created_at"]), "started": clock(run["started_at"]),
@@ -219,6 +220,18 @@ def build_view(storage: Storage, run: dict[str, Any]) -> dict[str, Any]:
         "elapsed": duration(_between_ms(run["started_at"], run["finished_at"])) if run["finished_at"] else "",
         "waited": duration(_between_ms(run["created_at"], run["started_at"])),
     }
+
+
+def _inputs(storage: Storage, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The files the run found under inputs/, as the conversation's workspace holds them now: its own uploads and
+    what earlier runs left (a file replaced later by a newer one of the same name shows the newer one)."""
+    number = storage.run_number(run["id"])
+    origin = {"upload": "uploaded with run {n}", "output": "output of run {n}", "result": "result of run {n}"}
+    return [{"name": f["name"], "size_text": _size(f["size"]),
+             "origin": "uploaded with this run" if f["run_id"] == run["id"] and f["kind"] == "upload"
+             else origin.get(f["kind"], "{n}").format(n=f["run_no"])}
+            for f in storage.workspace_files(run["conversation"])
+            if (f["run_no"] or 0) < number or (f["run_id"] == run["id"] and f["kind"] == "upload")]
 
 
 def _size(size: int | None) -> str:

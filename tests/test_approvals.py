@@ -314,3 +314,19 @@ def test_api_decides_an_approval(tmp_path, llm_server, mail):
         assert len(_sent(sent)) == 1
     finally:
         server.close()
+
+
+async def test_the_run_page_shows_who_decided_what(make_agent, llm_server, mail):
+    from tests.test_direct_answers import _run_page
+
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("sent"))
+    agent = make_agent(tools_file=tools)
+    _decide_when_asked(agent, True, by="slack:T1:UALICE")
+
+    result = await agent.run("email the boss", "c9")
+
+    page = _run_page(agent, result.run_id)
+    assert "Approvals" in page and "approved by slack:T1:UALICE" in page
+    assert "send_email(&#34;boss@example.com&#34;" in page or "send_email(&quot;boss@example.com&quot;" in page

@@ -126,3 +126,37 @@ async def test_code_tasks_still_run_code(make_agent, llm_server):
     assert len(llm_server.chat_requests()) == 2
     assert "plan_ready" in _kinds(agent, result.run_id)
 
+
+
+def _run_page(agent, run_id: str) -> str:
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from agent_core.viewer import routes
+
+    run = agent.storage.get_run(run_id)
+    with TestClient(Starlette(routes=routes(agent.settings, agent.storage))) as client:
+        page = client.get(f"/runs/{run['view_token']}")
+    assert page.status_code == 200
+    return page.text
+
+
+async def test_the_run_page_lists_the_input_files_with_their_origin(make_agent, llm_server, tmp_path):
+    upload = tmp_path / "upload.csv"
+    upload.write_text("a,b\n1,2\n")
+    hostile = ("<script>alert(1)</script>.csv", upload)  # the name a user gave it
+    llm_server.reply_json(direct("It has columns a and b."))
+    llm_server.reply_json(direct("Still a and b."))
+    agent = make_agent()
+
+    first = await run_with_files(agent, "what is in it?", "c9", [hostile])
+    second = await agent.run("and now?", "c9")
+
+    page = _run_page(agent, first.run_id)
+    from markupsafe import escape
+
+    from agent_core.inputs import safe_name
+    assert "<script>alert(1)" not in page
+    assert f"inputs/{escape(safe_name(hostile[0]))} · 8 B · uploaded with this run" in page
+    later = _run_page(agent, second.run_id)
+    assert "uploaded with run 1" in later
