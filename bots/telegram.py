@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from html import escape as html_escape
 import logging
 import re
 import secrets
@@ -31,7 +32,7 @@ from telegram.error import BadRequest, InvalidToken, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from agent_core import uploads
-from agent_core.events import RunEvent, RunFinished
+from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots.permissions import may_act_on_run, refusal_text
@@ -196,6 +197,7 @@ class TelegramAdapter:
         self._seen: OrderedDict[int, None] = OrderedDict()  # update ids already handled
         self._tasks: set[asyncio.Task] = set()
         self._pacer = _Pacer()
+        self._approval_messages: dict[tuple[str, int], int] = {}  # (run, number) -> the message with the buttons
         runtime.events.subscribe(self._on_event)
 
     def _build_application(self) -> Application:
@@ -484,6 +486,9 @@ class TelegramAdapter:
 
     async def _callback(self, query: CallbackQuery) -> None:
         data = query.data or ""
+        if data.startswith(("approve:", "deny:")):
+            await self._approval_callback(query, data)
+            return
         if not data.startswith("cancel:"):
             await self._answer_query(query, "")
             return
@@ -506,6 +511,52 @@ class TelegramAdapter:
             return
         await self._answer_query(query, "Cancelling…")
         await self._cancel(run_id)
+
+    # --- approvals of `confirm` tools (agent_core/approvals.py) -----------------------------------------
+    async def _show_approval(self, run: dict[str, Any], event: ApprovalRequested | ApprovalDecided) -> None:
+        """The call with Approve / Deny for the requester (a reply to the task); once decided, the same message
+        says what happened and loses its buttons."""
+        route = self.storage.reply_to(run["id"])
+        if not route.get("chat_id"):
+            return
+        key = (run["id"], event.number)
+        if isinstance(event, ApprovalRequested):
+            text = (f"🔐 <b>{html_escape(event.tool)}</b> needs your approval before it runs:\n"
+                    f"<pre>{html_escape(event.arguments)}</pre>\nNo answer within {event.timeout_s:g} s denies it.")
+            markup = InlineKeyboardMarkup([[
+                InlineKeyboardButton("Approve", callback_data=f"approve:{run['id']}:{event.number}"),
+                InlineKeyboardButton("Deny", callback_data=f"deny:{run['id']}:{event.number}")]])
+            sent = await self._send(route, text, plain=html_to_plain(text), reply_to=route.get("message_id"),
+                                    markup=markup)
+            if sent is not None:
+                self._approval_messages[key] = sent.message_id
+            return
+        message_id = self._approval_messages.pop(key, None)
+        if message_id is None:
+            return
+        words = {"approved": "✅ approved", "denied": "🚫 denied", "timeout": "⌛ not approved in time (denied)",
+                 "cancelled": "🚫 the task was cancelled", "interrupted": "⚠️ interrupted by a restart"}
+        who = f" by {event.by.split(':')[-1]}" if event.by and event.decision in ("approved", "denied") else ""
+        await self._edit(route, message_id, f"{event.tool}: {words.get(event.decision, event.decision)}{who}.",
+                         markup=None)
+
+    async def _approval_callback(self, query: CallbackQuery, data: str) -> None:
+        verb, _, rest = data.partition(":")
+        run_id, _, number = rest.rpartition(":")
+        run = self.storage.get_run(run_id)
+        chat = query.message.chat if query.message is not None else None
+        route = self.storage.reply_to(run_id) if run else {}
+        if run is None or run["adapter"] != NAME or chat is None or route.get("chat_id") != chat.id \
+                or not number.isdigit():
+            await self._answer_query(query, "This approval is not known here.")
+            return
+        if not may_act_on_run(run["user"], f"telegram:{query.from_user.id}", str(query.from_user.id), self._admins):
+            await self._answer_query(query, "Only the person who asked for this task (or an admin) may decide.",
+                                     alert=True)
+            return
+        who = f"telegram:{query.from_user.username or query.from_user.id}"
+        decided = self.runtime.approvals.decide(run_id, int(number), verb == "approve", who)
+        await self._answer_query(query, decided.message)
 
     async def _cancel(self, run_id: str) -> str | None:
         return await self.scheduler.cancel(run_id)
@@ -567,6 +618,11 @@ class TelegramAdapter:
     # --- run events → the chat ------------------------------------------------------------------------------
     def _on_event(self, event: RunEvent) -> None:
         if self._closed or event.run_id in self._done:
+            return
+        if isinstance(event, (ApprovalRequested, ApprovalDecided)):
+            run = self.storage.get_run(event.run_id)
+            if run is not None and run["adapter"] == NAME:
+                self._spawn(self._show_approval(run, event))
             return
         view = self._views.get(event.run_id)
         if view is None:

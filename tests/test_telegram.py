@@ -75,6 +75,12 @@ def scripted_llm() -> ScriptedLLM:
         if kind == "evaluation" and listed:
             found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
             return {"json": verdict("Read: " + (found.group(1) if found else "nothing"))}
+        if kind == "plan" and "email" in task.split():
+            from tests.test_approvals import SEND
+            return {"json": plan(SEND)}
+        if kind == "evaluation" and "email" in task.split():
+            found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
+            return {"json": verdict("Result: " + (found.group(1) if found else "none"))}
         if kind == "plan" and "plot" in task.split():
             return {"json": plan(PLOT_STEP)}
         if kind == "evaluation" and "plot" in task.split():
@@ -731,3 +737,60 @@ def test_two_turns_reuse_the_file_and_reset_clears_it(bot, tg, llm):
     wait_for(lambda: any(t.startswith("History and files cleared") for t in _texts(tg, 7107)), WAIT,
              what="the reset reply")
     assert not db_rows(bot.db, "SELECT * FROM workspace_files WHERE conversation = ?", (conversation,))
+
+
+# ------------------------------------------------------------------------------------------ approvals (issue 14)
+def test_approvals_with_an_inline_keyboard(llm, tmp_path):
+    from tests.test_approvals import TOOLS, _sent
+
+    sent = tmp_path / "sent.jsonl"
+    tools = tmp_path / "tools.py"
+    tools.write_text(TOOLS.format(sent=str(sent)))
+    with FakeTelegram(TOKEN, BOT) as fake:
+        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 640, AUTOCODE_TOOLS=str(tools),
+                           TELEGRAM_ADMIN_USERS=str(ADMIN_ID))
+        server = Serve(env, tmp_path / "serve.log", tmp_path)
+        try:
+            server.wait_ready()
+            server.db = tmp_path / "autocode.db"
+            group = fake.group_chat(-1001102)
+            asker, other = fake.user(7401, "Asker"), fake.user(7402, "Other")
+
+            def asked(update) -> Call:
+                return wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == -1001102
+                                  and c.reply_to == update["message"]["message_id"]
+                                  and "approve:" in json.dumps(c.params.get("reply_markup")),
+                                  "the approval message", server)[0]
+
+            def press(user, message: Call, verb: str) -> Call:
+                run_data = json.loads(json.dumps(message.params["reply_markup"]))
+                data = [b["callback_data"] for row in run_data["inline_keyboard"] for b in row
+                        if b["callback_data"].startswith(verb)][0]
+                query = fake.callback(user, message.result, data)
+                fake.queue(fake.update(callback_query=query))
+                return wait_calls(fake, lambda c: c.method == "answerCallbackQuery"
+                                  and c.params["callback_query_id"] == query["id"], "the answer", server)[0]
+
+            first = ask(fake, group, asker, "/run email the boss tag=ap1")
+            message = asked(first)
+            shown = visible_text(message)
+            assert "send_email needs your approval" in shown
+            assert 'send_email("boss@example.com", subject="Q3 numbers", body="up 4%")' in shown
+            refused = press(other, message, "approve:")  # someone else's click decides nothing
+            assert refused.params.get("show_alert") is True and "Only the person who asked" in refused.params["text"]
+            assert _sent(sent) == []
+            assert press(asker, message, "deny:").params["text"] == "send_email: denied."
+            run = finished_run(server, fake, first)
+            assert run["status"] == "succeeded" and _sent(sent) == []
+            output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?",
+                                        (run["id"],))[0]["output_json"])
+            assert output == {"sent": False, "why": "send_email was not run: telegram:asker denied it"}
+            wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
+                       message.result["message_id"] and "denied by asker" in c.params["text"], "the decision", server)
+
+            second = ask(fake, group, asker, "/run email the boss tag=ap2")
+            assert press(asker, asked(second), "approve:").params["text"] == "send_email: approved."
+            assert finished_run(server, fake, second)["status"] == "succeeded"
+            assert len(_sent(sent)) == 1
+        finally:
+            server.close()
