@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +53,20 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _money(env: Mapping[str, str], name: str) -> float:
+    """An amount in USD ("5", "5.00", "$5"); empty or 0 means none."""
+    raw = env.get(name, "").strip().removeprefix("$").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an amount in USD, e.g. 5 or 12.50, got {raw!r}") from None
+    if value < 0 or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a positive amount in USD, got {raw!r}")
     return value
 
 
@@ -107,6 +122,10 @@ class Settings:
     sandbox_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
     max_tokens_per_run: int = 200_000  # 0: no limit
     daily_tokens_per_user: int = 0  # 0: no limit
+    # Models users may choose per channel (agent_core/channel_settings.py); `model` is always among them.
+    models: tuple[str, ...] = ()
+    monthly_budget_per_user: float = 0.0  # USD per calendar month (UTC) of one user's runs; 0: no budget
+    prices_file: Path | None = None  # price table (agent_core/pricing.py); None: agent_core/prices.toml
     llm_calls_per_step: int = 20  # llm() helper calls one step may make
     llm_prompt_max_chars: int = 20_000  # largest llm() prompt (with its system text)
     shutdown_grace: float = 30.0
@@ -145,6 +164,7 @@ class Settings:
         env = os.environ if env is None else env
         tools = env.get("AUTOCODE_TOOLS", "").strip()
         root = env.get("AUTOCODE_WORKDIR_ROOT", "").strip()
+        prices = env.get("AUTOCODE_PRICES_FILE", "").strip()
         return cls(
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
@@ -182,6 +202,9 @@ class Settings:
             sandbox_slots=_int(env, "AUTOCODE_SANDBOX_SLOTS", os.cpu_count() or 2),
             max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 200_000, minimum=0),
             daily_tokens_per_user=_int(env, "AUTOCODE_DAILY_TOKENS_PER_USER", 0, minimum=0),
+            models=tuple(dict.fromkeys(m.strip() for m in env.get("AUTOCODE_MODELS", "").split(",") if m.strip())),
+            monthly_budget_per_user=_money(env, "AUTOCODE_MONTHLY_BUDGET_PER_USER"),
+            prices_file=Path(prices) if prices else None,
             llm_calls_per_step=_int(env, "AUTOCODE_LLM_CALLS_PER_STEP", 20),
             llm_prompt_max_chars=_int(env, "AUTOCODE_LLM_PROMPT_MAX_CHARS", 20_000),
             shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
@@ -219,6 +242,11 @@ class Settings:
     @property
     def llm_configured(self) -> bool:
         return bool(self.openai_api_key or self.openai_base_url)
+
+    @property
+    def allowed_models(self) -> tuple[str, ...]:
+        """The models a channel may choose: AUTOCODE_MODEL first, then AUTOCODE_MODELS."""
+        return tuple(dict.fromkeys((self.model, *self.models)))
 
     @property
     def slack_enabled(self) -> bool:
