@@ -44,9 +44,11 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "iterations": int, "plan_json": str, "created_at": str, "finished_at": str,
             "user": str, "adapter": str, "delivery_id": str, "started_at": str, "seq": int,
             "reply_to_json": str, "view_token": str,
+            # The run's effective settings (agent_core/channel_settings.py) and their scope, stored when it starts.
+            "settings_json": str, "scope": str,
         },
         "id",
-        ["conversation", "status", "user"],
+        ["conversation", "status", "user", "scope"],
     ),
     "steps": (
         {
@@ -101,6 +103,12 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
     "previews": (
         {"key": str, "preview": str, "created_at": str},
         "key",
+        [],
+    ),
+    # Settings of a channel or chat (agent_core/channel_settings.py), by scope: only the values set there.
+    "channel_settings": (
+        {"scope": str, "settings_json": str, "updated_at": str, "updated_by": str},
+        "scope",
         [],
     ),
     # Calls of `confirm` tools and who decided them (agent_core/approvals.py).
@@ -322,16 +330,20 @@ class Storage:
         return self._rows(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY seq", statuses)
 
     def tokens_used(self, *, user: str | None = None, conversation: str | None = None,
-                    since: str | None = None) -> dict[str, int]:
-        """LLM usage of the runs of a user and/or conversation, optionally since an ISO time."""
+                    since: str | None = None, scope: str | None = None, until: str | None = None) -> dict[str, int]:
+        """LLM usage of the runs of a user, conversation and/or scope, optionally of the calls since an ISO time
+        (and before `until`)."""
         where, params = ["1 = 1"], []
-        for column, value in (("r.user", user), ("r.conversation", conversation)):
+        for column, value in (("r.user", user), ("r.conversation", conversation), ("r.scope", scope)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
         if since is not None:
             where.append("c.started_at >= ?")
             params.append(since)
+        if until is not None:
+            where.append("c.started_at < ?")
+            params.append(until)
         row = self._rows(
             "SELECT COUNT(DISTINCT r.id) AS runs, COUNT(c.id) AS llm_calls, "
             "COALESCE(SUM(c.prompt_tokens), 0) AS prompt_tokens, "
@@ -340,6 +352,52 @@ class Storage:
             tuple(params),
         )[0]
         return {k: int(v) for k, v in row.items()}
+
+    _GROUPS = {"user": "r.user", "scope": "r.scope", "conversation": "r.conversation"}
+
+    def tokens_by_model(self, *, run_id: str | None = None, user: str | None = None,
+                        conversation: str | None = None, scope: str | None = None, since: str | None = None,
+                        until: str | None = None, group_by: str | None = None) -> list[dict[str, Any]]:
+        """LLM calls and tokens per model (and per user, scope or conversation with `group_by`) of the runs that
+        match, the calls made in [since, until) when given: what agent_core/pricing.py prices."""
+        where, params = ["1 = 1"], []
+        for column, value in (("r.id", run_id), ("r.user", user), ("r.conversation", conversation),
+                              ("r.scope", scope)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        for bound, value in ((">=", since), ("<", until)):
+            if value is not None:
+                where.append(f"c.started_at {bound} ?")
+                params.append(value)
+        group = self._GROUPS[group_by] if group_by else None
+        key = f", COALESCE({group}, '') AS grp" if group else ""
+        return self._rows(
+            f"SELECT COALESCE(c.model, '') AS model{key}, COUNT(c.id) AS llm_calls, "
+            "COUNT(DISTINCT r.id) AS runs, COALESCE(SUM(c.prompt_tokens), 0) AS prompt_tokens, "
+            "COALESCE(SUM(c.completion_tokens), 0) AS completion_tokens "
+            f"FROM llm_calls c JOIN runs r ON r.id = c.run_id WHERE {' AND '.join(where)} "
+            f"GROUP BY model{', grp' if group else ''} ORDER BY model",
+            tuple(params),
+        )
+
+    # settings of a channel or chat (agent_core/channel_settings.py)
+    def channel_settings(self, scope: str) -> dict[str, Any]:
+        """The values set for `scope` ({} when none)."""
+        rows = self._rows("SELECT settings_json FROM channel_settings WHERE scope = ?", (scope,))
+        return json.loads(rows[0]["settings_json"] or "{}") if rows else {}
+
+    def put_channel_settings(self, scope: str, values: dict[str, Any], by: str = "") -> None:
+        """Store the values set for `scope` (all of them: this replaces what was stored); {} removes the row."""
+        with self._lock, self.db.conn:
+            if not values:
+                self.db.execute("DELETE FROM channel_settings WHERE scope = ?", (scope,))
+                return
+            self.db.execute(
+                "INSERT INTO channel_settings (scope, settings_json, updated_at, updated_by) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(scope) DO UPDATE SET settings_json = excluded.settings_json, "
+                "updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+                (scope, json.dumps(values, sort_keys=True), now(), by))
 
     def update_run(self, run_id: str, **changes: Any) -> None:
         if "plan" in changes:
