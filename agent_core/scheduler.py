@@ -1,6 +1,6 @@
 """The run scheduler: a durable queue in SQLite, one active run per conversation, a global cap, cancellation,
-daily token budgets at submission (a running run counts them too, see agent_core/budget.py), and recovery of runs
-a crash left behind.
+daily token budgets and monthly money budgets (the user's, the channel's) at submission (a running run counts them
+too, see agent_core/budget.py), and recovery of runs a crash left behind.
 
 A run submitted with `hold=True` is stored (and de-duplicated by its delivery id) but `held`: the dispatcher does not
 start it until `release(run_id)` (its files are in the conversation's workspace) or ends it with `fail_held(run_id,
@@ -13,7 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from agent_core.budget import daily_tokens_used
+from agent_core.budget import daily_tokens_used, money_refusal
+from agent_core.channel_settings import scope_of
 from agent_core.events import RunFinished
 from agent_core.loop import Agent
 from storage.db import DuplicateDelivery
@@ -59,7 +60,8 @@ class RunScheduler:
     def submit(self, task: str, conversation: str, *, user: str = "", adapter: str = "api",
                delivery_id: str | None = None, reply_to: dict | None = None, hold: bool = False) -> Submission:
         """Store the task as a queued run (before the adapter acknowledges it); never starts a second run for
-        the same delivery; refuses users over their daily token budget. With `hold`, the run is stored `held`
+        the same delivery; refuses users over their daily token budget, and users or channels over their monthly
+        budget in money (the message says the budget and the spend). With `hold`, the run is stored `held`
         (not started) until `release` or `fail_held`: the adapter receives its files meanwhile."""
         if not self.accepting:
             return Submission(None, "refused", "AutoCode is shutting down; please try again in a minute.",
@@ -73,6 +75,12 @@ class RunScheduler:
                 return Submission(None, "refused", (
                     f"You have used {used} of your {self.settings.daily_tokens_per_user} LLM tokens for today; "
                     "please try again tomorrow."), "budget")
+        scope_budget = self.agent.channel_settings.effective(conversation).budget_usd
+        if (user and self.settings.monthly_budget_per_user) or scope_budget:
+            refusal = money_refusal(self.storage, self.settings, user=user, scope=scope_of(conversation),
+                                    scope_budget_usd=scope_budget)
+            if refusal:
+                return Submission(None, "refused", refusal, "budget")
         try:
             run_id = self.storage.create_run(conversation, task, status="held" if hold else "queued", user=user,
                                              adapter=adapter,
