@@ -77,8 +77,9 @@ def celery_app(settings: Settings) -> Celery:
 
 
 def encode_job(job_id: str, run_id: str, iteration: int, batch: StepBatch, workdir: bytes | None,
-               budget: dict[str, Any], inputs: bytes | None = None) -> dict[str, Any]:
-    """`budget` is the run's `RunBudget.snapshot()`; `inputs` the tar of its input files (agent_core.inputs)."""
+               budget: dict[str, Any], inputs: bytes | None = None, model: str | None = None) -> dict[str, Any]:
+    """`budget` is the run's `RunBudget.snapshot()`; `inputs` the tar of its input files (agent_core.inputs);
+    `model` the run's (its channel's setting), which its `llm()` calls are sent to."""
     return {
         "job_id": job_id, "run_id": run_id, "iteration": iteration,
         "steps": [asdict(step) for step in batch.steps], "outputs": batch.outputs,
@@ -86,6 +87,7 @@ def encode_job(job_id: str, run_id: str, iteration: int, batch: StepBatch, workd
         "workdir": base64.b64encode(workdir).decode() if workdir else None,
         "budget": budget,
         "inputs": base64.b64encode(inputs).decode() if inputs else None,
+        "model": model,
     }
 
 
@@ -207,7 +209,8 @@ class JobRunner:
             if job.get("inputs"):
                 await place_inputs(sandbox, base64.b64decode(job["inputs"]))
             budget = job_budget(job, self.settings)
-            helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"]), budget)
+            helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"], model=job.get("model")),
+                                     budget)
             host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget,
                             approve=_RemoteApprover(self.redis, publish, job_id))
             await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name, budget), gate=self.slots)
@@ -303,7 +306,8 @@ class _BudgetedHelper:
         return await ask_helper(self.llm, prompt, system, self.context, self._report)
 
     async def _report(self, record: dict[str, Any]) -> None:
-        self.budget.spent((record.get("prompt_tokens") or 0) + (record.get("completion_tokens") or 0))
+        prompt, completion = record.get("prompt_tokens") or 0, record.get("completion_tokens") or 0
+        self.budget.spent(prompt + completion, self.budget.call_cost(prompt, completion))
         await self.publish({"type": "llm_call", "record": record})
 
 

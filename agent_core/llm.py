@@ -41,11 +41,13 @@ class LLMError(Exception):
 
 @dataclass(frozen=True)
 class CallContext:
-    """Whom a call is for: its run and iteration, and where it reports that it is waiting (the run's events)."""
+    """Whom a call is for: its run and iteration, where it reports that it is waiting (the run's events), and the
+    model it is sent to (the run's, agent_core/channel_settings.py; None: the client's AUTOCODE_MODEL)."""
 
     run_id: str | None = None
     iteration: int | None = None
     notify: Notify | None = field(default=None, compare=False, repr=False)
+    model: str | None = None
 
 
 def describe_api_error(exc: Exception, base_url: str, timeout: float) -> str:
@@ -181,12 +183,13 @@ class LLMClient:
         if clock.remaining() < MIN_TRY_S:  # a re-ask or fallback with no time left: nothing is sent
             clock.past_deadline = True
             raise LLMError(self._gave_up(None, clock))
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
+        model = context.model or self.model
+        kwargs: dict[str, Any] = {"model": model, "messages": messages}
         if response_format is not None:
             kwargs["response_format"] = response_format
         request_chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(response_format)) if response_format else 0)
         record: dict[str, Any] = {
-            "run_id": context.run_id, "iteration": context.iteration, "purpose": purpose, "model": self.model,
+            "run_id": context.run_id, "iteration": context.iteration, "purpose": purpose, "model": model,
             "response_format": fmt, "started_at": now(), "request_chars": request_chars,
             "prompt_tokens": 0, "completion_tokens": 0, "retries": 0, "response_chars": 0,
         }

@@ -12,6 +12,7 @@ from agent_core import prompts
 from agent_core.approvals import Approvals
 from agent_core.artifacts import select_artifacts
 from agent_core.budget import RunBudget
+from agent_core.channel_settings import ChannelSettings, EffectiveSettings
 from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
 from agent_core.events import (
@@ -22,6 +23,7 @@ from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.manifest import InputsNotPlaced, PreparedInputs, known_inputs, place_inputs
 from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
+from agent_core.pricing import prices_for
 from agent_core.sandbox import (
     Executor, Limits, PlannedStep, Sandbox, SandboxUnavailable, StepBatch, StepResult,
 )
@@ -135,21 +137,33 @@ class Agent:
         self.executor = executor
         self.events = events or EventBus()
         self.approvals = Approvals(storage, self.emit, settings.approval_timeout)  # calls of `confirm` tools
+        self.channel_settings = ChannelSettings(storage, settings, toolset)  # per channel/chat: model, tools, …
+        prices_for(settings)  # a broken price table is a ConfigError now, not at the first run
         self.step_slots = asyncio.Semaphore(settings.sandbox_slots)  # steps executing at once, all runs
         self.limits = Limits(
             timeout_s=settings.step_timeout, memory_mb=settings.step_memory_mb,
             max_output_kb=settings.step_max_output_kb, max_log_kb=settings.step_max_log_kb,
             file_size_mb=settings.workdir_mb, max_procs=settings.step_max_procs,
         )
-        libraries = ", ".join(toolset.libraries) or "none"
-        self._planner_system = prompts.render(
-            "planner_system", libraries=libraries, guides=describe_guides(toolset),
-            functions=describe_functions(toolset),
-        )
-        self._evaluator_system = prompts.render(
-            "evaluator_system", libraries=libraries,
-            functions=", ".join(f.split(" ->")[0] for t in toolset.tools for f in t.functions.values()) or "none",
-        )
+        self._system_prompts: dict[tuple[str, ...], tuple[str, str]] = {}
+        self._planner_system, self._evaluator_system = self.system_prompts(toolset)
+
+    def system_prompts(self, toolset: ToolSet) -> tuple[str, str]:
+        """The planner's and the evaluator's system prompts for a run with `toolset` (made once per set of tools:
+        a channel may enable only some, agent_core/channel_settings.py)."""
+        key = (*toolset.libraries, "|", *toolset.trusted_names)
+        if key not in self._system_prompts:
+            libraries = ", ".join(toolset.libraries) or "none"
+            planner = prompts.render(
+                "planner_system", libraries=libraries, guides=describe_guides(toolset),
+                functions=describe_functions(toolset),
+            )
+            evaluator = prompts.render(
+                "evaluator_system", libraries=libraries,
+                functions=", ".join(f.split(" ->")[0] for t in toolset.tools for f in t.functions.values()) or "none",
+            )
+            self._system_prompts[key] = (planner, evaluator)
+        return self._system_prompts[key]
 
     async def run(self, task: str, conversation: str = "console", *, user: str = "", adapter: str = "cli") -> RunResult:
         """Create and execute a run at once (the CLI's way; the server queues runs through the scheduler)."""
@@ -161,10 +175,14 @@ class Agent:
         row = self.storage.get_run(run_id)
         assert row is not None, run_id
         conversation, task = row["conversation"], row["task"]
-        self.storage.update_run(run_id, status="running", started_at=now())
+        # The channel's settings as they are now apply to the whole run, and are stored with it (log, cost).
+        effective = self.channel_settings.effective(conversation)
+        self.storage.update_run(run_id, status="running", started_at=now(), scope=effective.scope,
+                                settings_json=json.dumps(effective.to_json()))
+        log.info("run %s: %s", run_id, effective.describe())
         history = self.storage.recent_messages(conversation, self.settings.history_chars)
         self.storage.add_message(conversation, "user", task, run_id)
-        return await _Run(self, run_id, conversation, task, history).execute()
+        return await _Run(self, run_id, conversation, task, history, effective).execute()
 
     async def emit(self, event: RunEvent) -> None:
         self.storage.add_event(event.run_id, event_type(event), event_data(event))
@@ -213,8 +231,14 @@ class _StepProgress:
 class _Run:
     """The state of one run while it executes."""
 
-    def __init__(self, agent: Agent, run_id: str, conversation: str, task: str, history: list[dict[str, Any]]):
+    def __init__(self, agent: Agent, run_id: str, conversation: str, task: str, history: list[dict[str, Any]],
+                 effective: EffectiveSettings):
         self.agent = agent
+        self.effective = effective  # the channel's settings: model, iterations, tools
+        self.model = effective.model
+        self.max_iterations = effective.max_iterations
+        self.toolset = agent.channel_settings.toolset_for(effective)
+        self.planner_system, self.evaluator_system = agent.system_prompts(self.toolset)
         self.settings = agent.settings
         self.storage = agent.storage
         self.run_id = run_id
@@ -230,11 +254,12 @@ class _Run:
         self.sandbox: Sandbox | None = None  # opened when the first code needs it (a direct answer needs none)
         self.kept_files: list[Any] = []  # the artifacts kept: they join the workspace after the run
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
-        self.tool_host = ToolHost(agent.toolset, self._llm_helper, self.settings.tool_timeout, self.budget,
+        self.tool_host = ToolHost(self.toolset, self._llm_helper, self.settings.tool_timeout, self.budget,
                                   approve=lambda tool, args, kwargs: agent.approvals.ask(run_id, tool, args, kwargs))
 
     def _context(self) -> CallContext:
-        return CallContext(self.run_id, self.iteration or None, self.agent.emit)  # emit: its waits are shown
+        # emit: its waits are shown; the model is the run's, for the planner, the evaluator and llm() alike
+        return CallContext(self.run_id, self.iteration or None, self.agent.emit, self.model)
 
     def _check_budget(self) -> None:
         """Before the run's next LLM call of its own: stop it (BudgetExceeded) when its run or daily budget is spent."""
@@ -311,7 +336,7 @@ class _Run:
         outputs: dict[str, dict[str, Any]] = {}
         start = 0
         previous_failure: tuple[str, str] | None = None
-        for self.iteration in range(1, self.settings.max_iterations + 1):
+        for self.iteration in range(1, self.max_iterations + 1):
             self.storage.update_run(self.run_id, plan=plan.model_dump(), iterations=self.iteration)
             current = await self._execute_steps(plan, start, outputs, sandbox)
             self._check_budget()  # llm() calls from the steps count too
@@ -331,7 +356,7 @@ class _Run:
                 return "succeeded", evaluation.final_answer.strip(), None
             if not evaluation.new_subtasks:
                 return "failed", evaluation.final_answer.strip(), f"The task could not be completed: {evaluation.thoughts}"
-            if self.iteration == self.settings.max_iterations:
+            if self.iteration == self.max_iterations:
                 break
             self._check_budget()  # a repair needs the evaluator again: stop now if the budget is spent
             retry_from = evaluation.retry_from.strip()
@@ -344,13 +369,13 @@ class _Run:
                 [s.tool_name for s in plan.subtasks[:start]],
             ))
         return "failed", evaluation.final_answer.strip(), (
-            f"No satisfactory result after {self.settings.max_iterations} iterations: {evaluation.thoughts}"
+            f"No satisfactory result after {self.max_iterations} iterations: {evaluation.thoughts}"
         )
 
     async def _plan(self) -> Plan:
         self._check_budget()  # the user's day may have been spent while the run was queued
         messages = [
-            {"role": "system", "content": self.agent._planner_system},
+            {"role": "system", "content": self.planner_system},
             {"role": "user", "content": prompts.render(
                 "planner_user", history=_history_text(self.history), files=self.inputs.manifest,
                 task=self.task)},
@@ -384,7 +409,7 @@ class _Run:
         for index in range(start, len(plan.subtasks)):
             subtask = plan.subtasks[index]
             try:
-                checked = check_subtask(subtask, names[:index], self.agent.toolset)
+                checked = check_subtask(subtask, names[:index], self.toolset)
             except CheckError as exc:
                 check_failure = StepRecord(ok=False, error=f"Check failed: {exc}", code=subtask.code,
                                            iteration=self.iteration, index=index, tool_name=subtask.tool_name)
@@ -457,11 +482,11 @@ class _Run:
 
     async def _evaluate(self, plan: Plan, start: int, current: list[StepRecord]) -> Evaluation:
         messages = [
-            {"role": "system", "content": self.agent._evaluator_system},
+            {"role": "system", "content": self.evaluator_system},
             {"role": "user", "content": prompts.render(
                 "evaluator_user", history=_history_text(self.history[-2:], 400), files=self.inputs.manifest,
                 task=self.task,
-                iteration=f"{self.iteration} of {self.settings.max_iterations}", steps=self._steps_view(plan, start, current),
+                iteration=f"{self.iteration} of {self.max_iterations}", steps=self._steps_view(plan, start, current),
             )},
         ]
         try:

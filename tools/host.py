@@ -41,6 +41,8 @@ class ToolHost:
         return self.toolset.trusted_names
 
     async def call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if name not in self.names:  # e.g. a tool the conversation's settings disabled (agent_core/channel_settings.py)
+            raise PermissionError(f"{name} is not a tool this run may use")
         if name == "llm":
             prompt = kwargs.pop("prompt", args[0] if args else "")
             system = kwargs.pop("system", args[1] if len(args) > 1 else "")

@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from agent_core.budget import RunBudget
+from agent_core.channel_settings import run_settings
 from agent_core.config import Settings
 from agent_core.jobs import KEY_TTL_S, TASK_NAME, celery_app, encode_job, job_key
 from agent_core.sandbox import (
@@ -151,7 +152,9 @@ class RemoteSandbox:
         """Send the batch as a job and follow its reports: (outcome, results, the step left without a result)."""
         job_id = uuid.uuid4().hex
         budget = RunBudget.for_run(self.settings, self.executor.storage, self.run_id).snapshot()
-        job = encode_job(job_id, self.run_id, batch.iteration, batch, self.workdir, budget, self.inputs)
+        ran_with = run_settings(self.executor.storage.get_run(self.run_id))  # the channel's model, for llm()
+        job = encode_job(job_id, self.run_id, batch.iteration, batch, self.workdir, budget, self.inputs,
+                         model=ran_with.model if ran_with else None)
         deadline = time.monotonic() + len(batch.steps) * batch.limits.timeout_s + self.settings.job_margin
         steps = {step.name: step for step in batch.steps}
         results: list[StepResult] = []
