@@ -1,4 +1,4 @@
-"""The `autocode` command line: run, chat, history, show.
+"""The `autocode` command line: run, chat, history, show, serve, worker, cancel, usage, settings, doctor.
 
 What a run produced (answers, errors, tracebacks, stdout/stderr, outputs, tool and artifact names, evaluator
 text) is untrusted: it is printed through `agent_core.terminal` (`_field` for text inside one of our lines,
@@ -68,11 +68,29 @@ def _parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a queued or running run (asks the running server)")
     cancel.add_argument("run_id")
 
-    usage = sub.add_parser("usage", help="LLM token usage per user or conversation")
+    usage = sub.add_parser("usage", help="LLM token usage and its cost per user, conversation or channel")
     usage.add_argument("--user")
     usage.add_argument("--conversation")
-    usage.add_argument("--days", type=float, help="only the last N days")
+    usage.add_argument("--scope", help="a channel or chat (e.g. slack:T1:C1), see `autocode settings`")
+    period = usage.add_mutually_exclusive_group()
+    period.add_argument("--days", type=float, help="only the last N days")
+    period.add_argument("--month", nargs="?", const="", metavar="YYYY-MM",
+                        help="only one calendar month (UTC), this one without a value")
+    usage.add_argument("--by", choices=("user", "scope", "conversation"), help="one line per user, scope or "
+                       "conversation, most expensive first")
     usage.add_argument("--json", action="store_true")
+
+    channel = sub.add_parser("settings", help="a channel's or chat's settings: model, iterations, tools, network, "
+                             "monthly budget")
+    where = channel.add_mutually_exclusive_group()
+    where.add_argument("--conversation", help="a conversation key: the settings of its channel or chat")
+    where.add_argument("--scope", help="a scope (slack:TEAM:CHANNEL, telegram:CHAT, or a conversation key)")
+    channel.add_argument("--tools", type=Path, help="the tools file (default $AUTOCODE_TOOLS): the tool names")
+    channel.add_argument("--json", action="store_true")
+    channel.add_argument("action", nargs="?", choices=("show", "set", "reset"), default="show")
+    channel.add_argument("name", nargs="?", help="set/reset: model, max_iterations, tools, network or budget")
+    channel.add_argument("value", nargs="?", help="set: the value, e.g. gpt-4o, 5, off, 12.50, none, all, numpy,llm "
+                         "(only these tools), or changes after --: set tools -- -geocode,+pandas")
 
     doctor = sub.add_parser("doctor", help="check the configuration and which sandbox protections are active")
     doctor.add_argument("--tools", type=Path)
@@ -116,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cancel(args, settings)
         if args.command == "usage":
             return _usage(args, settings)
+        if args.command == "settings":
+            return _settings(args, settings)
         return _history(args, settings) if args.command == "history" else _show(args, settings)
     except (ConfigError, ToolError, SandboxUnavailable) as exc:
         print(f"autocode: {_block(exc)}", file=sys.stderr)
@@ -198,20 +218,104 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    """Tokens and their cost (agent_core/pricing.py) of the runs that match, in a period; with --by, per group."""
     from datetime import datetime, timedelta, timezone
 
-    since = None
+    from agent_core.budget import monthly_status
+    from agent_core.pricing import format_usd, month_bounds, prices_for, spend, spend_by
+
+    since = until = None
+    period = ""
     if args.days:
         since = (datetime.now(timezone.utc) - timedelta(days=args.days)).isoformat(timespec="milliseconds")
-    usage = _open_storage(settings).tokens_used(user=args.user, conversation=args.conversation, since=since)
+        period = f", last {args.days:g} days"
+    elif args.month is not None:
+        try:
+            since, until = month_bounds(args.month or None)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        period = f", {since[:7]}"
+    storage, prices = _open_storage(settings), prices_for(settings)
+    if args.by:
+        groups = spend_by(storage, prices, args.by, since=since, until=until)
+        if args.json:
+            print(json_for_terminal({key: {"llm_calls": cost.llm_calls, "prompt_tokens": cost.prompt_tokens,
+                                           "completion_tokens": cost.completion_tokens, **cost.to_json()}
+                                     for key, cost in groups.items()}))
+            return EXIT_OK
+        print(f"LLM use by {args.by}{period}:" if groups else f"No LLM use{period}.")
+        for key, cost in groups.items():
+            print(f"  {_field(key) or '-'}: {cost.llm_calls} LLM calls, {cost.prompt_tokens} prompt + "
+                  f"{cost.completion_tokens} completion tokens, cost {_field(cost.describe())}")
+        return EXIT_OK
+    filters = {"user": args.user, "conversation": args.conversation, "scope": args.scope}
+    usage = storage.tokens_used(**filters, since=since, until=until)
+    cost = spend(storage, prices, **filters, since=since, until=until)
     if args.json:
-        print(json.dumps(usage))
-    else:
-        scope = " ".join(f"{k} {v}" for k, v in (("user", args.user), ("conversation", args.conversation)) if v)
-        scope = _field(scope) or "all users"
-        print(f"{scope}{f', last {args.days:g} days' if args.days else ''}: {usage['runs']} runs, "
-              f"{usage['llm_calls']} LLM calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
-              "completion tokens")
+        print(json_for_terminal({**usage, **cost.to_json()}))
+        return EXIT_OK
+    scope = " ".join(f"{k} {v}" for k, v in filters.items() if v)
+    scope = _field(scope) or "all users"
+    print(f"{scope}{period}: {usage['runs']} runs, "
+          f"{usage['llm_calls']} LLM calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+          f"completion tokens; cost {_field(cost.describe())}")
+    for model in cost.by_model:
+        print(f"  {_field(model.model) or '-'}: {model.llm_calls} calls, {model.prompt_tokens} prompt + "
+              f"{model.completion_tokens} completion tokens, {format_usd(model.usd) if model.priced else 'no price'}")
+    if args.user and settings.monthly_budget_per_user:
+        print(f"This month: {_field(monthly_status(storage, settings, user=args.user).describe())} "
+              "(AUTOCODE_MONTHLY_BUDGET_PER_USER)")
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    """Show, set or reset a scope's settings (agent_core/channel_settings.py); a bad value exits 1 with the reason."""
+    import tempfile
+
+    from agent_core.channel_settings import ChannelSettings, scope_of
+    from storage.db import Storage
+    from tools.registry import build_toolset
+
+    scope = args.scope or scope_of(args.conversation or "console")
+    if args.action == "set" and (args.name is None or args.value is None):
+        raise ConfigError("give the setting and its value: autocode settings [--scope S | --conversation K] set "
+                          "NAME VALUE, e.g. set model gpt-4o")
+    toolset = build_toolset(settings.tools_file)
+    with tempfile.TemporaryDirectory(prefix="autocode-settings-") as empty:
+        # Nothing stored yet: `show` prints the server's defaults without making a database file.
+        fresh = args.action == "show" and not settings.db_path.exists()
+        storage = Storage(Path(empty, "none.db") if fresh else settings.db_path)
+        return _settings_in(args, ChannelSettings(storage, settings, toolset), scope)
+
+
+def _settings_in(args: argparse.Namespace, store: Any, scope: str) -> int:
+    """`autocode settings` on an open store (a ChannelSettings); closes its database."""
+    from agent_core.channel_settings import SettingError
+
+    storage = store.storage
+    try:
+        if args.action == "set":
+            effective = store.set(scope, args.name, args.value, by="cli")
+        elif args.action == "reset":
+            effective = store.reset(scope, args.name, by="cli")
+        else:
+            effective = store.effective_for_scope(scope)
+    except SettingError as exc:
+        print(f"autocode: {_field(exc)}", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
+    finally:
+        storage.close()
+    if args.json:
+        print(json_for_terminal({"settings": effective.to_json(), "text": effective.describe(),
+                                 "choices": store.choices().to_json()}, indent=2))
+        return EXIT_OK
+    print(f"Settings of {_field(scope)}: {_field(effective.describe())}")
+    if effective.overridden:
+        print(f"  set here: {', '.join(effective.overridden)} (the others are the server's defaults)")
+    choices = store.choices()
+    print(f"  models: {_field(', '.join(choices.models))}; tools: {_field(', '.join(choices.tools))}; "
+          f"iterations {choices.max_iterations[0]}-{choices.max_iterations[1]}; network "
+          f"{'may be on' if choices.network_allowed else 'off for all runs (AUTOCODE_SANDBOX_NETWORK)'}")
     return EXIT_OK
 
 
@@ -248,13 +352,21 @@ def _one_line(text: str | None, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def run_details(storage: Any, run_id: str) -> dict[str, Any] | None:
+def run_details(storage: Any, run_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
+    """Everything stored about a run; with `settings`, its cost too (priced by the operator's price table)."""
+    from agent_core.channel_settings import run_settings
+    from agent_core.pricing import prices_for, spend
+
     run = storage.get_run(run_id)
     if run is None:
         return None
     decode = lambda text: None if text is None else json.loads(text)  # noqa: E731
+    ran_with = run_settings(run)
     return {
-        "run": {**{k: v for k, v in run.items() if k != "plan_json"}, "plan": decode(run["plan_json"])},
+        "run": {**{k: v for k, v in run.items() if k not in ("plan_json", "settings_json")},
+                "plan": decode(run["plan_json"])},
+        "settings": ran_with.to_json() if ran_with else None,
+        "cost": spend(storage, prices_for(settings), run_id=run_id).to_json() if settings else None,
         "steps": [{**{k: v for k, v in s.items() if k != "output_json"}, "output": decode(s["output_json"])}
                   for s in storage.steps(run_id)],
         "evaluations": [{**{k: v for k, v in e.items() if k != "evaluation_json"},
@@ -267,8 +379,11 @@ def run_details(storage: Any, run_id: str) -> dict[str, Any] | None:
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
+    from agent_core.channel_settings import EffectiveSettings
+    from agent_core.pricing import prices_for, spend
+
     storage = _open_storage(settings)
-    details = run_details(storage, args.run_id)
+    details = run_details(storage, args.run_id, settings)
     if details is None:
         print(f"autocode: no run {args.run_id}", file=sys.stderr)
         return EXIT_UNSATISFACTORY
@@ -278,6 +393,8 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     run = details["run"]
     print(f"Run {run['id']} · {run['status']} · conversation {_field(run['conversation'])} · "
           f"{run['iterations']} iteration(s)")
+    if details["settings"] is not None:  # what the run ran with (its channel's settings)
+        print(f"Settings: {_field(EffectiveSettings.from_json(details['settings']).describe())}")
     print(f"Task: {_block(run['task'])}")
     if run["answer"]:
         print(f"Answer: {_block(run['answer'])}")
@@ -315,7 +432,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
               f"{call['duration_ms']:>6} ms  {call['prompt_tokens']}+{call['completion_tokens']} tokens{error}")
     usage = details["usage"]
     print(f"Total: {usage['llm_calls']} calls, {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
-          "completion tokens")
+          f"completion tokens; cost {_field(spend(storage, prices_for(settings), run_id=run['id']).describe())}")
     helper_calls = [c for c in details["llm_calls"] if c["purpose"] == "helper"]
     if helper_calls:  # what generated code sent out through llm(); stored clipped, in full in --json
         print("\nllm() calls (prompt, system text and reply as stored; --json has the stored text):")

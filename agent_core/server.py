@@ -1,7 +1,8 @@
 """`autocode serve`: one asyncio process with the ASGI app, the run scheduler and the local sandbox pool.
 
 Chat adapters mount their routes here (`POST /slack/events`, `POST /telegram/webhook`); the internal API under
-`/api` lets the CLI and tests submit, inspect and cancel runs.
+`/api` lets the CLI and tests submit, inspect and cancel runs, read usage and its cost, and read or change the
+settings of a channel or chat (agent_core/channel_settings.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.llm_probe import probe_llm
 from agent_core import uploads
+from agent_core.budget import monthly_status
+from agent_core.channel_settings import EffectiveSettings, SettingError, run_settings, scope_of
+from agent_core.pricing import month_bounds, prices_for, spend
 from agent_core.scheduler import RunScheduler
 from bots import Runtime, build_adapters
 
@@ -158,6 +162,8 @@ class Server:
             Route("/api/runs/{run_id}/cancel", self._guarded(self.cancel), methods=["POST"]),
             Route("/api/runs/{run_id}/approvals/{number:int}", self._guarded(self.decide), methods=["POST"]),
             Route("/api/usage", self._guarded(self.usage), methods=["GET"]),
+            Route("/api/settings", self._guarded(self.get_settings), methods=["GET"]),
+            Route("/api/settings", self._guarded(self.change_settings), methods=["POST"]),
             *viewer.routes(self.settings, self.agent.storage),
         ]
         for adapter in self.adapters:
@@ -285,7 +291,10 @@ class Server:
                   "started_at", "finished_at")
         approvals = [{k: a[k] for k in ("number", "tool", "arguments", "status", "requested_at", "decided_by",
                                          "decided_at")} for a in self.agent.storage.approvals(run["id"])]
+        ran_with = run_settings(run)
+        cost = spend(self.agent.storage, prices_for(self.settings), run_id=run["id"])
         return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"]),
+                             "cost": cost.to_json(), "settings": ran_with.to_json() if ran_with else None,
                              "approvals": approvals})
 
     async def decide(self, request: Request) -> JSONResponse:
@@ -314,8 +323,70 @@ class Server:
         return JSONResponse({"run_id": request.path_params["run_id"], "status": status})
 
     async def usage(self, request: Request) -> JSONResponse:
-        user, conversation = request.query_params.get("user"), request.query_params.get("conversation")
-        return JSONResponse(self.agent.storage.tokens_used(user=user, conversation=conversation))
+        """Tokens and their cost of the runs of `user`, `conversation` and/or `scope` (all runs without them), of
+        one calendar month with `month=YYYY-MM` (`month=` alone: this one). With `user` or `scope`, `month_budget`
+        is this month against its budget (AUTOCODE_MONTHLY_BUDGET_PER_USER, the scope's setting)."""
+        params = request.query_params
+        filters = {name: params.get(name) for name in ("user", "conversation", "scope")}
+        since = until = None
+        if "month" in params:
+            try:
+                since, until = month_bounds(params["month"] or None)
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        storage = self.agent.storage
+        body: dict[str, Any] = {**storage.tokens_used(**filters, since=since, until=until),
+                                **spend(storage, prices_for(self.settings), **filters, since=since,
+                                        until=until).to_json()}
+        if filters["user"]:
+            body["month_budget"] = monthly_status(storage, self.settings, user=filters["user"]).to_json()
+        elif filters["scope"]:
+            budget = self.agent.channel_settings.effective_for_scope(filters["scope"]).budget_usd
+            body["month_budget"] = monthly_status(storage, self.settings, scope=filters["scope"],
+                                                  budget_usd=budget).to_json()
+        return JSONResponse(body)
+
+    def _scope(self, request: Request) -> str | None:
+        """`?scope=` as given, or the scope of `?conversation=`."""
+        scope, conversation = request.query_params.get("scope"), request.query_params.get("conversation")
+        return scope or (scope_of(conversation) if conversation else None)
+
+    async def get_settings(self, request: Request) -> JSONResponse:
+        """`GET /api/settings?scope=…` (or `?conversation=…`): the effective settings, which of them the scope set,
+        the text the run log shows, and what may be chosen."""
+        scope = self._scope(request)
+        if not scope:
+            return JSONResponse({"error": "give ?scope=… (e.g. slack:T1:C1) or ?conversation=…"}, status_code=400)
+        return self._settings_answer(self.agent.channel_settings.effective_for_scope(scope))
+
+    async def change_settings(self, request: Request) -> JSONResponse:
+        """`POST /api/settings?scope=…` with {"name": "model", "value": "gpt-4o"} to set one setting (the value as
+        text, or of its type), or {"reset": true} / {"reset": "model"}; "by" names who (for the log). A bad name or
+        value: 400 with the sentence for the user."""
+        scope = self._scope(request)
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        reset = body.get("reset") if isinstance(body, dict) else None
+        resetting = reset is True or isinstance(reset, str)
+        if not scope or not isinstance(body, dict) or not (resetting or isinstance(body.get("name"), str)):
+            return JSONResponse({"error": 'give ?scope=… and send {"name": "model", "value": "gpt-4o"} or '
+                                 '{"reset": true}'}, status_code=400)
+        by = f"api:{str(body.get('by') or '').strip()[:80]}".rstrip(":")
+        store = self.agent.channel_settings
+        try:
+            if resetting:
+                effective = store.reset(scope, None if reset is True else reset, by=by)
+            else:
+                effective = store.set(scope, body["name"], body.get("value"), by=by)
+        except SettingError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return self._settings_answer(effective)
+
+    def _settings_answer(self, effective: EffectiveSettings) -> JSONResponse:
+        return JSONResponse({"scope": effective.scope, "settings": effective.to_json(), "text": effective.describe(),
+                             "choices": self.agent.channel_settings.choices().to_json()})
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
