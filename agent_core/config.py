@@ -150,6 +150,7 @@ class Settings:
     slack_allowed_channels: frozenset[str] = frozenset()
     slack_allowed_users: frozenset[str] = frozenset()
     slack_admin_users: frozenset[str] = frozenset()  # may cancel and re-run anyone's runs
+    slack_thread_replies: str = "auto"  # mention|auto|all: which replies in an AutoCode thread start a run
     # Telegram
     telegram_bot_token: str | None = field(default=None, repr=False)
     telegram_webhook_url: str | None = None
@@ -226,6 +227,7 @@ class Settings:
             slack_allowed_channels=_names(env, "SLACK_ALLOWED_CHANNELS"),
             slack_allowed_users=_names(env, "SLACK_ALLOWED_USERS"),
             slack_admin_users=_names(env, "SLACK_ADMIN_USERS"),
+            slack_thread_replies=_choice(env, "AUTOCODE_SLACK_THREAD_REPLIES", ("mention", "auto", "all"), "auto"),
             telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN", "").strip() or None,
             telegram_webhook_url=env.get("TELEGRAM_WEBHOOK_URL", "").strip() or None,
             telegram_webhook_secret=env.get("TELEGRAM_WEBHOOK_SECRET", "").strip() or None,

@@ -6,6 +6,12 @@ lives in that post's thread), direct messages, and follow-ups in a thread AutoCo
 (durable), then answered asynchronously: one progress message updated at most once a second, the answer in the
 thread, the execution log and artifacts below it.
 
+Replies in a thread AutoCode is part of start a run only when they are for AutoCode
+(AUTOCODE_SLACK_THREAD_REPLIES, `addressed`): `mention` — they mention AutoCode; `auto` (default) — they mention
+AutoCode, or mention nobody and follow AutoCode's last message in the thread (no other person posted since; tracked
+from the message events and AutoCode's own posts in ThreadIndex); `all` — every reply. Teammates talking to each
+other in an AutoCode thread cost nothing. Direct messages are always for AutoCode.
+
 Files users send (`file_share` messages, files on mentions): the run is submitted *held* before the ack, then each
 file is streamed from Slack (`url_private_download` with the bot token, the workspace's for OAuth installs) into
 the run's inputs through agent_core/uploads.py, which releases the run or fails it with a message for the user.
@@ -64,6 +70,7 @@ HELP = (
     "In a thread, mention AutoCode with `reset`, `cancel`, `history` or `usage` to act on that thread only."
 )
 _MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+_MENTIONED = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>|<!(subteam\^[A-Z0-9]+|here|channel|everyone)(?:\|[^>]*)?>")
 FILES_TASK = "Analyse the attached file(s) and tell me what they contain."  # a message that is only files
 DOWNLOAD_CHUNK = 1 << 18
 # No overall deadline (a 50 MB file on a slow link may take minutes), but a stalled connection ends the download.
@@ -84,6 +91,9 @@ class ThreadIndex:
             self._db.execute("PRAGMA synchronous=NORMAL")  # as the main DB: no fsync per commit on the event loop
             self._db.execute("CREATE TABLE IF NOT EXISTS autocode_slack_threads (team TEXT, channel TEXT, "
                              "thread_ts TEXT, conversation TEXT, PRIMARY KEY (team, channel, thread_ts))")
+            # Who posted in the thread since AutoCode's last message (comma list of user ids), for `addressed`.
+            self._db.execute("CREATE TABLE IF NOT EXISTS autocode_slack_thread_talk (team TEXT, channel TEXT, "
+                             "thread_ts TEXT, since TEXT, PRIMARY KEY (team, channel, thread_ts))")
 
     def add(self, team: str, channel: str, thread_ts: str, conversation: str) -> None:
         with self._lock, self._db:
@@ -96,8 +106,48 @@ class ThreadIndex:
                                    "AND thread_ts = ?", (team, channel, thread_ts)).fetchone()
         return row[0] if row else None
 
+    def spoke(self, team: str, channel: str, thread_ts: str) -> None:
+        """AutoCode posted in the thread: nobody has spoken since."""
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO autocode_slack_thread_talk VALUES (?, ?, ?, '')",
+                             (team, channel, thread_ts))
+
+    def heard(self, team: str, channel: str, thread_ts: str, user: str) -> None:
+        """A person posted in the thread (in arrival order, which is what "follows" means here)."""
+        with self._lock, self._db:
+            row = self._db.execute("SELECT since FROM autocode_slack_thread_talk WHERE team = ? AND channel = ? AND "
+                                   "thread_ts = ?", (team, channel, thread_ts)).fetchone()
+            since = set(filter(None, (row[0] if row else "").split(",")))
+            if user in since:
+                return
+            since.add(user)
+            self._db.execute("INSERT OR REPLACE INTO autocode_slack_thread_talk VALUES (?, ?, ?, ?)",
+                             (team, channel, thread_ts, ",".join(sorted(since))))
+
+    def since_autocode(self, team: str, channel: str, thread_ts: str) -> set[str]:
+        """The people who posted in the thread since AutoCode's last message there (empty: AutoCode spoke last, or
+        nothing is recorded, as for threads from before this was tracked)."""
+        with self._lock:
+            row = self._db.execute("SELECT since FROM autocode_slack_thread_talk WHERE team = ? AND channel = ? AND "
+                                   "thread_ts = ?", (team, channel, thread_ts)).fetchone()
+        return set(filter(None, (row[0] if row else "").split(",")))
+
     def close(self) -> None:
         self._db.close()
+
+
+def addressed(mode: str, text: str, bot_user: str, user: str, since_autocode: set[str]) -> bool:
+    """Whether a reply in a thread AutoCode is part of is for AutoCode (AUTOCODE_SLACK_THREAD_REPLIES): `all` —
+    always; `mention` — it mentions AutoCode; `auto` — it mentions AutoCode, or it mentions nobody (no person,
+    user group, @here/@channel) and nobody but its author posted since AutoCode's last message in the thread."""
+    if mode == "all":
+        return True
+    mentioned = {m.group(1) or m.group(2) for m in _MENTIONED.finditer(text or "")}
+    if bot_user and bot_user in mentioned:
+        return True
+    if mode == "mention" or mentioned:
+        return False
+    return since_autocode <= {user}
 
 
 class RunView:
@@ -366,7 +416,15 @@ class SlackAdapter:
         if event.get("channel_type") == "im":
             await self._on_post(event, body, context, require_owned=False)
         elif event.get("thread_ts") and event.get("thread_ts") != event.get("ts"):
-            await self._on_post(event, body, context, require_owned=True)
+            team = body.get("team_id") or event.get("team") or context.get("team_id") or ""
+            channel, root, user = event.get("channel", ""), event["thread_ts"], event.get("user", "")
+            if self.threads.get(team, channel, root) is None:
+                return  # not a thread AutoCode is part of
+            since = self.threads.since_autocode(team, channel, root)
+            self.threads.heard(team, channel, root, user)
+            if addressed(self.settings.slack_thread_replies, event.get("text") or "", _bot_user(body, context),
+                         user, since):
+                await self._on_post(event, body, context, require_owned=True)
         # top-level channel posts: only mentions (app_mention) start a task
 
     async def _on_post(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any], *,
@@ -609,6 +667,12 @@ class SlackAdapter:
         client = await self._client_for(route)
         await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"), text=text,
                                       blocks=render.sections(text)[: render.MAX_BLOCKS])
+        self._spoke(route)
+
+    def _spoke(self, route: dict[str, Any]) -> None:
+        """Record that AutoCode posted in the route's thread (a reply right after it is for AutoCode: `addressed`)."""
+        if route.get("thread_ts"):
+            self.threads.spoke(route.get("team") or "", route["channel"], route["thread_ts"])
 
     async def _ephemeral(self, route: dict[str, Any], text: str) -> None:
         client = await self._client_for(route)
@@ -675,6 +739,7 @@ class SlackAdapter:
                 changes["thread_ts"] = response["ts"]
                 run = self.storage.get_run(run_id) or {}
                 self.threads.add(route["team"], route["channel"], response["ts"], run.get("conversation", ""))
+            self.threads.spoke(route["team"], route["channel"], changes.get("thread_ts") or route["thread_ts"])
             return self.storage.update_reply_to(run_id, **changes)
 
     async def _update(self, client: AsyncWebClient, route: dict[str, Any], progress: render.Progress) -> None:
@@ -720,6 +785,7 @@ class SlackAdapter:
             response = await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=blocks,
                                                      text=render.fallback_text(blocks))
             answer_ts = answer_ts or response["ts"]
+        self._spoke(route)
         self.storage.update_reply_to(run_id, answer_ts=answer_ts, delivered=True)
         logged = render.log_messages(run, self.storage.steps(run_id), self.storage.evaluations(run_id),
                                      self.storage.llm_calls(run_id), self.storage.usage(run_id))
@@ -727,6 +793,7 @@ class SlackAdapter:
             for blocks in logged.messages:
                 await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=blocks,
                                               text=render.fallback_text(blocks))
+            self._spoke(route)
         uploads = [*answer.files, *logged.files]
         uploads += [render.Attachment(a["name"], a["data"], a["name"])
                     for a in self.storage.artifacts(run_id, with_data=True)]
@@ -799,6 +866,16 @@ def download_refusal(name: str, status: int) -> str:
               403: "AutoCode may not read it (the app needs the files:read scope and access to the channel)",
               404: "Slack no longer has it (deleted?)"}.get(status, "Slack could not serve it right now")
     return f"Could not download {name}: HTTP {status}, {reason}. Nothing was run."
+
+
+def _bot_user(body: dict[str, Any], context: dict[str, Any]) -> str:
+    """AutoCode's own user id in this workspace (Bolt's context, else the event's bot authorization)."""
+    if context.get("bot_user_id"):
+        return str(context["bot_user_id"])
+    for entry in body.get("authorizations") or []:
+        if entry.get("is_bot") and entry.get("user_id"):
+            return str(entry["user_id"])
+    return ""
 
 
 def _action_place(body: dict[str, Any]) -> tuple[str, str, str]:

@@ -273,6 +273,65 @@ def test_follow_up_in_the_thread_sees_the_first_answer(server, slack, llm):
     assert all(c.params.get("thread_ts") == first["ts"] for c in in_channel(slack, "chat.postMessage", channel))
 
 
+def reply(channel: str, thread_ts: str, text: str, user: str = ALICE) -> dict[str, Any]:
+    """A `message` event: a reply in a thread."""
+    return {"type": "message", "channel_type": "channel", "user": user, "text": text,
+            "ts": f"{1600000000 + next(_ids)}.000500", "thread_ts": thread_ts, "channel": channel}
+
+
+def llm_saw(llm: PlottingLLM, task: str) -> bool:
+    return any(f"Task: {task}" in json.dumps(r.body) for r in llm.fake.requests if r.body)
+
+
+def test_a_reply_for_a_teammate_starts_no_run_one_for_autocode_does(server, slack, llm):
+    channel = "CADDRESS"
+    first = mention(channel, "job tag=START")
+    send_event(server, first)
+    delivered(server, wait_run(server, channel)["id"])
+    settled(slack, channel)
+
+    # Alice asks Bob in AutoCode's thread: not for AutoCode, no run, no LLM request.
+    send_event(server, reply(channel, first["ts"], f"<@{BOB}> job tag=FORBOB, can you check?"))
+    # Bob answers Alice, mentioning nobody: another person spoke after AutoCode, so it is not for AutoCode either.
+    send_event(server, reply(channel, first["ts"], "job tag=BOBSAYS looks fine to me", user=BOB))
+    # Alice again, plain: Bob spoke after AutoCode's last message, so this is the team talking.
+    send_event(server, reply(channel, first["ts"], "job tag=TEAMTALK"))
+    time.sleep(1.5)
+    assert [r["task"] for r in runs_in(server, channel)] == ["job tag=START"]
+    assert not any(llm_saw(llm, f"job tag={t}") for t in ("FORBOB", "BOBSAYS", "TEAMTALK"))
+
+    # Mentioning AutoCode (the message event and its app_mention twin) starts one run.
+    addressed = reply(channel, first["ts"], f"<@{BOT_USER_ID}> job tag=FORAUTOCODE")
+    send_event(server, addressed)
+    send_event(server, {**addressed, "type": "app_mention"})
+    run = wait_for(lambda: [r for r in runs_in(server, channel) if r["task"] == "job tag=FORAUTOCODE"], 20,
+                   what="the addressed run")[0]
+    delivered(server, run["id"])
+    settled(slack, channel)
+    assert len(runs_in(server, channel)) == 2
+
+    # Right after AutoCode's answer, a plain reply (mentioning nobody) is for AutoCode.
+    send_event(server, reply(channel, first["ts"], "job tag=RIGHTAFTER", user=BOB))
+    run = wait_for(lambda: [r for r in runs_in(server, channel) if r["task"] == "job tag=RIGHTAFTER"], 20,
+                   what="the follow-up run")[0]
+    delivered(server, run["id"])
+
+
+def test_who_a_thread_reply_is_for_by_mode():
+    from bots.slack import addressed
+
+    bot = BOT_USER_ID
+    assert addressed("auto", f"<@{bot}> hi", bot, ALICE, {BOB})
+    assert addressed("auto", "hi", bot, ALICE, set()) and addressed("auto", "hi", bot, ALICE, {ALICE})
+    assert not addressed("auto", "hi", bot, ALICE, {BOB})
+    assert not addressed("auto", f"<@{BOB}|bob> hi", bot, ALICE, set())
+    for other in ("<!here>", "<!channel>", "<!subteam^S0TEAM|@devs>"):
+        assert not addressed("auto", f"{other} anyone?", bot, ALICE, set())
+    assert addressed("mention", f"<@{BOB}> and <@{bot}>", bot, ALICE, {BOB})
+    assert not addressed("mention", "hi", bot, ALICE, set())
+    assert addressed("all", f"<@{BOB}> hi", bot, ALICE, {BOB})
+
+
 def test_bad_signature_and_stale_timestamp_are_rejected(server, slack):
     channel = "CFORGED"
     body = event_body(mention(channel, "job tag=X"))
