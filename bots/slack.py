@@ -45,7 +45,7 @@ from starlette.routing import BaseRoute, Route
 from agent_core import uploads
 from agent_core.config import ConfigError, Settings
 from agent_core.events import (
-    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
@@ -167,6 +167,8 @@ class RunView:
         match event:
             case LLMWaiting():
                 p.waiting = event.describe()
+            case ApprovalRequested(tool=tool):
+                p.waiting = f"waiting for an approval of {tool} (in the thread)"
             case RunStarted():
                 p.status = "running"
             case PlanReady(iteration=iteration, steps=steps):
@@ -221,6 +223,7 @@ class SlackAdapter:
         self._not_ours: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._handled: OrderedDict[str, None] = OrderedDict()  # deliveries answered without a run (refusals…)
+        self._asked: dict[tuple[str, int], tuple[ApprovalRequested, asyncio.Task]] = {}  # approval message posts
         runtime.events.subscribe(self._on_event)
 
     # --- construction ------------------------------------------------------------------------------------
@@ -259,6 +262,8 @@ class SlackAdapter:
         app.event("message")(self._on_message)
         app.action(render.CANCEL_ACTION)(self._on_cancel)
         app.action(render.RERUN_ACTION)(self._on_rerun)
+        app.action(render.APPROVE_ACTION)(self._on_approval)
+        app.action(render.DENY_ACTION)(self._on_approval)
         app.action("autocode_full_log")(self._ack_only)
         return app
 
@@ -521,13 +526,13 @@ class SlackAdapter:
         elif submission.status == "refused":
             self._spawn(self._ephemeral(route, submission.message), "posting a refusal")
 
-    def _not_theirs(self, run: dict[str, Any], team: str, user: str, action: str) -> str | None:
+    def _not_theirs(self, run: dict[str, Any], team: str, user: str, action: str, thing: str = "run") -> str | None:
         """None when `user` may `action` the run (they asked, or SLACK_ADMIN_USERS lists them), else what to tell
         them."""
         if may_act_on_run(run["user"], self._user_key(team, user), user, self.settings.slack_admin_users):
             return None
         requester = (run["user"] or "").rsplit(":", 1)[-1] if (run["user"] or "").startswith("slack:") else ""
-        return refusal_text(action, f"<@{requester}>" if requester else None)
+        return refusal_text(action, f"<@{requester}>" if requester else None, thing)
 
     # --- files users send ---------------------------------------------------------------------------------------
     async def _receive(self, run_id: str, route: dict[str, Any], files: list[dict[str, Any]]) -> None:
@@ -709,6 +714,62 @@ class SlackAdapter:
             return
         view.apply(event)
         self._kick(view)
+        if isinstance(event, ApprovalRequested):
+            task = self._spawn(self._ask(view, event), f"asking to approve {event.tool}")
+            self._asked[(event.run_id, event.number)] = (event, task)
+        elif isinstance(event, ApprovalDecided):
+            self._spawn(self._decided(event), f"showing the decision on {event.tool}")
+
+    # --- approvals -----------------------------------------------------------------------------------------
+    async def _ask(self, view: RunView, event: ApprovalRequested) -> None:
+        """Post the call with Approve / Deny in the run's thread (its ts kept in reply_to)."""
+        route = await self._ensure_progress(view)
+        client = await self._client_for(route)
+        blocks = render.approval_blocks(event.run_id, event.number, event.tool, event.arguments,
+                                        requester=route.get("user", ""), timeout_s=event.timeout_s)
+        response = await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
+                                                 blocks=blocks, text=render.fallback_text(blocks))
+        self._spoke(route)
+        self.storage.update_reply_to(event.run_id, **{f"approval_{event.number}_ts": response["ts"]})
+
+    async def _decided(self, event: ApprovalDecided) -> None:
+        """Replace the buttons by who decided what (also for a timeout, a cancel, a restart)."""
+        asked, task = self._asked.pop((event.run_id, event.number), (None, None))
+        if task is None or asked is None:
+            return
+        await task  # the request's message is posted before it is updated
+        route = self.storage.reply_to(event.run_id)
+        ts = route.get(f"approval_{event.number}_ts")
+        if not ts:
+            return
+        client = await self._client_for(route)
+        blocks = render.approval_blocks(event.run_id, event.number, event.tool, asked.arguments,
+                                        decision=event.decision, by=event.by, timeout_s=asked.timeout_s)
+        await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks, text=render.fallback_text(blocks))
+
+    async def _on_approval(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any],
+                           action: dict[str, Any]) -> None:
+        """Approve / Deny: only the requester or an admin decides; anyone else is told so and nothing changes."""
+        await ack()
+        team, channel, user = _action_place(body)
+        route = {"team": team, "channel": channel, "user": user, "thread_ts": _action_thread(body),
+                 "enterprise": (body.get("enterprise") or {}).get("id")}
+        refusal = self._refusal(team, channel, user)
+        if refusal:
+            self._spawn(self._ephemeral(route, refusal), "posting a refusal")
+            return
+        parsed = render.parse_approval_value(str(action.get("value", "")))
+        run = self.storage.get_run(parsed[0]) if parsed else None
+        if parsed is None or run is None or run["adapter"] != self.name:
+            return
+        denied = self._not_theirs(run, team, user, "approve or deny", "call")
+        if denied:
+            self._spawn(self._ephemeral(route, denied), "posting a refusal")
+            return
+        decided = self.runtime.approvals.decide(run["id"], parsed[1], action.get("action_id") == render.APPROVE_ACTION,
+                                                self._user_key(team, user))
+        if not decided.ok:
+            self._spawn(self._ephemeral(route, render.escape(decided.message)), "saying it was already decided")
 
     def _kick(self, view: RunView) -> None:
         if view.task is None:

@@ -17,6 +17,9 @@ CODE_INLINE_CHARS = 2400  # longer step code goes into a file
 TAIL_CHARS = 600  # stdout/stderr tails shown in the log
 CANCEL_ACTION = "autocode_cancel"
 RERUN_ACTION = "autocode_rerun"
+APPROVE_ACTION = "autocode_approve"  # value: "<run id>:<approval number>"
+DENY_ACTION = "autocode_deny"
+APPROVAL_CALL_CHARS = 2000  # the call as shown in the approval message, escaped, in a code block
 ACTIVE = ("held", "queued", "running")  # a run not over yet (held: its files are still being received)
 STATUS_ICONS = {"held": ":inbox_tray:", "queued": ":hourglass:", "running": ":hourglass_flowing_sand:",
                 "succeeded": ":white_check_mark:", "failed": ":x:", "cancelled": ":no_entry_sign:",
@@ -240,6 +243,52 @@ def progress_blocks(progress: Progress) -> Blocks:
 def step_line(index: int, total: int, name: str, state: str, detail: str = "") -> str:
     icon = {"running": ":arrows_counterclockwise:", "ok": ":white_check_mark:", "failed": ":x:"}[state]
     return f"{icon} {index}/{total} `{escape(name)}`" + (f" {escape(detail)}" if detail else "")
+
+
+# ---------------------------------------------------------------------------------------------- approvals
+
+def approval_value(run_id: str, number: int) -> str:
+    return f"{run_id}:{number}"
+
+
+def parse_approval_value(value: str) -> tuple[str, int] | None:
+    run_id, _, number = (value or "").rpartition(":")
+    return (run_id, int(number)) if run_id and number.isdigit() else None
+
+
+def _who(by: str) -> str:
+    """A decider as Slack shows them: `slack:T:U` (how the adapter records a click) as a mention."""
+    if by.startswith("slack:") and by.count(":") == 2:
+        return f"<@{by.rsplit(':', 1)[-1]}>"
+    return escape(by) or "someone"
+
+
+def approval_blocks(run_id: str, number: int, tool: str, arguments: str, requester: str = "",
+                    decision: str = "", by: str = "", timeout_s: float = 0) -> Blocks:
+    """The call a step waits on (generated code chose the arguments: escaped, in a code block, clipped) with
+    Approve / Deny while pending; after the decision, the same call and who decided, without buttons."""
+    asker = f"<@{requester}>, " if requester and not decision else ""
+    head = f":raised_hand: {asker}AutoCode wants to run `{escape(clip(tool, 80))}`"
+    blocks: Blocks = [section(head + ("" if decision else " — approve?") + "\n"
+                              + fenced(arguments, APPROVAL_CALL_CHARS, " … (clipped)"))]
+    if not decision:
+        value = approval_value(run_id, number)
+        limit = f"No decision within {timeout_s:g} s denies it." if timeout_s else ""
+        blocks.append({"type": "actions", "elements": [button("Approve", APPROVE_ACTION, value, "primary"),
+                                                       button("Deny", DENY_ACTION, value, "danger")]})
+        if limit:
+            blocks.append(context(limit))
+        return blocks
+    outcome = {
+        "approved": f":white_check_mark: Approved by {_who(by)}",
+        "denied": f":no_entry: Denied by {_who(by)}",
+        "timeout": f":hourglass: Nobody decided within {timeout_s:g} s: denied, not run" if timeout_s
+        else ":hourglass: Nobody decided in time: denied, not run",
+        "cancelled": ":no_entry_sign: The run was cancelled: not run",
+        "interrupted": ":warning: AutoCode restarted while waiting: not run",
+    }.get(decision, f"{escape(decision)}: not run")
+    blocks.append(context(outcome))
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------- answer

@@ -46,6 +46,32 @@ READ_HEADS = (
 )
 
 
+# A tool that needs an approval (issue 14): it appends to a host file, the side effect the tests look for.
+MAIL_TOOLS = '''
+TOOLS = [{
+    "lib_names": [],
+    "instructions": "Send an email.",
+    "use_exactly_code_example": True,
+    "confirm": True,
+    "code_example": """
+def send_email(to: str, subject: str) -> dict:
+    import json
+    with open(SENT, "a") as out:
+        out.write(json.dumps({"to": to, "subject": subject}) + "\\\\n")
+    return {"sent": True}
+""".replace("SENT", repr(SENT)),
+}]
+'''
+MAIL_CODE = (
+    "def work():\n"
+    "    try:\n"
+    "        send_email('boss@example.com', subject='SUBJECT <@UEVERYONE> & ```')\n"
+    "    except ToolDenied as exc:\n"
+    "        return {'tag': 'denied: ' + str(exc)}\n"
+    "    return {'tag': 'mail sent'}\n"
+)
+
+
 class PlottingLLM(ScriptedLLM):
     """ScriptedLLM, plus: a task containing "png" gets a step that writes outputs/plot.png; a planner prompt with
     files in its manifest gets a step that reads each file's first line from inputs/ (and, when the task says
@@ -65,6 +91,8 @@ class PlottingLLM(ScriptedLLM):
                 else f"def work():\n{then}    return {returns}\n")
         elif "png" in plan["main_task"]:
             plan["subtasks"][0]["code"] = PNG_CODE
+        elif "mail" in plan["main_task"]:
+            plan["subtasks"][0]["code"] = MAIL_CODE.replace("SUBJECT", plan["main_task"])
         return spec
 
 
@@ -86,10 +114,11 @@ def llm():
 @pytest.fixture(scope="module")
 def server(slack, llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-serve")
+    (directory / "tools.py").write_text(f"SENT = {str(directory / 'sent.jsonl')!r}\n" + MAIL_TOOLS)
     env = serve_env(
         llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET, AUTOCODE_INPUT_MAX_MB="1",
         SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
-        AUTOCODE_PUBLIC_URL="https://autocode.test",
+        AUTOCODE_PUBLIC_URL="https://autocode.test", AUTOCODE_TOOLS=str(directory / "tools.py"),
         AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
     )
     serve = Serve(env, directory / "serve.log", directory)
@@ -153,6 +182,19 @@ def action(server: Serve, action_id: str, run_id: str, channel: str, user: str =
         "api_app_id": "AAUTOCODE", "channel": {"id": channel}, "trigger_id": f"trigger.{next(_ids)}",
         "container": {"type": "message", "channel_id": channel}, "response_url": "https://hooks.slack.test/a/1",
         "actions": [{"type": "button", "action_id": action_id, "value": run_id, "block_id": "b",
+                     "action_ts": str(time.time())}],
+    }
+    return post(server, urlencode({"payload": json.dumps(payload)}).encode(), "application/x-www-form-urlencoded")
+
+
+def press(server: Serve, action_id: str, value: str, channel: str, user: str, thread_ts: str) -> httpx.Response:
+    """A click on a button of a message in a thread."""
+    payload = {
+        "type": "block_actions", "user": {"id": user, "team_id": TEAM_ID}, "team": {"id": TEAM_ID},
+        "api_app_id": "AAUTOCODE", "channel": {"id": channel}, "trigger_id": f"trigger.{next(_ids)}",
+        "container": {"type": "message", "channel_id": channel, "thread_ts": thread_ts},
+        "response_url": "https://hooks.slack.test/a/1",
+        "actions": [{"type": "button", "action_id": action_id, "value": value, "block_id": "b",
                      "action_ts": str(time.time())}],
     }
     return post(server, urlencode({"payload": json.dumps(payload)}).encode(), "application/x-www-form-urlencoded")
@@ -768,3 +810,86 @@ def test_a_task_whose_files_were_still_arriving_at_shutdown_is_told_so(slack, ll
     finally:
         slack.release()
         serve.close()
+
+
+# ------------------------------------------------------------------------------------------ approvals (issue 14)
+
+
+def mails(server: Serve) -> list[dict[str, Any]]:
+    sent = server.db.parent / "sent.jsonl"
+    return [json.loads(line) for line in sent.read_text().splitlines()] if sent.exists() else []
+
+
+def approval_request(slack: FakeSlack, channel: str) -> SlackCall:
+    return wait_for(lambda: [c for c in in_channel(slack, "chat.postMessage", channel)
+                             if "wants to run" in message_text(c)], 30, what="the approval request")[0]
+
+
+def buttons(call: SlackCall) -> dict[str, str]:
+    return {e["action_id"]: e["value"] for b in call.json_param("blocks") if b["type"] == "actions"
+            for e in b["elements"]}
+
+
+def approval_update(slack: FakeSlack, channel: str, ts: str) -> SlackCall:
+    return wait_for(lambda: [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == ts], 30,
+                    what="the approval message's update")[-1]
+
+
+def test_an_approved_call_runs_the_tool_once_and_the_message_says_who(server, slack):
+    channel = "CAPPROVE"
+    slash(server, "mail the numbers APPROVE", channel)
+    asked = approval_request(slack, channel)
+    text = message_text(asked)
+    # The call, escaped (no ping, no broken code block), in a code block, with Approve / Deny for the run.
+    assert "send_email(" in text and "boss@example.com" in text and "&lt;@UEVERYONE&gt; &amp;" in text
+    assert "<@UEVERYONE>" not in text and "Approve" in text and "Deny" in text and f"<@{ALICE}>" in text
+    run = runs_in(server, channel)[-1]
+    assert buttons(asked) == {"autocode_approve": f"{run['id']}:1", "autocode_deny": f"{run['id']}:1"}
+    assert mails(server) == [] and run["status"] == "running"
+
+    press(server, "autocode_approve", f"{run['id']}:1", channel, ALICE, asked.params["thread_ts"])
+    assert wait_run(server, channel)["status"] == "succeeded"
+    assert [m["subject"] for m in mails(server)] == ["mail the numbers APPROVE <@UEVERYONE> & ```"]
+    updated = approval_update(slack, channel, asked.response["ts"])
+    assert f"Approved by <@{ALICE}>" in message_text(updated) and not buttons(updated)
+    assert json.loads(steps_of(server, run["id"])[0]["output_json"]) == {"tag": "mail sent"}
+    # A second click decides nothing more.
+    press(server, "autocode_deny", f"{run['id']}:1", channel, ALICE, asked.params["thread_ts"])
+    wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel) if "Already approved"
+                      in c.params["text"]], 10, what="the already-decided note")
+    assert len(mails(server)) == 1
+
+
+def test_a_denied_call_raises_tool_denied_and_sends_nothing(server, slack):
+    channel = "CDENY"
+    slash(server, "mail the numbers DENY", channel)
+    asked = approval_request(slack, channel)
+    run = runs_in(server, channel)[-1]
+    press(server, "autocode_deny", f"{run['id']}:1", channel, ALICE, asked.params["thread_ts"])
+    assert wait_run(server, channel)["status"] == "succeeded"
+    (step,) = steps_of(server, run["id"])
+    assert json.loads(step["output_json"])["tag"].startswith("denied: send_email was not run")
+    assert not [m for m in mails(server) if "DENY" in m["subject"]]
+    updated = approval_update(slack, channel, asked.response["ts"])
+    assert f"Denied by <@{ALICE}>" in message_text(updated) and not buttons(updated)
+
+
+def test_another_users_click_is_refused_and_an_admin_may_decide(server, slack):
+    channel = "CAPPROTHER"
+    slash(server, "mail the numbers OTHERS", channel, user=ALICE)
+    asked = approval_request(slack, channel)
+    run = runs_in(server, channel)[-1]
+    press(server, "autocode_approve", f"{run['id']}:1", channel, BOB, asked.params["thread_ts"])
+    told = wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel)
+                             if c.params["user"] == BOB], 10, what="Bob's refusal")[0]
+    assert told.params["text"] == f"Only <@{ALICE}> (who asked) or an AutoCode admin can approve or deny this call."
+    assert told.response["ok"]
+    time.sleep(1)
+    assert runs_in(server, channel)[-1]["status"] == "running"
+    assert not [m for m in mails(server) if "OTHERS" in m["subject"]]
+    assert not [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == asked.response["ts"]]
+
+    press(server, "autocode_deny", f"{run['id']}:1", channel, ADMIN, asked.params["thread_ts"])
+    assert wait_run(server, channel)["status"] == "succeeded"
+    assert f"Denied by <@{ADMIN}>" in message_text(approval_update(slack, channel, asked.response["ts"]))
+    assert not [m for m in mails(server) if "OTHERS" in m["subject"]]
