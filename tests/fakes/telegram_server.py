@@ -7,8 +7,9 @@ multipart body when files are uploaded, or JSON. The server answers like Telegra
 
 What it models: getMe, getUpdates (queued updates, a short long-poll, `offset` confirms), sendMessage,
 editMessageText, sendDocument, sendPhoto, answerCallbackQuery, setMyCommands, setWebhook, deleteWebhook,
-getWebhookInfo, sendChatAction; HTML parse-mode validation and the 4,096-character limit (400 Bad Request like
-Telegram); scripted 429s with `parameters.retry_after` for the next N calls of a method.
+getWebhookInfo, sendChatAction, getFile and file downloads at `GET /file/bot<token>/<file_path>` (404 for a
+wrong token, as Telegram; see add_file); HTML parse-mode validation and the 4,096-character limit (400 Bad Request
+like Telegram); scripted 429s with `parameters.retry_after` for the next N calls of a method.
 
     with FakeTelegram() as tg:
         tg.queue(tg.text_update(tg.private_chat(42), "hello"))
@@ -21,12 +22,15 @@ import html
 import itertools
 import json
 import re
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
@@ -35,6 +39,9 @@ from tests.fakes.base import BodyHandler, FakeService, QuietServer
 __all__ = ["FakeTelegram", "Call", "visible_text"]
 
 MAX_TEXT = 4096
+PUBLIC_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile refuses bigger files ("file is too big")
+SERVE_CHUNK = 64 * 1024
+NOT_FOUND = b'{"ok":false,"error_code":404,"description":"Not Found"}'
 # Parameters whose form value is a plain string (everything else is JSON-encoded by the client).
 _STRING_PARAMS = {"text", "caption", "parse_mode", "url", "secret_token", "callback_query_id", "action",
                   "ip_address", "language_code"}
@@ -134,13 +141,18 @@ class _Handler(BodyHandler):
 
     def _handle(self, raw: bytes) -> None:
         if self.path.startswith("/file/"):  # file downloads: bytes, not JSON
-            status, data = self.server.fake._download(self.path)
+            status, known = self.server.fake._download(self.path)
+            body = NOT_FOUND if known is None else known["data"]
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", "application/json" if known is None else "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(data)
+                for start in range(0, len(body), SERVE_CHUNK):
+                    self.wfile.write(body[start:start + SERVE_CHUNK])
+                    if start == 0 and known is not None and known["stall"] is not None:
+                        self.wfile.flush()
+                        known["stall"].wait(30)  # the first chunk is out; the rest waits for release()
             except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                 self.close_connection = True
             return
@@ -203,14 +215,22 @@ class FakeTelegram(FakeService):
         self._user_ids = itertools.count(5000)
         self._failures: dict[str, list[tuple[ApiError, Callable[[dict[str, Any]], bool]]]] = {}
         self._queries: set[str] = set()  # callback query ids handed out and not answered yet
-        self._files: dict[str, dict[str, Any]] = {}  # file_id -> {"data", "path", "size", "too_big"}
-        self.downloads: list[str] = []  # file paths served (right token only)
+        self._files: dict[str, dict[str, Any]] = {}  # file_id -> {"data", "path", "size", "too_big", ...}
+        self.downloads: list[str] = []  # file paths served over HTTP (right token only)
+        self._local_dir: Path | None = None
         self._cond = threading.Condition()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _release_waiters(self) -> None:
+        self.release()
         with self._cond:
             self._cond.notify_all()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._local_dir is not None:
+            shutil.rmtree(self._local_dir, ignore_errors=True)
+            self._local_dir = None
 
     @property
     def api_url(self) -> str:
@@ -263,18 +283,46 @@ class FakeTelegram(FakeService):
         return message
 
     # -- files users send ------------------------------------------------------------------------------
-    def add_file(self, data: bytes, *, size: int | None = None, too_big: bool = False,
-                 missing: bool = False) -> dict[str, Any]:
+    def add_file(self, data: bytes, *, size: int | None = None, too_big: bool | None = None, missing: bool = False,
+                 stall: bool = False, local: bool = False, local_path: str | None = None) -> dict[str, Any]:
         """Register a file's bytes; returns {file_id, file_unique_id, file_size} for a document or photo size.
-        `size` states another size than the bytes' (the message's file_size); `too_big`: getFile refuses it as
-        the public Bot API does over 20 MB; `missing`: getFile answers but the download is a 404."""
+
+        `size` states another size than the bytes' (the message's file_size). getFile refuses a file over 20 MB
+        (by that size) with "Bad Request: file is too big", as the public Bot API and a local server without
+        `--local` do; `too_big` forces that answer either way. `missing`: getFile answers but the download is a
+        404. `stall`: the download sends its first chunk, then waits for `release()`. `local`: the server is in
+        `--local` mode for this file — getFile returns an absolute path on this machine
+        (`<local_dir>/<token>/documents/file_N.bin`, written there; `local_path` names another) and nothing is
+        served over HTTP for it; no size limit."""
+        stated = len(data) if size is None else size
         with self._cond:
             number = len(self._files) + 1
             file_id = f"FILEID{number:04d}"
-            self._files[file_id] = {"data": data, "path": f"documents/file_{number}.bin", "too_big": too_big,
-                                    "missing": missing}
-        return {"file_id": file_id, "file_unique_id": f"U{number:04d}",
-                "file_size": len(data) if size is None else size}
+            path = f"documents/file_{number}.bin"
+            if local:
+                target = Path(local_path) if local_path else self.local_dir / self.token / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                path = str(target)
+            self._files[file_id] = {
+                "data": data, "path": path, "unique_id": f"U{number:04d}", "size": stated, "missing": missing,
+                "too_big": (stated > PUBLIC_DOWNLOAD_LIMIT and not local) if too_big is None else too_big,
+                "stall": threading.Event() if stall else None, "local": local}
+        return {"file_id": file_id, "file_unique_id": f"U{number:04d}", "file_size": stated}
+
+    @property
+    def local_dir(self) -> Path:
+        """The `--local` server's working directory (made on first use, removed by stop())."""
+        if self._local_dir is None:
+            self._local_dir = Path(tempfile.mkdtemp(prefix="fake-telegram-bot-api-"))
+        return self._local_dir
+
+    def release(self) -> None:
+        """Let stalled downloads go on."""
+        with self._cond:
+            stalls = [f["stall"] for f in self._files.values() if f["stall"] is not None]
+        for stall in stalls:
+            stall.set()
 
     def document(self, chat: dict[str, Any], user: dict[str, Any], file: dict[str, Any], name: str,
                  mime: str = "text/csv", caption: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -311,20 +359,20 @@ class FakeTelegram(FakeService):
             raise ApiError(400, "Bad Request: invalid file_id")
         if known["too_big"]:
             raise ApiError(400, "Bad Request: file is too big")
-        return {"file_id": params["file_id"], "file_unique_id": "U", "file_size": len(known["data"]),
+        return {"file_id": params["file_id"], "file_unique_id": known["unique_id"], "file_size": known["size"],
                 "file_path": known["path"]}
 
-    def _download(self, path: str) -> tuple[int, bytes]:
+    def _download(self, path: str) -> tuple[int, dict[str, Any] | None]:
+        """GET /file/bot<token>/<file_path>: the file, or 404 (wrong token, unknown path, a `--local` file)."""
         match = re.fullmatch(r"/file/bot([^/]+)/(.+)", path.split("?", 1)[0])
         if match is None or match.group(1) != self.token:
-            return 404, b'{"ok":false,"error_code":404,"description":"Not Found"}'
+            return 404, None
         with self._cond:
-            known = next((f for f in self._files.values() if f["path"] == match.group(2) and not f["missing"]), None)
+            known = next((f for f in self._files.values() if f["path"] == match.group(2) and not f["missing"]
+                          and not f["local"]), None)
             if known is not None:
                 self.downloads.append(match.group(2))
-        if known is None:
-            return 404, b'{"ok":false,"error_code":404,"description":"Not Found"}'
-        return 200, known["data"]
+        return (404, None) if known is None else (200, known)
 
     def update(self, **content: Any) -> dict[str, Any]:
         """An update with a fresh update_id, e.g. `update(message=...)` or `update(callback_query=...)`."""
