@@ -5,6 +5,11 @@ Updates come by long polling (default) or, with TELEGRAM_WEBHOOK_URL, at `POST /
 acknowledged; the chat then sees one progress message edited as steps run (paced per chat), the answer as a
 reply to the task, the execution log as replies to the answer, and the run's files as photos or documents.
 PTB's AIORateLimiter spaces the requests and honours RetryAfter.
+
+Documents and photos users send (the caption is the task): the run is submitted *held* before the update handler
+returns, then each file is fetched — getFile, then its bytes streamed with httpx from the configured Bot API
+server's file URL, or read from a `--local` server's directory — into agent_core/uploads.py, by the one delivery
+that stored the run. The public Bot API's 20 MB limit and AUTOCODE_INPUT_MAX_MB are told to the chat.
 """
 
 from __future__ import annotations
@@ -13,12 +18,17 @@ import asyncio
 import hmac
 from html import escape as html_escape
 import logging
+import os
 import re
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from pathlib import Path
+from typing import Any, AsyncIterator, Coroutine
+from urllib.parse import urlsplit
+
+import httpx
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,7 +47,7 @@ from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots.permissions import may_act_on_run, refusal_text
 from bots.telegram_render import (
-    Progress, answer_plan, failure_text, html_to_plain, log_plan,
+    FilesReceived, Progress, answer_plan, failure_text, html_to_plain, log_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -55,20 +65,26 @@ COMMANDS = [
     ("cancel", "Cancel your running task"),
     ("history", "Recent tasks in this conversation"),
     ("usage", "LLM token usage"),
-    ("reset", "Forget this conversation's history"),
+    ("reset", "Forget this conversation's history and files"),
     ("help", "How to use AutoCode"),
 ]
 HELP = (
     "I am AutoCode: I plan a task as small Python steps, run them in a sandbox and answer.\n\n"
     "In a private chat, just send the task. In a group, use /run TASK, mention me, or reply to one of my "
     "messages. Each forum topic is its own conversation.\n\n"
+    "Send a document or photo with the task as its caption (in a private chat, a file alone will do): the steps "
+    "read it, and follow-ups here can use it again.\n\n"
     "/cancel stops your running task · /history lists recent tasks · /usage shows token usage · "
-    "/reset forgets this conversation's history."
+    "/reset forgets this conversation's history and files."
 )
 FILES_TASK = "Analyse the attached file and tell me what it contains."
-PUBLIC_API_FILE_MB = 20  # what the public Bot API downloads; a local Bot API server lifts it
-PUBLIC_API_HINT = ("Telegram's public Bot API lets bots download files up to 20 MB; the operator can lift that "
-                   "with a local Bot API server (TELEGRAM_API_URL, see docs/telegram.md).")
+PUBLIC_API_HOST = "api.telegram.org"
+PUBLIC_API_FILE_MB = 20  # what the public Bot API downloads; a local Bot API server in --local mode lifts it
+PUBLIC_API_HINT = ("Telegram's public Bot API serves bots files up to 20 MB; the operator can lift that with a "
+                   "local Bot API server in --local mode (TELEGRAM_API_URL; see \"Files\" in docs/telegram.md).")
+LOCAL_MODE_HINT = ("The Bot API server gave a path on its own disk (--local mode) that AutoCode cannot read: mount "
+                   "its working directory into serve at the same path (see \"Files\" in docs/telegram.md).")
+DOWNLOAD_CHUNK = 256 * 1024
 PRIVATE_EDIT_SECONDS = 1.0  # ~1 message/s per chat
 GROUP_EDIT_SECONDS = 3.0  # groups allow ~20 messages/min
 CONNECT_RETRY_S = 15  # when the Bot API is unreachable at start
@@ -76,7 +92,7 @@ IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 MAX_PHOTO_BYTES = 10 * 1024 * 1024
 SEEN_UPDATES = 4096
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?:\s+(.*))?$", re.DOTALL)
-_STATUS_MARKS = {"queued": "🕒", "running": "⏳", "succeeded": "✅", "failed": "❌", "cancelled": "🚫",
+_STATUS_MARKS = {"held": "📥", "queued": "🕒", "running": "⏳", "succeeded": "✅", "failed": "❌", "cancelled": "🚫",
                  "interrupted": "⚠️"}
 
 
@@ -107,6 +123,21 @@ def _files_of(message: Message) -> list[tuple[str, str, int | None]]:
         largest = max(message.photo, key=lambda size: (size.width * size.height, size.file_size or 0))
         return [(f"photo-{largest.file_unique_id}.jpg", largest.file_id, largest.file_size)]
     return []
+
+
+def size_refusal(files: list[tuple[str, str, int | None]], max_mb: int, max_files: int,
+                 public_api: bool) -> str | None:
+    """The reply when the sizes Telegram states for a message's files are over a limit (nothing is downloaded or
+    run then): AUTOCODE_INPUT_MAX_MB, the public Bot API's 20 MB, AUTOCODE_INPUT_MAX_FILES."""
+    for name, _, size in files:
+        if size is not None and size > max_mb * 1024 * 1024:
+            return (f"{name} is {size / 1048576:.1f} MB, over the limit of {max_mb} MB a file "
+                    "(AUTOCODE_INPUT_MAX_MB); nothing was run.")
+        if size is not None and size > PUBLIC_API_FILE_MB * 1024 * 1024 and public_api:
+            return f"{name} is {size / 1048576:.1f} MB. {PUBLIC_API_HINT} Nothing was run."
+    if len(files) > max_files:
+        return f"More than the {max_files} files a task can take (AUTOCODE_INPUT_MAX_FILES); nothing was run."
+    return None
 
 
 def _names_of(*ids: Any, username: str | None = None) -> set[str]:
@@ -196,6 +227,7 @@ class TelegramAdapter:
         self._done: OrderedDict[str, None] = OrderedDict()  # runs rendered to the end, or not ours
         self._seen: OrderedDict[int, None] = OrderedDict()  # update ids already handled
         self._tasks: set[asyncio.Task] = set()
+        self._receiving: dict[str, asyncio.Task] = {}  # held run -> the task fetching its files
         self._pacer = _Pacer()
         self._approval_messages: dict[tuple[str, int], int] = {}  # (run, number) -> the message with the buttons
         runtime.events.subscribe(self._on_event)
@@ -283,7 +315,8 @@ class TelegramAdapter:
         finishing = [v.task for v in self._views.values() if v.finished_queued and v.task] + list(self._tasks)
         if finishing:
             await asyncio.wait(finishing, timeout=10)
-        for task in [v.task for v in self._views.values() if v.task] + list(self._tasks):
+        ending = [v.task for v in self._views.values() if v.task] + [*self._tasks, *self._receiving.values()]
+        for task in ending:
             task.cancel()
         if self.app.running:
             await self.app.stop()
@@ -293,9 +326,10 @@ class TelegramAdapter:
         route = self.storage.reply_to(run["id"])
         if not route.get("chat_id"):
             return
+        # The stored reason: a held run's says its files never arrived and nothing ran (HELD_INTERRUPTED_MESSAGE).
         await self._send(route, run.get("error") or INTERRUPTED_MESSAGE, reply_to=route.get("message_id"))
         if route.get("progress_message_id"):
-            progress = Progress(run["task"], status="interrupted")
+            progress = Progress(run["task"], status="interrupted", files=list(route.get("files") or []))
             await self._edit(route, route["progress_message_id"], progress.render(), markup=None)
 
     # --- incoming ---------------------------------------------------------------------------------------------
@@ -416,12 +450,14 @@ class TelegramAdapter:
     def _submit_with_files(self, update_id: int, route: dict[str, Any], user: User, task: str,
                            files: list[tuple[str, str, int | None]]) -> None:
         """A task with a document or photo: sizes Telegram states are checked first (a reply, nothing runs); the
-        run is stored held, then each file is fetched (getFile, then its bytes streamed from the Bot API server's
-        file URL) into agent_core/uploads.py, once per delivery."""
-        too_big = self._over_limits(files)
+        run is stored held before the update is acknowledged, then each file is fetched (getFile, then its bytes
+        streamed) into agent_core/uploads.py — only by the delivery that stored the run, so a retried update never
+        downloads twice."""
+        too_big = size_refusal(files, self.settings.input_max_mb, self.settings.input_max_files, self._public_api)
         if too_big:
             self._spawn(self._send(route, too_big, reply_to=route["message_id"]))
             return
+        route = {**route, "files": [name for name, _, _ in files]}
         submission = self.scheduler.submit(
             task, conversation_key(route["chat_id"], route["thread_id"]), user=f"telegram:{user.id}",
             adapter=NAME, delivery_id=f"telegram:{self._bot_id}:{update_id}", reply_to=route, hold=True)
@@ -431,55 +467,89 @@ class TelegramAdapter:
             run = self.storage.get_run(submission.run_id)
             if run is not None:
                 self._open_view(run)
-            self._spawn(self._receive(submission.run_id, files))
-        # duplicate: the first delivery already downloads and answers
+            task_ = asyncio.create_task(self._receive(submission.run_id, files), name=f"telegram-files-{update_id}")
+            self._receiving[submission.run_id] = task_
+            task_.add_done_callback(lambda _, run_id=submission.run_id: self._receiving.pop(run_id, None))
+        # duplicate: the delivery that stored the run downloads its files and answers
 
-    def _over_limits(self, files: list[tuple[str, str, int | None]]) -> str | None:
-        limit_mb = self.settings.input_max_mb
-        for name, _, size in files:
-            if size is not None and size > limit_mb * 1024 * 1024:
-                return (f"{name} is {size / 1048576:.1f} MB, over the limit of {limit_mb} MB a file "
-                        "(AUTOCODE_INPUT_MAX_MB); nothing was run.")
-            if size is not None and size > PUBLIC_API_FILE_MB * 1024 * 1024 and not self.settings.telegram_api_url:
-                return f"{name} is {size / 1048576:.1f} MB. {PUBLIC_API_HINT} Nothing was run."
-        if len(files) > self.settings.input_max_files:
-            return (f"More than the {self.settings.input_max_files} files a task can take "
-                    "(AUTOCODE_INPUT_MAX_FILES); nothing was run.")
-        return None
+    @property
+    def _public_api(self) -> bool:
+        """Whether files come from Telegram's public Bot API (its 20 MB download limit applies)."""
+        api = self.settings.telegram_api_url
+        return not api or (urlsplit(api).hostname or "").lower() == PUBLIC_API_HOST
 
     async def _receive(self, run_id: str, files: list[tuple[str, str, int | None]]) -> None:
-        async with uploads.receiving(self.scheduler, run_id) as receiver:
-            for name, file_id, _ in files:
-                await receiver.add(name, self._file_chunks(name, file_id))
+        """Fetch the held run's files into its receiver (which releases or fails the run on leaving)."""
+        try:
+            await self._ready.wait()
+            async with uploads.receiving(self.scheduler, run_id) as receiver:
+                for name, file_id, _ in files:
+                    await receiver.add(name, self._file_chunks(name, file_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("telegram: receiving the files of run %s failed", run_id)
+            return
+        view = self._views.get(run_id)
+        if receiver.released and view is not None:
+            view.push(FilesReceived())
 
-    async def _file_chunks(self, name: str, file_id: str):
-        """The file's bytes as they arrive (httpx streaming: PTB's own download reads a file whole into memory).
-        No retry: a download cut midway fails the run with a message rather than storing a part twice."""
-        import httpx
-
+    async def _file_chunks(self, name: str, file_id: str) -> AsyncIterator[bytes]:
+        """The file's bytes as they arrive. PTB's own `File.download_*` reads a file whole into memory (its
+        request class returns the body as bytes), so the bytes are streamed with httpx from the configured Bot API
+        server's file URL, or read from disk when a local Bot API server in --local mode gives a path on it. No
+        retry: a download cut midway fails the run with a message rather than storing a part twice."""
         try:
             found = await self.app.bot.get_file(file_id)
         except BadRequest as exc:
-            if "too big" in str(exc).lower():
-                raise uploads.DownloadFailed(f"{name} is too big to download. {PUBLIC_API_HINT} Nothing was run.")
-            raise uploads.DownloadFailed(f"Telegram would not hand over {name} ({exc.message}); nothing was run.")
+            if "too big" in exc.message.lower():
+                raise uploads.DownloadFailed(f"{name} is too big to download. {PUBLIC_API_HINT} Nothing was run.") \
+                    from None
+            raise uploads.DownloadFailed(f"Telegram would not hand over {name} ({exc.message}); nothing was run.") \
+                from None
         except TelegramError as exc:
             raise uploads.DownloadFailed(f"{name} could not be fetched from Telegram ({type(exc).__name__}); "
                                          "nothing was run. Please send it again.") from None
-        url = found.file_path or ""
-        if not url.startswith(("http://", "https://")):
+        where = found.file_path or ""
+        if where.startswith("/"):  # PTB leaves an absolute path as it is when that file exists here (--local mode)
+            async for chunk in self._local_chunks(name, where):
+                yield chunk
+            return
+        base = self.app.bot.base_file_url  # the token is in it: the bytes come from this server only
+        if not where.startswith(base + "/"):
             raise uploads.DownloadFailed(f"{name} has no download link on this Bot API server; nothing was run.")
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10)) as client:
-                async with client.stream("GET", url) as response:
+                async with client.stream("GET", where) as response:
                     if response.status_code != 200:
+                        hint = f" {LOCAL_MODE_HINT}" if where.startswith(base + "//") else " Please send it again."
                         raise uploads.DownloadFailed(f"{name} could not be downloaded (HTTP {response.status_code}); "
-                                                     "nothing was run. Please send it again.")
-                    async for chunk in response.aiter_bytes(256 * 1024):
+                                                     f"nothing was run.{hint}")
+                    async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
                         yield chunk
-        except httpx.HTTPError as exc:
+        except httpx.HTTPError as exc:  # its text may hold the URL, and so the token: only its kind is told
             raise uploads.DownloadFailed(f"The download of {name} failed ({type(exc).__name__}); nothing was run. "
                                          "Please send it again.") from None
+
+    async def _local_chunks(self, name: str, path: str) -> AsyncIterator[bytes]:
+        """A --local Bot API server's file, read from the disk it shares with serve. Only a regular file inside
+        the server's directory for this bot (`…/<token>/…`, where it keeps what it downloaded) is read: the path
+        comes from another program, and serve's own files must never become a chat's input."""
+        resolved = Path(os.path.realpath(path))
+        token = self.settings.telegram_bot_token or ""
+        if not token or token not in resolved.parts[:-1] or not resolved.is_file():
+            raise uploads.DownloadFailed(f"{name}: the Bot API server gave a local path outside its directory for "
+                                         "this bot; nothing was run.")
+        try:
+            handle = await asyncio.to_thread(open, resolved, "rb")
+        except OSError as exc:
+            raise uploads.DownloadFailed(f"{name} could not be read from the Bot API server's directory "
+                                         f"({exc.strerror}); nothing was run. {LOCAL_MODE_HINT}") from None
+        try:
+            while chunk := await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK):
+                yield chunk
+        finally:
+            handle.close()
 
     def _handle_callback(self, query: CallbackQuery) -> None:
         self._spawn(self._callback(query))
@@ -506,7 +576,7 @@ class TelegramAdapter:
         if not may_act_on_run(run["user"], f"telegram:{query.from_user.id}", str(query.from_user.id), self._admins):
             await self._answer_query(query, refusal_text("cancel", None, "task"), alert=True)
             return
-        if run["status"] not in ("queued", "running"):
+        if run["status"] not in ("held", "queued", "running"):
             await self._answer_query(query, "This task has already finished.")
             return
         await self._answer_query(query, "Cancelling…")
@@ -559,7 +629,12 @@ class TelegramAdapter:
         await self._answer_query(query, decided.message)
 
     async def _cancel(self, run_id: str) -> str | None:
-        return await self.scheduler.cancel(run_id)
+        """Cancel the run; a held run's download stops too (its receiver then finds it no longer held)."""
+        status = await self.scheduler.cancel(run_id)
+        receiving = self._receiving.get(run_id)
+        if receiving is not None:
+            receiving.cancel()
+        return status
 
     async def _answer_query(self, query: CallbackQuery, text: str, alert: bool = False) -> None:
         """Answer a button press: a short toast, or with `alert` a dialog the presser must dismiss."""
@@ -604,7 +679,7 @@ class TelegramAdapter:
         """Cancels (in the background) the user's active runs here; in a private chat, every active run."""
         mine = f"telegram:{user.id}"
         active = [r for r in self.storage.list_runs(conversation_key(route["chat_id"], route["thread_id"]))
-                  if r["status"] in ("queued", "running")
+                  if r["status"] in ("held", "queued", "running")
                   and (route["chat_type"] == ChatType.PRIVATE or r["user"] == mine)]
         if not active:
             return "Nothing of yours is running here."
@@ -636,7 +711,10 @@ class TelegramAdapter:
     def _open_view(self, run: dict[str, Any]) -> _RunView:
         view = self._views.get(run["id"])
         if view is None:
-            view = _RunView(run["id"], Progress(run["task"]))
+            route = self.storage.reply_to(run["id"])
+            progress = Progress(run["task"], status="held" if run["status"] == "held" else "queued",
+                                files=list(route.get("files") or []))
+            view = _RunView(run["id"], progress)
             self._views[run["id"]] = view
             view.task = asyncio.create_task(self._render(view), name=f"telegram-run-{run['id']}")
             view.task.add_done_callback(lambda _, run_id=run["id"]: self._closed_view(run_id))

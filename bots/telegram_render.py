@@ -130,6 +130,11 @@ def failure_text(status: str, error: str | None) -> str:
 # --------------------------------------------------------------------------------------------- progress
 
 
+@dataclass(frozen=True)
+class FilesReceived:
+    """Not a run event: the adapter's note that a held run's files arrived and it waits for its turn now."""
+
+
 @dataclass
 class Progress:
     """The state shown in the progress message, updated from run events."""
@@ -141,10 +146,14 @@ class Progress:
     iteration: int = 1
     finished: RunFinished | None = None
     waiting: str = ""  # an LLM call still waiting (LLMWaiting.describe()); cleared by the run's next event
+    files: list[str] = field(default_factory=list)  # the names of the files the user sent with the task
 
-    def apply(self, event: RunEvent) -> None:
+    def apply(self, event: RunEvent | FilesReceived) -> None:
         self.waiting = ""  # whatever the run does next, the LLM call that waited is over
         match event:
+            case FilesReceived():
+                if self.status == "held":
+                    self.status = "queued"
             case LLMWaiting():
                 self.waiting = event.describe()
             case RunStarted():
@@ -174,9 +183,14 @@ class Progress:
             head = FINAL_HEADERS[self.status]
         elif self.status == "running":
             head = "⏳ Working"
+        elif self.status == "held":
+            head = "📥 Receiving " + ("the file" if len(self.files) == 1 else "the files")
         else:
             head = "🕒 Queued"
         out = [f"{head}: {clip(self.task, 300)}"]
+        if self.files:
+            more = f" and {len(self.files) - 5} more" if len(self.files) > 5 else ""
+            out.append("📎 " + ", ".join(clip(name, 80) for name in self.files[:5]) + more)
         if self.plan:
             out.append("Plan: " + clip(" → ".join(self.plan), 600))
         lines = self.lines
