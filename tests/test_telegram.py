@@ -27,7 +27,7 @@ PUBLIC_URL = "http://autocode.example"
 UID_BASE = 84000
 # Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
 ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, 7011, -1001001, -1001002, -1001003,
-           7101, 7102, 7103, 7104, 7105, 7106, 7107, -1001101]  # 71xx, -10011xx: the file tests
+           7101, 7102, 7103, 7104, 7105, 7106, 7107, 7108, 7109, 7110, -1001101]  # 71xx, -10011xx: files
 STRANGER = 7666
 ADMIN_ID = 7999  # on TELEGRAM_ADMIN_USERS
 WAIT = 60
@@ -576,6 +576,46 @@ def test_a_restart_tells_the_chat_its_run_was_interrupted(llm, tmp_path):
             second.close()
 
 
+def test_a_stop_while_a_file_arrives_says_it_never_arrived_and_a_redelivery_does_not_download(llm, tmp_path):
+    with FakeTelegram(TOKEN, BOT) as fake:
+        db = tmp_path / "autocode.db"
+        first = Serve(telegram_env(llm, db, fake.api_url, UID_BASE + 704), tmp_path / "serve-1.log", tmp_path)
+        try:
+            first.wait_ready()
+            first.db = db
+            chat, user = private(fake, 7402)
+            update = _send_document(fake, chat, user, CSV * 4000, "slow.csv", "sum it tag=held7402", stall=True)
+            run = wait_for(lambda: runs_where(db, "delivery_id = ? AND status = 'held'", (delivery(fake, update),)),
+                           WAIT, what="the held run")[0]
+            wait_for(lambda: _file_path(update) in fake.downloads, WAIT, what="the download to start")
+            wait_for(lambda: "progress_message_id" in (runs_where(db, "id = ?", (run["id"],))[0]["reply_to_json"]
+                                                       or ""), WAIT, what="the progress message id to be stored")
+        finally:
+            first.close()  # SIGTERM: a graceful stop while the download is stalled
+        assert runs_where(db, "id = ?", (run["id"],))[0]["status"] == "interrupted"
+        note = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7402
+                          and "files were being received" in c.params.get("text", ""), "the note", first)[0]
+        assert note.reply_to == update["message"]["message_id"] and "nothing was run" in note.params["text"]
+        progress = progress_call(fake, 7402, update["message"]["message_id"])
+        last = final_edit(fake, first, 7402, progress.result["message_id"])
+        assert last.params["text"].startswith("⚠️ Interrupted") and "📎 slow.csv" in last.params["text"]
+        fake.release()
+
+        second = Serve(telegram_env(llm, db, fake.api_url, UID_BASE + 768), tmp_path / "serve-2.log", tmp_path)
+        try:
+            second.wait_ready()
+            second.db = db
+            marker = fake.update(message=fake.message(chat, user, "/help"))
+            fake.queue(update, marker)  # Telegram delivers the unconfirmed update again; the marker comes after it
+            wait_calls(fake, lambda c: c.chat_id == 7402 and c.reply_to == marker["message"]["message_id"],
+                       "the marker reply", second)
+            assert fake.downloads.count(_file_path(update)) == 1  # the duplicate is not downloaded again
+            assert len(runs_where(db, "delivery_id = ?", (delivery(fake, update),))) == 1
+            assert runs_where(db, "id = ?", (run["id"],))[0]["status"] == "interrupted"
+        finally:
+            second.close()
+
+
 # ------------------------------------------------------------------------------------------ rendering rules
 
 
@@ -645,10 +685,23 @@ def _planner_prompts(llm: ScriptedLLM, needle: str) -> list[str]:
 
 
 def _send_document(tg, chat, user, data: bytes, name: str, caption: str | None, **kw):
-    file = tg.add_file(data, **{k: kw.pop(k) for k in ("size", "too_big", "missing") if k in kw})
+    options = ("size", "too_big", "missing", "stall", "local", "local_path")
+    file = tg.add_file(data, **{k: kw.pop(k) for k in options if k in kw})
     update = tg.update(message=tg.document(chat, user, file, name, caption=caption, **kw))
     tg.queue(update)
     return update
+
+
+def _answer(tg: FakeTelegram, server: Serve, chat_id: int, update: dict[str, Any]) -> Call:
+    """The answer to an update (the run can be stored finished a moment before its answer is sent)."""
+    task_id = update["message"]["message_id"]
+    return wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id and c.reply_to == task_id
+                      and not c.params.get("reply_markup"), "the answer", server)[0]
+
+
+def _file_path(update: dict[str, Any]) -> str:
+    """Where the fake serves an update's document (see FakeTelegram.add_file)."""
+    return f"documents/file_{int(update['message']['document']['file_id'][6:])}.bin"
 
 
 def test_a_document_with_a_caption_is_a_task_on_the_file(bot, tg, llm):
@@ -659,9 +712,14 @@ def test_a_document_with_a_caption_is_a_task_on_the_file(bot, tg, llm):
     assert run["task"] == "which region sold most? tag=doc7101"
     prompt = _planner_prompts(llm, "tag=doc7101")[0]
     assert "inputs/sales.csv" in prompt and "region | month | amount" in prompt  # the manifest, not the bytes
-    (answer,) = answer_calls(tg, 7101, update["message"]["message_id"])
+    answer = _answer(tg, bot, 7101, update)
     assert "sales.csv: region,month,amount" in visible_text(answer)  # the step read inputs/sales.csv
-    assert tg.downloads.count("documents/file_%d.bin" % int(update["message"]["document"]["file_id"][6:])) == 1
+    assert tg.downloads.count(_file_path(update)) == 1
+    assert answer_calls(tg, 7101, update["message"]["message_id"]) == [answer]
+    # The fake serves the bytes only with the bot's token, as Telegram does.
+    url = f"{tg.origin}/file/bot{{}}/{_file_path(update)}"
+    assert httpx.get(url.format(TOKEN), timeout=10).content == CSV
+    assert httpx.get(url.format("123456:wrong-token"), timeout=10).status_code == 404
 
 
 def test_a_file_alone_in_a_private_chat_is_a_task(bot, tg, llm):
@@ -669,8 +727,7 @@ def test_a_file_alone_in_a_private_chat_is_a_task(bot, tg, llm):
     update = _send_document(tg, chat, user, b"hello from a note\n", "note.txt", None)
     run = finished_run(bot, tg, update)
     assert run["status"] == "succeeded" and run["task"].startswith("Analyse the attached file")
-    (answer,) = answer_calls(tg, 7102, update["message"]["message_id"])
-    assert "note.txt: hello from a note" in visible_text(answer)
+    assert "note.txt: hello from a note" in visible_text(_answer(tg, bot, 7102, update))
 
 
 def test_a_photo_downloads_its_largest_size(bot, tg, llm):
@@ -690,10 +747,26 @@ def test_a_photo_downloads_its_largest_size(bot, tg, llm):
 def test_group_documents_need_run_a_mention_or_a_reply(bot, tg, llm):
     group, user = tg.group_chat(-1001101), tg.user(7104, name="Grace")
     ignored = _send_document(tg, group, user, CSV, "chatter.csv", "look at this, team")
+    bare = _send_document(tg, group, user, CSV, "bare.csv", None)
     ran = _send_document(tg, group, user, CSV, "sales.csv", "/run count the rows tag=grp7104")
     assert finished_run(bot, tg, ran)["status"] == "succeeded"
-    assert not runs_where(bot.db, "delivery_id = ?", (delivery(tg, ignored),))
-    assert f"documents/file_{int(ignored['message']['document']['file_id'][6:])}.bin" not in tg.downloads
+    answer = _answer(tg, bot, -1001101, ran)
+
+    file = tg.add_file(CSV)
+    mention = tg.document(group, user, file, "mentioned.csv", caption=f"@{BOT} sum it tag=grp7104m")
+    mention["caption_entities"] = [{"type": "mention", "offset": 0, "length": len(BOT) + 1}]
+    mentioned = tg.update(message=mention)
+    tg.queue(mentioned)
+    run = finished_run(bot, tg, mentioned)
+    assert run["status"] == "succeeded" and run["task"] == "sum it tag=grp7104m"
+    replied = _send_document(tg, group, user, CSV, "replied.csv", None, reply_to=answer.result)
+    run = finished_run(bot, tg, replied)
+    assert run["status"] == "succeeded" and run["task"].startswith("Analyse the attached file")
+
+    for update in (ignored, bare):  # chatter: no run, no download, no reply
+        assert not runs_where(bot.db, "delivery_id = ?", (delivery(tg, update),))
+        assert _file_path(update) not in tg.downloads
+        assert not [c for c in tg.sent_to(-1001101) if c.reply_to == update["message"]["message_id"]]
 
 
 def test_over_the_limits_gets_a_reply_and_nothing_runs(bot, tg):
@@ -701,11 +774,27 @@ def test_over_the_limits_gets_a_reply_and_nothing_runs(bot, tg):
     big = _send_document(tg, chat, user, b"x", "huge.csv", "sum it", size=60 * 1024 * 1024)
     wait_for(lambda: any("over the limit of 50 MB" in t for t in _texts(tg, 7105)), WAIT, what="the limit reply")
     assert not runs_where(bot.db, "delivery_id = ?", (delivery(tg, big),))
-    too_big = _send_document(tg, chat, user, b"y" * 10, "export.csv", "sum it", too_big=True)
+    # 25 MB: Telegram's getFile answers "file is too big" (the public Bot API, or a local one without --local).
+    too_big = _send_document(tg, chat, user, b"y" * 10, "export.csv", "sum it", size=25 * 1024 * 1024)
     run = finished_run(bot, tg, too_big)
     assert run["status"] == "failed" and "up to 20 MB" in run["error"] and "local Bot API server" in run["error"]
-    wait_for(lambda: any("up to 20 MB" in t for t in _texts(tg, 7105)), WAIT, what="the 20 MB reply")
+    wait_for(lambda: any("export.csv is too big to download" in t and "up to 20 MB" in t
+                         for t in _texts(tg, 7105)), WAIT, what="the 20 MB reply")
     assert not db_rows(bot.db, "SELECT * FROM steps WHERE run_id = ?", (run["id"],))
+    assert _file_path(too_big) not in tg.downloads and _file_path(big) not in tg.downloads
+
+
+def test_the_public_bot_api_limit_is_told_before_anything_is_fetched():
+    """With api.telegram.org (TELEGRAM_API_URL unset), a file Telegram states is over 20 MB is refused at once."""
+    from bots.telegram import size_refusal
+
+    files = [("export.csv", "F1", 25 * 1024 * 1024)]
+    told = size_refusal(files, 50, 10, public_api=True)
+    assert told.startswith("export.csv is 25.0 MB. Telegram's public Bot API serves bots files up to 20 MB")
+    assert "local Bot API server in --local mode" in told and "docs/telegram.md" in told
+    assert size_refusal(files, 50, 10, public_api=False) is None  # a local Bot API server: getFile decides
+    assert "over the limit of 20 MB" in size_refusal(files, 20, 10, public_api=False)
+    assert size_refusal([("a.csv", "F2", None)], 50, 10, public_api=True) is None  # no size stated: streaming caps
 
 
 def test_a_failed_download_gets_a_clear_reply(bot, tg):
@@ -727,8 +816,7 @@ def test_two_turns_reuse_the_file_and_reset_clears_it(bot, tg, llm):
     run = finished_run(bot, tg, second)
     assert run["status"] == "succeeded", (run, bot.log_tail())
     assert len(tg.downloads) == downloads  # no new upload
-    (answer,) = answer_calls(tg, 7107, second["message"]["message_id"])
-    assert "sales.csv: region,month,amount" in visible_text(answer)
+    assert "sales.csv: region,month,amount" in visible_text(_answer(tg, bot, 7107, second))
     wait_calls(tg, lambda c: c.method == "sendPhoto" and c.chat_id == 7107
                and c.files["photo"][0] == "chart.png", "the chart", bot)
     conversation = runs_where(bot.db, "id = ?", (run["id"],))[0]["conversation"]
@@ -736,6 +824,59 @@ def test_two_turns_reuse_the_file_and_reset_clears_it(bot, tg, llm):
     ask(tg, chat, user, "/reset")
     wait_for(lambda: any(t.startswith("History and files cleared") for t in _texts(tg, 7107)), WAIT,
              what="the reset reply")
+    assert not db_rows(bot.db, "SELECT * FROM workspace_files WHERE conversation = ?", (conversation,))
+
+
+def test_a_retried_update_with_a_file_downloads_once(bot, tg, llm):
+    chat, user = private(tg, 7108)
+    file = tg.add_file(CSV)
+    update = tg.update(message=tg.document(chat, user, file, "once.csv", caption="count rows tag=once7108"))
+    tg.queue(update, update)  # delivered twice, as after a crash between fetch and confirm
+    assert finished_run(bot, tg, update)["status"] == "succeeded"
+    _answer(tg, bot, 7108, update)
+    assert len(runs_where(bot.db, "conversation = ?", ("telegram:7108",))) == 1
+    assert tg.downloads.count(_file_path(update)) == 1
+    assert len(tg.calls_of("getFile")) == len({c.params["file_id"] for c in tg.calls_of("getFile")})
+
+
+def test_a_local_bot_api_server_file_is_read_from_its_directory(bot, tg, llm, tmp_path):
+    """--local mode: getFile gives a path on the server's disk (shared with serve) and no 20 MB limit."""
+    chat, user = private(tg, 7109)
+    update = _send_document(tg, chat, user, CSV, "big.csv", "sum it tag=local7109", local=True,
+                            size=25 * 1024 * 1024)
+    run = finished_run(bot, tg, update)
+    assert run["status"] == "succeeded", (run, bot.log_tail())
+    assert "big.csv: region,month,amount" in visible_text(_answer(tg, bot, 7109, update))
+    assert not [d for d in tg.downloads if d.endswith(_file_path(update))]  # read from disk, not over HTTP
+
+    # A path outside the server's directory for this bot is never read (serve's own files stay out of chats).
+    secret = tmp_path / "serve-secrets" / "file.bin"
+    outside = _send_document(tg, chat, user, b"OPENAI_API_KEY=sk-not-for-chats\n", "x.csv", "show it",
+                             local=True, local_path=str(secret))
+    run = finished_run(bot, tg, outside)
+    assert run["status"] == "failed" and "outside its directory" in run["error"]
+    assert not db_rows(bot.db, "SELECT * FROM steps WHERE run_id = ?", (run["id"],))
+    wait_for(lambda: any("x.csv: the Bot API server gave a local path outside" in t for t in _texts(tg, 7109)),
+             WAIT, what="the refusal")
+
+
+def test_a_file_still_arriving_shows_receiving_and_can_be_cancelled(bot, tg):
+    chat, user = private(tg, 7110)
+    update = _send_document(tg, chat, user, CSV * 4000, "slow.csv", "sum it tag=slow7110", stall=True)
+    task_id = update["message"]["message_id"]
+    progress = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7110 and c.reply_to == task_id
+                          and c.params.get("reply_markup"), "the progress message", bot)[0]
+    assert progress.params["text"].startswith("📥 Receiving the file: sum it tag=slow7110")
+    assert "📎 slow.csv" in progress.params["text"]
+    run = runs_where(bot.db, "delivery_id = ?", (delivery(tg, update),))[0]
+    assert run["status"] == "held"
+    query = tg.callback(user, progress.result, f"cancel:{run['id']}")
+    tg.queue(tg.update(callback_query=query))
+    assert bot.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
+    wait_calls(tg, lambda c: c.chat_id == 7110 and c.reply_to == task_id and c.params["text"].startswith("Cancelled"),
+               "the cancellation reply", bot)
+    tg.release()
+    conversation = run["conversation"]
     assert not db_rows(bot.db, "SELECT * FROM workspace_files WHERE conversation = ?", (conversation,))
 
 
