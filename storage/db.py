@@ -46,6 +46,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "reply_to_json": str, "view_token": str,
             # The run's effective settings (agent_core/channel_settings.py) and their scope, stored when it starts.
             "settings_json": str, "scope": str,
+            # When its run_inputs were recorded (it started); NULL for runs of older versions and queued runs.
+            "inputs_recorded_at": str,
         },
         "id",
         ["conversation", "status", "user", "scope"],
@@ -97,6 +99,16 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
          "run_no": int, "created_at": str},
         "id",
         ["conversation", "sha256"],
+    ),
+    # The conversation's files as a run started with them (the run page's "Input files"): copied from
+    # workspace_files when the run starts, so a later replacement, expiry or /reset does not change what the page
+    # says the run found. `from_run_*` is the run that added the file; the bytes are the workspace's blob while
+    # the conversation still holds it.
+    "run_inputs": (
+        {"id": int, "run_id": str, "name": str, "sha256": str, "size": int, "kind": str, "from_run_id": str,
+         "from_run_no": int, "added_at": str},
+        "id",
+        ["run_id"],
     ),
     # Previews of workspace files (agent_core/manifest.py), made in a sandbox once per content and kind of file
     # (key "sha256:.suffix"), so a follow-up's planner sees the manifest without a sandbox being opened.
@@ -400,9 +412,47 @@ class Storage:
                 (scope, json.dumps(values, sort_keys=True), now(), by))
 
     def update_run(self, run_id: str, **changes: Any) -> None:
+        """Change a run's columns. A run set to `running` also records the files it starts with (run_inputs)."""
         if "plan" in changes:
             changes["plan_json"] = json.dumps(changes.pop("plan"))
         self._update("runs", run_id, changes)
+        if changes.get("status") == "running":
+            self._record_run_inputs(run_id)
+
+    def _record_run_inputs(self, run_id: str) -> None:
+        """Copy the conversation's workspace rows as the files this run starts with (again if it is re-run). The
+        scheduler runs one run of a conversation at a time, so these are what the run's inputs/ is made from (less
+        any file it then removes by age: the viewer leaves those out by the same rule)."""
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM run_inputs WHERE run_id = ?", (run_id,))
+            self.db.execute(
+                "INSERT INTO run_inputs (run_id, name, sha256, size, kind, from_run_id, from_run_no, added_at) "
+                "SELECT r.id, w.name, w.sha256, w.size, w.kind, w.run_id, w.run_no, w.created_at "
+                "FROM runs r JOIN workspace_files w ON w.conversation = r.conversation WHERE r.id = ? "
+                "ORDER BY w.run_no, w.id", (run_id,))
+            self.db.execute("UPDATE runs SET inputs_recorded_at = ? WHERE id = ?", (now(), run_id))
+
+    def run_inputs(self, run_id: str) -> list[dict[str, Any]] | None:
+        """The files the run started with (see `run_inputs`), or None when none were recorded (a queued run, or
+        one of a database from before they were)."""
+        run = self._rows("SELECT inputs_recorded_at FROM runs WHERE id = ?", (run_id,))
+        if not run or not run[0]["inputs_recorded_at"]:
+            return None
+        return self._rows("SELECT * FROM run_inputs WHERE run_id = ? ORDER BY from_run_no, id", (run_id,))
+
+    def run_input(self, run_id: str, input_id: int) -> dict[str, Any] | None:
+        """One recorded input of a run, with whether its conversation still holds those bytes (`kept`); None when
+        the id belongs to another run."""
+        rows = self._rows(
+            "SELECT i.*, EXISTS (SELECT 1 FROM workspace_files w WHERE w.conversation = r.conversation AND "
+            "w.sha256 = i.sha256) AS kept FROM run_inputs i JOIN runs r ON r.id = i.run_id "
+            "WHERE i.run_id = ? AND i.id = ?", (run_id, input_id))
+        return rows[0] if rows else None
+
+    def held_blobs(self, conversation: str) -> set[str]:
+        """The sha256 of every file the conversation's workspace holds now."""
+        return {r["sha256"] for r in self._rows("SELECT DISTINCT sha256 FROM workspace_files WHERE conversation = ?",
+                                                (conversation,))}
 
     def finish_run(self, run_id: str, status: str, answer: str | None, error: str | None, iterations: int) -> None:
         self._update(
