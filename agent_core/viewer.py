@@ -4,16 +4,23 @@ The page is rendered on the server (Jinja2 with autoescape, code highlighted by 
 in SQLite; while the run is queued or running, `viewer.js` polls `/runs/{token}/state` and swaps in the re-rendered
 body. The token is the only key (192 random bits per run), so every response is `no-store`, sends no referrer and
 carries a CSP that allows only this server's own script, stylesheet and images.
+
+The page lists the files the run started with (as recorded when it started, storage's `run_inputs`: its uploads
+and what earlier runs of the conversation left, with where each came from) and the outputs it kept. An input is
+downloadable, as an attachment, while the conversation still holds its bytes: a /reset or a newer file of the
+same name ends that. File names are the user's and the steps' text: escaped, and never used as paths (a blob is
+found by the sha256 stored for it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -23,7 +30,7 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import JsonLexer, PythonLexer, PythonTracebackLexer
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from agent_core.config import Settings
@@ -32,6 +39,8 @@ from storage.db import Storage
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FINISHED = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20  # an input download is streamed from its blob in chunks
 POLL_MS = 1000
 # Raster images are shown inline; anything else (SVG included) is only ever downloaded.
 INLINE_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
@@ -168,8 +177,9 @@ def _pending(run: dict[str, Any], steps: list[dict[str, Any]], evaluations: dict
     return f"running {pending[0]['tool_name']}", pending
 
 
-def build_view(storage: Storage, run: dict[str, Any]) -> dict[str, Any]:
-    """Everything the template shows, gathered from the run's rows."""
+def build_view(storage: Storage, run: dict[str, Any], workspace_days: int = 0) -> dict[str, Any]:
+    """Everything the template shows, gathered from the run's rows (`workspace_days`: AUTOCODE_WORKSPACE_DAYS,
+    by which the run dropped old files as it started)."""
     run_id = run["id"]
     steps = storage.steps(run_id)
     evaluations = {e["iteration"]: e for e in storage.evaluations(run_id)}
@@ -211,7 +221,7 @@ def build_view(storage: Storage, run: dict[str, Any]) -> dict[str, Any]:
     artifacts = [{**a, "image": a["mime"] in INLINE_IMAGES, "size_text": _size(a["size"])}
                  for a in storage.artifacts(run_id)]
     return {
-        "inputs": _inputs(storage, run), "approvals": storage.approvals(run_id),
+        "inputs": _inputs(storage, run, workspace_days), "approvals": storage.approvals(run_id),
         "run": run, "finished": run["status"] in FINISHED, "doing": doing, "timeline": timeline,
         "calls": calls, "total": total, "artifacts": artifacts, "poll_ms": POLL_MS,
         "created": clock(run["created_at"]), "started": clock(run["started_at"]),
@@ -222,16 +232,41 @@ def build_view(storage: Storage, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _inputs(storage: Storage, run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The files the run found under inputs/, as the conversation's workspace holds them now: its own uploads and
-    what earlier runs left (a file replaced later by a newer one of the same name shows the newer one)."""
+def _inputs(storage: Storage, run: dict[str, Any], workspace_days: int = 0) -> list[dict[str, Any]]:
+    """The files the run started with under inputs/, each with its size, where it came from, whether the
+    conversation still holds its bytes (`kept`) and the id its download is served by."""
+    recorded = storage.run_inputs(run["id"])
+    if recorded is None:
+        return _inputs_now(storage, run)
+    started = _parse_time(run["started_at"])
+    cutoff = started - timedelta(days=workspace_days) if started and workspace_days else None
+    held = storage.held_blobs(run["conversation"])
+    files = []
+    for row in recorded:
+        added = _parse_time(row["added_at"])
+        if cutoff and added and added < cutoff:  # removed by age as the run started (Workspace.expire)
+            continue
+        files.append({"id": row["id"], "name": row["name"], "size_text": _size(row["size"]),
+                      "origin": _origin(row["kind"], row["from_run_no"], row["from_run_id"] == run["id"]),
+                      "kept": row["sha256"] in held})
+    return files
+
+
+def _inputs_now(storage: Storage, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """For a run that recorded no inputs (queued, or from an older version): its uploads and what earlier runs
+    left, as the conversation's workspace holds them now; no downloads."""
     number = storage.run_number(run["id"])
-    origin = {"upload": "uploaded with run {n}", "output": "output of run {n}", "result": "result of run {n}"}
-    return [{"name": f["name"], "size_text": _size(f["size"]),
-             "origin": "uploaded with this run" if f["run_id"] == run["id"] and f["kind"] == "upload"
-             else origin.get(f["kind"], "{n}").format(n=f["run_no"])}
+    return [{"id": None, "name": f["name"], "size_text": _size(f["size"]), "kept": True,
+             "origin": _origin(f["kind"], f["run_no"], f["run_id"] == run["id"])}
             for f in storage.workspace_files(run["conversation"])
             if (f["run_no"] or 0) < number or (f["run_id"] == run["id"] and f["kind"] == "upload")]
+
+
+def _origin(kind: str, run_no: int | None, this_run: bool) -> str:
+    """"uploaded with this run", "uploaded with run 1", "output of run 2", "result of run 2"."""
+    if kind == "upload":
+        return "uploaded with this run" if this_run else f"uploaded with run {run_no}"
+    return {"output": f"output of run {run_no}", "result": f"result of run {run_no}"}.get(kind, f"run {run_no}")
 
 
 def _size(size: int | None) -> str:
@@ -255,11 +290,22 @@ def _disposition(kind: str, name: str) -> str:
     return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(base, safe='')}"
 
 
+def _read_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    """An open blob in chunks, closed at the end (opened before the response, so a /reset meanwhile that unlinks
+    it cannot break a download under way)."""
+    try:
+        while chunk := handle.read(CHUNK):
+            yield chunk
+    finally:
+        handle.close()
+
+
 class Viewer:
     """The viewer's endpoints over one Storage."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, workspace_days: int = 0):
         self.storage = storage
+        self.workspace_days = workspace_days
         self.env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),
                                trim_blocks=True, lstrip_blocks=True)
         self.env.filters["duration"] = duration
@@ -277,7 +323,7 @@ class Viewer:
 
     def _render(self, run: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
         """The view, the live part of the page (the template's `body` block) and that part's version."""
-        view = build_view(self.storage, run)
+        view = build_view(self.storage, run, self.workspace_days)
         fragment = "".join(self.template.blocks["body"](self.template.new_context(view)))
         return view, fragment, hashlib.sha256(fragment.encode()).hexdigest()[:20]
 
@@ -327,6 +373,29 @@ class Viewer:
         media_type = artifact["mime"] if image else "application/octet-stream"
         return Response(artifact["data"] or b"", media_type=media_type, headers=headers)
 
+    async def input_file(self, request: Request) -> Response:
+        """One of the files the run started with, always as a download, while its conversation still holds it."""
+        def find() -> tuple[dict[str, Any], IO[bytes], int] | None:
+            run = self._run(request)
+            if run is None:
+                return None
+            row = self.storage.run_input(run["id"], request.path_params["input_id"])
+            if row is None or not row["kept"] or not SHA256.match(row["sha256"] or ""):
+                return None
+            try:
+                handle = open(self.storage.blob_path(row["sha256"]), "rb")
+            except OSError:
+                return None
+            return row, handle, os.fstat(handle.fileno()).st_size
+
+        found = await run_in_threadpool(find)
+        if found is None:
+            return _not_found()
+        row, handle, size = found
+        headers = {**SECURITY_HEADERS, "Content-Security-Policy": "default-src 'none'; sandbox",
+                   "Content-Disposition": _disposition("attachment", row["name"]), "Content-Length": str(size)}
+        return StreamingResponse(_read_chunks(handle), media_type="application/octet-stream", headers=headers)
+
     async def asset(self, request: Request) -> Response:
         found = self.static.get(request.path_params["name"])
         if found is None:
@@ -339,10 +408,11 @@ def routes(settings: Settings, storage: Storage) -> list[BaseRoute]:
     """The viewer's routes (none when AUTOCODE_VIEWER=off)."""
     if not settings.viewer:
         return []
-    viewer = Viewer(storage)
+    viewer = Viewer(storage, settings.workspace_days)
     return [
         Route("/runs/static/{name}", viewer.asset, methods=["GET"]),
         Route("/runs/{token}", viewer.page, methods=["GET"]),
         Route("/runs/{token}/state", viewer.state, methods=["GET"]),
         Route("/runs/{token}/artifacts/{artifact_id:int}", viewer.artifact, methods=["GET"]),
+        Route("/runs/{token}/inputs/{input_id:int}", viewer.input_file, methods=["GET"]),
     ]

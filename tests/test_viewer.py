@@ -103,6 +103,24 @@ SLOW = subtask("slow", """
         time.sleep(6)
         return {"slept": 6}
 """, description="Sleep a while")
+# Files (issue 13): a step that lists inputs/ and writes a real PNG (zlib/struct) plus a file with a hostile name
+# under outputs/; run again, it writes a newer chart.png that replaces the first in the workspace.
+LOOK_AT_FILES = subtask("look_at_files", """
+    def look_at_files():
+        import os, struct, zlib
+        names = sorted(os.listdir("inputs"))
+        shade = 40 + 10 * len(names)  # another chart's bytes on each run
+        rows = b"".join(b"\\x00" + bytes((shade, 120, 198)) * 4 for _ in range(4))
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+        with open("outputs/chart.png", "wb") as handle:
+            handle.write(png)
+        with open("outputs/<img src=x onerror=alert(1)>.txt", "w") as handle:
+            handle.write("made by a step")
+        return {"inputs": names}
+""", description="List the files and chart them")
 
 # task keyword -> (plans by iteration..., verdicts by iteration); plan replies are [first plan].
 SCRIPTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
@@ -121,6 +139,10 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
     "slow": (
         {"main_task": "slow", "main_task_thought": "sleep", "subtasks": [SLOW]},
         [verdict("Slept 6 seconds.", thoughts="done")],
+    ),
+    "files": (
+        {"main_task": "files", "main_task_thought": "list and chart", "subtasks": [LOOK_AT_FILES]},
+        [verdict("Charted the files: chart.png.", thoughts="done")],
     ),
 }
 
@@ -409,3 +431,153 @@ def test_viewer_off_serves_nothing_and_links_nothing(llm, tmp_path):
     assert run_url(Settings(public_url="https://autocode.example.org"), run) == \
         f"https://autocode.example.org/runs/{token}"
     assert run_url(Settings(port=8123), run) is None  # no public URL: chat users could not open the link
+
+
+# ------------------------------------------------------------------------------------------ files (issue 13)
+
+HOSTILE_CSV = "<script>alert(1)</script>.csv"  # the names an attacker gives the uploads
+TRAVERSAL = "../../etc/passwd"
+CSV_BYTES = b"month,region,amount\n2024-01,west,700\n"
+PASSWD_BYTES = b"root:x:0:0::/root:/bin/sh\n"
+
+
+def _upload_run(server: Serve, task: str, conversation: str, files: list[tuple[str, bytes]] = ()) -> str:
+    """A run through `POST /api/runs` (multipart when it has files), waited for until it succeeded."""
+    if files:
+        reply = server.http.post("/api/runs", data={"task": task, "conversation": conversation},
+                                 files=[("file", (name, data, "application/octet-stream")) for name, data in files])
+        assert reply.status_code == 202, reply.text
+        run_id = reply.json()["run_id"]
+    else:
+        run_id = server.submit_ok(task, conversation)
+    run = server.wait_status(run_id, timeout=60)
+    assert run["status"] == "succeeded", (run, server.log_tail())
+    return run_id
+
+
+def _input_rows(server: Serve, run_id: str) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in db_rows(server.db, "SELECT * FROM run_inputs WHERE run_id = ?", (run_id,))}
+
+
+@pytest.fixture(scope="module")
+def file_runs(server) -> list[str]:
+    """Three runs of one conversation: uploads with hostile names; a follow-up that finds them and run 1's outputs;
+    another follow-up whose chart.png replaces run 2's in the conversation's workspace."""
+    first = _upload_run(server, "files: what is in these?", "viewer-files",
+                        [(HOSTILE_CSV, CSV_BYTES), (TRAVERSAL, PASSWD_BYTES)])
+    second = _upload_run(server, "files: and now chart them", "viewer-files")
+    third = _upload_run(server, "files: once more", "viewer-files")
+    return [first, second, third]
+
+
+def test_run_page_lists_the_inputs_a_run_started_with_and_its_outputs(server, file_runs):
+    first, second, third = file_runs
+    page = server.http.get(f"/runs/{token_of(server, first)}").text
+    inputs = page.split('id="inputs"')[1].split("</section>")[0]
+    # Untrusted names are escaped text, made safe the way inputs/ names them (no separators, no "..").
+    assert "<script>" not in page.split("</head>")[1]
+    assert "inputs/&lt;script&gt;alert(1)&lt;_script&gt;.csv" in inputs
+    assert f"{len(CSV_BYTES)} B · uploaded with this run" in inputs
+    assert "inputs/_._etc_passwd" in inputs and "etc/passwd" not in inputs
+    # The outputs it kept, with their sizes (a hostile output name is escaped too).
+    outputs = page.split('id="artifacts"')[1].split("</section>")[0]
+    assert "chart.png" in outputs and "&lt;img src=x onerror=alert(1)&gt;.txt" in outputs
+    assert "14 B" in outputs and "<img src=x" not in outputs
+
+    # Run 2 started with run 1's uploads, outputs and result, each with where it came from.
+    second_inputs = server.http.get(f"/runs/{token_of(server, second)}").text.split('id="inputs"')[1]
+    second_inputs = second_inputs.split("</section>")[0]
+    for line in ("inputs/&lt;script&gt;alert(1)&lt;_script&gt;.csv · 37 B · uploaded with run 1",
+                 "inputs/_._etc_passwd · 26 B · uploaded with run 1", "output of run 1",
+                 "inputs/&lt;img src=x onerror=alert(1)&gt;.txt · 14 B · output of run 1",
+                 "inputs/results/run-1.json"):
+        assert line in second_inputs, (line, second_inputs)
+    # Run 3 replaced chart.png in the workspace; run 2's page still says what run 2 found: run 1's chart.
+    chart = [line for line in second_inputs.splitlines() if "inputs/chart.png" in line]
+    assert len(chart) == 1 and "output of run 1" in chart[0], second_inputs
+    rows = _input_rows(server, second)
+    assert rows["chart.png"]["from_run_no"] == 1 and rows["results/run-1.json"]["kind"] == "result"
+    third_page = server.http.get(f"/runs/{token_of(server, third)}").text
+    assert "output of run 2" in third_page.split('id="inputs"')[1].split("</section>")[0]
+
+
+def test_input_downloads_are_attachments_of_this_run_only(server, file_runs):
+    first, second, _ = file_runs
+    token = token_of(server, first)
+    rows = _input_rows(server, first)
+    hostile = rows["<script>alert(1)<_script>.csv"]
+    page = server.http.get(f"/runs/{token}").text
+    assert f'href="{token}/inputs/{hostile["id"]}"' in page
+
+    reply = server.http.get(f"/runs/{token}/inputs/{hostile['id']}")
+    assert reply.status_code == 200 and reply.content == CSV_BYTES
+    assert reply.headers["content-type"] == "application/octet-stream"
+    disposition = reply.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="_script_alert_1___script_.csv"'), disposition
+    assert "<" not in disposition and "/" not in disposition.split("filename*=UTF-8''")[1]
+    assert "sandbox" in reply.headers["content-security-policy"]
+    assert reply.headers["x-content-type-options"] == "nosniff" and reply.headers["cache-control"] == "no-store"
+    passwd = server.http.get(f"/runs/{token}/inputs/{rows['_._etc_passwd']['id']}")
+    assert passwd.content == PASSWD_BYTES and passwd.headers["content-disposition"].startswith(
+        'attachment; filename="_._etc_passwd"')
+
+    # Another run's token and an unknown id get the viewer's plain 404; a path that is not an id matches no route.
+    for path in (f"/runs/{token_of(server, second)}/inputs/{hostile['id']}", f"/runs/{token}/inputs/999999",
+                 f"/runs/{secrets.token_urlsafe(24)}/inputs/{hostile['id']}"):
+        reply = server.http.get(path)
+        assert (reply.status_code, reply.text) == (404, "not found"), path
+    for path in (f"/runs/{token}/inputs/..%2F..%2Fetc%2Fpasswd", f"/runs/{token}/inputs/%2Fetc%2Fpasswd",
+                 f"/runs/{token}/inputs/{hostile['id']}%2F..%2F..%2F..%2Fetc%2Fpasswd"):
+        reply = server.http.get(path)
+        assert reply.status_code == 404 and b"root:" not in reply.content, path
+
+
+def test_run_page_files_in_a_browser_are_text(server, file_runs, watched):
+    page = watched.page
+    page.goto(page_url(server, file_runs[1]))
+    text = page.text_content("#inputs")
+    assert "inputs/<script>alert(1)<_script>.csv" in text and "inputs/<img src=x onerror=alert(1)>.txt" in text
+    page.goto(page_url(server, file_runs[0]))
+    assert "<img src=x onerror=alert(1)>.txt" in page.text_content("#artifacts")
+    page.wait_for_timeout(500)
+    assert not watched.dialogs and not watched.errors, (watched.dialogs, watched.errors)
+    assert page.locator("script").count() == 1
+
+
+def test_after_reset_the_page_still_lists_the_inputs_but_serves_them_no_more(server, llm):
+    from storage.db import Storage
+
+    run_id = _upload_run(server, "files: before a reset", "viewer-reset", [("notes.txt", b"kept until /reset\n")])
+    token = token_of(server, run_id)
+    (row,) = _input_rows(server, run_id).values()
+    assert server.http.get(f"/runs/{token}/inputs/{row['id']}").content == b"kept until /reset\n"
+
+    storage = Storage(server.db)  # what every adapter's /reset does
+    try:
+        storage.clear_conversation("viewer-reset")
+    finally:
+        storage.close()
+
+    inputs = server.http.get(f"/runs/{token}").text.split('id="inputs"')[1].split("</section>")[0]
+    assert "inputs/notes.txt · 18 B · uploaded with this run · no longer kept" in inputs
+    assert f"{token}/inputs/" not in inputs
+    assert server.http.get(f"/runs/{token}/inputs/{row['id']}").status_code == 404
+
+
+def test_a_file_removed_by_age_as_the_run_started_is_not_listed_as_its_input(server):
+    import sqlite3
+
+    first = _upload_run(server, "files: an old export", "viewer-age", [("old.csv", b"a,b\n1,2\n")])
+    conn = sqlite3.connect(server.db, timeout=10)  # the upload is years old (AUTOCODE_WORKSPACE_DAYS is 30)
+    with conn:
+        conn.execute("UPDATE workspace_files SET created_at = '2000-01-01T00:00:00.000+00:00' WHERE "
+                     "conversation = 'viewer-age' AND name = 'old.csv'")
+    conn.close()
+
+    second = _upload_run(server, "files: anything left?", "viewer-age")
+
+    assert "Removed from this conversation's files after 30 days" in server.run(second)["answer"]
+    second_inputs = server.http.get(f"/runs/{token_of(server, second)}").text.split('id="inputs"')[1]
+    assert "old.csv" not in second_inputs.split("</section>")[0] and "results/run-1.json" in second_inputs
+    first_inputs = server.http.get(f"/runs/{token_of(server, first)}").text.split('id="inputs"')[1]
+    assert "inputs/old.csv · 8 B · uploaded with this run · no longer kept" in first_inputs
