@@ -924,3 +924,45 @@ async def test_describe(backend):
             assert any(p.startswith("seccomp") for p in after["protections"])
     finally:
         await executor.stop()
+
+
+async def test_libraries_that_resolve_their_own_paths_find_their_files(sandbox):
+    """Libraries find their data files from `__file__` and often resolve it first (matplotlib resolves every font
+    path with os.path.realpath). With the process backend and a Python under a directory the step's uid cannot
+    traverse (a pyenv under /root, mode 0700), imports go through descriptors opened before the uid drop; a
+    resolved path must stay reachable too, or `savefig` fails with PermissionError on its own fonts."""
+    code = """
+    import os, pathlib
+    import numpy
+
+    def step():
+        here = os.path.dirname(numpy.__file__)
+        resolved = os.path.realpath(os.path.join(here, "__init__.py"))
+        with open(resolved, "rb") as f:
+            head = f.read(16)
+        via_pathlib = pathlib.Path(here, "version.py").resolve()
+        return {"read": len(head), "pathlib": len(via_pathlib.read_bytes()) > 0,
+                "same": os.path.samefile(resolved, os.path.join(here, "__init__.py"))}
+    """
+    result = await run(sandbox, code)
+    assert result.ok, result.error
+    assert result.output == {"read": 16, "pathlib": True, "same": True}
+
+
+async def test_matplotlib_saves_a_figure(sandbox):
+    """The README's chart step, as small as it gets: fonts and all, on both backends."""
+    pytest.importorskip("matplotlib")
+    code = """
+    def step():
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        plt.plot([1, 2, 3], [2, 1, 3])
+        plt.title("chart")
+        plt.savefig("outputs/chart.png")
+        import os
+        return {"size": os.path.getsize("outputs/chart.png")}
+    """
+    result = await run(sandbox, code, limits=Limits(timeout_s=60))
+    assert result.ok, result.error
+    assert result.output["size"] > 1000

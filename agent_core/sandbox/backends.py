@@ -28,7 +28,8 @@ SANDBOX_WORKDIR = "/work"
 FIXED_MOUNTS = ["/proc", "/dev", "/etc/resolv.conf"]
 # System paths a step may read (interpreter, shared libraries, certificates, time zones).
 SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ssl",
-                    "/etc/ca-certificates", "/etc/localtime", "/etc/mime.types", "/usr/share/zoneinfo"]
+                    "/etc/ca-certificates", "/etc/localtime", "/etc/mime.types", "/usr/share/zoneinfo",
+                    "/etc/fonts"]  # fontconfig's configuration (matplotlib, Pillow): no secrets
 NETWORK_READ_ONLY = ["/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf"]
 # Host variables a step may see: none are secrets. OPENBLAS_* keeps numpy correct on some CPUs.
 _PASSTHROUGH = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TZ")

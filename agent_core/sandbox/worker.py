@@ -202,6 +202,17 @@ class Worker:
         return path
 
     def _reroot_imports(self):
+        """Imports through the descriptors; and resolved paths too: os.path.realpath (pathlib's resolve() calls it)
+        turns /proc/self/fd/N/... back into the real path, which the step's uid cannot traverse to, and libraries
+        resolve their own files (matplotlib every font path). Not a boundary, only reach: Landlock decides."""
+        real = os.path.realpath
+
+        def realpath(path, *args, **kwargs):
+            resolved = real(path, *args, **kwargs)
+            return self._through_fd(resolved) if isinstance(resolved, str) else resolved
+
+        realpath.__doc__ = real.__doc__
+        os.path.realpath = realpath  # os.path is posixpath: every caller looks it up there
         sys.path[:] = [self._through_fd(p) for p in sys.path]
         for module in list(sys.modules.values()):
             search = getattr(module, "__path__", None)
