@@ -20,6 +20,8 @@ answers the full object (what a Slack Connect stub, `add_file(..., connect=True)
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import json
 import mimetypes
@@ -32,7 +34,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from tests.fakes.base import BodyHandler, FakeService, QuietServer
 
-__all__ = ["FakeSlack", "SlackCall", "BOT_USER_ID", "BOT_ID", "TEAM_ID"]
+__all__ = ["FakeSlack", "SlackCall", "BOT_USER_ID", "BOT_ID", "TEAM_ID", "signature_problem", "view_problem", "view_text"]
 
 TEAM_ID = "T0FAKE"
 # The parameters `AsyncWebClient.chat_postEphemeral` (slack_sdk 3.x) can send; Slack requires channel, user and one
@@ -44,6 +46,38 @@ BOT_ID = "BAUTOCODE"
 SIGN_IN_PAGE = (b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Slack</title></head><body><h1>Sign in to "
                 b"Fake</h1><form action=\"/signin\" method=\"post\"><input name=\"email\"></form></body></html>")
 SERVE_CHUNK = 1 << 16
+# Params every Web API method takes besides its own: the token (slack_sdk sends it as a header; forms may carry
+# it) and team_id, which a client built with `team_id=` (Bolt does, per request) adds to every call.
+COMMON_PARAMS = {"token", "team_id"}
+VIEW_BLOCKS_MAX = 100
+VIEW_TEXT_MAX = 24  # a modal's title, submit and close
+SUGGESTED_PROMPTS_MAX = 4
+
+
+@functools.cache
+def client_signature(method: str) -> inspect.Signature | None:
+    """The signature of the `AsyncWebClient` method that calls Web API `method`, or None if it has none."""
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    function = getattr(AsyncWebClient, method.replace(".", "_"), None)
+    return inspect.signature(function) if callable(function) else None
+
+
+def signature_problem(method: str, params: dict[str, Any]) -> str | None:
+    """Why slack_sdk's `AsyncWebClient` would not send this call, or None: an unknown method, a param its method
+    does not name, or a required param missing."""
+    signature = client_signature(method)
+    if signature is None:
+        return f"{method}: no such method on slack_sdk's AsyncWebClient"
+    named = {name for name, p in signature.parameters.items()
+             if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = set(params) - named - COMMON_PARAMS
+    if unknown:
+        return f"{method}: arguments slack_sdk does not have: {', '.join(sorted(unknown))}"
+    missing = {name for name in named if signature.parameters[name].default is inspect.Parameter.empty} - set(params)
+    if missing:
+        return f"{method}: required arguments missing: {', '.join(sorted(missing))}"
+    return None
 
 
 @dataclass
@@ -166,8 +200,10 @@ class _Handler(BodyHandler):
 class FakeSlack(FakeService):
     """In-process fake of the Slack Web API; `api_url` is what `AsyncWebClient(base_url=...)` takes."""
 
-    def __init__(self, team_id: str = TEAM_ID) -> None:
+    def __init__(self, team_id: str = TEAM_ID, *, strict: bool = True) -> None:
         self.team_id = team_id
+        self.strict = strict
+        self._views = itertools.count(1)
         self._lock = threading.Lock()
         self._calls: list[SlackCall] = []
         self._limits: dict[str, list[int]] = {}  # method -> [remaining 429s, retry_after]
@@ -234,6 +270,31 @@ class FakeSlack(FakeService):
                     "timestamp": 0, "user": ""}
         return dict(entry)
 
+    @property
+    def rejected(self) -> list[SlackCall]:
+        """Calls that failed the signature check (see `signature_problem`); their response says why."""
+        return [c for c in self.calls if c.response.get("signature_problem")]
+
+    def assert_signatures(self) -> None:
+        """Fail when any call was sent with arguments slack_sdk's client would not send."""
+        problems = [c.response["signature_problem"] for c in self.rejected]
+        assert not problems, "calls slack_sdk would not make: " + "; ".join(problems)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.strict:
+            self.assert_signatures()
+
+    def published(self, user: str) -> dict[str, Any] | None:
+        """The last home view `views.publish` published for `user` (None: none yet)."""
+        calls = [c for c in self.calls_of("views.publish") if c.params.get("user_id") == user]
+        return calls[-1].json_param("view") if calls else None
+
+    def statuses(self, channel: str, thread_ts: str) -> list[str]:
+        """The statuses `assistant.threads.setStatus` set on a thread, in order ("" clears)."""
+        return [str(c.params.get("status", "")) for c in self.calls_of("assistant.threads.setStatus")
+                if c.params.get("channel_id") == channel and c.params.get("thread_ts") == thread_ts]
+
     def release(self) -> None:
         """Let stalled downloads go on."""
         with self._lock:
@@ -267,6 +328,14 @@ class FakeSlack(FakeService):
                 limit[0] -= 1
                 return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(limit[1])}
         params = call.params
+        if call.method not in ("upload", "download"):
+            problem = signature_problem(call.method, params)
+            if problem is not None:
+                known = client_signature(call.method) is not None
+                return 200, {"ok": False, "error": "invalid_arguments" if known else "unknown_method",
+                             "signature_problem": problem, "response_metadata": {"messages": [problem]}}, {}
+        if call.method.startswith("assistant.threads.") or call.method.startswith("views."):
+            return self._answer_surface(call)
         if call.method == "auth.test":
             return 200, {"ok": True, "url": "https://fake.slack.test/", "team": "Fake", "user": "autocode",
                          "team_id": self.team_id, "user_id": BOT_USER_ID, "bot_id": BOT_ID}, {}
@@ -303,6 +372,31 @@ class FakeSlack(FakeService):
             return 200, {"ok": True, "user": {"id": user, "name": user.lower(), "tz": "UTC"}}, {}
         return 200, {"ok": True}, {}
 
+    def _answer_surface(self, call: SlackCall) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The assistant thread and view methods, checked as Slack checks them."""
+        params, method = call.params, call.method
+        if method.startswith("assistant.threads."):
+            if not params.get("channel_id"):
+                return 200, {"ok": False, "error": "channel_not_found"}, {}
+            if method == "assistant.threads.setSuggestedPrompts":
+                prompts = call.json_param("prompts")
+                if not isinstance(prompts, list) or not 1 <= len(prompts) <= SUGGESTED_PROMPTS_MAX or not all(
+                        isinstance(p, dict) and p.get("title") and p.get("message") for p in prompts):
+                    return 200, {"ok": False, "error": "invalid_prompts"}, {}
+            if method == "assistant.threads.setTitle" and not params.get("title"):
+                return 200, {"ok": False, "error": "invalid_title"}, {}
+            return 200, {"ok": True}, {}
+        view = call.json_param("view")
+        problem = view_problem(view, "home" if method == "views.publish" else "modal")
+        if method == "views.open" and not (params.get("trigger_id") or params.get("interactivity_pointer")):
+            problem = "trigger_id is required"
+        if method == "views.update" and not (params.get("view_id") or params.get("external_id")):
+            problem = "view_id or external_id is required"
+        if problem:
+            return 200, {"ok": False, "error": "invalid_arguments", "response_metadata": {"messages": [problem]}}, {}
+        answered = dict(view, id=params.get("view_id") or f"V{next(self._views):08d}", team_id=self.team_id)
+        return 200, {"ok": True, "view": answered}, {}
+
     # -- helpers for assertions ---------------------------------------------------------------------------
     def uploads(self) -> dict[str, bytes]:
         """Uploaded bytes by file id."""
@@ -311,6 +405,43 @@ class FakeSlack(FakeService):
     def texts(self, method: str = "chat.postMessage") -> list[str]:
         """The text and every block's text of each successful call of `method`, one string per call."""
         return [message_text(c) for c in self.calls_of(method)]
+
+
+def view_problem(view: Any, kind: str) -> str | None:
+    """What Slack would refuse in a view of `kind` ("home" or "modal"), or None."""
+    if not isinstance(view, dict) or view.get("type") != kind:
+        return f"view must be a {kind} view"
+    blocks = view.get("blocks")
+    if not isinstance(blocks, list) or len(blocks) > VIEW_BLOCKS_MAX:
+        return f"a view holds a list of at most {VIEW_BLOCKS_MAX} blocks"
+    if kind == "modal":
+        for key in ("title", "submit", "close"):
+            label = view.get(key)
+            if key == "title" and label is None:
+                return "a modal needs a title"
+            if label is not None and (not isinstance(label, dict) or len(str(label.get("text", ""))) > VIEW_TEXT_MAX):
+                return f"{key} must be plain_text of at most {VIEW_TEXT_MAX} characters"
+        if any(b.get("type") == "input" for b in blocks) and view.get("submit") is None:
+            return "a modal with inputs needs a submit button"
+    for block in blocks:
+        text = block.get("text") if isinstance(block, dict) else None
+        if isinstance(text, dict) and len(str(text.get("text", ""))) > 3000:
+            return "a section's text is at most 3000 characters"
+    if len(str(view.get("private_metadata", ""))) > 3000:
+        return "private_metadata is at most 3000 characters"
+    return None
+
+
+def view_text(view: dict[str, Any] | None) -> str:
+    """All text of a view's blocks (sections, fields, context elements, headers, button labels), one string."""
+    parts: list[str] = []
+    for block in (view or {}).get("blocks", []):
+        for piece in [block.get("text"), *(block.get("fields") or []), *(block.get("elements") or []),
+                      (block.get("accessory") or {}).get("text"), block.get("label")]:
+            if isinstance(piece, dict):
+                inner = piece.get("text")
+                parts.append(str(inner.get("text", "")) if isinstance(inner, dict) else str(inner or ""))
+    return "\n".join(parts)
 
 
 def message_text(call: SlackCall) -> str:
