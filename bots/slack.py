@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from agent_core import uploads
+from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
@@ -596,7 +597,10 @@ class SlackAdapter:
         return [r for r in self.storage.list_runs(limit=limit)
                 if r["adapter"] == self.name and r["user"] == who and r["conversation"].startswith(prefix)]
 
-    def _usage_text(self, team: str, user: str) -> str:
+    def _usage_text(self, team: str, user: str, scope: str | None = None) -> str:
+        """The user's LLM use: tokens, this month's cost against their budget, and (in a channel) the channel's."""
+        from agent_core.budget import monthly_status
+
         key = self._user_key(team, user)
         total = self.storage.tokens_used(user=key)
         text = (f"You have used {total['prompt_tokens'] + total['completion_tokens']:,} LLM tokens in "
@@ -604,6 +608,11 @@ class SlackAdapter:
         budget = self.settings.daily_tokens_per_user
         if budget:
             text += f" Last 24 hours: {self.scheduler.daily_tokens(key):,} of your {budget:,} daily tokens."
+        text += f"\nYou: {render.escape(monthly_status(self.storage, self.settings, user=key).describe())}."
+        if scope:
+            channel_budget = self.scheduler.agent.channel_settings.effective_for_scope(scope).budget_usd
+            here = monthly_status(self.storage, self.settings, scope=scope, budget_usd=channel_budget)
+            text += f"\nThis channel: {render.escape(here.describe())}."
         return text
 
     def _history_text(self, runs: list[dict[str, Any]], scope: str) -> str:
@@ -620,7 +629,7 @@ class SlackAdapter:
     def _channel_command(self, word: str, team: str, channel: str, user: str) -> str:
         """`/autocode help|reset|history|usage|cancel` (answered in the ack, so it must stay cheap)."""
         if word == "usage":
-            return self._usage_text(team, user)
+            return self._usage_text(team, user, f"slack:{team}:{channel}")
         runs = self._user_runs_here(team, channel, user)
         if word == "history":
             return self._history_text(runs, "of yours in this channel")
@@ -640,7 +649,7 @@ class SlackAdapter:
     def _thread_command(self, word: str, conversation: str, team: str, user: str) -> str:
         """The same words said to AutoCode inside a thread act on that thread's conversation."""
         if word == "usage":
-            return self._usage_text(team, user)
+            return self._usage_text(team, user, scope_of(conversation))
         runs = [r for r in self.storage.list_runs(conversation) if r["adapter"] == self.name]
         if word == "history":
             return self._history_text(runs, "in this thread")

@@ -99,6 +99,10 @@ class PlottingLLM(ScriptedLLM):
 # ------------------------------------------------------------------------------------------ fixtures
 
 
+# The scripted LLM's model, priced so that costs are money (USD per 1M tokens).
+PRICES = '[models]\n"fake-model" = { prompt = 2.5, completion = 10.0 }\n'
+
+
 @pytest.fixture(scope="module")
 def slack():
     with FakeSlack() as fake:
@@ -115,11 +119,13 @@ def llm():
 def server(slack, llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-serve")
     (directory / "tools.py").write_text(f"SENT = {str(directory / 'sent.jsonl')!r}\n" + MAIL_TOOLS)
+    (directory / "prices.toml").write_text(PRICES)
     env = serve_env(
         llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET, AUTOCODE_INPUT_MAX_MB="1",
         SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
         AUTOCODE_PUBLIC_URL="https://autocode.test", AUTOCODE_TOOLS=str(directory / "tools.py"),
         AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
+        AUTOCODE_PRICES_FILE=str(directory / "prices.toml"),
     )
     serve = Serve(env, directory / "serve.log", directory)
     try:
@@ -372,6 +378,20 @@ def test_who_a_thread_reply_is_for_by_mode():
     assert addressed("mention", f"<@{BOB}> and <@{bot}>", bot, ALICE, {BOB})
     assert not addressed("mention", "hi", bot, ALICE, set())
     assert addressed("all", f"<@{BOB}> hi", bot, ALICE, {BOB})
+
+
+def test_usage_says_the_month_in_money_for_the_user_and_the_channel(server, slack):
+    channel = "CUSAGE"
+    slash(server, "job tag=cost", channel)
+    assert wait_run(server, channel)["status"] == "succeeded"
+    response, _ = slash(server, "usage", channel)
+    text = response.json()["text"]
+    assert "LLM tokens in" in text
+    mine = re.search(r"^You: (\$[\d.]+) this month \(no budget\)\.$", text, re.MULTILINE)
+    here = re.search(r"^This channel: (\$[\d.]+) this month \(no budget\)\.$", text, re.MULTILINE)
+    assert mine and here, text
+    assert float(here.group(1)[1:]) > 0  # the model has a price (PRICES): the run cost something
+    assert float(mine.group(1)[1:]) >= float(here.group(1)[1:])  # Alice's month holds this channel's run and more
 
 
 def test_bad_signature_and_stale_timestamp_are_rejected(server, slack):
