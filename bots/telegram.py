@@ -2,8 +2,9 @@
 
 Updates come by long polling (default) or, with TELEGRAM_WEBHOOK_URL, at `POST /telegram/webhook` of `serve`
 (checked against the secret token given to setWebhook). A task is stored with the scheduler before the update is
-acknowledged; the chat then sees one progress message edited as steps run (paced per chat), the answer as a
-reply to the task, the execution log as replies to the answer, and the run's files as photos or documents.
+acknowledged; the chat then sees one progress message edited as steps run (paced per chat), which then becomes
+the answer; the execution log is one reply to it (a `.md` document, bots/run_log.py, with a summary caption), and
+the run's files follow as photos or documents.
 PTB's AIORateLimiter spaces the requests and honours RetryAfter.
 
 Documents and photos users send (the caption is the task): the run is submitted *held* before the update handler
@@ -42,13 +43,13 @@ from telegram.error import BadRequest, InvalidToken, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from agent_core import uploads
+from agent_core.pricing import prices_for
 from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots.permissions import may_act_on_run, refusal_text
-from bots.telegram_render import (
-    FilesReceived, Progress, answer_plan, failure_text, html_to_plain, log_plan,
-)
+from bots.run_log import run_log
+from bots.telegram_render import FilesReceived, Progress, answer_plan, failure_text, html_to_plain, log_caption
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, and Bot API URLs contain the token.
@@ -323,14 +324,16 @@ class TelegramAdapter:
         await self.app.shutdown()
 
     async def notify_interrupted(self, run: dict[str, Any]) -> None:
+        """The run's progress message becomes the stored reason (a held run's says its files never arrived and
+        nothing ran: HELD_INTERRUPTED_MESSAGE); without one that can be edited, the reason replies to the task."""
         route = self.storage.reply_to(run["id"])
         if not route.get("chat_id"):
             return
-        # The stored reason: a held run's says its files never arrived and nothing ran (HELD_INTERRUPTED_MESSAGE).
-        await self._send(route, run.get("error") or INTERRUPTED_MESSAGE, reply_to=route.get("message_id"))
-        if route.get("progress_message_id"):
-            progress = Progress(run["task"], status="interrupted", files=list(route.get("files") or []))
-            await self._edit(route, route["progress_message_id"], progress.render(), markup=None)
+        text = run.get("error") or INTERRUPTED_MESSAGE
+        if route.get("progress_message_id") and await self._edit(route, route["progress_message_id"], text,
+                                                                 markup=None):
+            return
+        await self._send(route, text, reply_to=route.get("message_id"))
 
     # --- incoming ---------------------------------------------------------------------------------------------
     async def _webhook(self, request: Request) -> Response:
@@ -777,33 +780,57 @@ class TelegramAdapter:
         self._pacer.mark(route["chat_id"], group)
 
     async def _deliver(self, view: _RunView, route: dict[str, Any], group: bool) -> None:
-        """The end of a run: answer (reply to the task), final progress state, log and files (replies to it)."""
+        """The end of a run: the progress message becomes the answer (its first part; further parts and answer.md
+        reply to it), then the log (one document with a summary caption) and the run's files reply to the answer.
+        When the progress message could not be sent or edited, the answer goes out as a reply to the task."""
         finished = view.progress.finished
         assert finished is not None
         run = self.storage.get_run(view.run_id) or {"id": view.run_id, "task": view.progress.task}
         text = finished.answer if finished.status == "succeeded" and finished.answer else \
             "\n\n".join(p for p in (failure_text(finished.status, finished.error), finished.answer) if p)
         plan = answer_plan(text, self.runtime.run_url(run))
-        answer_id = None
-        for html_text, plain in plan.parts:
-            sent = await self._send(route, html_text, plain=plain, reply_to=route.get("message_id"))
+        answer_id = await self._answer_in_place(route, plan.parts[0])
+        rest = plan.parts[1:] if answer_id is not None else plan.parts
+        for html_text, plain in rest:
+            sent = await self._send(route, html_text, plain=plain, reply_to=answer_id or route.get("message_id"))
             if sent is not None and answer_id is None:
                 answer_id = sent.message_id
         if plan.document is not None:
             await self._send_file(route, "answer.md", "text/markdown", plan.document, answer_id, photo=False)
         if answer_id is not None:
             route = self.storage.update_reply_to(view.run_id, answer_message_id=answer_id)
-        await self._show_progress(view, route, group, final=True)
         reply_to = answer_id or route.get("message_id")
-        if finished.status != "cancelled" or self.storage.steps(view.run_id):
-            log_out = log_plan(run, self.storage.steps(view.run_id), self.storage.evaluations(view.run_id))
-            for html_text in log_out.messages:
-                await self._send(route, html_text, plain=html_to_plain(html_text), reply_to=reply_to)
-            if log_out.document is not None:
-                await self._send_file(route, f"run-{view.run_id}-log.md", "text/markdown", log_out.document, reply_to,
-                                      photo=False)
+        await self._send_log(route, view.run_id, reply_to)
         for artifact in self.storage.artifacts(view.run_id, with_data=True):
             await self._send_file(route, artifact["name"], artifact["mime"], artifact["data"], reply_to)
+
+    async def _answer_in_place(self, route: dict[str, Any], part: tuple[str, str]) -> int | None:
+        """Edit the progress message into the answer's first part (HTML, else its plain text; no Cancel button
+        any more). Returns that message's id, or None when there is no progress message or Telegram would not
+        edit it (the caller then sends the answer as new messages)."""
+        message_id = route.get("progress_message_id")
+        if not message_id:
+            return None
+        await asyncio.sleep(self._pacer.delay(route["chat_id"]))
+        html_text, plain = part
+        edited = await self._edit(route, message_id, html_text, markup=None, plain=plain)
+        self._pacer.mark(route["chat_id"], route.get("chat_type") != ChatType.PRIVATE)
+        return message_id if edited else None
+
+    async def _send_log(self, route: dict[str, Any], run_id: str, reply_to: int | None) -> None:
+        """The run's execution log as one reply: a `.md` document (bots/run_log.py: every step in full) whose
+        caption sums the run up. A run that did nothing (cancelled while queued) gets none."""
+        try:
+            prices = prices_for(self.settings)
+        except Exception as exc:  # an unreadable price table costs the log its prices, not the log itself
+            log.warning("telegram: no prices for the log of run %s: %s", run_id, exc)
+            prices = None
+        found = run_log(self.storage, run_id, prices)
+        if found is None or not found.worth_posting:
+            return
+        caption, plain = log_caption(found)
+        await self._send_file(route, found.filename, "text/markdown", found.document.encode(), reply_to,
+                              photo=False, caption=(caption, plain))
 
     # --- Telegram calls (failures are logged, never raised into the run) ------------------------------------
     def _cancel_markup(self, run_id: str) -> InlineKeyboardMarkup:
@@ -836,29 +863,56 @@ class TelegramAdapter:
             return None
 
     async def _edit(self, route: dict[str, Any], message_id: int, text: str,
-                    markup: InlineKeyboardMarkup | None) -> None:
+                    markup: InlineKeyboardMarkup | None, plain: str | None = None) -> bool:
+        """Edit a message's text; with `plain` the text is HTML and `plain` goes out if Telegram rejects the
+        markup. True when the message shows the text (also when it already did)."""
+        where = {"chat_id": route["chat_id"], "message_id": message_id, "reply_markup": markup}
         try:
-            await self.app.bot.edit_message_text(text, chat_id=route["chat_id"], message_id=message_id,
-                                                 reply_markup=markup)
+            try:
+                if plain is None:
+                    await self.app.bot.edit_message_text(text, **where)
+                else:
+                    await self.app.bot.edit_message_text(text, parse_mode=ParseMode.HTML, **where)
+                return True
+            except BadRequest as exc:
+                if "not modified" in exc.message.lower():
+                    return True
+                if plain is None:
+                    raise
+                log.warning("telegram: HTML edit rejected (%s); editing as plain text", exc.message)
+                await self.app.bot.edit_message_text(plain, **where)
+                return True
         except BadRequest as exc:
-            if "not modified" not in exc.message.lower():
-                log.warning("telegram: editMessageText in chat %s failed: %s", route["chat_id"], exc)
+            if "not modified" in exc.message.lower():
+                return True
+            log.warning("telegram: editMessageText in chat %s failed: %s", route["chat_id"], exc)
         except TelegramError as exc:
             log.warning("telegram: editMessageText in chat %s failed: %s", route["chat_id"], exc)
+        return False
 
     async def _send_file(self, route: dict[str, Any], name: str, mime: str, data: bytes, reply_to: int | None,
-                         photo: bool = True) -> None:
-        """Images as photos (a document when Telegram will not take them as one), everything else as documents."""
+                         photo: bool = True, caption: tuple[str, str] | None = None) -> None:
+        """Images as photos (a document when Telegram will not take them as one), everything else as documents.
+        The caption is the file's name, or `caption` as (HTML, plain fallback if Telegram rejects the markup)."""
         where = self._where(route, reply_to)
-        caption = name[:1024]
+        text, mode = (caption[0], ParseMode.HTML) if caption else (name[:1024], None)
         try:
             if photo and mime in IMAGE_TYPES and len(data) <= MAX_PHOTO_BYTES:
                 try:
-                    await self.app.bot.send_photo(photo=InputFile(data, filename=name), caption=caption, **where)
+                    await self.app.bot.send_photo(photo=InputFile(data, filename=name), caption=text,
+                                                  parse_mode=mode, **where)
                     return
                 except BadRequest as exc:
                     log.warning("telegram: sendPhoto %s rejected (%s); sending it as a document", name, exc.message)
-            await self.app.bot.send_document(document=InputFile(data, filename=name), caption=caption, **where)
+            try:
+                await self.app.bot.send_document(document=InputFile(data, filename=name), caption=text,
+                                                 parse_mode=mode, **where)
+            except BadRequest as exc:
+                if caption is None:
+                    raise
+                log.warning("telegram: caption of %s rejected (%s); sending it as plain text", name, exc.message)
+                await self.app.bot.send_document(document=InputFile(data, filename=name), caption=caption[1],
+                                                 **where)
         except TelegramError as exc:
             log.warning("telegram: sending %s to chat %s failed: %s", name, route["chat_id"], exc)
 

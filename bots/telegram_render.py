@@ -1,24 +1,24 @@
 """What the Telegram chat sees of a run: the progress message, the answer in safe HTML split at line boundaries,
-and the execution log — pure functions, no network, so the rules (4,096 characters, escaping) live in one place.
+and the caption of the execution log's one document (bots/run_log.py) — pure functions, no network, so the rules
+(4,096 characters a message, 1,024 a caption, escaping) live in one place.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from agent_core.events import (
     EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
+from bots.run_log import RunLog
 
 MAX_TEXT = 4096  # Telegram's limit for a message, counted after entity parsing
 MAX_CAPTION = 1024
 # An answer needing more messages than this goes out as a document (with a short preview message).
 MAX_ANSWER_PARTS = 4
-MAX_LOG_MESSAGES = 4
 PREVIEW_CHARS = 1500
 PROGRESS_LINES = 30  # the progress message keeps the newest lines; the log has everything
 
@@ -209,77 +209,49 @@ class Progress:
 
 # --------------------------------------------------------------------------------------------- the log
 
-
-def _output_text(step: dict[str, Any]) -> str:
-    raw = step.get("output_json")
-    if raw is None:
-        return ""
-    try:
-        return json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
-    except ValueError:
-        return raw
+_STEP_MARKS = {"ok": "✅", "failed": "❌", "timeout": "⌛", "cancelled": "🚫"}
+_APPROVAL_MARKS = {"approved": "✅", "denied": "🚫", "timeout": "⌛", "pending": "🔐"}
+LOG_LINE_CHARS = 300  # one step, verdict or approval line of the caption at most
 
 
-def _step_sections(step: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(label, language, body) of what a step left: code, output, stdout, stderr, error and traceback."""
-    sections = [("Code", "python", step.get("code") or "")]
-    for label, language, body in (("Output", "json", _output_text(step)), ("stdout", "", step.get("stdout") or ""),
-                                  ("stderr", "", step.get("stderr") or ""), ("Error", "", step.get("error") or ""),
-                                  ("Traceback", "", step.get("traceback") or "")):
-        if body.strip():
-            sections.append((label, language, body.rstrip()))
-    return sections
+def utf16_length(text: str) -> int:
+    """Telegram counts message and caption lengths in UTF-16 code units (an emoji outside the BMP is two)."""
+    return len(text.encode("utf-16-le")) // 2
 
 
-def _step_title(step: dict[str, Any]) -> str:
-    status = step.get("status") or "?"
-    return (f"Step {step.get('iteration')}.{(step.get('position') or 0) + 1} {step.get('tool_name')} — "
-            f"{status}, {step.get('duration_ms') or 0} ms")
-
-
-def step_html(step: dict[str, Any]) -> str:
-    out = [f"<b>{escape(_step_title(step))}</b>"]
-    if step.get("description"):
-        out.append(f"<i>{escape(step['description'])}</i>")
-    for label, language, body in _step_sections(step):
-        if language:
-            out.append(f'{label}:\n<pre><code class="language-{language}">{escape(body)}</code></pre>')
+def log_caption(log: RunLog) -> tuple[str, str]:
+    """The caption of the run's one log document, as (HTML, plain fallback): the steps with status and duration,
+    the evaluator's verdicts, the approvals, then tokens with cost and the settings the run had. Every field is
+    escaped; it fits Telegram's 1,024-character caption limit (visible text), and lines that do not fit are
+    replaced by a marker saying how many more the document holds."""
+    head = [("<b>Execution log</b> · " + escape(log.status), f"Execution log · {log.status}")]
+    body: list[str] = []
+    for step in log.steps:
+        mark = _STEP_MARKS.get(step.status, "·")
+        error = f": {step.error}" if step.error and step.status != "ok" else ""
+        body.append(f"{mark} {step.iteration}.{step.number} {step.name} · {step.status}, "
+                    f"{step.duration_ms / 1000:.1f} s{error}")
+    for verdict in log.verdicts:
+        if verdict.satisfactory:
+            body.append(f"☑️ iteration {verdict.iteration}: satisfactory")
         else:
-            out.append(f"{label}:\n<pre>{escape(body)}</pre>")
-    return "\n".join(out)
-
-
-def log_markdown(run: dict[str, Any], steps: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> str:
-    """The whole execution log as one Markdown document: each iteration's steps, then its evaluation."""
-    out = [f"# Execution log of run {run['id']}", "", f"Task: {run['task']}", "", f"Status: {run['status']}"]
-    judged = {e["iteration"]: e for e in evaluations}
-    for iteration in sorted({s.get("iteration") or 0 for s in steps}):
-        for step in (s for s in steps if (s.get("iteration") or 0) == iteration):
-            out += ["", f"## {_step_title(step)}"]
-            if step.get("description"):
-                out += ["", step["description"]]
-            for label, language, body in _step_sections(step):
-                fence = "````" if "```" in body else "```"
-                out += ["", f"{label}:", "", f"{fence}{language}", body, fence]
-        verdict = judged.get(iteration)
-        if verdict is not None:
-            verdict_text = "satisfactory" if verdict["satisfactory"] else "not satisfactory"
-            out += ["", f"Evaluation of iteration {iteration}: {verdict_text} — {verdict['thoughts']}"]
-    return "\n".join(out) + "\n"
-
-
-@dataclass(frozen=True)
-class LogPlan:
-    messages: list[str]  # HTML messages, one per step
-    document: bytes | None = None
-
-
-def log_plan(run: dict[str, Any], steps: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> LogPlan:
-    """One reply per step while that stays short; otherwise a single `.md` document."""
-    if not steps:
-        return LogPlan([])
-    messages = [step_html(step) for step in steps]
-    visible = [len(html.unescape(m)) for m in messages]  # an upper bound: the tags are counted too
-    if len(messages) <= MAX_LOG_MESSAGES and max(visible) <= MAX_TEXT:
-        return LogPlan(messages)
-    return LogPlan([], log_markdown(run, steps, evaluations).encode())
+            retry = f" (retry from {verdict.retry_from})" if verdict.retry_from else ""
+            body.append(f"🔁 iteration {verdict.iteration}: not yet{retry} — {verdict.thoughts}")
+    for approval in log.approvals:
+        who = f" by {approval.decided_by.split(':')[-1]}" if approval.decided_by else ""
+        body.append(f"{_APPROVAL_MARKS.get(approval.status, '🔐')} {approval.tool}: {approval.status}{who}")
+    tail = [clip(log.tokens_line(), 400)] + ([clip(f"Settings: {log.settings}", 300)] if log.settings else [])
+    body = [clip(line, LOG_LINE_CHARS) for line in body]
+    room = MAX_CAPTION - sum(utf16_length(plain) + 1 for _, plain in head) - sum(utf16_length(t) + 1 for t in tail)
+    kept: list[str] = []
+    for index, line in enumerate(body):
+        left = len(body) - index - 1
+        marker = utf16_length(f"… {left} more in the file") + 1 if left else 0
+        if utf16_length(line) + 1 + marker > room:
+            kept.append(f"… {len(body) - index} more in the file")
+            break
+        kept.append(line)
+        room -= utf16_length(line) + 1
+    html_lines = [h for h, _ in head] + [escape(line) for line in kept + tail]
+    plain_lines = [p for _, p in head] + kept + tail
+    return "\n".join(html_lines), "\n".join(plain_lines)

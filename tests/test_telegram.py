@@ -154,12 +154,6 @@ def finished_run(server: Serve, tg: FakeTelegram, update: dict[str, Any]) -> dic
     return server.wait_status(run["id"], timeout=WAIT)
 
 
-def answer_calls(tg: FakeTelegram, chat_id: int, task_message_id: int) -> list[Call]:
-    """The answer: messages replying to the task, without the progress message's Cancel button."""
-    return [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == task_message_id
-            and not c.params.get("reply_markup")]
-
-
 def progress_call(tg: FakeTelegram, chat_id: int, task_message_id: int) -> Call:
     (call,) = [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == task_message_id
                and c.params.get("reply_markup")]
@@ -167,10 +161,29 @@ def progress_call(tg: FakeTelegram, chat_id: int, task_message_id: int) -> Call:
 
 
 def final_edit(tg: FakeTelegram, server: Serve, chat_id: int, message_id: int) -> Call:
-    """The progress message's last edit (the one without the Cancel button)."""
+    """The progress message's last edit (the one without the Cancel button): the answer, or what ended the run."""
     return wait_calls(tg, lambda c: c.method == "editMessageText" and c.chat_id == chat_id
                       and c.params["message_id"] == message_id and not c.params.get("reply_markup"),
                       "the final progress edit", server)[-1]
+
+
+def answer_parts(tg: FakeTelegram, server: Serve, chat_id: int, update: dict[str, Any], count: int = 1) -> list[Call]:
+    """The answer: the progress message edited into its first part, then the further parts replying to it."""
+    task_id = update["message"]["message_id"]
+    progress_id = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id
+                             and c.reply_to == task_id and c.params.get("reply_markup"), "the progress message",
+                             server)[0].result["message_id"]
+    first = final_edit(tg, server, chat_id, progress_id)
+    if count > 1:
+        wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id and c.reply_to == progress_id,
+                   "the further answer parts", server, count=count - 1)
+    return [first] + [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == progress_id]
+
+
+def log_documents(tg: FakeTelegram, server: Serve, chat_id: int, reply_to: int) -> list[Call]:
+    """The run's log: sendDocument of run-<id>-log.md replying to the answer (waited for)."""
+    return wait_calls(tg, lambda c: c.method == "sendDocument" and c.chat_id == chat_id and c.reply_to == reply_to
+                      and c.files["document"][0].endswith("-log.md"), "the log document", server)
 
 
 def without_footer(text: str) -> str:
@@ -198,7 +211,7 @@ def test_start_registers_commands_and_polls(bot, tg):
     assert tg.calls_of("deleteWebhook"), "long polling starts by removing any webhook"
 
 
-def test_private_task_gets_progress_edits_answer_and_log(bot, tg):
+def test_private_task_progress_becomes_the_answer_with_one_log_document(bot, tg):
     chat, user = private(tg, 7001)
     update = ask(tg, chat, user, "job tag=P1 sleep=3")
     task_id = update["message"]["message_id"]
@@ -209,19 +222,30 @@ def test_private_task_gets_progress_edits_answer_and_log(bot, tg):
     button = progress.params["reply_markup"]["inline_keyboard"][0][0]
     assert button["text"] == "Cancel" and button["callback_data"] == f"cancel:{run['id']}"
     progress_id = progress.result["message_id"]
-    last = final_edit(tg, bot, 7001, progress_id)
-    assert last.params["text"].startswith("✅ Done") and "work" in last.params["text"]
     edits = [c for c in tg.calls_of("editMessageText", 7001) if c.params["message_id"] == progress_id]
-    assert any("1/1 work" in c.params["text"] and c.params.get("reply_markup") for c in edits[:-1]), \
+    assert any("1/1 work" in c.params["text"] and c.params.get("reply_markup") for c in edits), \
         "a step shows up in the progress message while the run is going"
 
-    (answer,) = answer_calls(tg, 7001, task_id)
-    assert answer.params["parse_mode"] == "HTML"
+    # The progress message becomes the answer (HTML, the Cancel button gone): no separate answer message.
+    (answer,) = answer_parts(tg, bot, 7001, update)
+    assert answer.params["message_id"] == progress_id and answer.params["parse_mode"] == "HTML"
     assert visible_text(answer).startswith("tag P1")
     assert f'<a href="{PUBLIC_URL}/runs/' in answer.params["text"]
-    logs = wait_calls(tg, lambda c: c.chat_id == 7001 and c.reply_to == answer.result["message_id"],
-                      "the execution log", bot)
-    assert "def work" in visible_text(logs[0]) and "Step 1.1 work" in visible_text(logs[0])
+    assert not [c for c in tg.calls_of("sendMessage", 7001) if c.reply_to == task_id and c is not progress]
+
+    # The log: exactly one reply, one .md document with the whole detail, a caption summing the run up.
+    (log,) = log_documents(tg, bot, 7001, progress_id)
+    assert log.files["document"][0] == f"run-{run['id']}-log.md"
+    document = log.files["document"][1].decode()
+    assert document.startswith(f"# Execution log of run {run['id']}") and "def work" in document
+    assert "### Step 1.1 work — ok" in document
+    caption = visible_text(log)
+    assert log.params["parse_mode"] == "HTML" and caption.startswith("Execution log · succeeded")
+    assert re.search(r"✅ 1\.1 work · ok, \d+\.\d s", caption), caption
+    assert "☑️ iteration 1: satisfactory" in caption and "2 LLM calls · " in caption and "tokens" in caption
+    assert "Settings: model fake-model · " in caption
+    replies = [c for c in tg.sent_to(7001) if c.method.startswith("send") and c.reply_to == progress_id]
+    assert replies == [log], "the answer's only reply is the log document"
 
 
 def test_group_run_for_this_bot_only(bot, tg):
@@ -230,8 +254,8 @@ def test_group_run_for_this_bot_only(bot, tg):
     chatter = ask(tg, group, user, "good morning, team")
     mine = ask(tg, group, user, f"/run@{BOT} job tag=G1")
     assert finished_run(bot, tg, mine)["status"] == "succeeded"
-    (answer,) = wait_calls(tg, lambda c: c.reply_to == mine["message"]["message_id"] and c.chat_id == -1001001
-                           and "tag G1" in visible_text(c), "the group answer", bot)
+    (answer,) = answer_parts(tg, bot, -1001001, mine)
+    assert "tag G1" in visible_text(answer)
 
     text = f"@{BOT} job tag=G2"
     mention = ask(tg, group, user, text, entities=[{"type": "mention", "offset": 0, "length": len(BOT) + 1}])
@@ -255,14 +279,12 @@ def test_topic_replies_carry_the_thread_id(bot, tg):
     assert [r["conversation"] for r in runs] == ["telegram:-1001002:77", "telegram:-1001002:78"]
     for update, thread in ((first, 77), (second, 78)):
         task_id = update["message"]["message_id"]
-        answer = wait_calls(tg, lambda c: c.chat_id == -1001002 and c.reply_to == task_id and
-                            not c.params.get("reply_markup"), "the topic answer", bot)[0]
-        wait_calls(tg, lambda c: c.chat_id == -1001002 and c.reply_to == answer.result["message_id"], "the log", bot)
-        progress = progress_call(tg, -1001002, task_id)
-        final_edit(tg, bot, -1001002, progress.result["message_id"])
+        (answer,) = answer_parts(tg, bot, -1001002, update)
+        assert visible_text(answer).startswith(f"tag T{thread - 76}")
+        log_documents(tg, bot, -1001002, answer.params["message_id"])
         mine = [c for c in tg.sent_to(-1001002) if c.method.startswith("send")
-                and c.reply_to in (task_id, answer.result["message_id"])]
-        assert len(mine) >= 3 and all(c.params.get("message_thread_id") == thread for c in mine), mine
+                and c.reply_to in (task_id, answer.params["message_id"])]
+        assert len(mine) == 2 and all(c.params.get("message_thread_id") == thread for c in mine), mine
 
 
 def test_follow_up_sees_the_history(bot, tg, llm):
@@ -279,8 +301,8 @@ def test_long_answer_is_split_at_lines_and_nothing_is_lost(bot, tg):
     assert len(LONG_ANSWER) >= 9_900
     update = ask(tg, chat, user, "job answer=long")
     finished_run(bot, tg, update)
-    parts = wait_calls(tg, lambda c: c.chat_id == 7003 and c.reply_to == update["message"]["message_id"]
-                       and not c.params.get("reply_markup"), "the answer parts", bot, count=3)
+    parts = answer_parts(tg, bot, 7003, update, count=3)
+    assert all(c.reply_to == parts[0].params["message_id"] for c in parts[1:]), "further parts reply to the first"
     assert 3 <= len(parts) <= 4 and all(c.params["parse_mode"] == "HTML" for c in parts)
     texts = [visible_text(c) for c in parts]
     assert all(len(t) <= 4096 for t in texts)
@@ -295,7 +317,8 @@ def test_huge_answer_goes_out_as_a_document(bot, tg):
     (document,) = wait_calls(tg, lambda c: c.method == "sendDocument" and c.chat_id == 7004
                              and c.files["document"][0] == "answer.md", "answer.md", bot)
     assert document.files["document"][1].decode() == HUGE_ANSWER
-    (preview,) = answer_calls(tg, 7004, update["message"]["message_id"])
+    (preview,) = answer_parts(tg, bot, 7004, update)
+    assert document.reply_to == preview.params["message_id"]
     assert "answer.md" in visible_text(preview) and visible_text(preview).startswith("row 0000 & more <data>")
 
 
@@ -303,19 +326,18 @@ def test_markup_in_answers_is_rendered_literally(bot, tg):
     chat, user = private(tg, 7005)
     update = ask(tg, chat, user, "job answer=tricky")
     finished_run(bot, tg, update)
-    (answer,) = wait_calls(tg, lambda c: c.chat_id == 7005 and c.reply_to == update["message"]["message_id"]
-                           and not c.params.get("reply_markup"), "the answer", bot)
+    (answer,) = answer_parts(tg, bot, 7005, update)
     assert answer.params["parse_mode"] == "HTML" and "&lt;b&gt;not bold&lt;/b&gt;" in answer.params["text"]
     assert without_footer(visible_text(answer)) == TRICKY_ANSWER
 
     # When Telegram rejects the markup anyway, the same answer goes out as plain text.
-    tg.fail_next("sendMessage", code=400, description="Bad Request: can't parse entities: unsupported start tag",
+    tg.fail_next("editMessageText", code=400, description="Bad Request: can't parse entities: unsupported start tag",
                  when=lambda params: params.get("parse_mode") == "HTML" and params.get("chat_id") == 7005)
     again = ask(tg, chat, user, "job answer=tricky again")
     finished_run(bot, tg, again)
-    (plain,) = wait_calls(tg, lambda c: c.chat_id == 7005 and c.reply_to == again["message"]["message_id"]
-                          and not c.params.get("reply_markup") and "parse_mode" not in c.params
-                          and c.params["text"].startswith("If a"), "the plain-text answer", bot)
+    (plain,) = answer_parts(tg, bot, 7005, again)
+    assert "parse_mode" not in plain.params and [c for c in tg.calls_of("editMessageText", 7005, ok=False)
+                                                 if c.params["message_id"] == plain.params["message_id"]]
     assert without_footer(plain.params["text"]) == TRICKY_ANSWER
 
 
@@ -359,9 +381,9 @@ def test_cancel_button_cancels_the_run(bot, tg):
     (answered,) = wait_calls(tg, lambda c: c.method == "answerCallbackQuery", "answerCallbackQuery", bot)
     assert answered.params["callback_query_id"] == query["id"]
     last = final_edit(tg, bot, 7007, progress.result["message_id"])
-    assert last.params["text"].startswith("🚫 Cancelled")
-    wait_calls(tg, lambda c: c.chat_id == 7007 and c.reply_to == update["message"]["message_id"]
-               and c.params["text"].startswith("Cancelled"), "the cancellation reply", bot)
+    assert last.params["text"].startswith("Cancelled")  # the progress message says so: no other message
+    log_documents(tg, bot, 7007, progress.result["message_id"])  # a step ran: its log
+    assert [c.method for c in tg.sent_to(7007) if c.method.startswith("send")] == ["sendMessage", "sendDocument"]
 
 
 def test_only_the_asker_or_an_admin_may_cancel_in_a_group(bot, tg):
@@ -420,7 +442,9 @@ def test_cancel_command_cancels_running_and_queued_tasks(bot, tg):
     assert reply.params["text"] == "Cancelling 2 tasks."
     for update, call in zip((running, queued), progress):
         assert finished_run(bot, tg, update)["status"] == "cancelled"
-        assert final_edit(tg, bot, 7010, call.result["message_id"]).params["text"].startswith("🚫 Cancelled")
+        assert final_edit(tg, bot, 7010, call.result["message_id"]).params["text"].startswith("Cancelled")
+    # The queued one never ran: no log for it.
+    assert not [c for c in tg.calls_of("sendDocument", 7010) if c.reply_to == progress[1].result["message_id"]]
 
 
 def test_plot_artifact_is_sent_as_a_photo(bot, tg):
@@ -430,8 +454,8 @@ def test_plot_artifact_is_sent_as_a_photo(bot, tg):
     (photo,) = wait_calls(tg, lambda c: c.method == "sendPhoto" and c.chat_id == 7008, "sendPhoto", bot)
     name, data = photo.files["photo"]
     assert name == "plot.png" and data.startswith(b"\x89PNG") and photo.params["caption"] == "plot.png"
-    (answer,) = answer_calls(tg, 7008, update["message"]["message_id"])
-    assert photo.reply_to == answer.result["message_id"]
+    (answer,) = answer_parts(tg, bot, 7008, update)
+    assert photo.reply_to == answer.params["message_id"]
 
 
 def test_rate_limits_are_waited_out(bot, tg):
@@ -460,7 +484,7 @@ def test_the_progress_message_shows_a_slow_llm_and_clears_it_once_it_answers(bot
     assert waiting and waiting[0].startswith("⏳ Working"), texts  # after 5 s of waiting, the progress line says so
     later = texts[texts.index(waiting[0]) + 1:]
     assert later and all("waiting for the LLM" not in t for t in later), texts  # gone once the plan came
-    assert later[-1].startswith("✅ Done")
+    assert later[-1].startswith("tag SLOW")  # the progress message became the answer
 
 
 def test_commands(bot, tg):
@@ -567,11 +591,10 @@ def test_a_restart_tells_the_chat_its_run_was_interrupted(llm, tmp_path):
             second.wait_ready()
             second.db = db
             assert second.run(run["id"])["status"] == "interrupted"
-            note = wait_calls(fake, lambda c: c.chat_id == 7401 and "restarted" in c.params.get("text", "")
-                              and c.method == "sendMessage", "the interruption note", second)[0]
-            assert note.reply_to == update["message"]["message_id"]
             last = final_edit(fake, second, 7401, progress.result["message_id"])
-            assert last.params["text"].startswith("⚠️ Interrupted")
+            assert "restarted" in last.params["text"]  # the progress message tells it
+            assert not [c for c in fake.calls_of("sendMessage", 7401) if c.reply_to == update["message"]["message_id"]
+                        and c is not progress]
         finally:
             second.close()
 
@@ -593,12 +616,9 @@ def test_a_stop_while_a_file_arrives_says_it_never_arrived_and_a_redelivery_does
         finally:
             first.close()  # SIGTERM: a graceful stop while the download is stalled
         assert runs_where(db, "id = ?", (run["id"],))[0]["status"] == "interrupted"
-        note = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7402
-                          and "files were being received" in c.params.get("text", ""), "the note", first)[0]
-        assert note.reply_to == update["message"]["message_id"] and "nothing was run" in note.params["text"]
         progress = progress_call(fake, 7402, update["message"]["message_id"])
         last = final_edit(fake, first, 7402, progress.result["message_id"])
-        assert last.params["text"].startswith("⚠️ Interrupted") and "📎 slow.csv" in last.params["text"]
+        assert "files were being received" in last.params["text"] and "nothing was run" in last.params["text"]
         fake.release()
 
         second = Serve(telegram_env(llm, db, fake.api_url, UID_BASE + 768), tmp_path / "serve-2.log", tmp_path)
@@ -629,20 +649,28 @@ def test_split_keeps_every_character_and_respects_the_escaped_limit():
     assert chunks[-1].endswith("word \n\n\nshort line")  # lines stay whole where they fit
 
 
-def test_a_long_log_becomes_one_markdown_document():
-    from bots.telegram_render import log_plan
+def test_the_log_caption_is_escaped_and_clipped_to_telegrams_caption_limit(tmp_path):
+    from bots.run_log import run_log
+    from bots.telegram_render import html_to_plain, log_caption, utf16_length
+    from storage.db import Storage
 
-    run = {"id": "r1", "task": "many steps", "status": "succeeded"}
-    steps = [{"iteration": 1, "position": i, "tool_name": f"step_{i}", "description": "d", "code": "x = 1 < 2\n",
-              "status": "ok", "output_json": json.dumps({"i": i}), "stdout": "", "stderr": "", "error": None,
-              "traceback": None, "duration_ms": 5} for i in range(6)]
-    evaluations = [{"iteration": 1, "satisfactory": 1, "thoughts": "fine"}]
-    plan_ = log_plan(run, steps, evaluations)
-    assert not plan_.messages and plan_.document is not None
-    document = plan_.document.decode()
-    assert all(f"step_{i}" in document for i in range(6)) and "x = 1 < 2" in document
-    assert "Evaluation of iteration 1: satisfactory — fine" in document
-    assert log_plan(run, steps[:2], evaluations).messages  # short logs stay messages
+    storage = Storage(tmp_path / "autocode.db")
+    run_id = storage.create_run("telegram:1", "many steps")
+    for i in range(40):
+        storage.add_step({"run_id": run_id, "iteration": 1, "position": i, "tool_name": f"step_{i}", "code": "x = 1",
+                          "status": "ok" if i % 2 else "failed", "error": "<b>bad</b> & 🔥" * 3, "duration_ms": 1500})
+    storage.add_evaluation({"run_id": run_id, "iteration": 1, "satisfactory": 0, "thoughts": "a < b", "retry_from": None})
+    storage.add_llm_call({"run_id": run_id, "iteration": 1, "purpose": "planner", "model": "m", "prompt_tokens": 10,
+                          "completion_tokens": 5, "duration_ms": 1})
+    storage.finish_run(run_id, "failed", None, "x", 1)
+    caption, plain = log_caption(run_log(storage, run_id))
+    assert html_to_plain(caption) == plain and utf16_length(plain) <= 1024
+    assert "&lt;b&gt;bad&lt;/b&gt; &amp; 🔥" in caption and "<b>bad</b>" not in caption
+    assert plain.startswith("Execution log · failed\n❌ 1.1 step_0 · failed, 1.5 s: <b>bad</b>")
+    assert re.search(r"\n… \d+ more in the file\n1 LLM call · 10 \+ 5 tokens", plain), plain
+    # A short run keeps every line.
+    short = run_log(storage, storage.create_run("telegram:1", "one"))
+    assert log_caption(short)[1] == "Execution log · running\n0 LLM calls · 0 + 0 tokens"
 
 
 def test_an_unreachable_bot_api_does_not_take_the_server_down(llm, tmp_path):
@@ -694,9 +722,7 @@ def _send_document(tg, chat, user, data: bytes, name: str, caption: str | None, 
 
 def _answer(tg: FakeTelegram, server: Serve, chat_id: int, update: dict[str, Any]) -> Call:
     """The answer to an update (the run can be stored finished a moment before its answer is sent)."""
-    task_id = update["message"]["message_id"]
-    return wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id and c.reply_to == task_id
-                      and not c.params.get("reply_markup"), "the answer", server)[0]
+    return answer_parts(tg, server, chat_id, update)[0]
 
 
 def _file_path(update: dict[str, Any]) -> str:
@@ -715,7 +741,7 @@ def test_a_document_with_a_caption_is_a_task_on_the_file(bot, tg, llm):
     answer = _answer(tg, bot, 7101, update)
     assert "sales.csv: region,month,amount" in visible_text(answer)  # the step read inputs/sales.csv
     assert tg.downloads.count(_file_path(update)) == 1
-    assert answer_calls(tg, 7101, update["message"]["message_id"]) == [answer]
+    assert answer_parts(tg, bot, 7101, update) == [answer]
     # The fake serves the bytes only with the bot's token, as Telegram does.
     url = f"{tg.origin}/file/bot{{}}/{_file_path(update)}"
     assert httpx.get(url.format(TOKEN), timeout=10).content == CSV
@@ -873,8 +899,7 @@ def test_a_file_still_arriving_shows_receiving_and_can_be_cancelled(bot, tg):
     query = tg.callback(user, progress.result, f"cancel:{run['id']}")
     tg.queue(tg.update(callback_query=query))
     assert bot.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
-    wait_calls(tg, lambda c: c.chat_id == 7110 and c.reply_to == task_id and c.params["text"].startswith("Cancelled"),
-               "the cancellation reply", bot)
+    assert final_edit(tg, bot, 7110, progress.result["message_id"]).params["text"].startswith("Cancelled")
     tg.release()
     conversation = run["conversation"]
     assert not db_rows(bot.db, "SELECT * FROM workspace_files WHERE conversation = ?", (conversation,))
