@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_MODEL = "gpt-4o-mini"
+# What a new Slack assistant thread suggests (title, the message it sends); AUTOCODE_SLACK_SUGGESTED_PROMPTS.
+DEFAULT_SUGGESTED_PROMPTS: tuple[tuple[str, str], ...] = (
+    ("Analyse a file", "I will attach a CSV or Excel file: tell me its columns, totals and anything unusual."),
+    ("Make a chart", "Make a bar chart of the populations of Germany, France, Italy, Spain and Poland."),
+    ("Compute something", "Which two of these offices are closest to each other? Paris 48.8566,2.3522; "
+                          "London 51.5072,-0.1276; Berlin 52.52,13.405; Madrid 40.4168,-3.7038"),
+)
+SUGGESTED_PROMPTS_MAX = 4  # Slack shows at most four
 
 LLM_SETUP_HELP = """\
 No LLM is configured. AutoCode talks to any OpenAI-compatible endpoint:
@@ -73,6 +81,34 @@ def _money(env: Mapping[str, str], name: str) -> float:
 def _names(env: Mapping[str, str], name: str) -> frozenset[str]:
     """A comma list (an allowlist); empty means everyone."""
     return frozenset(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _prompts(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """Suggested prompts: a JSON list of {"title": …, "message": …} (or strings, title and message alike), at
+    most four; "off" or [] for none; empty for the defaults."""
+    import json
+
+    raw = env.get(name, "").strip()
+    if not raw:
+        return DEFAULT_SUGGESTED_PROMPTS
+    if raw.lower() == "off":
+        return ()
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        items = None
+    prompts: list[tuple[str, str]] = []
+    for item in items if isinstance(items, list) else [None]:
+        if isinstance(item, str):
+            item = {"title": item, "message": item}
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip()
+                                                  for k in ("title", "message")):
+            raise ConfigError(f'{name} must be a JSON list of {{"title": "…", "message": "…"}} (or of strings), '
+                              f"or off, got {raw[:80]!r}")
+        prompts.append((item["title"].strip(), item["message"].strip()))
+    if len(prompts) > SUGGESTED_PROMPTS_MAX:
+        raise ConfigError(f"{name} lists {len(prompts)} prompts; Slack shows at most {SUGGESTED_PROMPTS_MAX}")
+    return tuple(prompts)
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -151,6 +187,8 @@ class Settings:
     slack_allowed_users: frozenset[str] = frozenset()
     slack_admin_users: frozenset[str] = frozenset()  # may cancel and re-run anyone's runs
     slack_thread_replies: str = "auto"  # mention|auto|all: which replies in an AutoCode thread start a run
+    # (title, message) pairs a new assistant thread suggests (bots/slack_assistant.py); () for none
+    slack_suggested_prompts: tuple[tuple[str, str], ...] = DEFAULT_SUGGESTED_PROMPTS
     # Telegram
     telegram_bot_token: str | None = field(default=None, repr=False)
     telegram_webhook_url: str | None = None
@@ -228,6 +266,7 @@ class Settings:
             slack_allowed_users=_names(env, "SLACK_ALLOWED_USERS"),
             slack_admin_users=_names(env, "SLACK_ADMIN_USERS"),
             slack_thread_replies=_choice(env, "AUTOCODE_SLACK_THREAD_REPLIES", ("mention", "auto", "all"), "auto"),
+            slack_suggested_prompts=_prompts(env, "AUTOCODE_SLACK_SUGGESTED_PROMPTS"),
             telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN", "").strip() or None,
             telegram_webhook_url=env.get("TELEGRAM_WEBHOOK_URL", "").strip() or None,
             telegram_webhook_secret=env.get("TELEGRAM_WEBHOOK_SECRET", "").strip() or None,

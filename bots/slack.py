@@ -51,12 +51,13 @@ from agent_core.events import (
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots import slack_render as render
+from bots.slack_assistant import SlackAssistant
 from bots.permissions import may_act_on_run, refusal_text
 
 log = logging.getLogger(__name__)
 
 UPDATE_INTERVAL = 1.0  # seconds between chat.update calls on one message
-BOT_SCOPES = ["app_mentions:read", "channels:history", "chat:write", "commands", "files:read", "files:write",
+BOT_SCOPES = ["app_mentions:read", "assistant:write", "channels:history", "chat:write", "commands", "files:read", "files:write",
               "groups:history", "im:history", "mpim:history"]
 SUBCOMMANDS = ("help", "reset", "history", "usage", "cancel")
 HELP = (
@@ -258,6 +259,8 @@ class SlackAdapter:
             app = AsyncApp(**options)
         finally:
             logging.disable(logging.NOTSET)
+        self.assistant = SlackAssistant(self)  # assistant threads (bots/slack_assistant.py)
+        app.assistant(self.assistant.middleware)
         app.command("/autocode")(self._on_command)
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
@@ -313,6 +316,7 @@ class SlackAdapter:
         if self._session is not None:
             await self._session.close()
         self.threads.close()
+        self.assistant.close()
 
     async def notify_interrupted(self, run: dict[str, Any]) -> None:
         route = self.storage.reply_to(run["id"])
