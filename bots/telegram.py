@@ -43,13 +43,17 @@ from telegram.error import BadRequest, InvalidToken, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from agent_core import uploads
-from agent_core.pricing import prices_for
+from agent_core.budget import monthly_status
+from agent_core.channel_settings import SettingError, scope_of
+from agent_core.pricing import prices_for, spend
 from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots.permissions import may_act_on_run, refusal_text
 from bots.run_log import run_log
-from bots.telegram_render import FilesReceived, Progress, answer_plan, failure_text, html_to_plain, log_caption
+from bots.telegram_render import (
+    SETTINGS_USAGE, FilesReceived, Progress, answer_plan, failure_text, html_to_plain, log_caption, settings_text,
+)
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, and Bot API URLs contain the token.
@@ -65,7 +69,8 @@ COMMANDS = [
     ("run", "Run a task: /run what to do"),
     ("cancel", "Cancel your running task"),
     ("history", "Recent tasks in this conversation"),
-    ("usage", "LLM token usage"),
+    ("usage", "LLM tokens and their cost"),
+    ("settings", "This chat's settings (model, tools, budget)"),
     ("reset", "Forget this conversation's history and files"),
     ("help", "How to use AutoCode"),
 ]
@@ -75,7 +80,8 @@ HELP = (
     "messages. Each forum topic is its own conversation.\n\n"
     "Send a document or photo with the task as its caption (in a private chat, a file alone will do): the steps "
     "read it, and follow-ups here can use it again.\n\n"
-    "/cancel stops your running task · /history lists recent tasks · /usage shows token usage · "
+    "/cancel stops your running task · /history lists recent tasks · /usage shows tokens and their cost · "
+    "/settings shows this chat's model, tools and budget (admins change them) · "
     "/reset forgets this conversation's history and files."
 )
 FILES_TASK = "Analyse the attached file and tell me what it contains."
@@ -401,7 +407,8 @@ class TelegramAdapter:
             return
         if name and name != "run":
             handler = getattr(self, f"_command_{name}", None)
-            reply = handler(route, user) if handler else "I don't know that command; /help lists what I understand."
+            reply = handler(route, user, rest) if handler else \
+                "I don't know that command; /help lists what I understand."
             self._spawn(self._answer_command(route, reply))
             return
         if files:
@@ -653,16 +660,16 @@ class TelegramAdapter:
         log.warning("telegram: getUpdates failed (PTB retries): %s", error)
 
     # --- commands (they return the reply text) ----------------------------------------------------------------
-    def _command_start(self, route: dict[str, Any], user: User) -> str:
+    def _command_start(self, route: dict[str, Any], user: User, rest: str = "") -> str:
         return HELP
 
     _command_help = _command_start
 
-    def _command_reset(self, route: dict[str, Any], user: User) -> str:
+    def _command_reset(self, route: dict[str, Any], user: User, rest: str = "") -> str:
         removed = self.storage.clear_conversation(conversation_key(route["chat_id"], route["thread_id"]))
         return f"History and files cleared ({removed} messages). The next task starts fresh."
 
-    def _command_history(self, route: dict[str, Any], user: User) -> str:
+    def _command_history(self, route: dict[str, Any], user: User, rest: str = "") -> str:
         runs = self.storage.list_runs(conversation_key(route["chat_id"], route["thread_id"]), limit=10)
         if not runs:
             return "No tasks yet in this conversation."
@@ -670,15 +677,60 @@ class TelegramAdapter:
                  f"{' '.join(r['task'].split())[:80]}" for r in runs]
         return "Recent tasks here (newest first):\n" + "\n".join(lines)
 
-    def _command_usage(self, route: dict[str, Any], user: User) -> str:
-        used = self.scheduler.daily_tokens(f"telegram:{user.id}")
+    def _command_usage(self, route: dict[str, Any], user: User, rest: str = "") -> str:
+        """Tokens (last 24 h against the daily budget), this month's cost against the user's money budget
+        (AUTOCODE_MONTHLY_BUDGET_PER_USER) and the chat's (its settings), and this conversation's totals."""
+        conversation = conversation_key(route["chat_id"], route["thread_id"])
+        key = f"telegram:{user.id}"
+        used = self.scheduler.daily_tokens(key)
         budget = self.settings.daily_tokens_per_user
-        mine = f"Your LLM tokens in the last 24 hours: {used:,}" + (f" of {budget:,}." if budget else ".")
-        here = self.storage.tokens_used(conversation=conversation_key(route["chat_id"], route["thread_id"]))
-        return (f"{mine}\nThis conversation: {here['runs']} tasks, {here['llm_calls']} LLM calls, "
-                f"{here['prompt_tokens'] + here['completion_tokens']:,} tokens.")
+        lines = [f"Your LLM tokens in the last 24 hours: {used:,}" + (f" of {budget:,}." if budget else ".")]
+        here = self.storage.tokens_used(conversation=conversation)
+        totals = (f"This conversation: {here['runs']} tasks, {here['llm_calls']} LLM calls, "
+                  f"{here['prompt_tokens'] + here['completion_tokens']:,} tokens")
+        try:
+            prices = prices_for(self.settings)
+        except Exception as exc:  # an unreadable price table: tokens only
+            log.warning("telegram: /usage without prices: %s", exc)
+            return "\n".join([*lines, totals + "."])
+        scope = scope_of(conversation)
+        chat_budget = self.scheduler.agent.channel_settings.effective_for_scope(scope).budget_usd
+        lines.append(f"You: {monthly_status(self.storage, self.settings, user=key).describe()}.")
+        chat = monthly_status(self.storage, self.settings, scope=scope, budget_usd=chat_budget)
+        lines.append(f"This chat: {chat.describe()}.")
+        lines.append(f"{totals}, {spend(self.storage, prices, conversation=conversation).describe()}.")
+        return "\n".join(lines)
 
-    def _command_cancel(self, route: dict[str, Any], user: User) -> str:
+    def _command_settings(self, route: dict[str, Any], user: User, rest: str = "") -> str:
+        """`/settings` shows the chat's effective settings and what may be chosen; `/settings set NAME VALUE`
+        and `/settings reset [NAME]` change them, for TELEGRAM_ADMIN_USERS only (agent_core/channel_settings.py:
+        the values are checked there, and its SettingError sentence is the reply). A forum's topics share the
+        chat's settings."""
+        store = self.scheduler.agent.channel_settings
+        scope = scope_of(conversation_key(route["chat_id"], route["thread_id"]))
+        words = rest.split(None, 2)
+        verb = words[0].lower() if words else ""
+        admin = str(user.id) in self._admins
+        if not verb:
+            return settings_text(store.effective_for_scope(scope), store.choices(), admin)
+        if verb not in ("set", "reset") or (verb == "set" and len(words) < 3):
+            return SETTINGS_USAGE
+        if not admin:
+            return ("Only an AutoCode admin (TELEGRAM_ADMIN_USERS) can change this chat's settings; /settings "
+                    "shows them.")
+        by = f"telegram:{user.id}"
+        try:
+            if verb == "set":
+                effective = store.set(scope, words[1], words[2], by=by)
+                done = f"Set {words[1]} for this chat."
+            else:
+                effective = store.reset(scope, words[1] if len(words) > 1 else None, by=by)
+                done = f"Reset {words[1]} to the default." if len(words) > 1 else "All settings reset to the defaults."
+        except SettingError as exc:
+            return str(exc)
+        return done + "\n\n" + settings_text(effective, store.choices(), admin)
+
+    def _command_cancel(self, route: dict[str, Any], user: User, rest: str = "") -> str:
         """Cancels (in the background) the user's active runs here; in a private chat, every active run."""
         mine = f"telegram:{user.id}"
         active = [r for r in self.storage.list_runs(conversation_key(route["chat_id"], route["thread_id"]))

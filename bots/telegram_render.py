@@ -13,6 +13,8 @@ from typing import Callable
 from agent_core.events import (
     EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
+from agent_core.channel_settings import Choices, EffectiveSettings
+from agent_core.pricing import format_usd
 from bots.run_log import RunLog
 
 MAX_TEXT = 4096  # Telegram's limit for a message, counted after entity parsing
@@ -125,6 +127,36 @@ def failure_text(status: str, error: str | None) -> str:
     if status == "interrupted":
         return error or "AutoCode restarted while this task was running; please send it again."
     return f"Sorry, that did not work: {error or 'no answer was produced.'}"
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+SETTINGS_USAGE = ("/settings shows this chat's settings; admins change them with /settings set NAME VALUE "
+                  "(e.g. /settings set model gpt-4o) and /settings reset [NAME].")
+
+
+def settings_text(effective: EffectiveSettings, choices: Choices, admin: bool) -> str:
+    """The `/settings` reply (plain text): each setting with whether this chat set it, then what may be chosen."""
+    def mark(name: str) -> str:
+        return " (set here)" if name in effective.overridden else ""
+
+    tools = "all" if effective.tools is None else (", ".join(effective.tools) or "none")
+    network = "on" if effective.network else "off"
+    if effective.network != effective.network_applied:
+        network += " (not applied: the sandbox's network is on for all runs)"
+    budget = f"{format_usd(effective.budget_usd)} a month" if effective.budget_usd else "none"
+    lines = ["Settings of this chat:", f"• model: {effective.model}{mark('model')}",
+             f"• max_iterations: {effective.max_iterations}{mark('max_iterations')}",
+             f"• tools: {clip(tools, 800)}{mark('tools')}", f"• network: {network}{mark('network')}",
+             f"• budget: {budget}{mark('budget')}", "",
+             f"Models: {clip(', '.join(choices.models), 800)}",
+             f"Tools: {clip(', '.join(choices.tools) or 'none', 800)} (or all, none; -name/+name to change one)",
+             f"Iterations: {choices.max_iterations[0]} to {choices.max_iterations[1]} · network: "
+             + ("on or off" if choices.network_allowed else "off (the operator has it off)"), ""]
+    lines.append("Change them with /settings set NAME VALUE (e.g. /settings set model "
+                 f"{choices.models[-1] if choices.models else 'NAME'}) or /settings reset [NAME]." if admin
+                 else "Only an AutoCode admin (TELEGRAM_ADMIN_USERS) can change them.")
+    return "\n".join(lines)[:MAX_TEXT]
 
 
 # --------------------------------------------------------------------------------------------- progress

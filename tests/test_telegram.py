@@ -27,10 +27,14 @@ PUBLIC_URL = "http://autocode.example"
 UID_BASE = 84000
 # Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
 ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, 7011, -1001001, -1001002, -1001003,
-           7101, 7102, 7103, 7104, 7105, 7106, 7107, 7108, 7109, 7110, -1001101]  # 71xx, -10011xx: files
+           7101, 7102, 7103, 7104, 7105, 7106, 7107, 7108, 7109, 7110, -1001101,  # 71xx, -10011xx: files
+           -1001201]  # settings
 STRANGER = 7666
 ADMIN_ID = 7999  # on TELEGRAM_ADMIN_USERS
 WAIT = 60
+MODELS = "fake-model,gpt-4o"  # AUTOCODE_MODELS: what a chat's admin may choose
+# The scripted LLM's model, priced so that costs are money (USD per 1M tokens).
+PRICES = '[models]\n"fake-model" = { prompt = 2.5, completion = 10.0 }\n"gpt-4o" = { prompt = 2.5, completion = 10.0 }\n'
 
 LONG_ANSWER = "\n".join(f"line {i:03d}: a < b && c > d — {'x' * (i % 50)}" for i in range(300))[:10_000].rstrip()
 HUGE_ANSWER = "\n".join(f"row {i:04d} & more <data>" for i in range(1000))
@@ -112,8 +116,10 @@ def telegram_env(llm: ScriptedLLM, db: Path, api_url: str, uid_base: int, **extr
 def bot(llm, tg, tmp_path_factory):
     """One long-polling `autocode serve` for the tests that share its configuration."""
     directory = tmp_path_factory.mktemp("telegram-serve")
+    (directory / "prices.toml").write_text(PRICES)
     env = telegram_env(llm, directory / "autocode.db", tg.api_url, UID_BASE,
-                       TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED), TELEGRAM_ADMIN_USERS=str(ADMIN_ID))
+                       TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED), TELEGRAM_ADMIN_USERS=str(ADMIN_ID),
+                       AUTOCODE_MODELS=MODELS, AUTOCODE_PRICES_FILE=str(directory / "prices.toml"))
     server = Serve(env, directory / "serve.log", directory)
     try:
         server.wait_ready()
@@ -207,7 +213,7 @@ def private(tg: FakeTelegram, user_id: int) -> tuple[dict[str, Any], dict[str, A
 def test_start_registers_commands_and_polls(bot, tg):
     (commands,) = tg.calls_of("setMyCommands")
     names = {c["command"] for c in commands.params["commands"]}
-    assert {"run", "cancel", "history", "usage", "reset", "help"} <= names
+    assert {"run", "cancel", "history", "usage", "settings", "reset", "help"} <= names
     assert tg.calls_of("deleteWebhook"), "long polling starts by removing any webhook"
 
 
@@ -495,11 +501,48 @@ def test_commands(bot, tg):
         (reply,) = wait_calls(tg, lambda c: c.chat_id == 7001 and c.reply_to == update["message"]["message_id"],
                               command, bot)
         replies[command] = reply.params["text"]
-    assert "/run" in replies["/help"]
+    assert "/run" in replies["/help"] and "/settings" in replies["/help"]
     assert "job tag=P1" in replies["/history"]
-    assert "This conversation: 1 tasks" in replies["/usage"]
+    usage = replies["/usage"]
+    mine = re.search(r"^You: (\$[\d.]+) this month \(no budget\)\.$", usage, re.MULTILINE)
+    here = re.search(r"^This chat: (\$[\d.]+) this month \(no budget\)\.$", usage, re.MULTILINE)
+    totals = re.search(r"^This conversation: 1 tasks, 2 LLM calls, [\d,]+ tokens, (\$[\d.]+)\.$", usage, re.MULTILINE)
+    assert mine and here and totals, usage
+    assert float(here.group(1)[1:]) > 0 and here.group(1) == totals.group(1)  # the model has a price: money
     assert replies["/reset"].startswith("History and files cleared (2 messages)")
     assert replies["/cancel"].startswith("Nothing")
+
+
+def test_settings_are_shown_changed_by_an_admin_and_refused_to_others(bot, tg, llm):
+    group = tg.group_chat(-1001201, "Settings")
+    member, admin = tg.user(7601, "Member"), tg.user(ADMIN_ID, "Admin")
+
+    def reply(user: dict[str, Any], text: str) -> str:
+        update = ask(tg, group, user, text)
+        return wait_calls(tg, lambda c: c.chat_id == -1001201 and c.reply_to == update["message"]["message_id"],
+                          text, bot)[0].params["text"]
+
+    def models_of(tag: str) -> set[str]:
+        update = ask(tg, group, member, f"/run job tag={tag}")
+        assert finished_run(bot, tg, update)["status"] == "succeeded"
+        return {r["model"] for r in llm.fake.chat_requests() if f"Task: job tag={tag}" in json.dumps(r)}
+
+    shown = reply(member, "/settings")
+    assert shown.startswith("Settings of this chat:\n• model: fake-model\n• max_iterations: ")
+    assert "Models: fake-model, gpt-4o" in shown and "Only an AutoCode admin (TELEGRAM_ADMIN_USERS)" in shown
+    refused = reply(member, "/settings set model gpt-4o")
+    assert refused.startswith("Only an AutoCode admin (TELEGRAM_ADMIN_USERS) can change this chat's settings")
+    assert models_of("S0") == {"fake-model"}
+    assert "'gpt-5' is not one of the models this server offers: fake-model, gpt-4o" in \
+        reply(admin, "/settings set model gpt-5")
+    changed = reply(admin, "/settings set model gpt-4o")
+    assert changed.startswith("Set model for this chat.") and "• model: gpt-4o (set here)" in changed
+    assert "Change them with /settings set NAME VALUE" in changed
+    assert "• model: gpt-4o (set here)" in reply(member, "/settings")
+    assert models_of("S1") == {"gpt-4o"}  # the chat's model reaches every LLM request of its runs
+    assert "• model: fake-model\n" in reply(admin, "/settings reset model")
+    assert models_of("S2") == {"fake-model"}
+    assert reply(admin, "/settings frobnicate").startswith("/settings shows this chat's settings")
 
 
 def test_token_never_logged(bot, tg, llm, tmp_path):
