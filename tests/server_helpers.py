@@ -261,7 +261,6 @@ def serve_env(llm: ScriptedLLM, db: Path, **overrides: str) -> dict[str, str]:
         AUTOCODE_STEP_TIMEOUT="90",
         # serve's start-up LLM check would take a reply tests script for their runs; tests of it turn it on
         AUTOCODE_LLM_STARTUP_CHECK="off",
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),  # this checkout, whatever the editable install is
     )
     env.update(overrides)
     return env
