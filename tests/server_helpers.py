@@ -253,6 +253,8 @@ class Serve:
 
 def serve_env(llm: ScriptedLLM, db: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    # The server runs this checkout's code (a worktree), not whatever an editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     env.update(
         OPENAI_BASE_URL=llm.base_url, OPENAI_API_KEY="sk-serve-test", AUTOCODE_MODEL="fake-model",
         AUTOCODE_DB=str(db), AUTOCODE_LLM_MAX_RETRIES="0", AUTOCODE_LLM_TIMEOUT="30",
