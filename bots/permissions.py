@@ -24,3 +24,9 @@ def refusal_text(action: str, requester_mention: str | None, thing: str = "run")
     cancel this run." (`requester_mention` is how the platform names the requester; None when unknown)."""
     who = f"{requester_mention} (who asked)" if requester_mention else "the person who asked"
     return f"Only {who} or an AutoCode admin can {action} this {thing}."
+
+
+def may_change_settings(actor_id: str, admins: Collection[str]) -> bool:
+    """Whether `actor_id` may change a channel's or chat's settings (agent_core/channel_settings.py): only the
+    operator's admins (SLACK_ADMIN_USERS, TELEGRAM_ADMIN_USERS); everyone may read them."""
+    return bool(actor_id) and actor_id in admins

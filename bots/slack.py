@@ -52,6 +52,8 @@ from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots import slack_render as render
 from bots.slack_assistant import SlackAssistant
+from bots.slack_home import SlackHome
+from bots.slack_settings import SlackSettings, is_settings_command
 from bots.permissions import may_act_on_run, refusal_text
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ HELP = (
     "see them and the files it made\n"
     "• `/autocode history` — your recent runs in this channel · `/autocode usage` — your LLM tokens\n"
     "• `/autocode cancel` — cancel your running tasks here · `/autocode reset` — forget your conversations here\n"
+    "• `/autocode settings` — this channel's model, iterations, tools, network and budget (admins change them "
+    "with `/autocode settings set NAME VALUE` or in AutoCode's Home tab)\n"
     "In a thread, mention AutoCode with `reset`, `cancel`, `history` or `usage` to act on that thread only."
 )
 _MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
@@ -261,6 +265,8 @@ class SlackAdapter:
             logging.disable(logging.NOTSET)
         self.assistant = SlackAssistant(self)  # assistant threads (bots/slack_assistant.py)
         app.assistant(self.assistant.middleware)
+        self.settings_ui = SlackSettings(self, app)  # /autocode settings, the settings modal
+        self.home = SlackHome(self, app, self.settings_ui)  # the App Home tab
         app.command("/autocode")(self._on_command)
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
@@ -398,6 +404,9 @@ class SlackAdapter:
             await ack(text=refusal, response_type="ephemeral")
             return
         words = text.strip().split()
+        if is_settings_command(words):
+            await ack(text=self.settings_ui.command(team, channel, user, words), response_type="ephemeral")
+            return
         if not words or (len(words) == 1 and words[0].lower() in SUBCOMMANDS):
             word = words[0].lower() if words else "help"
             await ack(text=self._channel_command(word, team, channel, user), response_type="ephemeral")

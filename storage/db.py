@@ -488,6 +488,19 @@ class Storage:
             )
         return self._rows("SELECT * FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
 
+    def runs_of_user(self, user: str, limit: int = 10) -> list[dict[str, Any]]:
+        """A user's most recent runs, in every conversation (Slack's App Home)."""
+        return self._rows("SELECT * FROM runs WHERE user = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                          (user, limit))
+
+    def scopes(self, prefix: str) -> list[str]:
+        """The scopes starting with `prefix` that have runs or settings (e.g. a Slack workspace's channels)."""
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._rows("SELECT scope FROM runs WHERE scope LIKE ? ESCAPE '\\' UNION "
+                          "SELECT scope FROM channel_settings WHERE scope LIKE ? ESCAPE '\\' ORDER BY scope",
+                          (like, like))
+        return [row["scope"] for row in rows if row["scope"]]
+
     # steps, evaluations, LLM calls, events
     def add_step(self, row: dict[str, Any]) -> int:
         return self._insert("steps", row)
