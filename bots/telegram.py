@@ -3,8 +3,10 @@
 Updates come by long polling (default) or, with TELEGRAM_WEBHOOK_URL, at `POST /telegram/webhook` of `serve`
 (checked against the secret token given to setWebhook). A task is stored with the scheduler before the update is
 acknowledged; the chat then sees one progress message edited as steps run (paced per chat), which then becomes
-the answer; the execution log is one reply to it (a `.md` document, bots/run_log.py, with a summary caption), and
-the run's files follow as photos or documents.
+the answer (in a private chat a longer answer is first streamed with sendMessageDraft, then sent as a new message
+that replaces the progress message); the execution log is one reply to it (a `.md` document, bots/run_log.py,
+with a summary caption), and the run's files follow as photos or documents. `/settings` shows and (for admins)
+changes the chat's settings (agent_core/channel_settings.py).
 PTB's AIORateLimiter spaces the requests and honours RetryAfter.
 
 Documents and photos users send (the caption is the task): the run is submitted *held* before the update handler
@@ -23,6 +25,7 @@ import os
 import re
 import secrets
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,7 @@ from telegram import (
     ReplyParameters, Update, User,
 )
 from telegram.constants import ChatType, ParseMode
-from telegram.error import BadRequest, InvalidToken, TelegramError
+from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from agent_core import uploads
@@ -52,7 +55,8 @@ from bots import Runtime
 from bots.permissions import may_act_on_run, refusal_text
 from bots.run_log import run_log
 from bots.telegram_render import (
-    SETTINGS_USAGE, FilesReceived, Progress, answer_plan, failure_text, html_to_plain, log_caption, settings_text,
+    SETTINGS_USAGE, AnswerPlan, FilesReceived, Progress, answer_plan, draft_texts, failure_text, html_to_plain,
+    log_caption, settings_text,
 )
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,8 @@ LOCAL_MODE_HINT = ("The Bot API server gave a path on its own disk (--local mode
 DOWNLOAD_CHUNK = 256 * 1024
 PRIVATE_EDIT_SECONDS = 1.0  # ~1 message/s per chat
 GROUP_EDIT_SECONDS = 3.0  # groups allow ~20 messages/min
+DRAFT_SECONDS = 0.4  # between the drafts of a streamed answer (private chats)
+DRAFT_MIN_CHARS = 160  # a shorter answer is sent at once: streaming it would only delay it
 CONNECT_RETRY_S = 15  # when the Bot API is unreachable at start
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 MAX_PHOTO_BYTES = 10 * 1024 * 1024
@@ -237,6 +243,7 @@ class TelegramAdapter:
         self._receiving: dict[str, asyncio.Task] = {}  # held run -> the task fetching its files
         self._pacer = _Pacer()
         self._approval_messages: dict[tuple[str, int], int] = {}  # (run, number) -> the message with the buttons
+        self._drafts = True  # sendMessageDraft works here; off once the Bot API server refused it
         runtime.events.subscribe(self._on_event)
 
     def _build_application(self) -> Application:
@@ -840,8 +847,12 @@ class TelegramAdapter:
         run = self.storage.get_run(view.run_id) or {"id": view.run_id, "task": view.progress.task}
         text = finished.answer if finished.status == "succeeded" and finished.answer else \
             "\n\n".join(p for p in (failure_text(finished.status, finished.error), finished.answer) if p)
-        plan = answer_plan(text, self.runtime.run_url(run))
-        answer_id = await self._answer_in_place(route, plan.parts[0])
+        link = self.runtime.run_url(run)
+        plan = answer_plan(text, link)
+        # In a private chat the answer is first streamed as drafts; the Bot API persists a draft only by a new
+        # message (sendMessage), so then the answer is sent and the progress message removed instead of edited.
+        drafted = not group and finished.status == "succeeded" and await self._draft(route, view.run_id, plan, link)
+        answer_id = None if drafted else await self._answer_in_place(route, plan.parts[0])
         rest = plan.parts[1:] if answer_id is not None else plan.parts
         for html_text, plain in rest:
             sent = await self._send(route, html_text, plain=plain, reply_to=answer_id or route.get("message_id"))
@@ -851,6 +862,8 @@ class TelegramAdapter:
             await self._send_file(route, "answer.md", "text/markdown", plan.document, answer_id, photo=False)
         if answer_id is not None:
             route = self.storage.update_reply_to(view.run_id, answer_message_id=answer_id)
+        if drafted:
+            await self._remove_progress(view, route, group)
         reply_to = answer_id or route.get("message_id")
         await self._send_log(route, view.run_id, reply_to)
         for artifact in self.storage.artifacts(view.run_id, with_data=True):
@@ -868,6 +881,45 @@ class TelegramAdapter:
         edited = await self._edit(route, message_id, html_text, markup=None, plain=plain)
         self._pacer.mark(route["chat_id"], route.get("chat_type") != ChatType.PRIVATE)
         return message_id if edited else None
+
+    async def _draft(self, route: dict[str, Any], run_id: str, plan: AnswerPlan, link: str | None) -> bool:
+        """Stream the answer's first part as a few growing drafts (sendMessageDraft, private chats only), paced.
+        True when at least one was shown: the final answer must then be sent as a new message, which replaces the
+        draft. A server that refuses drafts (an older Bot API, or a bot not allowed them) is not asked again until
+        restart; any failure stops drafting this answer, never the answer."""
+        if not self._drafts:
+            return False
+        plain = plan.parts[0][1]
+        if link:
+            plain = plain.removesuffix(f"\n\nFull log: {link}")
+        shown = False
+        draft_id = zlib.crc32(run_id.encode()) % 2**31 or 1
+        for text in draft_texts(plain, DRAFT_MIN_CHARS):
+            try:
+                await self.app.bot.send_message_draft(route["chat_id"], draft_id, text,
+                                                      message_thread_id=route.get("thread_id"))
+            except (BadRequest, Forbidden, InvalidToken) as exc:  # InvalidToken: a 404, the method is unknown
+                self._drafts = False
+                log.warning("telegram: sendMessageDraft refused (%s); answers go out without drafts", exc)
+                return shown
+            except TelegramError as exc:
+                log.warning("telegram: sendMessageDraft failed (%s); sending the answer", exc)
+                return shown
+            shown = True
+            await asyncio.sleep(DRAFT_SECONDS)
+        return shown
+
+    async def _remove_progress(self, view: _RunView, route: dict[str, Any], group: bool) -> None:
+        """After a drafted answer went out as a new message: delete the progress message, or when Telegram will
+        not, show its final state (without the Cancel button)."""
+        if not route.get("progress_message_id"):
+            return
+        try:
+            if await self.app.bot.delete_message(route["chat_id"], route["progress_message_id"]):
+                return
+        except TelegramError as exc:
+            log.warning("telegram: deleteMessage in chat %s failed: %s", route["chat_id"], exc)
+        await self._show_progress(view, route, group, final=True)
 
     async def _send_log(self, route: dict[str, Any], run_id: str, reply_to: int | None) -> None:
         """The run's execution log as one reply: a `.md` document (bots/run_log.py: every step in full) whose

@@ -121,6 +121,31 @@ def answer_plan(answer: str, link: str | None) -> AnswerPlan:
                       answer.encode())
 
 
+DRAFTS = 3  # growing drafts before the final message
+
+
+def draft_texts(text: str, min_chars: int, drafts: int = DRAFTS) -> list[str]:
+    """The growing prefixes a streamed answer shows before the final message (plain text, so any content is
+    safe): cut at a paragraph, else a line, else a word boundary near 1/(n+1), 2/(n+1), … of the text. None for a
+    text shorter than `min_chars`."""
+    text = text[:MAX_TEXT].rstrip()
+    if len(text) < min_chars:
+        return []
+    out: list[str] = []
+    for k in range(1, drafts + 1):
+        target = len(text) * k // (drafts + 1)
+        cut = -1
+        for boundary in ("\n\n", "\n", " "):
+            found = text.rfind(boundary, 0, target + 1)
+            if found > (out and len(out[-1]) or 0) and found >= target // 2:
+                cut = found
+                break
+        prefix = (text[:cut] if cut > 0 else text[:target]).rstrip()
+        if prefix and (not out or len(prefix) > len(out[-1])):
+            out.append(prefix)
+    return out
+
+
 def failure_text(status: str, error: str | None) -> str:
     if status == "cancelled":
         return "Cancelled."

@@ -28,7 +28,7 @@ UID_BASE = 84000
 # Chats on the polling server's allowlist; every test uses its own chat, so conversations never mix.
 ALLOWED = [7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008, 7009, 7010, 7011, -1001001, -1001002, -1001003,
            7101, 7102, 7103, 7104, 7105, 7106, 7107, 7108, 7109, 7110, -1001101,  # 71xx, -10011xx: files
-           -1001201]  # settings
+           -1001201, 7012, -1001202, 7013]  # settings, drafts
 STRANGER = 7666
 ADMIN_ID = 7999  # on TELEGRAM_ADMIN_USERS
 WAIT = 60
@@ -40,7 +40,9 @@ LONG_ANSWER = "\n".join(f"line {i:03d}: a < b && c > d — {'x' * (i % 50)}" for
 HUGE_ANSWER = "\n".join(f"row {i:04d} & more <data>" for i in range(1000))
 TRICKY_ANSWER = ("If a < b && c > d then print('<b>not bold</b>') — **stars**, _underscores_, `ticks`, "
                  "[a link](http://example.com) & &amp; stays literal.")
-ANSWERS = {"long": LONG_ANSWER, "huge": HUGE_ANSWER, "tricky": TRICKY_ANSWER}
+STORY_ANSWER = "\n\n".join(f"Paragraph {i}: the north region sold {10 + i} units & the south <{i}> fewer." * 2
+                           for i in range(6))
+ANSWERS = {"long": LONG_ANSWER, "huge": HUGE_ANSWER, "tricky": TRICKY_ANSWER, "story": STORY_ANSWER}
 
 PLOT_STEP = subtask("draw", png_step_code("draw", "outputs/plot.png",
                                           returns='{"plot": "outputs/plot.png", "bytes": len(png)}'))
@@ -174,16 +176,24 @@ def final_edit(tg: FakeTelegram, server: Serve, chat_id: int, message_id: int) -
 
 
 def answer_parts(tg: FakeTelegram, server: Serve, chat_id: int, update: dict[str, Any], count: int = 1) -> list[Call]:
-    """The answer: the progress message edited into its first part, then the further parts replying to it."""
+    """The answer: the progress message edited into its first part — or, after drafts in a private chat, the
+    first part sent as a new reply to the task (the progress message then deleted) — then the further parts
+    replying to the first."""
     task_id = update["message"]["message_id"]
-    progress_id = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id
-                             and c.reply_to == task_id and c.params.get("reply_markup"), "the progress message",
-                             server)[0].result["message_id"]
-    first = final_edit(tg, server, chat_id, progress_id)
+    progress = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id and c.reply_to == task_id
+                          and c.params.get("reply_markup"), "the progress message", server)[0]
+
+    def first() -> list[Call]:
+        sent = [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == task_id and c is not progress]
+        return sent or [c for c in tg.calls_of("editMessageText", chat_id)
+                        if c.params["message_id"] == progress.result["message_id"] and not c.params.get("reply_markup")]
+
+    head = wait_for(first, WAIT, interval=0.1, what="the answer")[0]
+    head_id = head.result["message_id"]
     if count > 1:
-        wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id and c.reply_to == progress_id,
+        wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == chat_id and c.reply_to == head_id,
                    "the further answer parts", server, count=count - 1)
-    return [first] + [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == progress_id]
+    return [head] + [c for c in tg.calls_of("sendMessage", chat_id) if c.reply_to == head_id]
 
 
 def log_documents(tg: FakeTelegram, server: Serve, chat_id: int, reply_to: int) -> list[Call]:
@@ -238,6 +248,7 @@ def test_private_task_progress_becomes_the_answer_with_one_log_document(bot, tg)
     assert visible_text(answer).startswith("tag P1")
     assert f'<a href="{PUBLIC_URL}/runs/' in answer.params["text"]
     assert not [c for c in tg.calls_of("sendMessage", 7001) if c.reply_to == task_id and c is not progress]
+    assert not tg.calls_of("sendMessageDraft", 7001, ok=None), "a short answer is not streamed"
 
     # The log: exactly one reply, one .md document with the whole detail, a caption summing the run up.
     (log,) = log_documents(tg, bot, 7001, progress_id)
@@ -307,8 +318,10 @@ def test_long_answer_is_split_at_lines_and_nothing_is_lost(bot, tg):
     assert len(LONG_ANSWER) >= 9_900
     update = ask(tg, chat, user, "job answer=long")
     finished_run(bot, tg, update)
-    parts = answer_parts(tg, bot, 7003, update, count=3)
-    assert all(c.reply_to == parts[0].params["message_id"] for c in parts[1:]), "further parts reply to the first"
+    head = answer_parts(tg, bot, 7003, update)[0]
+    log_documents(tg, bot, 7003, head.result["message_id"])  # sent after every part of the answer
+    parts = answer_parts(tg, bot, 7003, update)
+    assert all(c.reply_to == parts[0].result["message_id"] for c in parts[1:]), "further parts reply to the first"
     assert 3 <= len(parts) <= 4 and all(c.params["parse_mode"] == "HTML" for c in parts)
     texts = [visible_text(c) for c in parts]
     assert all(len(t) <= 4096 for t in texts)
@@ -324,7 +337,7 @@ def test_huge_answer_goes_out_as_a_document(bot, tg):
                              and c.files["document"][0] == "answer.md", "answer.md", bot)
     assert document.files["document"][1].decode() == HUGE_ANSWER
     (preview,) = answer_parts(tg, bot, 7004, update)
-    assert document.reply_to == preview.params["message_id"]
+    assert document.reply_to == preview.result["message_id"]
     assert "answer.md" in visible_text(preview) and visible_text(preview).startswith("row 0000 & more <data>")
 
 
@@ -345,6 +358,80 @@ def test_markup_in_answers_is_rendered_literally(bot, tg):
     assert "parse_mode" not in plain.params and [c for c in tg.calls_of("editMessageText", 7005, ok=False)
                                                  if c.params["message_id"] == plain.params["message_id"]]
     assert without_footer(plain.params["text"]) == TRICKY_ANSWER
+
+
+def _drafts(tg: FakeTelegram, chat_id: int) -> list[Call]:
+    return tg.calls_of("sendMessageDraft", chat_id, ok=None)
+
+
+def test_a_private_answer_is_streamed_as_drafts_then_sent_complete(bot, tg):
+    chat, user = private(tg, 7012)
+    update = ask(tg, chat, user, "job answer=story")
+    run = finished_run(bot, tg, update)
+    (answer,) = answer_parts(tg, bot, 7012, update)
+    log_documents(tg, bot, 7012, answer.result["message_id"])
+    drafts = _drafts(tg, 7012)
+    assert len(drafts) >= 2 and all(d.ok for d in drafts), drafts
+    texts = [d.params["text"] for d in drafts]
+    assert all(STORY_ANSWER.startswith(t) for t in texts) and texts == sorted(texts, key=len)
+    assert len(set(texts)) == len(texts) and len(texts[-1]) < len(STORY_ANSWER)  # growing, never the whole answer
+    assert len({d.params["draft_id"] for d in drafts}) == 1 and drafts[0].params["draft_id"] != 0
+    # Then the complete answer as one normal message (the Bot API persists a draft only so), after every draft;
+    # the progress message is removed rather than left beside it.
+    assert answer.method == "sendMessage" and answer.reply_to == update["message"]["message_id"]
+    assert without_footer(visible_text(answer)) == STORY_ANSWER and answer.params["parse_mode"] == "HTML"
+    assert answer.at >= drafts[-1].at
+    progress = progress_call(tg, 7012, update["message"]["message_id"])
+    assert tg.deleted(7012, progress.result["message_id"]) and run["answer"] == STORY_ANSWER
+
+
+def test_drafts_that_fail_mid_way_end_in_the_complete_answer(bot, tg):
+    chat, user = private(tg, 7013)
+    seen: list[int] = []
+
+    def second_draft(params: dict[str, Any]) -> bool:
+        seen.append(1)
+        return params.get("chat_id") == 7013 and len(seen) == 2
+
+    tg.fail_next("sendMessageDraft", code=500, description="Internal Server Error", when=second_draft)
+    update = ask(tg, chat, user, "job answer=story")
+    finished_run(bot, tg, update)
+    (answer,) = answer_parts(tg, bot, 7013, update)
+    assert [d.status for d in _drafts(tg, 7013)] == [200, 500]  # the stream stopped at the failure …
+    assert answer.method == "sendMessage" and without_footer(visible_text(answer)) == STORY_ANSWER  # … never half
+
+
+def test_no_drafts_in_a_group(bot, tg):
+    group, user = tg.group_chat(-1001202), tg.user(7103, "Gus")
+    update = ask(tg, group, user, "/run job answer=story")
+    finished_run(bot, tg, update)
+    (answer,) = answer_parts(tg, bot, -1001202, update)
+    assert answer.method == "editMessageText" and without_footer(visible_text(answer)) == STORY_ANSWER
+    assert not _drafts(tg, -1001202)
+
+
+def test_a_server_without_drafts_still_sends_the_complete_answer(llm, tmp_path):
+    with FakeTelegram(TOKEN, BOT) as fake:
+        fake.drafts_supported = False  # a Bot API server from before sendMessageDraft: 404 for the method
+        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 832)
+        server = Serve(env, tmp_path / "serve.log", tmp_path)
+        try:
+            server.wait_ready()
+            server.db = tmp_path / "autocode.db"
+            chat, user = private(fake, 7701)
+            first = ask(fake, chat, user, "job answer=story")
+            finished_run(server, fake, first)
+            (answer,) = answer_parts(fake, server, 7701, first)
+            assert without_footer(visible_text(answer)) == STORY_ANSWER
+            assert [d.status for d in _drafts(fake, 7701)] == [404]  # tried once, refused
+            # The answer was never drafted, so the progress message became it; the next answer does not try.
+            assert answer.method == "editMessageText"
+            second = ask(fake, chat, user, "job answer=story 2")
+            finished_run(server, fake, second)
+            (again,) = answer_parts(fake, server, 7701, second)
+            assert without_footer(visible_text(again)) == STORY_ANSWER and len(_drafts(fake, 7701)) == 1
+        finally:
+            server.close()
 
 
 def test_same_update_twice_starts_one_run(bot, tg):

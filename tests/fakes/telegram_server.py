@@ -6,8 +6,9 @@ multipart body when files are uploaded, or JSON. The server answers like Telegra
 "result": ...}` or `{"ok": false, "error_code", "description", "parameters"}` — and records every call.
 
 What it models: getMe, getUpdates (queued updates, a short long-poll, `offset` confirms), sendMessage,
-editMessageText, sendDocument, sendPhoto, answerCallbackQuery, setMyCommands, setWebhook, deleteWebhook,
-getWebhookInfo, sendChatAction, getFile and file downloads at `GET /file/bot<token>/<file_path>` (404 for a
+editMessageText, deleteMessage, sendMessageDraft (private chats only; `drafts_supported = False` answers it 404 like
+a Bot API server that predates it), sendDocument, sendPhoto, answerCallbackQuery, setMyCommands, setWebhook,
+deleteWebhook, getWebhookInfo, sendChatAction, getFile and file downloads at `GET /file/bot<token>/<file_path>` (404 for a
 wrong token, as Telegram; see add_file); HTML parse-mode validation and the 4,096-character limit (400 Bad Request
 like Telegram); scripted 429s with `parameters.retry_after` for the next N calls of a method.
 
@@ -218,6 +219,8 @@ class FakeTelegram(FakeService):
         self._files: dict[str, dict[str, Any]] = {}  # file_id -> {"data", "path", "size", "too_big", ...}
         self.downloads: list[str] = []  # file paths served over HTTP (right token only)
         self._local_dir: Path | None = None
+        self.drafts_supported = True  # False: sendMessageDraft is an unknown method (404), as on older servers
+        self._deleted: set[tuple[int, int]] = set()  # (chat, message) deleted by the bot
         self._cond = threading.Condition()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -536,11 +539,40 @@ class FakeTelegram(FakeService):
         self._check_text(params, "text", MAX_TEXT)
         return self._new_message(params, text=params["text"])
 
+    def _api_sendMessageDraft(self, params: dict[str, Any], files: dict) -> bool:
+        """Bot API 9.3+: a draft (0-4,096 characters; empty shows "Thinking…") in a private chat; draft_id != 0."""
+        if not self.drafts_supported:
+            raise ApiError(404, "Not Found")
+        chat_id = int(params["chat_id"])
+        with self._cond:
+            chat = self._chats.get(chat_id) or {"type": "private" if chat_id > 0 else "supergroup"}
+        if chat["type"] != "private":
+            raise ApiError(400, "Bad Request: TEXTDRAFT_PEER_INVALID")
+        if not int(params.get("draft_id") or 0):
+            raise ApiError(400, "Bad Request: draft_id must be non-zero")
+        if params.get("text"):
+            self._check_text(params, "text", MAX_TEXT)
+        return True
+
+    def _api_deleteMessage(self, params: dict[str, Any], files: dict) -> bool:
+        chat_id, message_id = int(params["chat_id"]), int(params["message_id"])
+        with self._cond:
+            sent = [c for c in self.calls if c.ok and c.method.startswith("send") and c.chat_id == chat_id
+                    and isinstance(c.result, dict) and c.result.get("message_id") == message_id]
+            if not sent or (chat_id, message_id) in self._deleted:
+                raise ApiError(400, "Bad Request: message to delete not found")
+            self._deleted.add((chat_id, message_id))
+        return True
+
+    def deleted(self, chat_id: int, message_id: int) -> bool:
+        with self._cond:
+            return (chat_id, message_id) in self._deleted
+
     def _api_editMessageText(self, params: dict[str, Any], files: dict) -> dict[str, Any]:
         self._check_text(params, "text", MAX_TEXT)
         previous = [c for c in self.calls_of("sendMessage", int(params["chat_id"]))
                     if c.result["message_id"] == int(params["message_id"])]
-        if not previous:
+        if not previous or self.deleted(int(params["chat_id"]), int(params["message_id"])):
             raise ApiError(400, "Bad Request: message to edit not found")
         edits = [c for c in self.calls_of("editMessageText", int(params["chat_id"]))
                  if int(c.params["message_id"]) == int(params["message_id"])]
