@@ -52,7 +52,7 @@ from agent_core.pricing import prices_for, spend
 from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
-from bots.permissions import may_act_on_run, refusal_text
+from bots.permissions import may_act_on_run, may_change_settings, refusal_text
 from bots.run_log import run_log
 from bots.telegram_render import (
     SETTINGS_USAGE, AnswerPlan, FilesReceived, Progress, answer_plan, draft_texts, failure_text, html_to_plain,
@@ -717,7 +717,7 @@ class TelegramAdapter:
         scope = scope_of(conversation_key(route["chat_id"], route["thread_id"]))
         words = rest.split(None, 2)
         verb = words[0].lower() if words else ""
-        admin = str(user.id) in self._admins
+        admin = may_change_settings(str(user.id), self._admins)
         if not verb:
             return settings_text(store.effective_for_scope(scope), store.choices(), admin)
         if verb not in ("set", "reset") or (verb == "set" and len(words) < 3):
