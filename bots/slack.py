@@ -3,8 +3,11 @@
 Entry points: `/autocode TASK|help|reset|history|usage|cancel`, `@AutoCode TASK` in a channel (the conversation
 lives in that post's thread), direct messages, and follow-ups in a thread AutoCode owns (conversation key
 `slack:{team}:{channel}:{thread_root_ts}`). Every request is submitted to the scheduler *before* it is acknowledged
-(durable), then answered asynchronously: one progress message updated at most once a second, the answer in the
-thread, the execution log and artifacts below it.
+(durable), then answered asynchronously: one progress message updated at most once a second. A run started in a
+channel (a slash command, a mention) ends as that message: the answer, with the run's images; a run in a DM or a
+thread streams its answer into the thread (chat_stream; a stream that breaks off is finished with one complete
+message). The thread then gets the execution log as one message (bots/run_log.py's summary, its detail attached as
+one Markdown file) and the run's files.
 
 Replies in a thread AutoCode is part of start a run only when they are for AutoCode
 (AUTOCODE_SLACK_THREAD_REPLIES, `addressed`): `mention` — they mention AutoCode; `auto` (default) — they mention
@@ -45,6 +48,7 @@ from starlette.routing import BaseRoute, Route
 from agent_core import uploads
 from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
+from agent_core.pricing import prices_for
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
@@ -55,16 +59,25 @@ from bots.slack_assistant import SlackAssistant
 from bots.slack_home import SlackHome
 from bots.slack_settings import SlackSettings, is_settings_command
 from bots.permissions import may_act_on_run, refusal_text
+from bots.run_log import run_log
 
 log = logging.getLogger(__name__)
 
 UPDATE_INTERVAL = 1.0  # seconds between chat.update calls on one message
+# reply_to["answer"]: the run's progress message becomes its answer (a run started in a channel); otherwise (DMs,
+# replies in a thread, re-runs) the answer is streamed as a new message in the thread.
+ANSWER_IN_PLACE = "in_place"
+STREAM_BUFFER = 600  # characters chat_stream buffers before it calls chat.appendStream
+FILES_PER_UPLOAD = 10  # files in one files_upload_v2 call (one message in the thread)
+IMAGE_RETRIES = (1.0, 3.0)  # seconds to wait before showing freshly uploaded images again (Slack may need a moment)
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")  # what Slack's image blocks show
 BOT_SCOPES = ["app_mentions:read", "assistant:write", "channels:history", "chat:write", "commands", "files:read", "files:write",
               "groups:history", "im:history", "mpim:history"]
 SUBCOMMANDS = ("help", "reset", "history", "usage", "cancel")
 HELP = (
     "*AutoCode* writes and runs Python to do a task, then answers with the result.\n"
-    "• `/autocode TASK` — start a task here; the answer and its execution log go in the thread\n"
+    "• `/autocode TASK` — start a task here; AutoCode's message becomes the answer, its execution log goes in the "
+    "thread\n"
     "• `@AutoCode TASK` in a channel, or a direct message — same, in that message's thread\n"
     "• Reply in an AutoCode thread to follow up: it remembers the thread's conversation\n"
     "• Attach files (CSV, Excel, JSON, text, images) to a task: its code reads them, and the thread's follow-ups "
@@ -413,7 +426,7 @@ class SlackAdapter:
             return
         trigger = command.get("trigger_id", "")
         conversation = f"slack:{team}:{channel}:cmd-{trigger}"
-        route = {"team": team, "channel": channel, "user": user, "kind": "command",
+        route = {"team": team, "channel": channel, "user": user, "kind": "command", "answer": ANSWER_IN_PLACE,
                  "enterprise": command.get("enterprise_id")}
         submission = self.scheduler.submit(text, conversation, user=self._user_key(team, user), adapter=self.name,
                                            delivery_id=f"slack:cmd:{trigger}", reply_to=route)
@@ -457,6 +470,8 @@ class SlackAdapter:
         delivery = f"slack:{team}:{channel}:{ts}"  # app_mention and message for one post collapse here
         route = {"team": team, "channel": channel, "user": user, "thread_ts": root, "kind": "thread",
                  "enterprise": body.get("enterprise_id")}
+        if not event.get("thread_ts") and event.get("channel_type") != "im":
+            route["answer"] = ANSWER_IN_PLACE  # a mention in a channel: its progress message becomes the answer
         refusal = self._refusal(team, channel, user)
         if refusal:
             if self._first_time(delivery):
@@ -832,12 +847,14 @@ class SlackAdapter:
 
     async def _render_run(self, view: RunView) -> None:
         """Post, then update the progress message at most once per UPDATE_INTERVAL (coalescing events in
-        between; the final state is always rendered), then deliver the answer, log and artifacts."""
+        between; the final state is always rendered), then deliver the answer, log and artifacts. A run answered
+        in place skips the final progress state: its message goes straight to the answer."""
         await self._ready.wait()
         await self.runtime.quiet()
         route = await self._ensure_progress(view)
         client = await self._client_for(route)
         loop = asyncio.get_running_loop()
+        in_place = _in_place(route)
         while not view.rendered_final:
             await view.dirty.wait()
             delay = view.last_update + UPDATE_INTERVAL - loop.time()
@@ -846,6 +863,8 @@ class SlackAdapter:
             await self.runtime.quiet()
             view.dirty.clear()
             final = view.progress.final
+            if final and in_place and view.progress.status != "interrupted":
+                break  # _deliver turns the message into the answer
             try:
                 await self._update(client, route, view.progress)
             except Exception as exc:  # e.g. the message was deleted: keep going, the answer still follows
@@ -853,41 +872,161 @@ class SlackAdapter:
             view.last_update = loop.time()
             view.rendered_final = final
         if view.progress.status != "interrupted":
+            delay = view.last_update + UPDATE_INTERVAL - loop.time()
+            if in_place and delay > 0:  # the pace of updates holds for the answer too
+                await asyncio.sleep(delay)
             await self._deliver(client, route, view.progress.run_id)
         self._views.pop(view.progress.run_id, None)
 
     async def _deliver(self, client: AsyncWebClient, route: dict[str, Any], run_id: str) -> None:
-        """The answer in the thread, then the execution log, code files and artifacts below it."""
+        """The answer (the progress message updated into it, or a message streamed into the thread), then the
+        execution log as one message with its detail attached, then the run's files; images also appear in an
+        answered-in-place message."""
         run = self.storage.get_run(run_id)
         if run is None or route.get("delivered"):
             return
-        channel, thread = route["channel"], route.get("thread_ts")
-        answer = render.answer_messages(run["status"], run["answer"] or "", run["error"], self.runtime.run_url(run))
-        answer_ts = None
-        for blocks in answer.messages:
-            response = await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=blocks,
-                                                     text=render.fallback_text(blocks))
-            answer_ts = answer_ts or response["ts"]
+        progress = self._progress_from_row(run)
+        answer = run["answer"] or ""
+        if _in_place(route):
+            files = await self._answer_in_place(client, route, progress, answer)
+            answer_ts = route["progress_ts"]
+        else:
+            answer_ts, files = await self._answer_in_thread(client, route, run, progress.url)
         self._spoke(route)
         self.storage.update_reply_to(run_id, answer_ts=answer_ts, delivered=True)
-        logged = render.log_messages(run, self.storage.steps(run_id), self.storage.evaluations(run_id),
-                                     self.storage.llm_calls(run_id), self.storage.usage(run_id))
-        if run["iterations"] or self.storage.llm_calls(run_id):
-            for blocks in logged.messages:
-                await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=blocks,
-                                              text=render.fallback_text(blocks))
-            self._spoke(route)
-        uploads = [*answer.files, *logged.files]
-        uploads += [render.Attachment(a["name"], a["data"], a["name"])
-                    for a in self.storage.artifacts(run_id, with_data=True)]
-        for item in uploads:
+        await self._post_log(client, route, run_id, progress.url)
+        artifacts = [render.Attachment(a["name"], a["data"], a["name"])
+                     for a in self.storage.artifacts(run_id, with_data=True)]
+        images = {a["name"] for a in self.storage.artifacts(run_id) if a["mime"] in IMAGE_MIMES}
+        uploaded = await self._upload(client, route, run_id, [*files, *artifacts])
+        shown = [(file_id, name) for file_id, name in uploaded if name in images]
+        if shown and _in_place(route):
+            await self._show_images(client, route, progress, answer, shown)
+
+    async def _answer_in_place(self, client: AsyncWebClient, route: dict[str, Any], progress: render.Progress,
+                               answer: str) -> list[render.Attachment]:
+        """Update the progress message into the answer; a message Slack finds too long is sent shorter (the
+        rest in answer.md), and if the message cannot be updated at all the answer goes into the thread."""
+        rendered = render.final_blocks(progress, answer)
+        for attempt in (rendered, render.final_blocks(progress, answer, room=render.SHORT_ANSWER_CHARS)):
             try:
-                await client.files_upload_v2(channel=channel, thread_ts=thread, filename=item.filename,
-                                             content=item.data, title=item.title)
+                await client.chat_update(channel=route["channel"], ts=route["progress_ts"], blocks=attempt.blocks,
+                                         text=render.fallback_text(attempt.blocks))
+                return attempt.files
+            except SlackApiError as exc:
+                if _api_error(exc) not in ("msg_too_long", "invalid_blocks") or attempt is not rendered:
+                    log.warning("slack: the answer of run %s could not replace its message: %s", progress.run_id,
+                                _short(exc))
+                    break
+        fallback = render.thread_answer_blocks(progress.status, answer, progress.error, progress.url)
+        await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
+                                      blocks=fallback.blocks, text=render.fallback_text(fallback.blocks))
+        return fallback.files
+
+    async def _answer_in_thread(self, client: AsyncWebClient, route: dict[str, Any], run: dict[str, Any],
+                                url: str | None) -> tuple[str | None, list[render.Attachment]]:
+        """A succeeded answer streamed into the thread (chat_stream); a failure, or a stream Slack does not offer
+        or that breaks off, as one complete message: the streamed message updated, else a new one. Never half."""
+        answer, channel, thread = run["answer"] or "", route["channel"], route.get("thread_ts")
+        complete = render.thread_answer_blocks(run["status"], answer, run["error"], url)
+        streamer = None
+        if run["status"] == "succeeded" and answer.strip() and thread:
+            text, files = render.stream_text(answer)
+            try:
+                streamer = await client.chat_stream(channel=channel, thread_ts=thread, buffer_size=STREAM_BUFFER,
+                                                    recipient_team_id=route.get("team") or None,
+                                                    recipient_user_id=route.get("user") or None)
+                for piece in render.stream_pieces(text):
+                    await streamer.append(markdown_text=piece)
+                await streamer.stop(blocks=render.stream_footer(url) or None)
+                return streamer.ts, files
             except Exception as exc:
-                log.warning("slack: upload of %s failed for run %s: %s", item.filename, run_id, _short(exc))
-                await client.chat_postMessage(channel=channel, thread_ts=thread,
-                                              text=f"Could not upload `{render.escape(item.filename)}` to Slack.")
+                log.warning("slack: streaming the answer of run %s failed (%s); sending it whole", run["id"],
+                            _short(exc))
+            if streamer is not None and streamer.ts:
+                try:
+                    await client.chat_update(channel=channel, ts=streamer.ts, blocks=complete.blocks,
+                                             text=render.fallback_text(complete.blocks))
+                    return streamer.ts, complete.files
+                except Exception as exc:
+                    log.warning("slack: finishing the streamed answer of run %s failed: %s", run["id"], _short(exc))
+        response = await client.chat_postMessage(channel=channel, thread_ts=thread, blocks=complete.blocks,
+                                                 text=render.fallback_text(complete.blocks))
+        if streamer is not None and streamer.ts:
+            try:  # the half-streamed message goes: the complete answer is below
+                await client.chat_delete(channel=channel, ts=streamer.ts)
+            except Exception as exc:
+                log.warning("slack: could not remove a broken stream of run %s: %s", run["id"], _short(exc))
+        return response["ts"], complete.files
+
+    async def _post_log(self, client: AsyncWebClient, route: dict[str, Any], run_id: str, url: str | None) -> None:
+        """The execution log as one message in the thread: the summary, with the detail document attached."""
+        try:
+            prices = prices_for(self.settings)
+        except ConfigError as exc:
+            log.warning("slack: no prices for the log of run %s: %s", run_id, exc)
+            prices = None
+        logged = run_log(self.storage, run_id, prices)
+        if logged is None or not logged.worth_posting:
+            return
+        summary = render.log_summary(logged, url)
+        try:
+            await client.files_upload_v2(channel=route["channel"], thread_ts=route.get("thread_ts"),
+                                         filename=logged.filename, content=logged.document.encode(),
+                                         title=f"Execution log of run {run_id}", initial_comment=summary)
+        except Exception as exc:  # the summary still reaches the thread; the run page has the detail
+            log.warning("slack: upload of the log of run %s failed: %s", run_id, _short(exc))
+            await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"), text=summary,
+                                          blocks=render.sections(summary)[: render.MAX_BLOCKS])
+        self._spoke(route)
+
+    async def _upload(self, client: AsyncWebClient, route: dict[str, Any], run_id: str,
+                      items: list[render.Attachment]) -> list[tuple[str, str]]:
+        """Upload files into the thread, up to FILES_PER_UPLOAD a message; (Slack file id, name) of each uploaded.
+        A group Slack refuses is retried file by file, and a file that still fails is named in the thread."""
+        uploaded: list[tuple[str, str]] = []
+        channel, thread = route["channel"], route.get("thread_ts")
+        for start in range(0, len(items), FILES_PER_UPLOAD):
+            group = items[start:start + FILES_PER_UPLOAD]
+            try:
+                response = await client.files_upload_v2(channel=channel, thread_ts=thread, file_uploads=[
+                    {"filename": item.filename, "content": item.data, "title": item.title} for item in group])
+                uploaded += [(str(f.get("id")), item.filename) for f, item in zip(response.get("files") or [], group)]
+                continue
+            except Exception as exc:
+                log.warning("slack: upload of %d files failed for run %s: %s", len(group), run_id, _short(exc))
+            for item in group:
+                try:
+                    response = await client.files_upload_v2(channel=channel, thread_ts=thread, filename=item.filename,
+                                                            content=item.data, title=item.title)
+                    uploaded += [(str(f.get("id")), item.filename) for f in (response.get("files") or [])[:1]]
+                except Exception as exc:
+                    log.warning("slack: upload of %s failed for run %s: %s", item.filename, run_id, _short(exc))
+                    await client.chat_postMessage(channel=channel, thread_ts=thread,
+                                                  text=f"Could not upload `{render.escape(item.filename)}` to Slack.")
+        if items:
+            self._spoke(route)
+        return uploaded
+
+    async def _show_images(self, client: AsyncWebClient, route: dict[str, Any], progress: render.Progress,
+                           answer: str, images: list[tuple[str, str]]) -> None:
+        """Add the run's images (uploaded into the thread) to the answer message. Slack may take a moment before
+        a new file can be shown (invalid_blocks): tried again after IMAGE_RETRIES; the thread has them anyway."""
+        for wait in (0.0, *IMAGE_RETRIES):
+            await asyncio.sleep(wait)
+            for room in (render.MESSAGE_CHARS, render.SHORT_ANSWER_CHARS):
+                blocks = render.final_blocks(progress, answer, images, room=room).blocks
+                try:
+                    await client.chat_update(channel=route["channel"], ts=route["progress_ts"], blocks=blocks,
+                                             text=render.fallback_text(blocks))
+                    return
+                except SlackApiError as exc:
+                    error = _api_error(exc)
+                    if error != "msg_too_long":
+                        break
+            if error != "invalid_blocks":
+                break
+        log.warning("slack: the images of run %s are in its thread only (%s)", progress.run_id, error)
 
 
 def file_label(entry: dict[str, Any]) -> str:
@@ -971,6 +1110,20 @@ def _action_place(body: dict[str, Any]) -> tuple[str, str, str]:
 def _action_thread(body: dict[str, Any]) -> str | None:
     """The thread of the message whose button was pressed (None: a top-level message), for replies beside it."""
     return (body.get("container") or {}).get("thread_ts") or (body.get("message") or {}).get("thread_ts")
+
+
+def _in_place(route: dict[str, Any]) -> bool:
+    """Whether the run's progress message becomes its answer (runs from before reply_to said so: slash commands)."""
+    return route.get("answer") == ANSWER_IN_PLACE or route.get("kind") == "command"
+
+
+def _api_error(exc: BaseException) -> str:
+    """The `error` of a Slack API refusal ("" for other failures)."""
+    response = getattr(exc, "response", None)
+    try:
+        return str(response.get("error") or "") if response is not None else ""
+    except Exception:
+        return ""
 
 
 def _short(exc: BaseException) -> str:

@@ -206,13 +206,7 @@ def progress_blocks(progress: Progress) -> Blocks:
     elif progress.status == "running":
         lines.append(f"{icon} Running" + (f" — iteration {progress.iteration}" if progress.iteration else ""))
     else:
-        tokens = progress.usage.get("prompt_tokens", 0) + progress.usage.get("completion_tokens", 0)
-        done = f"{icon} {progress.status.capitalize()}"
-        if progress.iteration:
-            done += f" after {progress.iteration} iteration{'s' if progress.iteration != 1 else ''}"
-        if tokens:
-            done += f" · {tokens:,} tokens"
-        lines.append(done)
+        lines.append(status_line(progress))
         if progress.error and progress.status != "succeeded":
             lines.append(escape(clip(progress.error, 400)))
     if progress.plan and not progress.final:
@@ -238,6 +232,18 @@ def progress_blocks(progress: Progress) -> Blocks:
                          "action_id": "autocode_full_log", "url": progress.url})
     blocks.append({"type": "actions", "elements": elements})
     return blocks
+
+
+def status_line(progress: Progress) -> str:
+    """How a finished run ended, in one line: "✅ Succeeded after 1 iteration · 2,031 tokens"."""
+    icon = STATUS_ICONS.get(progress.status, ":grey_question:")
+    tokens = progress.usage.get("prompt_tokens", 0) + progress.usage.get("completion_tokens", 0)
+    done = f"{icon} {progress.status.capitalize()}"
+    if progress.iteration:
+        done += f" after {progress.iteration} iteration{'s' if progress.iteration != 1 else ''}"
+    if tokens:
+        done += f" · {tokens:,} tokens"
+    return done
 
 
 def step_line(index: int, total: int, name: str, state: str, detail: str = "") -> str:
@@ -292,6 +298,18 @@ def approval_blocks(run_id: str, number: int, tool: str, arguments: str, request
 
 
 # ---------------------------------------------------------------------------------------------- answer
+#
+# A run that starts in a channel (a slash command, a mention that opens a thread) ends as one message: its progress
+# message, updated into the answer with the run's images. A run inside a thread or a DM streams its answer as a new
+# message. Either way the answer is one message; what does not fit is attached whole as answer.md.
+
+SHORT_ANSWER_CHARS = 2800  # the answer shown when Slack refuses a longer message (msg_too_long)
+STREAM_CHARS = 11000  # of a streamed answer (chat.appendStream takes ≤ 12,000 characters a call)
+STREAM_PIECE = 300  # characters per append: the answer appears as it is written
+MAX_IMAGES = 5  # image blocks in the answer (the thread has them all as files)
+ANSWER_FILE = "answer.md"
+REST_NOTE = "_… the answer continues in answer.md in the thread._"
+
 
 @dataclass
 class Attachment:
@@ -304,97 +322,154 @@ class Attachment:
 
 @dataclass
 class Rendered:
-    """Messages (each a list of blocks) and files to post, in order."""
+    """One message's blocks and the files that go with it (answer.md when the answer did not fit)."""
 
-    messages: list[Blocks]
+    blocks: Blocks
     files: list[Attachment] = field(default_factory=list)
 
 
-def answer_messages(status: str, answer: str, error: str | None, url: str | None) -> Rendered:
-    """The final answer in mrkdwn, split over messages; very long answers are attached as a file too."""
-    files: list[Attachment] = []
+def outcome_text(status: str, answer: str, error: str | None) -> str:
+    """What the answer message says, in mrkdwn: the answer, or why there is none."""
     if status == "succeeded" and answer.strip():
-        text = to_mrkdwn(answer)
-        if len(text) > ANSWER_FILE_CHARS:
-            files.append(Attachment("answer.md", answer.encode(), "Full answer"))
-            text = clip(text, ANSWER_FILE_CHARS, "") + "\n\n_… the answer continues in the attached answer.md._"
-        blocks = sections(text)
-    elif status == "cancelled":
-        blocks = [section(":no_entry_sign: The run was cancelled.")]
-    else:
-        reason = escape(clip(error or "The run did not produce an answer.", 1500))
-        blocks = [section(f":x: Sorry, that did not work: {reason}")]
-    if url:
-        blocks.append(context(f"<{url}|Full log>"))
-    return Rendered(pack(blocks), files)
+        return to_mrkdwn(answer)
+    if status == "cancelled":
+        return ":no_entry_sign: The run was cancelled."
+    reason = escape(clip(error or "The run did not produce an answer.", 1500))
+    return f":x: Sorry, that did not work: {reason}"
+
+
+def _size(blocks: Blocks) -> int:
+    return sum(len(json.dumps(block)) for block in blocks)
+
+
+def answer_body(status: str, answer: str, error: str | None, room: int = MESSAGE_CHARS,
+                max_blocks: int = MAX_BLOCKS - 5) -> tuple[Blocks, list[Attachment]]:
+    """The answer as sections of one message within `room` characters and `max_blocks` blocks. When it does not
+    fit, the message shows its start and says so, and the whole answer is attached as answer.md."""
+    text = outcome_text(status, answer, error)
+    limit = max(500, min(SECTION_CHARS, room - 400))
+    blocks = [section(piece) for piece in split_text(text, limit) if piece.strip()]
+    if _size(blocks) <= room and len(blocks) <= max_blocks:
+        return blocks, []
+    note = section(REST_NOTE)
+    kept: Blocks = []
+    for block in blocks:
+        if _size(kept) + len(json.dumps(block)) + len(json.dumps(note)) > room or len(kept) + 2 > max_blocks:
+            break
+        kept.append(block)
+    return kept + [note], [Attachment(ANSWER_FILE, answer.encode(), "Full answer")]
+
+
+def image_block(file_id: str, name: str) -> dict[str, Any]:
+    """An image uploaded by the app (files_upload_v2), shown in a message by its Slack file id."""
+    label = clip(name, 2000) or "image"
+    return {"type": "image", "slack_file": {"id": file_id}, "alt_text": label,
+            "title": {"type": "plain_text", "text": label}}
+
+
+def final_blocks(progress: Progress, answer: str, images: list[tuple[str, str]] | tuple = (),
+                 room: int = MESSAGE_CHARS) -> Rendered:
+    """The message a channel run ends as: who asked what, the answer (or the failure), the run's images (Slack
+    file ids, names), how it ended, and Re-run / Full log."""
+    asker = f" for <@{progress.user}>" if progress.user else ""
+    head = context(f"*AutoCode*{asker}: {escape(clip(progress.task, 300))}")
+    shown = [image_block(file_id, name) for file_id, name in list(images)[:MAX_IMAGES]]
+    elements = [button("Re-run", RERUN_ACTION, progress.run_id)]
+    if progress.url:
+        elements.append({"type": "button", "text": {"type": "plain_text", "text": "Full log"},
+                         "action_id": "autocode_full_log", "url": progress.url})
+    tail: Blocks = [*shown, context(status_line(progress)), {"type": "actions", "elements": elements}]
+    body, files = answer_body(progress.status, answer, progress.error, room - _size([head, *tail]),
+                              MAX_BLOCKS - 1 - len(tail))
+    return Rendered([head, *body, *tail], files)
+
+
+def thread_answer_blocks(status: str, answer: str, error: str | None, url: str | None,
+                         room: int = MESSAGE_CHARS) -> Rendered:
+    """The answer as a new message in a thread (a failure, or a stream that could not finish), with its Full log
+    link."""
+    footer = [context(f"<{url}|Full log>")] if url else []
+    body, files = answer_body(status, answer, error, room - _size(footer))
+    return Rendered(body + footer, files)
+
+
+def stream_text(answer: str) -> tuple[str, list[Attachment]]:
+    """The answer as a Slack stream carries it (Markdown, `&`, `<`, `>` escaped so that nothing in it can mention
+    or link as Slack syntax), at most STREAM_CHARS; the whole answer attached as answer.md when it is longer."""
+    text = escape(answer)
+    if len(text) <= STREAM_CHARS:
+        return text, []
+    start = split_text(text, STREAM_CHARS - len(REST_NOTE) - 4)[0]
+    return start + "\n\n" + REST_NOTE, [Attachment(ANSWER_FILE, answer.encode(), "Full answer")]
+
+
+def stream_pieces(text: str, size: int = STREAM_PIECE) -> list[str]:
+    """`text` in consecutive pieces of about `size` characters, cut after a space or newline where there is one;
+    joined, they are exactly `text`."""
+    pieces = []
+    while len(text) > size:
+        cut = max(text.rfind("\n", size // 2, size), text.rfind(" ", size // 2, size))
+        cut = cut + 1 if cut > 0 else size
+        pieces.append(text[:cut])
+        text = text[cut:]
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def stream_footer(url: str | None) -> Blocks:
+    """Blocks under a streamed answer (chat.stopStream): the Full log link."""
+    return [context(f"<{url}|Full log>")] if url else []
 
 
 # ---------------------------------------------------------------------------------------------- log
 
-def _output_text(output_json: str | None) -> str:
-    if not output_json:
-        return ""
-    try:
-        return json.dumps(json.loads(output_json), ensure_ascii=False, indent=1)
-    except ValueError:
-        return output_json
+LOG_CHARS = 3500  # the log message (the summary); the attached document holds everything
 
 
-def log_messages(run: dict[str, Any], steps: list[dict[str, Any]], evaluations: list[dict[str, Any]],
-                 llm_calls: list[dict[str, Any]], usage: dict[str, int]) -> Rendered:
-    """The execution log for the thread: per iteration its steps (code, output, stdout/stderr tails, errors)
-    and the evaluator's verdict, then token usage. Long code goes into files; every cut is labelled."""
-    blocks: Blocks = [section(f"*Execution log* · run `{run['id']}`")]
-    files: list[Attachment] = []
-    verdicts = {e["iteration"]: e for e in evaluations}
-    iterations = sorted({s["iteration"] for s in steps} | set(verdicts))
+def _step_icon(status: str) -> str:
+    return ":white_check_mark:" if status == "ok" else ":x:"
+
+
+def log_summary(log: Any, url: str | None, limit: int = LOG_CHARS) -> str:
+    """The thread's one log message (a bots.run_log.RunLog in mrkdwn): each iteration's steps with status and
+    duration, the evaluator's verdicts, the approvals, tokens and cost, the settings; it points to the attached
+    document (code, outputs, stdout/stderr of every step) and the run page. Clipped to `limit`, saying so."""
+    icon = STATUS_ICONS.get(log.status, ":grey_question:")
+    head = [f"*Execution log* · {icon} {escape(log.status)} · run `{escape(log.run_id)}`"]
+    body: list[str] = []
+    verdicts = {v.iteration: v for v in log.verdicts}
+    iterations = sorted({s.iteration for s in log.steps} | set(verdicts))
     for iteration in iterations:
-        blocks.append(section(f"*Iteration {iteration}*"))
-        for step in (s for s in steps if s["iteration"] == iteration):
-            blocks.extend(_step_blocks(step, files))
+        if len(iterations) > 1:
+            body.append(f"*Iteration {iteration}*")
+        for step in (s for s in log.steps if s.iteration == iteration):
+            name = escape(clip(step.name, 80))
+            line = f"{_step_icon(step.status)} {step.number}. `{name}` · {step.duration_ms:,} ms"
+            if step.status != "ok":
+                line += f" · {escape(step.status)}"
+                if step.error:
+                    line += f": {escape(clip(' '.join(step.error.split()), 200))}"
+            body.append(line)
         verdict = verdicts.get(iteration)
         if verdict is not None:
-            mark = ":white_check_mark: satisfactory" if verdict["satisfactory"] else ":x: not yet"
-            thoughts = escape(clip(verdict["thoughts"] or "", 1200, "… (clipped)"))
-            retry = f" · retry from `{escape(verdict['retry_from'])}`" if verdict.get("retry_from") else ""
-            blocks.append(section(f"*Evaluator*: {mark}{retry}\n{thoughts}".rstrip()))
-    by_purpose: dict[str, list[int]] = {}
-    for call in llm_calls:
-        entry = by_purpose.setdefault(call["purpose"] or "other", [0, 0, 0])
-        entry[0] += 1
-        entry[1] += call["prompt_tokens"] or 0
-        entry[2] += call["completion_tokens"] or 0
-    detail = ", ".join(f"{purpose} {n}× ({p:,}+{c:,})" for purpose, (n, p, c) in by_purpose.items())
-    blocks.append(context(
-        f"Tokens: {usage.get('prompt_tokens', 0):,} prompt + {usage.get('completion_tokens', 0):,} completion "
-        f"in {usage.get('llm_calls', 0)} LLM calls" + (f" — {detail}" if detail else "")))
-    return Rendered(pack(blocks), files)
-
-
-def _step_blocks(step: dict[str, Any], files: list[Attachment]) -> Blocks:
-    ok = step["status"] == "ok"
-    head = (f"{':white_check_mark:' if ok else ':x:'} *Step {step['position'] + 1}* `{escape(step['tool_name'])}`"
-            f" · {step['duration_ms'] or 0} ms")
-    if step.get("description"):
-        head += f"\n_{escape(clip(step['description'], 300))}_"
-    blocks = [section(head)]
-    code = step.get("code") or ""
-    if len(code) > CODE_INLINE_CHARS or len(code_block(code)) > SECTION_CHARS - 20:
-        name = f"iter{step['iteration']}_step{step['position'] + 1}_{step['tool_name']}.py"
-        files.append(Attachment(name, code.encode(), f"Code of {step['tool_name']} (iteration {step['iteration']})"))
-        blocks.append(context(f"Code: {len(code):,} characters, attached as `{escape(name)}`."))
-    elif code:
-        blocks.append(section("*Code*\n" + code_block(code)))
-    output = _output_text(step.get("output_json"))
-    if output:
-        note = "\n… (clipped; the full output is in the Full log)"
-        blocks.append(section("*Output*\n" + fenced(clip(output, 1500, note), 2000, note)))
-    for stream in ("stdout", "stderr"):
-        text = (step.get(stream) or "").rstrip()
-        if text:
-            shown, cut = tail(text)
-            label = f"*{stream}*" + (f" (last {len(shown):,} of {len(text):,} characters)" if cut else "")
-            blocks.append(section(f"{label}\n{fenced(shown, 2000, ' … (clipped)')}"))
-    if step.get("error"):
-        blocks.append(section(f"*Error*: {escape(clip(step['error'], 1500, '… (clipped)'))}"))
-    return blocks
+            mark = ":white_check_mark: satisfied" if verdict.satisfactory else ":x: not yet"
+            retry = f" (retry from `{escape(clip(verdict.retry_from, 80))}`)" if verdict.retry_from else ""
+            thoughts = escape(clip(" ".join((verdict.thoughts or "").split()), 300))
+            body.append(f"Evaluator: {mark}{retry}" + (f" — {thoughts}" if thoughts else ""))
+    for approval in log.approvals:
+        who = f" by {_who(approval.decided_by)}" if approval.decided_by else ""
+        body.append(f":raised_hand: `{escape(clip(approval.tool, 80))}`: {escape(approval.status)}{who}")
+    tail = [f"Tokens: {escape(log.tokens_line())}"]
+    if log.settings:
+        tail.append(f"Settings: {escape(clip(log.settings, 400))}")
+    where = f"Code, outputs, stdout and stderr of every step: `{escape(log.filename)}` (attached)"
+    tail.append(where + (f" · <{url}|Full log>" if url else ""))
+    room = limit - len("\n".join(head + tail)) - 80
+    shown: list[str] = []
+    for index, line in enumerate(body):
+        if len("\n".join(shown + [line])) > room:
+            shown.append(f"_… {len(body) - index} more lines in the attached log_")
+            break
+        shown.append(line)
+    return "\n".join(head + shown + tail)

@@ -72,6 +72,11 @@ MAIL_CODE = (
 )
 
 
+# A final answer long enough to stream in several appends, with text that must not become Slack syntax.
+LONG_ANSWER = "\n\n".join(f"Part {i}: " + "the quick brown fox <@UEVERYONE> & jumps " * 8 + f"end{i}."
+                            for i in range(10))
+
+
 class PlottingLLM(ScriptedLLM):
     """ScriptedLLM, plus: a task containing "png" gets a step that writes outputs/plot.png; a planner prompt with
     files in its manifest gets a step that reads each file's first line from inputs/ (and, when the task says
@@ -80,9 +85,11 @@ class PlottingLLM(ScriptedLLM):
     def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = super()._respond(body)
         plan = spec.get("json") or {}
+        prompt = "\n".join(str(m.get("content")) for m in body.get("messages", []) if m.get("role") != "system")
+        if "final_answer" in plan and "longanswer" in "".join(re.findall(r"^Task: (.*)$", prompt, re.M)[-1:]):
+            plan["final_answer"] = LONG_ANSWER
         if "subtasks" not in plan:
             return spec
-        prompt = "\n".join(str(m.get("content")) for m in body.get("messages", []) if m.get("role") != "system")
         names = _LISTED.findall(prompt)
         if names:
             then, returns = f"    NAMES = {names!r}\n" + READ_HEADS, '{"tag": "; ".join(heads)}'
@@ -250,7 +257,22 @@ def settled(slack: FakeSlack, channel: str, quiet: float = 1.5, timeout: float =
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_slash_command_acks_then_progress_answer_log_and_artifact(server, slack):
+def thread_messages(slack: FakeSlack, channel: str, root: str) -> list[SlackCall]:
+    """Every message AutoCode added to a thread, in order: posts, streams and file uploads (each is a message)."""
+    return [c for c in slack.calls if c.status == 200 and c.response.get("ok") and (
+        (c.method in ("chat.postMessage", "chat.startStream") and c.params.get("channel") == channel)
+        or (c.method == "files.completeUploadExternal" and c.params.get("channel_id") == channel))
+        and c.params.get("thread_ts") == root]
+
+
+def uploaded_files(slack: FakeSlack, call: SlackCall) -> dict[str, bytes]:
+    """The files of one files.completeUploadExternal call: name -> bytes."""
+    data = slack.uploads()
+    return {slack.uploaded(f["id"])["filename"]: data[f["id"]] for f in call.json_param("files")}
+
+
+def test_slash_command_ends_as_the_answer_with_its_image_and_the_thread_holds_one_log_message_plus_files(
+        server, slack):
     channel = "CSLASH"
     response, _ = slash(server, "job tag=png sleep=0.3 png", channel)
 
@@ -261,29 +283,36 @@ def test_slash_command_acks_then_progress_answer_log_and_artifact(server, slack)
     route = delivered(server, run["id"])
     settled(slack, channel)
 
-    progress = in_channel(slack, "chat.postMessage", channel)[0]
+    (progress,) = in_channel(slack, "chat.postMessage", channel)  # the only post: everything else is an update
     assert progress.params.get("thread_ts") is None  # a slash command's progress message starts the thread
     root = progress.response["ts"]
-    assert route["thread_ts"] == root and route["progress_ts"] == root
+    assert route["thread_ts"] == root and route["progress_ts"] == root and route["answer_ts"] == root
     assert "Cancel" in message_text(progress)
     updates = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root]
-    assert updates and "Succeeded" in message_text(updates[-1]) and "Re-run" in message_text(updates[-1])
-    assert "Full log" in message_text(updates[-1])
+    final = message_text(updates[-1])
+    # The channel message is the answer: who asked what, the answer, how it ended, Re-run and the Full log link.
+    assert "job tag=png" in final and "tag PNG" in final and "Succeeded after 1 iteration" in final
+    assert "Re-run" in final and "Full log" in final and "Cancel" not in final
+    assert not [u for u in updates if "Succeeded" in message_text(u) and "tag PNG" not in message_text(u)]
+    (image,) = [b for b in updates[-1].json_param("blocks") if b["type"] == "image"]  # the plot, shown in it
+    assert slack.uploaded(image["slack_file"]["id"])["filename"] == "plot.png"
+    assert slack.uploads()[image["slack_file"]["id"]].startswith(b"\x89PNG")
 
-    replies = in_channel(slack, "chat.postMessage", channel)[1:]
-    assert replies and all(c.params.get("thread_ts") == root for c in replies)
-    assert "tag PNG" in message_text(replies[0])  # the answer first
-    assert "https://autocode.test/runs/" in message_text(replies[0])  # with its Full log link
-    log_text = "\n".join(message_text(c) for c in replies[1:])
-    assert "Execution log" in log_text and "Iteration 1" in log_text and "outputs/plot.png" in log_text
-    assert "wrote the plot" in log_text and "Evaluator" in log_text and "Tokens:" in log_text
-
-    (complete,) = in_channel(slack, "files.completeUploadExternal", channel)
-    assert complete.params["thread_ts"] == root
-    (upload,) = [c for c in slack.calls_of("files.getUploadURLExternal") if c.params.get("filename") == "plot.png"]
-    file_id = complete.json_param("files")[0]["id"]
-    assert slack.uploads()[file_id].startswith(b"\x89PNG")
-    assert upload.response["file_id"] == file_id
+    # The thread: exactly one log message (the summary, its detail as one .md file), then the run's files.
+    log_message, files_message = thread_messages(slack, channel, root)
+    assert log_message.method == files_message.method == "files.completeUploadExternal"
+    summary = log_message.params["initial_comment"]
+    assert summary.startswith(f"*Execution log* · :white_check_mark: succeeded · run `{run['id']}`")
+    assert ":white_check_mark: 1. `work` ·" in summary
+    assert "Evaluator: :white_check_mark: satisfied — fine" in summary
+    assert "Tokens: 2 LLM calls ·" in summary and "Settings: " in summary
+    assert "<https://autocode.test/runs/" in summary and f"`run-{run['id']}-log.md` (attached)" in summary
+    (document,) = uploaded_files(slack, log_message).items()
+    assert document[0] == f"run-{run['id']}-log.md"
+    assert b"### Step 1.1 work" in document[1] and b"wrote the plot" in document[1] and b"def work" in document[1]
+    assert list(uploaded_files(slack, files_message)) == ["plot.png"] and not files_message.params.get(
+        "initial_comment")
+    assert [f["id"] for f in files_message.json_param("files")] == [image["slack_file"]["id"]]
 
 
 def test_mention_replies_stay_in_its_thread(server, slack):
@@ -295,10 +324,13 @@ def test_mention_replies_stay_in_its_thread(server, slack):
     settled(slack, channel)
 
     assert run["conversation"] == f"slack:{TEAM_ID}:{channel}:{event['ts']}"
-    posts = in_channel(slack, "chat.postMessage", channel)
-    assert len(posts) >= 3  # progress, answer, log
-    assert all(c.params.get("thread_ts") == event["ts"] for c in posts)
-    assert any("tag M" in message_text(c) for c in posts)
+    # In the mention's thread: the progress message, which ends as the answer, then the one log message.
+    progress, log_message = thread_messages(slack, channel, event["ts"])
+    assert "job tag=M" in message_text(progress) and log_message.method == "files.completeUploadExternal"
+    final = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == progress.response["ts"]][-1]
+    assert "tag M" in message_text(final) and "Re-run" in message_text(final)
+    assert "Execution log" in log_message.params["initial_comment"]
+    assert slack.streams(channel) == {}  # a channel's run is answered in place, not streamed
 
 
 def test_follow_up_in_the_thread_sees_the_first_answer(server, slack, llm):
@@ -319,6 +351,81 @@ def test_follow_up_in_the_thread_sees_the_first_answer(server, slack, llm):
     assert plans and "tag FIRST" in plans[0]  # the history in the planner request holds the first answer
     settled(slack, channel)
     assert all(c.params.get("thread_ts") == first["ts"] for c in in_channel(slack, "chat.postMessage", channel))
+
+
+def direct_message(channel: str, text: str, user: str = ALICE) -> dict[str, Any]:
+    return {"type": "message", "channel_type": "im", "user": user, "text": text,
+            "ts": f"{1600000000 + next(_ids)}.000600", "channel": channel}
+
+
+def test_a_direct_message_gets_its_answer_streamed_into_its_thread(server, slack):
+    from bots import slack_render as render
+
+    channel = "DSTREAM"
+    event = direct_message(channel, "job tag=S longanswer")
+    send_event(server, event)
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded" and run["answer"] == LONG_ANSWER, run
+    route = delivered(server, run["id"])
+    settled(slack, channel)
+
+    ((ts, stream),) = slack.streams(channel).items()
+    assert route["answer_ts"] == ts and stream["thread_ts"] == event["ts"] and stream["state"] == "stopped"
+    assert stream["appends"] >= 2  # the answer arrived in pieces, and whole
+    assert stream["text"] == render.stream_text(LONG_ANSWER)[0] and "end9." in stream["text"]
+    assert "&lt;@UEVERYONE&gt; &amp;" in stream["text"] and "<@UEVERYONE>" not in stream["text"]
+    assert "https://autocode.test/runs/" in json.dumps(stream["blocks"])  # the Full log link under it
+    (start,) = in_channel(slack, "chat.startStream", channel)
+    assert start.params["recipient_user_id"] == ALICE and start.params["recipient_team_id"] == TEAM_ID
+    # The thread: the progress message (ending as the run's status), the streamed answer, the one log message.
+    progress, answer, log_message = thread_messages(slack, channel, event["ts"])
+    assert (progress.method, answer.method, log_message.method) == (
+        "chat.postMessage", "chat.startStream", "files.completeUploadExternal")
+    final = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == progress.response["ts"]][-1]
+    assert "Succeeded" in message_text(final) and "Re-run" in message_text(final)
+    assert "Part 0" not in message_text(final)  # the answer is in its own message, once
+    assert "Execution log" in log_message.params["initial_comment"]
+
+
+def test_a_stream_that_breaks_off_mid_answer_ends_as_the_complete_answer(server, slack):
+    channel = "CSTREAMFAIL"
+    first = mention(channel, "job tag=FIRST")
+    send_event(server, first)
+    delivered(server, wait_run(server, channel)["id"])
+    settled(slack, channel)
+    slack.fail_stream(channel, after=1)  # the second append fails, as a stream Slack dropped
+
+    send_event(server, reply(channel, first["ts"], "job tag=BROKEN longanswer"))
+    second = wait_for(lambda: [r for r in runs_in(server, channel)[1:] if r["status"] == "succeeded"], 60,
+                      what="the follow-up run")[0]
+    route = delivered(server, second["id"])
+    settled(slack, channel)
+
+    ((ts, stream),) = slack.streams(channel).items()  # the first run was answered in place
+    assert stream["appends"] == 1 and stream["updated"] and route["answer_ts"] == ts
+    assert [c.response["error"] for c in in_channel(slack, "chat.appendStream", channel) if not c.response["ok"]]
+    (start,) = in_channel(slack, "chat.startStream", channel)  # streaming in a channel names its recipient
+    assert start.params["recipient_user_id"] == ALICE and start.params["recipient_team_id"] == TEAM_ID
+    # The streamed message was replaced by the whole answer, in mrkdwn, with the Full log link.
+    complete = message_text([c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == ts][-1])
+    assert all(f"end{i}." in complete for i in range(10)) and "Full log" in complete
+    assert "&lt;@UEVERYONE&gt;" in complete and "<@UEVERYONE>" not in complete
+    assert not [c for c in in_channel(slack, "chat.postMessage", channel) if "Part 0" in message_text(c)]
+
+
+def test_without_streaming_the_answer_is_one_message(server, slack):
+    channel = "DNOSTREAM"
+    slack.no_streaming(channel)
+    event = direct_message(channel, "job tag=PLAIN longanswer")
+    send_event(server, event)
+    run = wait_run(server, channel)
+    route = delivered(server, run["id"])
+    settled(slack, channel)
+
+    assert slack.streams(channel) == {}
+    (answer,) = [c for c in in_channel(slack, "chat.postMessage", channel) if "Part 0" in message_text(c)]
+    assert route["answer_ts"] == answer.response["ts"] and answer.params["thread_ts"] == event["ts"]
+    assert all(f"end{i}." in message_text(answer) for i in range(10))
 
 
 def reply(channel: str, thread_ts: str, text: str, user: str = ALICE) -> dict[str, Any]:
@@ -498,6 +605,15 @@ def test_the_fake_checks_post_ephemeral_as_slack_sdk_sends_it():
         EPHEMERAL_PARAMS
 
 
+def test_the_fake_checks_stream_calls_against_slack_sdk_signatures():
+    from tests.fakes.slack_server import signature_problem
+
+    assert signature_problem("chat.appendStream", {"channel": "C1", "ts": "1.2", "markdown_text": "x"}) is None
+    assert signature_problem("chat.stopStream", {"channel": "C1", "ts": "1.2", "blocks": "[]", "chunks": []}) is None
+    assert "text" in signature_problem("chat.appendStream", {"channel": "C1", "ts": "1", "text": "x"})
+    assert "thread_ts" in signature_problem("chat.startStream", {"channel": "C1"})
+
+
 def test_rate_limited_updates_are_retried_and_nothing_is_lost(server, slack):
     channel = "CLIMIT"
     slack.rate_limit("chat.update", times=2, retry_after=1)
@@ -509,8 +625,8 @@ def test_rate_limited_updates_are_retried_and_nothing_is_lost(server, slack):
     limited = [c for c in slack.calls_of("chat.update", status=429) if c.params.get("channel") == channel]
     assert len(limited) == 2
     updates = in_channel(slack, "chat.update", channel)
-    assert updates and "Succeeded" in message_text(updates[-1])  # the final state made it
-    assert any("tag LIMITED" in message_text(c) for c in in_channel(slack, "chat.postMessage", channel))
+    assert updates and "Succeeded" in message_text(updates[-1])  # the final state made it, as the answer
+    assert "tag LIMITED" in message_text(updates[-1])
 
 
 def test_updates_of_one_message_are_spaced_about_a_second_apart(server, slack):
@@ -542,25 +658,67 @@ def test_the_progress_message_shows_a_slow_llm_and_clears_it_once_it_answers(ser
     assert "Succeeded" in texts[-1] and "waiting for the LLM" not in texts[-1]
 
 
-def test_long_answers_are_split_within_block_kit_limits_and_never_cut():
+def test_a_long_answer_fits_one_message_within_block_kit_limits_and_the_rest_is_attached():
     from bots import slack_render as render
 
     paragraphs = [f"Paragraph {i}: " + "word " * 150 + f"end{i}." for i in range(60)]  # ~46,000 characters
     code = "```\n" + "\n".join(f"line_{i} = {i} < {i + 1}" for i in range(400)) + "\n```"
-    answer = "\n\n".join(paragraphs[:20] + [code] + paragraphs[20:])
-    rendered = render.answer_messages("succeeded", answer, None, "https://autocode.test/runs/x")
+    answer = "\n\n".join(paragraphs[:5] + [code] + paragraphs[5:])
+    progress = render.Progress("r1", "a <@UEVERYONE> task", user=ALICE, status="succeeded", iteration=1,
+                               url="https://autocode.test/runs/x")
+    for room in (render.MESSAGE_CHARS, render.SHORT_ANSWER_CHARS):
+        rendered = render.final_blocks(progress, answer, [("F1", "plot.png")], room=room)
+        blocks = rendered.blocks
+        assert len(blocks) <= render.MAX_BLOCKS and len(json.dumps(blocks)) <= room
+        sections = [b["text"]["text"] for b in blocks if b["type"] == "section"]
+        assert all(len(text) <= render.SECTION_CHARS and text.count("```") % 2 == 0 for text in sections)
+        # the start of the answer, then what is not shown is attached whole, and the message says so
+        assert "end0." in sections[0] and sections[-1] == render.REST_NOTE
+        assert [f.filename for f in rendered.files] == ["answer.md"] and rendered.files[0].data == answer.encode()
+        assert blocks[0]["elements"][0]["text"] == f"*AutoCode* for <@{ALICE}>: a &lt;@UEVERYONE&gt; task"
+        assert [b["type"] for b in blocks[-3:]] == ["image", "context", "actions"]
+        assert blocks[-3]["slack_file"] == {"id": "F1"}
+    whole = render.final_blocks(progress, "\n\n".join(paragraphs[:10]))
+    shown = "\n".join(b["text"]["text"] for b in whole.blocks if b["type"] == "section")
+    assert not whole.files and all(f"end{i}." in shown for i in range(10))
+    failed = render.final_blocks(render.Progress("r2", "t", status="failed", error="boom <!here>"), "")
+    assert ":x: Sorry, that did not work: boom &lt;!here&gt;" in failed.blocks[1]["text"]["text"]
 
-    blocks = [block for message in rendered.messages for block in message]
-    assert all(len(message) <= render.MAX_BLOCKS for message in rendered.messages)
-    assert all(len(b["text"]["text"]) <= render.SECTION_CHARS for b in blocks if b["type"] == "section")
-    shown = "\n".join(b["text"]["text"] for b in blocks if b["type"] == "section")
-    assert all(b["text"]["text"].count("```") % 2 == 0 for b in blocks if b["type"] == "section")
-    # what does not fit in messages is attached whole, and the messages say so
-    assert [f.filename for f in rendered.files] == ["answer.md"] and rendered.files[0].data == answer.encode()
-    assert "answer.md" in shown and "end0." in shown
-    short = render.answer_messages("succeeded", "\n\n".join(paragraphs[:15]), None, None)
-    short_text = "\n".join(b["text"]["text"] for m in short.messages for b in m)
-    assert not short.files and all(f"end{i}." in short_text for i in range(15))
+    # A streamed answer: escaped Markdown (no mention, no link syntax), pieces that join to exactly it, and a long
+    # one cut with the note, the whole attached.
+    text, files = render.stream_text("**bold** <@UEVERYONE> & `a < b`")
+    assert text == "**bold** &lt;@UEVERYONE&gt; &amp; `a &lt; b`" and files == []
+    assert "".join(render.stream_pieces(answer)) == answer
+    assert all(len(piece) <= render.STREAM_PIECE for piece in render.stream_pieces(answer))
+    text, files = render.stream_text(answer)
+    assert len(text) <= render.STREAM_CHARS and text.endswith(render.REST_NOTE) and text.count("```") % 2 == 0
+    assert [f.filename for f in files] == ["answer.md"]
+
+
+def test_the_log_summary_is_short_escaped_and_points_to_the_document():
+    from bots import slack_render as render
+    from bots.run_log import ApprovalSummary, RunLog, StepSummary, VerdictSummary
+
+    steps = [StepSummary(1, 1, "load", "ok", 1200), StepSummary(1, 2, "chart", "failed", 30, "Boom <!channel>")]
+    steps += [StepSummary(2, i, f"step{i}", "ok", i) for i in range(1, 200)]
+    log = RunLog("r9", "t", "failed", steps=steps,
+                 verdicts=[VerdictSummary(1, False, "chart <@U1> broke", "chart"), VerdictSummary(2, True, "ok")],
+                 approvals=[ApprovalSummary(1, "send_email", "denied", f"slack:{TEAM_ID}:{ALICE}")],
+                 llm_calls=3, prompt_tokens=1000, completion_tokens=200, cost="$0.0004",
+                 settings="model gpt-4o-mini · 3 iterations")
+    summary = render.log_summary(log, "https://autocode.test/runs/x")
+    assert len(summary) <= render.LOG_CHARS
+    assert summary.startswith("*Execution log* · :x: failed · run `r9`\n*Iteration 1*\n")
+    assert ":white_check_mark: 1. `load` · 1,200 ms" in summary
+    assert ":x: 2. `chart` · 30 ms · failed: Boom &lt;!channel&gt;" in summary
+    assert "Evaluator: :x: not yet (retry from `chart`) — chart &lt;@U1&gt; broke" in summary
+    assert "more lines in the attached log_" in summary  # 200 steps do not fit: cut, and said so
+    assert summary.endswith("Tokens: 3 LLM calls · 1,000 + 200 tokens · $0.0004\n"
+                            "Settings: model gpt-4o-mini · 3 iterations\n"
+                            "Code, outputs, stdout and stderr of every step: `run-r9-log.md` (attached) · "
+                            "<https://autocode.test/runs/x|Full log>")
+    short = render.log_summary(RunLog("r8", "t", "succeeded", steps=steps[:1], approvals=log.approvals), None)
+    assert f":raised_hand: `send_email`: denied by <@{ALICE}>" in short and "Full log" not in short
 
 
 def test_manifest_declares_what_the_adapter_needs():
@@ -608,7 +766,10 @@ def workspace_of(server: Serve, conversation: str) -> list[dict[str, Any]]:
 
 
 def answers(slack: FakeSlack, channel: str) -> str:
-    return "\n".join(message_text(c) for c in in_channel(slack, "chat.postMessage", channel))
+    """Everything AutoCode wrote in a channel: posts, updates (an answer in place) and streamed answers."""
+    texts = [message_text(c) for c in slack.calls_of("chat.postMessage") + slack.calls_of("chat.update")
+             if c.params.get("channel") == channel]
+    return "\n".join(texts + [stream["text"] for stream in slack.streams(channel).values()])
 
 
 def test_a_csv_on_a_thread_mention_reaches_the_planner_a_step_reads_it_and_the_answer_is_posted(server, slack, llm):
@@ -696,10 +857,12 @@ def test_two_turns_in_a_thread_reuse_the_file_post_the_chart_and_reset_empties_t
     assert json.loads(step["output_json"])["tag"] == "sales.csv: region,month,amount"  # turn 1's upload
     delivered(server, second["id"])
     settled(slack, channel)
-    (complete,) = in_channel(slack, "files.completeUploadExternal", channel)
+    (complete,) = [c for c in in_channel(slack, "files.completeUploadExternal", channel) if c.at > asked
+                   and not c.params.get("initial_comment")]  # turn 2's files (its log is the other upload)
     assert complete.params["thread_ts"] == first["ts"]
     (upload,) = [c for c in slack.calls_of("files.getUploadURLExternal") if c.params.get("filename") == "chart.png"
                  and c.at > asked]
+    assert [f["id"] for f in complete.json_param("files")] == [upload.response["file_id"]]
     assert slack.uploads()[upload.response["file_id"]].startswith(b"\x89PNG")
     names = {row["name"] for row in workspace_of(server, conversation)}
     assert {"sales.csv", "chart.png"} <= names

@@ -136,13 +136,16 @@ def test_an_assistant_thread_from_its_prompts_to_the_answer_with_the_status_foll
     assert statuses == ["planning…", "running step 1/3: load_offices", "running step 2/3: closest_pair",
                         "running step 3/3: report", "checking the result…", ""]
 
-    in_thread = [c for c in slack.calls_of("chat.postMessage") if c.params.get("channel") == channel]
+    in_thread = [c for c in slack.calls_of("chat.postMessage") + slack.calls_of("chat.startStream")
+                 if c.params.get("channel") == channel]
     assert all(c.params.get("thread_ts") == thread_ts for c in in_thread)
-    assert any("Paris and Brussels" in message_text(c) for c in in_thread)
+    # The answer is streamed into the thread, whole.
+    ((answer_ts, streamed),) = [(ts, s) for ts, s in slack.streams(channel).items() if "Paris and Brussels" in s["text"]]
+    assert streamed["thread_ts"] == thread_ts and streamed["state"] == "stopped"
     status_calls = [c for c in slack.calls_of("assistant.threads.setStatus") if c.params.get("channel_id") == channel]
     # The progress message comes first (a post in the thread clears the status line), the clearing after the answer.
-    assert in_thread[0].at < status_calls[0].at
-    answer_at = next(c.at for c in in_thread if "Paris and Brussels" in message_text(c))
+    assert min(c.at for c in in_thread) < status_calls[0].at
+    answer_at = next(c.at for c in slack.calls_of("chat.stopStream") if c.params["ts"] == answer_ts)
     assert status_calls[-1].at > answer_at
 
     titles = [c for c in slack.calls_of("assistant.threads.setTitle") if c.params.get("channel_id") == channel]

@@ -12,6 +12,12 @@ does, a wrong token gets a 200 text/html sign-in page, no token a 401, an unknow
 recorded (method "download", params file and sent = bytes written before the client was done); `files.info`
 answers the full object (what a Slack Connect stub, `add_file(..., connect=True)`, must be completed with).
 
+Files the app uploads (files_upload_v2) are kept by id with their name and where they were shared
+(`uploaded(id)`, bytes in `uploads()`); an image block (`slack_file: {id}`) in chat.postMessage/chat.update naming a
+file not shared in that channel is refused with `invalid_blocks`. Streamed messages (chat.startStream /
+appendStream / stopStream) are kept by ts (`streams()`); `fail_stream(channel, after=N)` makes appends fail after N,
+`no_streaming(channel)` refuses chat.startStream.
+
     with FakeSlack() as slack:
         env["SLACK_API_URL"] = slack.api_url
         ...
@@ -210,6 +216,10 @@ class FakeSlack(FakeService):
         self._clock = itertools.count(1)
         self._files = itertools.count(1)
         self._shared: dict[str, FakeFile] = {}  # files users shared, by id
+        self._uploaded: dict[str, dict[str, Any]] = {}  # files the app uploaded, by id: filename, then where shared
+        self._streams: dict[str, dict[str, Any]] = {}  # streamed messages by ts: channel, text, state, appends
+        self._stream_faults: dict[str, list[Any]] = {}  # channel -> [appends that succeed, error]
+        self._no_streaming: set[str] = set()  # channels where chat.startStream answers an error
 
     # -- life cycle -------------------------------------------------------------------------------------
     @property
@@ -295,6 +305,29 @@ class FakeSlack(FakeService):
         return [str(c.params.get("status", "")) for c in self.calls_of("assistant.threads.setStatus")
                 if c.params.get("channel_id") == channel and c.params.get("thread_ts") == thread_ts]
 
+    def fail_stream(self, channel: str, after: int, error: str = "message_not_in_streaming_state") -> None:
+        """In `channel`, answer chat.appendStream with `error` once `after` appends succeeded (a stream that
+        dies mid-way, as long idle ones do)."""
+        with self._lock:
+            self._stream_faults[channel] = [after, error]
+
+    def no_streaming(self, channel: str) -> None:
+        """In `channel`, chat.startStream answers `not_allowed_token_type` (a workspace without streaming)."""
+        with self._lock:
+            self._no_streaming.add(channel)
+
+    def streams(self, channel: str | None = None) -> dict[str, dict[str, Any]]:
+        """Streamed messages (of a channel) by ts: channel, thread_ts, text (every markdown chunk so far), state
+        (streaming | stopped), appends (chat.appendStream calls answered ok)."""
+        with self._lock:
+            return {ts: dict(m) for ts, m in self._streams.items() if channel is None or m["channel"] == channel}
+
+    def uploaded(self, file_id: str) -> dict[str, Any] | None:
+        """A file the app uploaded: filename, title, channel, thread_ts and initial_comment of its message."""
+        with self._lock:
+            entry = self._uploaded.get(file_id)
+            return dict(entry) if entry else None
+
     def release(self) -> None:
         """Let stalled downloads go on."""
         with self._lock:
@@ -336,6 +369,13 @@ class FakeSlack(FakeService):
                              "signature_problem": problem, "response_metadata": {"messages": [problem]}}, {}
         if call.method.startswith("assistant.threads.") or call.method.startswith("views."):
             return self._answer_surface(call)
+        if call.method in ("chat.postMessage", "chat.update"):
+            unknown = self._unknown_images(call.json_param("blocks") or [], str(params.get("channel") or ""))
+            if unknown:
+                return 200, {"ok": False, "error": "invalid_blocks",
+                             "errors": [f"invalid slack file {unknown} [json-pointer:/blocks/slack_file]"]}, {}
+        if call.method.startswith("chat.") and call.method.endswith("Stream"):
+            return self._stream(call)
         if call.method == "auth.test":
             return 200, {"ok": True, "url": "https://fake.slack.test/", "team": "Fake", "user": "autocode",
                          "team_id": self.team_id, "user_id": BOT_USER_ID, "bot_id": BOT_ID}, {}
@@ -344,8 +384,14 @@ class FakeSlack(FakeService):
             return 200, {"ok": True, "channel": params.get("channel"), "ts": ts,
                          "message": {"text": params.get("text", ""), "ts": ts, "bot_id": BOT_ID}}, {}
         if call.method == "chat.update":
+            with self._lock:
+                stream = self._streams.get(str(params.get("ts")))
+                if stream is not None:  # an update replaces what a stream wrote
+                    stream["state"], stream["updated"] = "stopped", True
             return 200, {"ok": True, "channel": params.get("channel"), "ts": params.get("ts"),
                          "text": params.get("text", "")}, {}
+        if call.method == "chat.delete":
+            return 200, {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}, {}
         if call.method == "chat.postEphemeral":
             if set(params) - EPHEMERAL_PARAMS:
                 return 200, {"ok": False, "error": "invalid_arguments"}, {}
@@ -358,10 +404,21 @@ class FakeSlack(FakeService):
             return 200, {"ok": True, "message_ts": self._ts()}, {}
         if call.method == "files.getUploadURLExternal":
             file_id = f"F{next(self._files):08d}"
+            with self._lock:
+                self._uploaded[file_id] = {"filename": params.get("filename"), "channel": None}
             return 200, {"ok": True, "upload_url": f"{self.url}/upload/{file_id}", "file_id": file_id}, {}
         if call.method == "files.completeUploadExternal":
             files = call.json_param("files") or []
-            return 200, {"ok": True, "files": [{"id": f.get("id"), "title": f.get("title")} for f in files]}, {}
+            with self._lock:
+                if any(f.get("id") not in self._uploaded for f in files):
+                    return 200, {"ok": False, "error": "file_not_found"}, {}
+                for f in files:
+                    self._uploaded[f["id"]].update(title=f.get("title"), channel=params.get("channel_id"),
+                                                   thread_ts=params.get("thread_ts"),
+                                                   initial_comment=params.get("initial_comment"))
+                named = [{"id": f["id"], "name": self._uploaded[f["id"]]["filename"], "title": f.get("title")}
+                         for f in files]
+            return 200, {"ok": True, "files": named}, {}
         if call.method == "files.info":
             item = self.file(str(params.get("file", "")))
             if item is None:
@@ -396,6 +453,55 @@ class FakeSlack(FakeService):
             return 200, {"ok": False, "error": "invalid_arguments", "response_metadata": {"messages": [problem]}}, {}
         answered = dict(view, id=params.get("view_id") or f"V{next(self._views):08d}", team_id=self.team_id)
         return 200, {"ok": True, "view": answered}, {}
+
+    def _unknown_images(self, blocks: list[dict[str, Any]], channel: str) -> str:
+        """The id of a `slack_file` image block whose file the app did not upload and share in `channel` ("" when
+        all are): Slack shows a file only to those it was shared with."""
+        with self._lock:
+            for block in blocks:
+                file_id = (block.get("slack_file") or {}).get("id") if isinstance(block, dict) else None
+                if file_id is not None and (self._uploaded.get(file_id) or {}).get("channel") != channel:
+                    return str(file_id)
+        return ""
+
+    def _stream(self, call: SlackCall) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """chat.startStream / appendStream / stopStream as Slack answers them: a stream is a reply in a thread
+        (recipient ids are required in channels), appended to while streaming, then stopped."""
+        params = call.params
+        channel = str(params.get("channel") or "")
+        text = str(params.get("markdown_text") or "") + "".join(
+            str(chunk.get("text") or "") for chunk in params.get("chunks") or []
+            if isinstance(chunk, dict) and chunk.get("type") == "markdown_text")
+        with self._lock:
+            if call.method == "chat.startStream":
+                if channel in self._no_streaming:
+                    return 200, {"ok": False, "error": "not_allowed_token_type"}, {}
+                if not params.get("thread_ts"):
+                    return 200, {"ok": False, "error": "invalid_arguments"}, {}
+                if channel.startswith(("C", "G")) and not (params.get("recipient_team_id")
+                                                            and params.get("recipient_user_id")):
+                    return 200, {"ok": False, "error": "missing_recipient_team_id"}, {}
+                ts = self._ts()
+                self._streams[ts] = {"channel": channel, "thread_ts": params["thread_ts"], "text": text,
+                                     "state": "streaming", "appends": 0, "blocks": None}
+                return 200, {"ok": True, "channel": channel, "ts": ts}, {}
+            stream = self._streams.get(str(params.get("ts") or ""))
+            if stream is None or stream["channel"] != channel:
+                return 200, {"ok": False, "error": "message_not_found"}, {}
+            if stream["state"] != "streaming":
+                return 200, {"ok": False, "error": "message_not_in_streaming_state"}, {}
+            fault = self._stream_faults.get(channel)
+            if call.method == "chat.appendStream":
+                if fault is not None and stream["appends"] >= fault[0]:
+                    stream["state"] = "broken"
+                    return 200, {"ok": False, "error": fault[1]}, {}
+                stream["text"] += text
+                stream["appends"] += 1
+                return 200, {"ok": True, "channel": channel, "ts": params["ts"]}, {}
+            stream["text"] += text
+            stream["state"], stream["blocks"] = "stopped", call.json_param("blocks")
+            return 200, {"ok": True, "channel": channel, "ts": params["ts"],
+                         "message": {"text": stream["text"], "ts": params["ts"], "bot_id": BOT_ID}}, {}
 
     # -- helpers for assertions ---------------------------------------------------------------------------
     def uploads(self) -> dict[str, bytes]:
