@@ -803,6 +803,19 @@ def test_the_log_caption_is_escaped_and_clipped_to_telegrams_caption_limit(tmp_p
     assert log_caption(short)[1] == "Execution log · running\n0 LLM calls · 0 + 0 tokens"
 
 
+def test_drafts_grow_at_paragraph_and_line_boundaries():
+    from bots.telegram_render import draft_texts
+
+    drafts = draft_texts(STORY_ANSWER, 160)
+    assert len(drafts) == 3 and all(STORY_ANSWER.startswith(d) for d in drafts)
+    assert all(len(a) < len(b) for a, b in zip(drafts, drafts[1:])) and len(drafts[-1]) < len(STORY_ANSWER)
+    assert all(STORY_ANSWER[len(d):].startswith("\n\n") for d in drafts)  # each ends where a paragraph does
+    assert draft_texts("a short answer", 160) == []
+    rows = "\n".join(f"row {i}" for i in range(100))
+    assert all(rows[len(d)] == "\n" for d in draft_texts(rows, 160))  # no paragraphs: whole lines
+    assert all(len(d) <= 4096 for d in draft_texts("word " * 3000, 160))
+
+
 def test_an_unreachable_bot_api_does_not_take_the_server_down(llm, tmp_path):
     """The Bot API is down at start: serve keeps serving (the API, other adapters) and says why in one line."""
     server = Serve(telegram_env(llm, tmp_path / "autocode.db", f"http://127.0.0.1:{free_port()}", UID_BASE + 320),
