@@ -9,7 +9,8 @@ decided to. When a step calls such a tool, the tool host (tools/host.py) asks `A
 - stops the step's timeout and gives back its step slot while it waits (agent_core/sandbox/clock.py): a person
   may take minutes, and other runs' steps should not wait for them;
 - resolves with the first decision (`decide`), or denies after AUTOCODE_APPROVAL_TIMEOUT seconds; a cancelled run
-  ends its wait at once; a restart marks the pending approval `interrupted` with the run (scheduler);
+  ends its wait at once; a restart marks the pending approval `interrupted` with the run (scheduler; a stop does
+  so before it cancels the run, so the cancel does not record `cancelled`);
 - emits ApprovalDecided and, unless approved, raises ToolDenied, which the step receives as its own `ToolDenied`
   exception (a builtin there): it may catch it and go on, and the tool has done nothing.
 

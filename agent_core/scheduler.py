@@ -179,6 +179,8 @@ class RunScheduler:
             await asyncio.wait([task for _, task in running], timeout=grace)
         for run_id, task in running:
             if not task.done():
+                # Before the cancel: an approval it waits on ends `interrupted` (the cancel would record `cancelled`).
+                self.storage.end_pending_approvals(run_id, "interrupted")
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 self._interrupt(run_id)

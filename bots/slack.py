@@ -345,6 +345,7 @@ class SlackAdapter:
         if route.get("progress_ts"):
             progress = self._progress_from_row(run)
             await self._update(client, route, progress)
+        await self._approvals_interrupted(client, route, run["id"])
         # The stored reason: a held run's says its files never arrived and nothing ran (HELD_INTERRUPTED_MESSAGE).
         await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
                                       text=f":warning: {render.escape(run.get('error') or INTERRUPTED_MESSAGE)}")
@@ -783,6 +784,22 @@ class SlackAdapter:
         blocks = render.approval_blocks(event.run_id, event.number, event.tool, asked.arguments,
                                         decision=event.decision, by=event.by, timeout_s=asked.timeout_s)
         await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks, text=render.fallback_text(blocks))
+
+    async def _approvals_interrupted(self, client: AsyncWebClient, route: dict[str, Any], run_id: str) -> None:
+        """A restart ended the run while approvals waited: their messages say so, and lose their buttons (this
+        process never saw them asked, so no ApprovalDecided reaches `_decided`)."""
+        for approval in self.storage.approvals(run_id):
+            ts = route.get(f"approval_{approval['number']}_ts")
+            if not ts or approval["status"] != "interrupted":
+                continue
+            blocks = render.approval_blocks(run_id, approval["number"], approval["tool"] or "",
+                                            approval.get("arguments") or "", decision="interrupted")
+            try:
+                await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks,
+                                         text=render.fallback_text(blocks))
+            except Exception as exc:
+                log.warning("slack: could not update approval %s of run %s: %s", approval["number"], run_id,
+                            _short(exc))
 
     async def _on_approval(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any],
                            action: dict[str, Any]) -> None:

@@ -1076,3 +1076,85 @@ def test_another_users_click_is_refused_and_an_admin_may_decide(server, slack):
     assert wait_run(server, channel)["status"] == "succeeded"
     assert f"Denied by <@{ADMIN}>" in message_text(approval_update(slack, channel, asked.response["ts"]))
     assert not [m for m in mails(server) if "OTHERS" in m["subject"]]
+
+
+def mail_serve(slack: FakeSlack, llm: PlottingLLM, directory: Path, name: str, **env: str) -> Serve:
+    """A server of its own with the mail tool (for settings the module's server does not have, or restarts)."""
+    (directory / "tools.py").write_text(f"SENT = {str(directory / 'sent.jsonl')!r}\n" + MAIL_TOOLS)
+    serve = Serve(serve_env(llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
+                            SLACK_API_URL=slack.api_url, AUTOCODE_TOOLS=str(directory / "tools.py"),
+                            AUTOCODE_PUBLIC_URL="https://autocode.test", **env),
+                  directory / f"{name}.log", directory)
+    try:
+        serve.wait_ready()
+    except BaseException:
+        serve.close()
+        raise
+    serve.db = directory / "autocode.db"
+    return serve
+
+
+def approvals_of(server: Serve, run_id: str) -> list[dict[str, Any]]:
+    return db_rows(server.db, "SELECT * FROM approvals WHERE run_id = ? ORDER BY number", (run_id,))
+
+
+def test_an_approval_nobody_decides_in_time_is_denied_and_its_message_says_so(slack, llm, tmp_path):
+    serve = mail_serve(slack, llm, tmp_path, "serve", AUTOCODE_APPROVAL_TIMEOUT="1")
+    try:
+        channel = "CAPPRTIMEOUT"
+        slash(serve, "mail the numbers TIMEOUT", channel)
+        asked = approval_request(slack, channel)
+        assert "No decision within 1 s denies it." in message_text(asked) and buttons(asked)
+        run = wait_run(serve, channel)
+        assert run["status"] == "succeeded", run  # the step caught ToolDenied and went on
+        (step,) = steps_of(serve, run["id"])
+        assert json.loads(step["output_json"])["tag"] == (
+            "denied: send_email was not run: nobody approved it within 1 s")
+        assert mails(serve) == []
+        updated = approval_update(slack, channel, asked.response["ts"])
+        assert "Nobody decided within 1 s: denied, not run" in message_text(updated) and not buttons(updated)
+        assert [a["status"] for a in approvals_of(serve, run["id"])] == ["timeout"]
+        delivered(serve, run["id"])
+        settled(slack, channel)
+        (log_message,) = [c for c in in_channel(slack, "files.completeUploadExternal", channel)
+                          if c.params.get("initial_comment")]
+        assert ":raised_hand: `send_email`: timeout" in log_message.params["initial_comment"]
+        # A click after the timeout decides nothing.
+        press(serve, "autocode_approve", f"{run['id']}:1", channel, ALICE, asked.params["thread_ts"])
+        wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel)
+                          if "Already timeout" in c.params["text"]], 10, what="the already-decided note")
+        assert mails(serve) == []
+    finally:
+        serve.close()
+
+
+@pytest.mark.parametrize("stop", ["kill", "terminate"])
+def test_an_approval_pending_at_a_restart_ends_interrupted_and_its_message_says_so(slack, llm, tmp_path, stop):
+    channel = f"CAPPRSTOP{stop.upper()}"
+    first = mail_serve(slack, llm, tmp_path, "serve-1", AUTOCODE_SHUTDOWN_GRACE="1")
+    try:
+        slash(first, "mail the numbers RESTART", channel)
+        asked = approval_request(slack, channel)
+        run = runs_in(first, channel)[-1]
+        wait_for(lambda: "approval_1_ts" in (runs_in(first, channel)[-1]["reply_to_json"] or ""), 10,
+                 what="the approval message's ts to be stored")
+        if stop == "kill":  # a crash: the next start finds the run `running` and the approval pending
+            first.proc.kill()
+            first.proc.wait(timeout=30)
+    finally:
+        first.close()  # otherwise a graceful stop (SIGTERM): the grace runs out while the approval waits
+    second = mail_serve(slack, llm, tmp_path, "serve-2") if stop == "kill" else None
+    try:
+        server = second or first
+        assert runs_in(server, channel)[-1]["status"] == "interrupted"
+        assert [a["status"] for a in approvals_of(server, run["id"])] == ["interrupted"]
+        updated = approval_update(slack, channel, asked.response["ts"])
+        assert "AutoCode restarted while waiting: not run" in message_text(updated) and not buttons(updated)
+        assert "boss@example.com" in message_text(updated)  # the call it was about is still shown
+        told = wait_for(lambda: [c for c in in_channel(slack, "chat.postMessage", channel)
+                                 if "restarted" in message_text(c)], 10, what="the interrupted note")
+        assert told[0].params["thread_ts"] == asked.params["thread_ts"]
+        assert mails(server) == []
+    finally:
+        if second is not None:
+            second.close()
