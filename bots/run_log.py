@@ -81,8 +81,13 @@ class RunLog:
 
     @property
     def worth_posting(self) -> bool:
-        """False for a run that made no LLM call and ran nothing (cancelled while queued): no log to post."""
-        return bool(self.steps or self.llm_calls or self.verdicts)
+        """False for a direct answer ("thanks!", a question about the last answer: one planner call and the
+        answer, nothing more to show; a log under every one-line reply would bury a shared channel's answers) and
+        for a run that made no LLM call (cancelled while queued). A run stopped or failed after calling the LLM
+        keeps its log even with no step stored (a step cancelled mid-way is not): what it planned and spent."""
+        if self.steps or self.verdicts:
+            return True
+        return bool(self.llm_calls) and self.status != "succeeded"
 
     def tokens_line(self) -> str:
         """E.g. "3 LLM calls · 1,204 + 310 tokens · $0.0004 (planner 1× (900+200), evaluator 2× (…))"."""

@@ -63,3 +63,13 @@ def test_a_run_that_did_nothing_has_no_log_worth_posting(tmp_path):
     log = run_log(storage, run_id)
     assert log is not None and not log.worth_posting and log.cost is None and log.settings is None
     assert run_log(storage, "nope") is None
+
+
+def test_a_direct_answer_has_no_log_worth_posting(tmp_path):
+    storage = Storage(tmp_path / "autocode.db")
+    run_id = storage.create_run("cli:log", "thanks!")
+    storage.add_llm_call({"run_id": run_id, "iteration": 1, "purpose": "planner", "model": "gpt-4o-mini",
+                          "prompt_tokens": 700, "completion_tokens": 20, "duration_ms": 5})
+    storage.finish_run(run_id, "succeeded", "You're welcome!", None, 0)
+    log = run_log(storage, run_id)
+    assert log is not None and log.llm_calls == 1 and not log.worth_posting
