@@ -315,6 +315,43 @@ def test_slash_command_ends_as_the_answer_with_its_image_and_the_thread_holds_on
     assert [f["id"] for f in files_message.json_param("files")] == [image["slack_file"]["id"]]
 
 
+def test_a_channel_answer_slack_finds_too_long_is_sent_shorter_and_the_whole_is_in_the_thread(server, slack):
+    from bots import slack_render as render
+
+    channel = "CTOOLONG"
+    slack.limit_messages(channel, 3000)  # Slack's msg_too_long, well under its documented limit
+    slash(server, "job tag=LONGONE longanswer", channel)
+    run = wait_run(server, channel)
+    assert run["answer"] == LONG_ANSWER, run
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    root = in_channel(slack, "chat.postMessage", channel)[0].response["ts"]
+    updates = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root]
+    assert [c for c in updates if c.response.get("error") == "msg_too_long"]  # the whole answer was refused
+    final = [c for c in updates if c.response["ok"]][-1]
+    text = message_text(final)
+    assert "Part 0" in text and "end9." not in text and render.REST_NOTE in text and "Re-run" in text
+    _, files_message = thread_messages(slack, channel, root)
+    assert uploaded_files(slack, files_message) == {"answer.md": LONG_ANSWER.encode()}
+
+
+def test_an_image_slack_cannot_show_yet_is_shown_on_a_later_try(server, slack):
+    channel = "CIMGLATE"
+    slack.delay_images(channel, 1)  # a file uploaded a moment ago: Slack refuses the image block once
+    slash(server, "job tag=png png", channel)
+    run = wait_run(server, channel)
+    delivered(server, run["id"])
+    settled(slack, channel, quiet=2.5)
+
+    root = in_channel(slack, "chat.postMessage", channel)[0].response["ts"]
+    updates = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root]
+    assert [c.response.get("error") for c in updates if not c.response["ok"]] == ["invalid_blocks"]
+    assert updates[-1].response["ok"] and "tag PNG" in message_text(updates[-1])
+    (image,) = [b for b in updates[-1].json_param("blocks") if b["type"] == "image"]
+    assert slack.uploaded(image["slack_file"]["id"])["filename"] == "plot.png"
+
+
 def test_mention_replies_stay_in_its_thread(server, slack):
     channel = "CMENTION"
     event = mention(channel, "job tag=M")

@@ -16,7 +16,8 @@ Files the app uploads (files_upload_v2) are kept by id with their name and where
 (`uploaded(id)`, bytes in `uploads()`); an image block (`slack_file: {id}`) in chat.postMessage/chat.update naming a
 file not shared in that channel is refused with `invalid_blocks`. Streamed messages (chat.startStream /
 appendStream / stopStream) are kept by ts (`streams()`); `fail_stream(channel, after=N)` makes appends fail after N,
-`no_streaming(channel)` refuses chat.startStream.
+`no_streaming(channel)` refuses chat.startStream. `delay_images(channel, n)` refuses the next n messages with an
+image (a fresh upload not ready yet), `limit_messages(channel, chars)` answers `msg_too_long` above a size.
 
     with FakeSlack() as slack:
         env["SLACK_API_URL"] = slack.api_url
@@ -220,6 +221,8 @@ class FakeSlack(FakeService):
         self._streams: dict[str, dict[str, Any]] = {}  # streamed messages by ts: channel, text, state, appends
         self._stream_faults: dict[str, list[Any]] = {}  # channel -> [appends that succeed, error]
         self._no_streaming: set[str] = set()  # channels where chat.startStream answers an error
+        self._image_delays: dict[str, int] = {}  # channel -> messages with image blocks still refused
+        self._message_limits: dict[str, int] = {}  # channel -> longest blocks (JSON characters) a message may have
 
     # -- life cycle -------------------------------------------------------------------------------------
     @property
@@ -316,6 +319,18 @@ class FakeSlack(FakeService):
         with self._lock:
             self._no_streaming.add(channel)
 
+    def delay_images(self, channel: str, times: int = 1) -> None:
+        """In `channel`, refuse the next `times` messages showing an image with `invalid_blocks`, as Slack does
+        for a file uploaded a moment ago."""
+        with self._lock:
+            self._image_delays[channel] = times
+
+    def limit_messages(self, channel: str, chars: int) -> None:
+        """In `channel`, answer `msg_too_long` to messages whose blocks are over `chars` (as JSON): the practical
+        limit Slack applies, well under the documented one."""
+        with self._lock:
+            self._message_limits[channel] = chars
+
     def streams(self, channel: str | None = None) -> dict[str, dict[str, Any]]:
         """Streamed messages (of a channel) by ts: channel, thread_ts, text (every markdown chunk so far), state
         (streaming | stopped), appends (chat.appendStream calls answered ok)."""
@@ -370,10 +385,19 @@ class FakeSlack(FakeService):
         if call.method.startswith("assistant.threads.") or call.method.startswith("views."):
             return self._answer_surface(call)
         if call.method in ("chat.postMessage", "chat.update"):
-            unknown = self._unknown_images(call.json_param("blocks") or [], str(params.get("channel") or ""))
+            channel, blocks = str(params.get("channel") or ""), call.json_param("blocks") or []
+            unknown = self._unknown_images(blocks, channel)
+            with self._lock:
+                if not unknown and self._image_delays.get(channel) and any(
+                        isinstance(b, dict) and b.get("type") == "image" for b in blocks):
+                    self._image_delays[channel] -= 1
+                    unknown = "(not ready yet)"
+                limit = self._message_limits.get(channel)
             if unknown:
                 return 200, {"ok": False, "error": "invalid_blocks",
                              "errors": [f"invalid slack file {unknown} [json-pointer:/blocks/slack_file]"]}, {}
+            if limit is not None and len(json.dumps(blocks)) > limit:
+                return 200, {"ok": False, "error": "msg_too_long"}, {}
         if call.method.startswith("chat.") and call.method.endswith("Stream"):
             return self._stream(call)
         if call.method == "auth.test":
