@@ -90,6 +90,9 @@ class PlottingLLM(ScriptedLLM):
             plan["final_answer"] = LONG_ANSWER
         if "subtasks" not in plan:
             return spec
+        if "thanks" in plan["main_task"]:  # no code needed: the planner answers directly
+            plan["subtasks"], plan["direct_answer"] = [], "You're welcome <@UEVERYONE>!"
+            return spec
         names = _LISTED.findall(prompt)
         if names:
             then, returns = f"    NAMES = {names!r}\n" + READ_HEADS, '{"tag": "; ".join(heads)}'
@@ -350,6 +353,21 @@ def test_an_image_slack_cannot_show_yet_is_shown_on_a_later_try(server, slack):
     assert updates[-1].response["ok"] and "tag PNG" in message_text(updates[-1])
     (image,) = [b for b in updates[-1].json_param("blocks") if b["type"] == "image"]
     assert slack.uploaded(image["slack_file"]["id"])["filename"] == "plot.png"
+
+
+def test_a_direct_answer_ends_the_channel_message_and_posts_no_log(server, slack, llm):
+    channel = "CTHANKS"
+    slash(server, "thanks!", channel)
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded" and run["answer"] == "You're welcome <@UEVERYONE>!", run
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    root = in_channel(slack, "chat.postMessage", channel)[0].response["ts"]
+    final = [c for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root][-1]
+    assert "You're welcome &lt;@UEVERYONE&gt;!" in message_text(final)
+    assert thread_messages(slack, channel, root) == []  # one planner call, no code: nothing to log
+    assert len([r for r in llm.fake.requests if r.body and "Task: thanks!" in json.dumps(r.body)]) == 1
 
 
 def test_mention_replies_stay_in_its_thread(server, slack):
@@ -945,6 +963,9 @@ def test_files_slack_will_not_serve_get_a_clear_reply_and_no_step_runs(server, s
             delivered(server, run["id"])
             wait_for(lambda: f"Sorry, that did not work: {told}" in answers(slack, channel), 10,
                      what=f"the reply in {channel}")
+        for channel in cases:  # nothing ran and no LLM was asked: no log, no files
+            settled(slack, channel)
+            assert in_channel(slack, "files.completeUploadExternal", channel) == []
         assert [c.status for c in slack.downloads(cases["CFILEWRONG"][0]["id"])] == [200]  # the sign-in page
         assert elsewhere.calls == []  # nothing, so not the token either, went to the other host
     finally:
