@@ -162,12 +162,12 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
             except InputRefused as exc:
                 print(f"autocode: {_field(exc)}", file=sys.stderr)
                 return EXIT_CONFIG
-        if not args.json:
-            agent.events.subscribe(ConsoleRenderer(sys.stderr))
         if args.yes:
             agent.approvals.approve_all_as = "console (--yes)"
-        else:
+        else:  # before the renderer: a prompt left unanswered ends its line before the decision is printed
             agent.events.subscribe(ConsoleApprovals(agent))
+        if not args.json:
+            agent.events.subscribe(ConsoleRenderer(sys.stderr))
         if files:
             result = await run_with_files(agent, args.task, args.conversation, files)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from typing import TextIO
 
 from agent_core.events import (
@@ -59,6 +60,8 @@ class ConsoleRenderer:
                 return f"· {event.describe()}"  # "· waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"
             case ApprovalRequested(tool=tool, arguments=arguments):
                 return f"· {tool} needs your approval: {arguments}"
+            case ApprovalDecided(tool=tool, decision="timeout"):
+                return f"· {tool}: no answer in time: denied"
             case ApprovalDecided(tool=tool, decision=decision, by=by):
                 return f"· {tool}: {decision}{' by ' + by if by else ''}"
             case RunFinished(status=status, usage=usage):
@@ -67,23 +70,74 @@ class ConsoleRenderer:
         return None
 
 
+class ConsoleInput:
+    """The terminal's lines, read by one daemon thread and handed out in order to whoever awaits `readline`: the
+    chat loop between tasks, an approval prompt during one. A prompt that stops waiting (the call was decided by a
+    timeout or a cancel) takes nothing, so the next line typed goes to the chat; and an unanswered read never holds
+    up the program's exit (a thread-pool read would: the pool is joined at exit)."""
+
+    def __init__(self, stdin: TextIO = sys.stdin):
+        self.stdin = stdin
+        self._lines: asyncio.Queue[str] | None = None
+        self._ended = False
+
+    async def readline(self) -> str:
+        """The next line with its newline, or "" once the input has ended (and every time after)."""
+        if self._ended:
+            return ""
+        if self._lines is None:
+            self._lines = asyncio.Queue()
+            loop, lines = asyncio.get_running_loop(), self._lines
+            threading.Thread(target=self._read, args=(loop, lines), name="console-input", daemon=True).start()
+        line = await self._lines.get()
+        self._ended = not line
+        return line
+
+    def _read(self, loop: asyncio.AbstractEventLoop, lines: "asyncio.Queue[str]") -> None:
+        while True:
+            try:
+                line = self.stdin.readline()
+            except (OSError, ValueError):  # closed under us
+                line = ""
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            except RuntimeError:  # the loop is gone: the program is ending
+                return
+            if not line:
+                return
+
+
 class ConsoleApprovals:
     """Asks on the terminal when a run's step calls a `confirm` tool: "Approve? [y/N]"; anything but y/yes (and an
-    end of input, e.g. `autocode run` in a pipeline) is a denial. The request itself is printed by ConsoleRenderer."""
+    end of input, e.g. `autocode run` in a pipeline) is a denial. The request itself is printed by ConsoleRenderer.
 
-    def __init__(self, agent: Agent, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stderr, user: str = "console"):
-        self.agent, self.stdin, self.stdout, self.user = agent, stdin, stdout, user
+    The prompt runs as a task of its own, so the approval's timeout runs while it waits (the event is delivered
+    at once); a decision made elsewhere (timeout, cancel) ends the prompt without taking a line."""
 
-    async def __call__(self, event: RunEvent) -> None:
-        if not isinstance(event, ApprovalRequested):
-            return
+    def __init__(self, agent: Agent, stdin: TextIO | ConsoleInput = sys.stdin, stdout: TextIO = sys.stderr,
+                 user: str = "console"):
+        self.agent, self.stdout, self.user = agent, stdout, user
+        self.input = stdin if isinstance(stdin, ConsoleInput) else ConsoleInput(stdin)
+        self._prompts: dict[tuple[str, int], asyncio.Task[None]] = {}
+
+    def __call__(self, event: RunEvent) -> None:
+        if isinstance(event, ApprovalRequested):
+            key = (event.run_id, event.number)
+            self._prompts[key] = asyncio.get_running_loop().create_task(self._ask(event), name="approval prompt")
+        elif isinstance(event, ApprovalDecided):
+            prompt = self._prompts.pop((event.run_id, event.number), None)
+            if prompt is not None and not prompt.done():  # decided without an answer here: end the prompt line
+                prompt.cancel()
+                print("", file=self.stdout, flush=True)
+
+    async def _ask(self, event: ApprovalRequested) -> None:
         print(safe_for_terminal(f"Approve {event.tool}? [y/N] ", single_line=True), end="", file=self.stdout,
               flush=True)
-        line = await asyncio.get_running_loop().run_in_executor(None, self.stdin.readline)
-        approve = line.strip().lower() in ("y", "yes")
+        line = await self.input.readline()
         if not line:
             print("", file=self.stdout, flush=True)
-        self.agent.approvals.decide(event.run_id, event.number, approve, self.user)
+        self._prompts.pop((event.run_id, event.number), None)
+        self.agent.approvals.decide(event.run_id, event.number, line.strip().lower() in ("y", "yes"), self.user)
 
 
 async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
@@ -93,15 +147,15 @@ async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdou
 
     from agent_core.workspace import InputRefused, Workspace, run_with_files
 
+    terminal = ConsoleInput(stdin)
+    agent.events.subscribe(ConsoleApprovals(agent, terminal, stdout))  # first: it ends its prompt line
     agent.events.subscribe(ConsoleRenderer(stdout))
-    agent.events.subscribe(ConsoleApprovals(agent, stdin, stdout))
     print(f"AutoCode chat (conversation {conversation!r}). Type a task; /attach PATH adds a file to it; "
           "/reset clears history and files; /exit quits.", file=stdout, flush=True)
     attached: list[Path] = []
-    loop = asyncio.get_running_loop()
     while True:
         print("> ", end="", file=stdout, flush=True)
-        line = await loop.run_in_executor(None, stdin.readline)
+        line = await terminal.readline()
         if not line:
             return 0
         task = line.strip()

@@ -255,6 +255,60 @@ def test_console_asks_y_n(tmp_path, llm_server, mail, answer, sent_count, output
     assert output.replace('"', '\\"') in evaluator_prompt
 
 
+def test_console_no_answer_in_time_is_a_denial_and_the_command_ends(tmp_path, llm_server, mail):
+    """A terminal nobody answers (stdin open, silent): the call is denied after AUTOCODE_APPROVAL_TIMEOUT and
+    `autocode run` finishes; the unanswered prompt holds nothing up."""
+    import os
+    import subprocess
+    import sys
+
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("done"))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", PYTHONPATH=str(REPO),
+                   OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
+                   AUTOCODE_SANDBOX_WARM="0", AUTOCODE_APPROVAL_TIMEOUT="1")
+    silent, keep_open = os.pipe()  # the terminal's input: open, and nobody types anything
+    with open(tmp_path / "err.txt", "w") as errors:
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "agent_core.cli", "run", "--tools", str(tools),
+                                 "email the boss"], cwd=tmp_path, env=environ, stdin=silent,
+                                stdout=subprocess.DEVNULL, stderr=errors)
+    os.close(silent)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        os.close(keep_open)
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 0, err
+    assert "Approve send_email? [y/N] \n· send_email: no answer in time: denied" in err
+    assert _sent(sent) == []
+    assert "nobody approved it within 1 s" in json.dumps(llm_server.chat_requests()[1])
+
+
+def test_chat_asks_in_turn_with_its_own_input(tmp_path, llm_server, mail):
+    """`autocode chat`: the line after a task answers its approval, the next one is the next task."""
+    import os
+    import subprocess
+    import sys
+
+    tools, sent = mail
+    llm_server.reply_json(plan(SEND))
+    llm_server.reply_json(verdict("done"))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
+    environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", PYTHONPATH=str(REPO),
+                   OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
+                   AUTOCODE_SANDBOX_WARM="0", AUTOCODE_TOOLS=str(tools))
+    proc = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "chat"], cwd=tmp_path, env=environ,
+                          input="email the boss\ny\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Approve send_email? [y/N] " in proc.stdout and "send_email: approved by console" in proc.stdout
+    assert len(_sent(sent)) == 1 and len(llm_server.chat_requests()) == 2  # "/exit" was no task
+
+
 def test_console_yes_approves_without_asking(tmp_path, llm_server, mail):
     tools, sent = mail
     llm_server.reply_json(plan(SEND))

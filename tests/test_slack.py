@@ -1115,6 +1115,19 @@ def test_a_denied_call_raises_tool_denied_and_sends_nothing(server, slack):
     assert f"Denied by <@{ALICE}>" in message_text(updated) and not buttons(updated)
 
 
+def test_cancel_while_a_call_waits_for_approval_ends_the_run_and_sends_nothing(server, slack):
+    channel = "CAPPRCANCEL"
+    slash(server, "mail the numbers CANCELWAIT", channel)
+    asked = approval_request(slack, channel)
+    run = runs_in(server, channel)[-1]
+    assert action(server, "autocode_cancel", run["id"], channel).status_code == 200
+    assert wait_run(server, channel, "cancelled", timeout=30)["id"] == run["id"]
+    updated = approval_update(slack, channel, asked.response["ts"])
+    assert "The run was cancelled" in message_text(updated) and not buttons(updated)
+    assert [a["status"] for a in approvals_of(server, run["id"])] == ["cancelled"]
+    assert not [m for m in mails(server) if "CANCELWAIT" in m["subject"]]
+
+
 def test_another_users_click_is_refused_and_an_admin_may_decide(server, slack):
     channel = "CAPPROTHER"
     slash(server, "mail the numbers OTHERS", channel, user=ALICE)

@@ -1101,5 +1101,52 @@ def test_approvals_with_an_inline_keyboard(llm, tmp_path):
             assert press(asker, asked(second), "approve:").params["text"] == "send_email: approved."
             assert finished_run(server, fake, second)["status"] == "succeeded"
             assert len(_sent(sent)) == 1
+
+            # Cancel while the call waits: the run ends cancelled, the approval message says so, nothing is sent.
+            third = ask(fake, group, asker, "/run email the boss tag=ap3")
+            waiting = asked(third)
+            run = runs_where(server.db, "delivery_id = ?", (delivery(fake, third),))[0]
+            progress = [c for c in fake.calls_of("sendMessage", -1001102) if c.reply_to == third["message"]["message_id"]
+                        and "cancel:" in json.dumps(c.params.get("reply_markup"))][0]
+            fake.queue(fake.update(callback_query=fake.callback(asker, progress.result, f"cancel:{run['id']}")))
+            assert server.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
+            wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
+                       waiting.result["message_id"] and "the task was cancelled" in c.params["text"]
+                       and not c.params.get("reply_markup"), "the approval message's end", server)
+            assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
+                                                 (run["id"],))] == ["cancelled"]
+            assert len(_sent(sent)) == 1
+        finally:
+            server.close()
+
+
+def test_an_approval_nobody_decides_in_time_is_denied_in_telegram(llm, tmp_path):
+    from tests.test_approvals import TOOLS, _sent
+
+    sent = tmp_path / "sent.jsonl"
+    tools = tmp_path / "tools.py"
+    tools.write_text(TOOLS.format(sent=str(sent)))
+    with FakeTelegram(TOKEN, BOT) as fake:
+        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 704, AUTOCODE_TOOLS=str(tools),
+                           AUTOCODE_APPROVAL_TIMEOUT="1")
+        server = Serve(env, tmp_path / "serve.log", tmp_path)
+        try:
+            server.wait_ready()
+            server.db = tmp_path / "autocode.db"
+            chat, user = private(fake, 7411)
+            update = ask(fake, chat, user, "email the boss tag=ap4")
+            message = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7411
+                                 and "approve:" in json.dumps(c.params.get("reply_markup")), "the approval", server)[0]
+            assert "No answer within 1 s denies it." in visible_text(message)
+            run = finished_run(server, fake, update)
+            assert run["status"] == "succeeded" and _sent(sent) == []
+            output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?",
+                                        (run["id"],))[0]["output_json"])
+            assert output == {"sent": False, "why": "send_email was not run: nobody approved it within 1 s"}
+            wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
+                       message.result["message_id"] and "not approved in time (denied)" in c.params["text"]
+                       and not c.params.get("reply_markup"), "the approval message's end", server)
+            assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
+                                                 (run["id"],))] == ["timeout"]
         finally:
             server.close()
