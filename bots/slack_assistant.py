@@ -177,7 +177,8 @@ class SlackAssistant:
                  "enterprise": body.get("enterprise_id")}
         refusal = self.adapter._refusal(team, channel, user)
         if refusal:
-            self.adapter._spawn(self.adapter._say(route, refusal), "refusing an assistant thread")
+            if self.adapter._first_time(f"slack:{team}:assistant:{channel}:{thread_ts}"):  # not again on a retry
+                self.adapter._spawn(self.adapter._say(route, refusal), "refusing an assistant thread")
         elif self.prompts:
             self.adapter._spawn(set_suggested_prompts(prompts=self.prompts, title=PROMPTS_TITLE),
                                 "setting the suggested prompts")
@@ -193,7 +194,7 @@ class SlackAssistant:
         conversation = adapter.threads.get(team, channel, thread_ts) or f"slack:{team}:{channel}:{thread_ts}"
         first = not adapter.storage.list_runs(conversation, limit=1)
         await adapter._on_post(event, body, context, require_owned=False)
-        runs = adapter.storage.list_runs(conversation, limit=1) if first else []
+        runs = adapter.storage.list_runs(conversation, limit=1) if first else []  # the thread's first run
         if runs:
             title = render.clip(" ".join(runs[0]["task"].split()), TITLE_CHARS)
             adapter._spawn(set_title(title), "setting the assistant thread's title")
@@ -246,6 +247,7 @@ class SlackAssistant:
                     text = status.pending.pop(0)
                     if text == "" and status.line.final:
                         await self._delivered(run_id)
+                    await adapter.runtime.quiet()  # acks first: statuses wait while webhooks are being answered
                     try:
                         await set_status(status=text)
                     except Exception as exc:  # the thread was deleted, a scope is missing: the run goes on

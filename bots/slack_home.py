@@ -29,6 +29,7 @@ OPEN_SETTINGS_ACTION = "autocode_settings_open"  # value: the scope
 HOME_RUNS = 10
 HOME_CHANNELS = 30  # a view holds at most 100 blocks
 TASK_CHARS = 80
+SECTION_CHARS = 2900  # under Block Kit's 3,000 (a long list of tools)
 
 
 def when(iso: str | None) -> str:
@@ -104,7 +105,8 @@ class SlackHome:
                            "`/autocode settings` in the channel."),
         ]
         for scope in scopes:
-            block = render.section(f"{place(scope)}: {describe(channels.effective_for_scope(scope))}")
+            block = render.section(render.clip(f"{place(scope)}: {describe(channels.effective_for_scope(scope))}",
+                                               SECTION_CHARS))
             block["accessory"] = render.button("Change", OPEN_SETTINGS_ACTION, scope)
             blocks.append(block)
         if not scopes:

@@ -6,6 +6,7 @@ thread's status line has steps to follow."""
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,18 @@ def test_the_manifest_has_the_assistant_feature_scope_and_events():
     assert view["assistant_description"]
     assert [(p["title"], p["message"]) for p in view["suggested_prompts"]] == list(DEFAULT_SUGGESTED_PROMPTS)
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
+
+
+def test_a_changed_thread_context_is_saved_in_the_adapters_store(server, slack):
+    channel = "D0ALICE3"
+    started = thread_started(channel)
+    thread_ts = started["assistant_thread"]["thread_ts"]
+    assert send_event(server, started).status_code == 200
+    changed = {"type": "assistant_thread_context_changed", "event_ts": thread_ts, "assistant_thread": {
+        "user_id": ALICE, "channel_id": channel, "thread_ts": thread_ts,
+        "context": {"channel_id": "CRANDOM", "team_id": "T0FAKE", "enterprise_id": None}}}
+    assert send_event(server, changed).status_code == 200
+    store = server.db.with_name(server.db.stem + ".slack.db")
+    rows = db_rows(store, "SELECT context_json FROM autocode_slack_assistant_threads WHERE channel = ? AND "
+                          "thread_ts = ?", (channel, thread_ts))
+    assert [json.loads(r["context_json"])["channel_id"] for r in rows] == ["CRANDOM"]
