@@ -269,3 +269,30 @@ def test_the_manifest_turns_the_home_tab_on_with_its_event():
     home = manifest["features"]["app_home"]
     assert home["home_tab_enabled"] is True and home["messages_tab_enabled"] is True
     assert "app_home_opened" in manifest["settings"]["event_subscriptions"]["bot_events"]
+
+
+def test_the_settings_modal_keeps_within_block_kit_and_submits_only_what_changed(tmp_path):
+    from agent_core.channel_settings import ChannelSettings, tool_names
+    from agent_core.config import Settings
+    from bots.slack_settings import changes, settings_modal, submitted_values
+    from storage.db import Storage
+    from tests.fakes.slack_server import view_problem
+    from tools.registry import build_toolset
+
+    models = tuple(f"model-{i}-" + "x" * 90 for i in range(120))
+    channels = ChannelSettings(Storage(tmp_path / "a.db"), Settings(models=models), build_toolset())
+    scope = "slack:T1:C1"
+    modal = settings_modal(scope, channels.effective_for_scope(scope), channels)
+    assert view_problem(modal, "modal") is None
+    options = next(b for b in modal["blocks"] if b.get("block_id") == "model")["element"]["options"]
+    assert len(options) == 100 and all(len(o["text"]["text"]) <= 75 and len(o["value"]) <= 150 for o in options)
+    assert not any(b.get("block_id") == "network" for b in modal["blocks"])  # the operator's network is off
+
+    tools = tool_names(channels.toolset)
+    current = channels.effective_for_scope(scope)
+    values = submitted_values({"state": {"values": state_of(modal)}})
+    assert changes(values, current, tools) == []  # the initial values change nothing
+    values = submitted_values({"state": {"values": state_of(modal, tools=tools[:1], budget="3", max_iterations="2")}})
+    assert changes(values, current, tools) == [("max_iterations", "2"), ("tools", tools[0]), ("budget", "3")]
+    values = submitted_values({"state": {"values": state_of(modal, tools=[])}})
+    assert changes(values, current, tools) == [("tools", "none")]
