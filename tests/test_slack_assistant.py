@@ -20,8 +20,10 @@ from agent_core.events import (
 from bots.slack_assistant import StatusLine
 from tests.conftest import subtask
 from tests.fakes.slack_server import FakeSlack, message_text
-from tests.server_helpers import ScriptedLLM, Serve, db_rows, serve_env, wait_for
-from tests.test_slack import ALICE, MALLORY, SECRET, TOKEN, delivered, send_event
+from tests.server_helpers import Serve, db_rows, serve_env, wait_for
+from tests.test_slack import (
+    ALICE, MALLORY, SECRET, TOKEN, PlottingLLM, answers, delivered, file_message, send_event, settled,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
 
@@ -37,8 +39,9 @@ STEPS = [
 ]
 
 
-class OfficesLLM(ScriptedLLM):
-    """ScriptedLLM; a task about offices gets the three steps load_offices → closest_pair → report."""
+class OfficesLLM(PlottingLLM):
+    """test_slack's PlottingLLM (a step reads the first line of each file given); a task about offices gets the
+    three steps load_offices → closest_pair → report."""
 
     def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = super()._respond(body)
@@ -216,3 +219,19 @@ def test_a_changed_thread_context_is_saved_in_the_adapters_store(server, slack):
     rows = db_rows(store, "SELECT context_json FROM autocode_slack_assistant_threads WHERE channel = ? AND "
                           "thread_ts = ?", (channel, thread_ts))
     assert [json.loads(r["context_json"])["channel_id"] for r in rows] == ["CRANDOM"]
+
+
+def test_a_file_sent_in_an_assistant_thread_reaches_the_step_like_any_dm(server, slack):
+    channel = "D0ALICE4"
+    started = thread_started(channel)
+    thread_ts = started["assistant_thread"]["thread_ts"]
+    assert send_event(server, started).status_code == 200
+    shared = slack.add_file("notes.txt", b"quarterly numbers look fine\nsecond line\n", token=TOKEN)
+    event = file_message(channel, [shared], text="what is in this file?", thread_ts=thread_ts, channel_type="im")
+    assert send_event(server, event).status_code == 200
+    run = finished_run(server, f"slack:T0FAKE:{channel}:{thread_ts}")
+    assert run["status"] == "succeeded", run
+    delivered(server, run["id"])
+    settled(slack, channel)
+    assert "tag notes.txt: quarterly numbers look fine" in answers(slack, channel)
+    assert slack.statuses(channel, thread_ts) == ["planning…", "running step 1/1: work", "checking the result…", ""]
