@@ -30,6 +30,7 @@ from slack_bolt.context.assistant.thread_context import AssistantThreadContext
 from slack_bolt.context.assistant.thread_context_store.async_store import AsyncAssistantThreadContextStore
 from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
 from slack_bolt.middleware.assistant.async_assistant import AsyncAssistant
+from slack_sdk.errors import SlackApiError
 
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
@@ -251,7 +252,10 @@ class SlackAssistant:
                     try:
                         await set_status(status=text)
                     except Exception as exc:  # the thread was deleted, a scope is missing: the run goes on
-                        log.warning("slack: assistant status for run %s failed: %s", run_id, type(exc).__name__)
+                        reason = exc.response.get("error", "") if isinstance(exc, SlackApiError) and \
+                            exc.response is not None else ""
+                        log.warning("slack: assistant.threads.setStatus for run %s failed: %s%s", run_id,
+                                    type(exc).__name__, f" ({reason})" if reason else "")
                     if text == "" and status.line.final:
                         return
         finally:
