@@ -235,3 +235,17 @@ def test_a_file_sent_in_an_assistant_thread_reaches_the_step_like_any_dm(server,
     settled(slack, channel)
     assert "tag notes.txt: quarterly numbers look fine" in answers(slack, channel)
     assert slack.statuses(channel, thread_ts) == ["planning…", "running step 1/1: work", "checking the result…", ""]
+
+
+def test_suggested_prompts_are_configurable_and_checked():
+    from agent_core.config import ConfigError, Settings
+
+    def prompts(raw: str) -> tuple[tuple[str, str], ...]:
+        return Settings.from_env({"AUTOCODE_SLACK_SUGGESTED_PROMPTS": raw}).slack_suggested_prompts
+
+    assert prompts("") == DEFAULT_SUGGESTED_PROMPTS and prompts("off") == () and prompts("[]") == ()
+    assert prompts('["Plot sales", {"title": "Sum", "message": "Sum 1..100"}]') == (
+        ("Plot sales", "Plot sales"), ("Sum", "Sum 1..100"))
+    for bad in ("Plot sales", '[{"title": "no message"}]', '["a", "b", "c", "d", "e"]', '{"title": "x"}'):
+        with pytest.raises(ConfigError, match="AUTOCODE_SLACK_SUGGESTED_PROMPTS"):
+            prompts(bad)
