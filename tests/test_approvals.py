@@ -224,15 +224,22 @@ def test_confirm_is_refused_on_a_library_tool(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cli(tmp_path, llm_server, tools, *args, stdin: str = ""):
+def _cli_environ(tmp_path, llm_server, **extra: str) -> dict[str, str]:
+    """The environment of an `autocode` subprocess on the scripted LLM and a database of its own."""
     import os
-    import subprocess
-    import sys
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
     environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", PYTHONPATH=str(REPO),
                    OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
-                   AUTOCODE_SANDBOX_WARM="0")
+                   AUTOCODE_SANDBOX_WARM="0", **extra)
+    return environ
+
+
+def _cli(tmp_path, llm_server, tools, *args, stdin: str = ""):
+    import subprocess
+    import sys
+
+    environ = _cli_environ(tmp_path, llm_server)
     return subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "run", "--tools", str(tools), *args],
                           cwd=tmp_path, env=environ, input=stdin, capture_output=True, text=True, timeout=120)
 
@@ -265,10 +272,7 @@ def test_console_no_answer_in_time_is_a_denial_and_the_command_ends(tmp_path, ll
     tools, sent = mail
     llm_server.reply_json(plan(SEND))
     llm_server.reply_json(verdict("done"))
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
-    environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", PYTHONPATH=str(REPO),
-                   OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
-                   AUTOCODE_SANDBOX_WARM="0", AUTOCODE_APPROVAL_TIMEOUT="1")
+    environ = _cli_environ(tmp_path, llm_server, AUTOCODE_APPROVAL_TIMEOUT="1")
     silent, keep_open = os.pipe()  # the terminal's input: open, and nobody types anything
     with open(tmp_path / "err.txt", "w") as errors:
         proc = subprocess.Popen([sys.executable, "-P", "-m", "agent_core.cli", "run", "--tools", str(tools),
@@ -291,17 +295,13 @@ def test_console_no_answer_in_time_is_a_denial_and_the_command_ends(tmp_path, ll
 
 def test_chat_asks_in_turn_with_its_own_input(tmp_path, llm_server, mail):
     """`autocode chat`: the line after a task answers its approval, the next one is the next task."""
-    import os
     import subprocess
     import sys
 
     tools, sent = mail
     llm_server.reply_json(plan(SEND))
     llm_server.reply_json(verdict("done"))
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
-    environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0", PYTHONPATH=str(REPO),
-                   OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
-                   AUTOCODE_SANDBOX_WARM="0", AUTOCODE_TOOLS=str(tools))
+    environ = _cli_environ(tmp_path, llm_server, AUTOCODE_TOOLS=str(tools))
     proc = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "chat"], cwd=tmp_path, env=environ,
                           input="email the boss\ny\n/exit\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -8,6 +8,7 @@ serve runs with AUTOCODE_INPUT_MAX_MB=1 so that the limits are cheap to cross.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -15,7 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlencode
 
 import httpx
@@ -125,26 +126,42 @@ def llm():
         yield scripted
 
 
+def start_slack_serve(slack: FakeSlack, llm: ScriptedLLM, directory: Path, name: str = "serve", **env: str) -> Serve:
+    """A started `autocode serve` (its own SQLite file in `directory`) with the Slack adapter in HTTP mode on the
+    fake Web API; the caller closes it (a restart test stops and starts them)."""
+    serve = Serve(serve_env(llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
+                            SLACK_API_URL=slack.api_url, **env), directory / f"{name}.log", directory)
+    try:
+        serve.wait_ready()
+    except BaseException:
+        serve.close()
+        raise
+    serve.db = directory / "autocode.db"
+    return serve
+
+
+@contextlib.contextmanager
+def slack_server(slack: FakeSlack, llm: ScriptedLLM, directory: Path, **env: str) -> Iterator[Serve]:
+    """`start_slack_serve`, closed after; its log never holds the bot token."""
+    serve = start_slack_serve(slack, llm, directory, **env)
+    try:
+        yield serve
+    finally:
+        serve.close()
+        assert TOKEN not in serve.log_tail(10**7)
+
+
 @pytest.fixture(scope="module")
 def server(slack, llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-serve")
     (directory / "tools.py").write_text(f"SENT = {str(directory / 'sent.jsonl')!r}\n" + MAIL_TOOLS)
     (directory / "prices.toml").write_text(PRICES)
-    env = serve_env(
-        llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET, AUTOCODE_INPUT_MAX_MB="1",
-        SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
-        AUTOCODE_PUBLIC_URL="https://autocode.test", AUTOCODE_TOOLS=str(directory / "tools.py"),
-        AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
-        AUTOCODE_PRICES_FILE=str(directory / "prices.toml"),
-    )
-    serve = Serve(env, directory / "serve.log", directory)
-    try:
-        serve.wait_ready()
-        serve.db = directory / "autocode.db"
+    with slack_server(slack, llm, directory, AUTOCODE_INPUT_MAX_MB="1",
+                      SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
+                      AUTOCODE_PUBLIC_URL="https://autocode.test", AUTOCODE_TOOLS=str(directory / "tools.py"),
+                      AUTOCODE_SANDBOX_UID_BASE="80000", AUTOCODE_SANDBOX_MAX_WORKERS="64",
+                      AUTOCODE_PRICES_FILE=str(directory / "prices.toml")) as serve:
         yield serve
-    finally:
-        serve.close()
-        assert TOKEN not in serve.log_tail(10**7)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -1152,17 +1169,8 @@ def test_another_users_click_is_refused_and_an_admin_may_decide(server, slack):
 def mail_serve(slack: FakeSlack, llm: PlottingLLM, directory: Path, name: str, **env: str) -> Serve:
     """A server of its own with the mail tool (for settings the module's server does not have, or restarts)."""
     (directory / "tools.py").write_text(f"SENT = {str(directory / 'sent.jsonl')!r}\n" + MAIL_TOOLS)
-    serve = Serve(serve_env(llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
-                            SLACK_API_URL=slack.api_url, AUTOCODE_TOOLS=str(directory / "tools.py"),
-                            AUTOCODE_PUBLIC_URL="https://autocode.test", **env),
-                  directory / f"{name}.log", directory)
-    try:
-        serve.wait_ready()
-    except BaseException:
-        serve.close()
-        raise
-    serve.db = directory / "autocode.db"
-    return serve
+    return start_slack_serve(slack, llm, directory, name, AUTOCODE_TOOLS=str(directory / "tools.py"),
+                             AUTOCODE_PUBLIC_URL="https://autocode.test", **env)
 
 
 def approvals_of(server: Serve, run_id: str) -> list[dict[str, Any]]:

@@ -20,9 +20,10 @@ from agent_core.events import (
 from bots.slack_assistant import StatusLine
 from tests.conftest import subtask
 from tests.fakes.slack_server import FakeSlack, message_text
-from tests.server_helpers import Serve, db_rows, serve_env, wait_for
+from tests.server_helpers import Serve, db_rows, wait_for
+from tests.test_slack import slack_server
 from tests.test_slack import (
-    ALICE, MALLORY, SECRET, TOKEN, PlottingLLM, answers, delivered, file_message, send_event, settled,
+    ALICE, MALLORY, TOKEN, PlottingLLM, answers, delivered, file_message, send_event, settled,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
@@ -60,18 +61,10 @@ def slack():
 @pytest.fixture(scope="module")
 def server(slack, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-assistant")
-    with OfficesLLM() as llm:
-        env = serve_env(llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
-                        SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=ALICE, AUTOCODE_SANDBOX_MAX_WORKERS="64",
-                        AUTOCODE_SANDBOX_UID_BASE="84000")
-        serve = Serve(env, directory / "serve.log", directory)
-        try:
-            serve.wait_ready()
-            serve.db = directory / "autocode.db"
-            yield serve
-        finally:
-            serve.close()
-            assert TOKEN not in serve.log_tail(10**7)
+    with OfficesLLM() as llm, slack_server(slack, llm, directory, SLACK_ALLOWED_USERS=ALICE,
+                                           AUTOCODE_SANDBOX_MAX_WORKERS="64",
+                                           AUTOCODE_SANDBOX_UID_BASE="82000") as serve:
+        yield serve
 
 
 def thread_started(channel: str, user: str = ALICE) -> dict[str, Any]:

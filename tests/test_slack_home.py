@@ -18,8 +18,8 @@ import pytest
 from bots.slack_home import OPEN_SETTINGS_ACTION
 from bots.slack_settings import NOT_ADMIN, SETTINGS_VIEW
 from tests.fakes.slack_server import TEAM_ID, FakeSlack, view_text
-from tests.server_helpers import ScriptedLLM, Serve, db_rows, serve_env, wait_for
-from tests.test_slack import ADMIN, ALICE, SECRET, TOKEN, post, send_event, slash, wait_run
+from tests.server_helpers import ScriptedLLM, Serve, db_rows, wait_for
+from tests.test_slack import ADMIN, ALICE, post, send_event, slack_server, slash, wait_run
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
 
@@ -43,19 +43,11 @@ def llm():
 def server(slack, llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slack-home")
     (directory / "prices.toml").write_text(PRICES)
-    env = serve_env(llm, directory / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
-                    SLACK_API_URL=slack.api_url, SLACK_ALLOWED_USERS=f"{ALICE},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
-                    AUTOCODE_PUBLIC_URL="https://autocode.test", AUTOCODE_MODELS="gpt-4o",
-                    AUTOCODE_MONTHLY_BUDGET_PER_USER="5", AUTOCODE_PRICES_FILE=str(directory / "prices.toml"),
-                    AUTOCODE_SANDBOX_UID_BASE="86000", AUTOCODE_SANDBOX_MAX_WORKERS="64")
-    serve = Serve(env, directory / "serve.log", directory)
-    try:
-        serve.wait_ready()
-        serve.db = directory / "autocode.db"
+    with slack_server(slack, llm, directory, SLACK_ALLOWED_USERS=f"{ALICE},{ADMIN}", SLACK_ADMIN_USERS=ADMIN,
+                      AUTOCODE_PUBLIC_URL="https://autocode.test", AUTOCODE_MODELS="gpt-4o",
+                      AUTOCODE_MONTHLY_BUDGET_PER_USER="5", AUTOCODE_PRICES_FILE=str(directory / "prices.toml"),
+                      AUTOCODE_SANDBOX_UID_BASE="87000", AUTOCODE_SANDBOX_MAX_WORKERS="64") as serve:
         yield serve
-    finally:
-        serve.close()
-        assert TOKEN not in serve.log_tail(10**7)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -5,12 +5,13 @@ answer and `plot` for a step that writes outputs/plot.png)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -1049,104 +1050,103 @@ def test_a_file_still_arriving_shows_receiving_and_can_be_cancelled(bot, tg):
 
 
 # ------------------------------------------------------------------------------------------ approvals (issue 14)
-def test_approvals_with_an_inline_keyboard(llm, tmp_path):
-    from tests.test_approvals import TOOLS, _sent
+@contextlib.contextmanager
+def mail_bot(llm: ScriptedLLM, tmp_path: Path, uid_base: int, **env: str) -> Iterator[tuple[FakeTelegram, Serve]]:
+    """A fake Bot API and a server of their own with test_approvals' `confirm` mail tool (sent mails are read
+    with test_approvals._sent from tmp_path/sent.jsonl)."""
+    from tests.test_approvals import TOOLS
 
-    sent = tmp_path / "sent.jsonl"
     tools = tmp_path / "tools.py"
-    tools.write_text(TOOLS.format(sent=str(sent)))
+    tools.write_text(TOOLS.format(sent=str(tmp_path / "sent.jsonl")))
     with FakeTelegram(TOKEN, BOT) as fake:
-        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 640, AUTOCODE_TOOLS=str(tools),
-                           TELEGRAM_ADMIN_USERS=str(ADMIN_ID))
-        server = Serve(env, tmp_path / "serve.log", tmp_path)
+        server = Serve(telegram_env(llm, tmp_path / "autocode.db", fake.api_url, uid_base, AUTOCODE_TOOLS=str(tools),
+                                    **env), tmp_path / "serve.log", tmp_path)
         try:
             server.wait_ready()
             server.db = tmp_path / "autocode.db"
-            group = fake.group_chat(-1001102)
-            asker, other = fake.user(7401, "Asker"), fake.user(7402, "Other")
-
-            def asked(update) -> Call:
-                return wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == -1001102
-                                  and c.reply_to == update["message"]["message_id"]
-                                  and "approve:" in json.dumps(c.params.get("reply_markup")),
-                                  "the approval message", server)[0]
-
-            def press(user, message: Call, verb: str) -> Call:
-                run_data = json.loads(json.dumps(message.params["reply_markup"]))
-                data = [b["callback_data"] for row in run_data["inline_keyboard"] for b in row
-                        if b["callback_data"].startswith(verb)][0]
-                query = fake.callback(user, message.result, data)
-                fake.queue(fake.update(callback_query=query))
-                return wait_calls(fake, lambda c: c.method == "answerCallbackQuery"
-                                  and c.params["callback_query_id"] == query["id"], "the answer", server)[0]
-
-            first = ask(fake, group, asker, "/run email the boss tag=ap1")
-            message = asked(first)
-            shown = visible_text(message)
-            assert "send_email needs your approval" in shown
-            assert 'send_email("boss@example.com", subject="Q3 numbers", body="up 4%")' in shown
-            refused = press(other, message, "approve:")  # someone else's click decides nothing
-            assert refused.params.get("show_alert") is True and "Only the person who asked" in refused.params["text"]
-            assert _sent(sent) == []
-            assert press(asker, message, "deny:").params["text"] == "send_email: denied."
-            run = finished_run(server, fake, first)
-            assert run["status"] == "succeeded" and _sent(sent) == []
-            output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?",
-                                        (run["id"],))[0]["output_json"])
-            assert output == {"sent": False, "why": "send_email was not run: telegram:asker denied it"}
-            wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
-                       message.result["message_id"] and "denied by asker" in c.params["text"], "the decision", server)
-
-            second = ask(fake, group, asker, "/run email the boss tag=ap2")
-            assert press(asker, asked(second), "approve:").params["text"] == "send_email: approved."
-            assert finished_run(server, fake, second)["status"] == "succeeded"
-            assert len(_sent(sent)) == 1
-
-            # Cancel while the call waits: the run ends cancelled, the approval message says so, nothing is sent.
-            third = ask(fake, group, asker, "/run email the boss tag=ap3")
-            waiting = asked(third)
-            run = runs_where(server.db, "delivery_id = ?", (delivery(fake, third),))[0]
-            progress = [c for c in fake.calls_of("sendMessage", -1001102) if c.reply_to == third["message"]["message_id"]
-                        and "cancel:" in json.dumps(c.params.get("reply_markup"))][0]
-            fake.queue(fake.update(callback_query=fake.callback(asker, progress.result, f"cancel:{run['id']}")))
-            assert server.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
-            wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
-                       waiting.result["message_id"] and "the task was cancelled" in c.params["text"]
-                       and not c.params.get("reply_markup"), "the approval message's end", server)
-            assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
-                                                 (run["id"],))] == ["cancelled"]
-            assert len(_sent(sent)) == 1
+            yield fake, server
         finally:
             server.close()
+
+
+def test_approvals_with_an_inline_keyboard(llm, tmp_path):
+    from tests.test_approvals import _sent
+
+    sent = tmp_path / "sent.jsonl"
+    with mail_bot(llm, tmp_path, UID_BASE + 640, TELEGRAM_ADMIN_USERS=str(ADMIN_ID)) as (fake, server):
+        group = fake.group_chat(-1001102)
+        asker, other = fake.user(7401, "Asker"), fake.user(7402, "Other")
+
+        def asked(update) -> Call:
+            return wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == -1001102
+                              and c.reply_to == update["message"]["message_id"]
+                              and "approve:" in json.dumps(c.params.get("reply_markup")),
+                              "the approval message", server)[0]
+
+        def press(user, message: Call, verb: str) -> Call:
+            run_data = json.loads(json.dumps(message.params["reply_markup"]))
+            data = [b["callback_data"] for row in run_data["inline_keyboard"] for b in row
+                    if b["callback_data"].startswith(verb)][0]
+            query = fake.callback(user, message.result, data)
+            fake.queue(fake.update(callback_query=query))
+            return wait_calls(fake, lambda c: c.method == "answerCallbackQuery"
+                              and c.params["callback_query_id"] == query["id"], "the answer", server)[0]
+
+        first = ask(fake, group, asker, "/run email the boss tag=ap1")
+        message = asked(first)
+        shown = visible_text(message)
+        assert "send_email needs your approval" in shown
+        assert 'send_email("boss@example.com", subject="Q3 numbers", body="up 4%")' in shown
+        refused = press(other, message, "approve:")  # someone else's click decides nothing
+        assert refused.params.get("show_alert") is True and "Only the person who asked" in refused.params["text"]
+        assert _sent(sent) == []
+        assert press(asker, message, "deny:").params["text"] == "send_email: denied."
+        run = finished_run(server, fake, first)
+        assert run["status"] == "succeeded" and _sent(sent) == []
+        output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?",
+                                    (run["id"],))[0]["output_json"])
+        assert output == {"sent": False, "why": "send_email was not run: telegram:asker denied it"}
+        wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
+                   message.result["message_id"] and "denied by asker" in c.params["text"], "the decision", server)
+
+        second = ask(fake, group, asker, "/run email the boss tag=ap2")
+        assert press(asker, asked(second), "approve:").params["text"] == "send_email: approved."
+        assert finished_run(server, fake, second)["status"] == "succeeded"
+        assert len(_sent(sent)) == 1
+
+        # Cancel while the call waits: the run ends cancelled, the approval message says so, nothing is sent.
+        third = ask(fake, group, asker, "/run email the boss tag=ap3")
+        waiting = asked(third)
+        run = runs_where(server.db, "delivery_id = ?", (delivery(fake, third),))[0]
+        progress = [c for c in fake.calls_of("sendMessage", -1001102) if c.reply_to == third["message"]["message_id"]
+                    and "cancel:" in json.dumps(c.params.get("reply_markup"))][0]
+        fake.queue(fake.update(callback_query=fake.callback(asker, progress.result, f"cancel:{run['id']}")))
+        assert server.wait_status(run["id"], timeout=WAIT)["status"] == "cancelled"
+        wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
+                   waiting.result["message_id"] and "the task was cancelled" in c.params["text"]
+                   and not c.params.get("reply_markup"), "the approval message's end", server)
+        assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
+                                             (run["id"],))] == ["cancelled"]
+        assert len(_sent(sent)) == 1
 
 
 def test_an_approval_nobody_decides_in_time_is_denied_in_telegram(llm, tmp_path):
-    from tests.test_approvals import TOOLS, _sent
+    from tests.test_approvals import _sent
 
     sent = tmp_path / "sent.jsonl"
-    tools = tmp_path / "tools.py"
-    tools.write_text(TOOLS.format(sent=str(sent)))
-    with FakeTelegram(TOKEN, BOT) as fake:
-        env = telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 704, AUTOCODE_TOOLS=str(tools),
-                           AUTOCODE_APPROVAL_TIMEOUT="1")
-        server = Serve(env, tmp_path / "serve.log", tmp_path)
-        try:
-            server.wait_ready()
-            server.db = tmp_path / "autocode.db"
-            chat, user = private(fake, 7411)
-            update = ask(fake, chat, user, "email the boss tag=ap4")
-            message = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7411
-                                 and "approve:" in json.dumps(c.params.get("reply_markup")), "the approval", server)[0]
-            assert "No answer within 1 s denies it." in visible_text(message)
-            run = finished_run(server, fake, update)
-            assert run["status"] == "succeeded" and _sent(sent) == []
-            output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?",
-                                        (run["id"],))[0]["output_json"])
-            assert output == {"sent": False, "why": "send_email was not run: nobody approved it within 1 s"}
-            wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
-                       message.result["message_id"] and "not approved in time (denied)" in c.params["text"]
-                       and not c.params.get("reply_markup"), "the approval message's end", server)
-            assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
-                                                 (run["id"],))] == ["timeout"]
-        finally:
-            server.close()
+    with mail_bot(llm, tmp_path, UID_BASE + 704, AUTOCODE_APPROVAL_TIMEOUT="1") as (fake, server):
+        chat, user = private(fake, 7411)
+        update = ask(fake, chat, user, "email the boss tag=ap4")
+        message = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7411
+                             and "approve:" in json.dumps(c.params.get("reply_markup")), "the approval", server)[0]
+        assert "No answer within 1 s denies it." in visible_text(message)
+        run = finished_run(server, fake, update)
+        assert run["status"] == "succeeded" and _sent(sent) == []
+        output = json.loads(db_rows(server.db, "SELECT output_json FROM steps WHERE run_id = ?",
+                                    (run["id"],))[0]["output_json"])
+        assert output == {"sent": False, "why": "send_email was not run: nobody approved it within 1 s"}
+        wait_calls(fake, lambda c: c.method == "editMessageText" and c.params["message_id"] ==
+                   message.result["message_id"] and "not approved in time (denied)" in c.params["text"]
+                   and not c.params.get("reply_markup"), "the approval message's end", server)
+        assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
+                                             (run["id"],))] == ["timeout"]
