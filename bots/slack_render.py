@@ -12,9 +12,6 @@ SECTION_CHARS = 3000  # Block Kit: section text limit
 MAX_BLOCKS = 50  # Block Kit: blocks per message
 MESSAGE_CHARS = 11000  # block text per message: well under Slack's practical msg_too_long
 PROGRESS_CHARS = 2800  # the progress message is updated often: one section
-ANSWER_FILE_CHARS = 30000  # longer answers go into a file (with the start shown)
-CODE_INLINE_CHARS = 2400  # longer step code goes into a file
-TAIL_CHARS = 600  # stdout/stderr tails shown in the log
 CANCEL_ACTION = "autocode_cancel"
 RERUN_ACTION = "autocode_rerun"
 APPROVE_ACTION = "autocode_approve"  # value: "<run id>:<approval number>"
@@ -98,15 +95,6 @@ def clip(text: str, limit: int, note: str = "…") -> str:
     return text if len(text) <= limit else text[: max(0, limit - len(note))] + note
 
 
-def tail(text: str, limit: int = TAIL_CHARS) -> tuple[str, bool]:
-    """The last `limit` characters (starting at a line when possible) and whether it was cut."""
-    if len(text) <= limit:
-        return text, False
-    cut = text[-limit:]
-    newline = cut.find("\n")
-    return (cut[newline + 1:] if 0 <= newline < limit // 2 else cut), True
-
-
 def code_block(text: str) -> str:
     return "```" + escape(text.replace("```", "ʼʼʼ")) + "```"
 
@@ -130,20 +118,6 @@ def context(text: str) -> dict[str, Any]:
 
 def sections(mrkdwn: str) -> Blocks:
     return [section(piece) for piece in split_text(mrkdwn) if piece.strip()]
-
-
-def pack(blocks: Blocks, max_blocks: int = MAX_BLOCKS, max_chars: int = MESSAGE_CHARS) -> list[Blocks]:
-    """Group blocks into messages within the block count and text size limits, keeping their order."""
-    messages: list[Blocks] = [[]]
-    size = 0
-    for block in blocks:
-        length = len(json.dumps(block))
-        if messages[-1] and (len(messages[-1]) >= max_blocks or size + length > max_chars):
-            messages.append([])
-            size = 0
-        messages[-1].append(block)
-        size += length
-    return [m for m in messages if m]
 
 
 def fallback_text(blocks: Blocks, limit: int = 2900) -> str:
