@@ -16,9 +16,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import logging
+
 from agent_core.channel_settings import run_settings
-from agent_core.pricing import PriceTable, spend
+from agent_core.config import ConfigError, Settings
+from agent_core.pricing import PriceTable, prices_for, spend
 from storage.db import Storage
+
+log = logging.getLogger(__name__)
 
 # A document bigger than this is cut (labelled) at the end: the run page and `autocode show` keep the whole run.
 DOCUMENT_MAX_CHARS = 2_000_000
@@ -122,7 +127,7 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         by_purpose[call["purpose"] or "other"] = (n + 1, p + (call["prompt_tokens"] or 0),
                                                   c + (call["completion_tokens"] or 0))
     effective = run_settings(run)
-    log = RunLog(
+    summary = RunLog(
         run_id=run_id, task=run.get("task") or "", status=run.get("status") or "?",
         steps=[step_summary(s) for s in steps],
         verdicts=[VerdictSummary(int(e["iteration"]), bool(e["satisfactory"]), e.get("thoughts") or "",
@@ -135,7 +140,19 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         cost=spend(storage, prices, run_id=run_id).describe() if prices is not None else None,
         settings=effective.describe() if effective is not None else None,
     )
-    return _with_document(log, run, steps, storage.approvals(run_id))
+    return _with_document(summary, run, steps, storage.approvals(run_id))
+
+
+def log_to_post(storage: Storage, settings: Settings, run_id: str) -> RunLog | None:
+    """The log an adapter posts when a run ends, priced with the operator's table (an unreadable table costs the
+    log its prices, not the log itself); None when there is nothing worth posting (`RunLog.worth_posting`)."""
+    try:
+        prices: PriceTable | None = prices_for(settings)
+    except ConfigError as exc:
+        log.warning("no prices for the log of run %s: %s", run_id, exc)
+        prices = None
+    found = run_log(storage, run_id, prices)
+    return found if found is not None and found.worth_posting else None
 
 
 # ---------------------------------------------------------------------------------------------- the document
@@ -214,5 +231,5 @@ def _with_document(log: RunLog, run: dict[str, Any], steps: list[dict[str, Any]]
     return RunLog(**{**log.__dict__, "document": document})
 
 
-__all__ = ["ApprovalSummary", "RunLog", "StepSummary", "VerdictSummary", "output_text", "run_log", "step_sections",
-           "step_summary"]
+__all__ = ["ApprovalSummary", "RunLog", "StepSummary", "VerdictSummary", "log_to_post", "output_text", "run_log",
+           "step_sections", "step_summary"]

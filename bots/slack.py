@@ -48,7 +48,6 @@ from starlette.routing import BaseRoute, Route
 from agent_core import uploads
 from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
-from agent_core.pricing import prices_for
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
@@ -59,7 +58,7 @@ from bots.slack_assistant import SlackAssistant
 from bots.slack_home import SlackHome
 from bots.slack_settings import SlackSettings, is_settings_command
 from bots.permissions import may_act_on_run, refusal_text
-from bots.run_log import run_log
+from bots.run_log import log_to_post
 
 log = logging.getLogger(__name__)
 
@@ -912,9 +911,9 @@ class SlackAdapter:
         self._spoke(route)
         self.storage.update_reply_to(run_id, answer_ts=answer_ts, delivered=True)
         await self._post_log(client, route, run_id, progress.url)
-        artifacts = [render.Attachment(a["name"], a["data"], a["name"])
-                     for a in self.storage.artifacts(run_id, with_data=True)]
-        images = {a["name"] for a in self.storage.artifacts(run_id) if a["mime"] in IMAGE_MIMES}
+        stored = self.storage.artifacts(run_id, with_data=True)
+        artifacts = [render.Attachment(a["name"], a["data"], a["name"]) for a in stored]
+        images = {a["name"] for a in stored if a["mime"] in IMAGE_MIMES}
         uploaded = await self._upload(client, route, run_id, [*files, *artifacts])
         shown = [(file_id, name) for file_id, name in uploaded if name in images]
         if shown and _in_place(route):
@@ -978,13 +977,8 @@ class SlackAdapter:
 
     async def _post_log(self, client: AsyncWebClient, route: dict[str, Any], run_id: str, url: str | None) -> None:
         """The execution log as one message in the thread: the summary, with the detail document attached."""
-        try:
-            prices = prices_for(self.settings)
-        except ConfigError as exc:
-            log.warning("slack: no prices for the log of run %s: %s", run_id, exc)
-            prices = None
-        logged = run_log(self.storage, run_id, prices)
-        if logged is None or not logged.worth_posting:
+        logged = log_to_post(self.storage, self.settings, run_id)
+        if logged is None:
             return
         summary = render.log_summary(logged, url)
         try:

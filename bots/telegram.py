@@ -53,7 +53,7 @@ from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunF
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
 from bots.permissions import may_act_on_run, may_change_settings, refusal_text
-from bots.run_log import run_log
+from bots.run_log import log_to_post
 from bots.telegram_render import (
     SETTINGS_USAGE, AnswerPlan, FilesReceived, Progress, answer_plan, draft_texts, failure_text, html_to_plain,
     log_caption, settings_text,
@@ -924,13 +924,8 @@ class TelegramAdapter:
     async def _send_log(self, route: dict[str, Any], run_id: str, reply_to: int | None) -> None:
         """The run's execution log as one reply: a `.md` document (bots/run_log.py: every step in full) whose
         caption sums the run up. A run that did nothing (cancelled while queued) gets none."""
-        try:
-            prices = prices_for(self.settings)
-        except Exception as exc:  # an unreadable price table costs the log its prices, not the log itself
-            log.warning("telegram: no prices for the log of run %s: %s", run_id, exc)
-            prices = None
-        found = run_log(self.storage, run_id, prices)
-        if found is None or not found.worth_posting:
+        found = log_to_post(self.storage, self.settings, run_id)
+        if found is None:
             return
         caption, plain = log_caption(found)
         await self._send_file(route, found.filename, "text/markdown", found.document.encode(), reply_to,
