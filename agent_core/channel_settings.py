@@ -50,6 +50,8 @@ def scope_of(conversation: str) -> str:
         return ":".join(parts[:3])
     if parts[0] == "telegram" and len(parts) >= 3:
         return ":".join(parts[:2])
+    if parts[0] == "console" and len(parts) >= 2:  # `autocode run` without --conversation: console:run-…
+        return "console"
     return conversation
 
 

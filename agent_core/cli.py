@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one task and print the answer")
     run.add_argument("task")
-    run.add_argument("--conversation", default="console", help="conversation key (follow-ups see its history)")
+    run.add_argument("--conversation", help="conversation key: follow-ups given the same key see its history and "
+                     "files (default: a new conversation each run)")
     run.add_argument("--tools", type=Path, help="Python file defining TOOLS = [...] (default $AUTOCODE_TOOLS)")
     run.add_argument("--max-iterations", type=int, help="plan/repair iterations (default 3)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -155,6 +157,8 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.command == "chat":
             return await chat(agent, args.conversation)
+        if args.conversation is None:  # a one-off task: nothing of earlier runs leaks into it, nor it into them
+            args.conversation = f"console:run-{secrets.token_hex(4)}"
         files = getattr(args, "file", None) or []
         if files:  # over a limit: the user is told, and nothing runs
             try:
@@ -180,6 +184,9 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
         print(json_for_terminal(result.to_json(), ensure_ascii=False, indent=2))
     elif result.status == "succeeded":
         print(_block(result.answer))
+        if result.unsupported:
+            print(f"· warning: not found in any step's output: {_field(', '.join(result.unsupported))}",
+                  file=sys.stderr)
     else:
         print(f"Run {result.run_id} {result.status}: {_field(result.error)}", file=sys.stderr)
         if result.answer:
@@ -398,6 +405,9 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Task: {_block(run['task'])}")
     if run["answer"]:
         print(f"Answer: {_block(run['answer'])}")
+    if run.get("unsupported_json") and run["unsupported_json"] != "[]":
+        print(f"Warning: numbers of the answer not found in any step's output: "
+              f"{_field(', '.join(json.loads(run['unsupported_json'])))}")
     if run["error"]:
         print(f"Error: {_field(run['error'])}")
     for iteration in sorted({s["iteration"] for s in details["steps"]} | {e["iteration"] for e in details["evaluations"]}):

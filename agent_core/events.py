@@ -90,7 +90,8 @@ def _caller(purpose: str) -> str:
 class LLMWaiting:
     """An LLM call of the run is still waiting: sent NOTICE_AFTER_S after the call began and every NOTICE_EVERY_S
     after (agent_core/llm_wait.py), and when a request is retried. Adapters show it as the progress line, e.g.
-    "waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"."""
+    "waiting for the LLM (planner)… 15 s, retry 1 of 2 (HTTP 429)", or while the model writes its reply
+    "the LLM is writing (planner)… 412 tokens at 13 tokens/s, 32 s"."""
 
     run_id: str
     purpose: str  # plan | evaluate | helper
@@ -98,8 +99,13 @@ class LLMWaiting:
     attempt: int  # of the request now waiting: 1 its first try, 2 its first retry, …
     attempts: int  # the most a request is tried: 1 + AUTOCODE_LLM_MAX_RETRIES
     reason: str = ""  # why the previous try failed ("timeout", "HTTP 429", "HTTP 503", "connection error")
+    tokens: int = 0  # the model is writing: tokens of its reply so far (streamed calls, agent_core/llm_stream.py)
+    tokens_per_s: float = 0.0
 
     def describe(self) -> str:
+        if self.tokens:
+            rate = f" at {self.tokens_per_s:.0f} tokens/s" if self.tokens_per_s else ""
+            return f"the LLM is writing ({_caller(self.purpose)})… {self.tokens:,} tokens{rate}, {self.waited_s:.0f} s"
         line = f"waiting for the LLM ({_caller(self.purpose)})… {self.waited_s:.0f} s"
         if self.attempt > 1:
             line += f", retry {self.attempt - 1} of {self.attempts - 1}"

@@ -1,10 +1,14 @@
 """The LLM client: AsyncOpenAI against any OpenAI-compatible endpoint.
 
 Structured calls ask for a strict JSON schema and fall back to json_object, then plain text, when a server
-rejects the format; the working format is remembered. Replies are parsed tolerantly and re-asked (quoting
-the error) at most twice. Transport retries (429/5xx/timeouts, with backoff honouring Retry-After) are AutoCode's
-own, and one deadline bounds a whole call: fallbacks, re-asks and retries (agent_core/llm_wait.py), which also tells
-the run while a call waits. Every HTTP call is recorded with its purpose, model, duration, token usage and error.
+rejects the format; the working format is remembered. Every request carries a reply cap sized to its purpose
+(`Settings.reply_cap`) and is streamed (agent_core/llm_stream.py), so a model that does not answer and one still
+writing are told apart. Replies are parsed tolerantly and re-asked (quoting the error) at most twice; a reply the
+cap cut is re-asked once, shorter, then ends the call with a sentence for the user. Transport retries (connection
+errors, 408/429/5xx, with backoff honouring Retry-After; never a reply being written) are AutoCode's own, and one
+deadline bounds a whole call: fallbacks, re-asks and retries (agent_core/llm_wait.py), which also tells the run
+while a call waits or writes. Every HTTP call is recorded with its purpose, model, duration, token usage (counted
+when the server does not say, so cut and cancelled calls are priced too) and error.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+import httpx
 import openai
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
+from agent_core import prompts
 from agent_core.config import Settings
+from agent_core.llm_stream import Reply, Request, StillWriting, WritingStalled
 from agent_core.llm_wait import (
     MIN_TRY_S, CallClock, Deadline, Notify, PastDeadline, retry_after, retry_reason, send_with_retries, watching,
 )
@@ -85,6 +92,10 @@ def response_format_for(fmt: str, schema_name: str, schema: dict[str, Any]) -> d
     return {"type": "json_object"} if fmt == "json_object" else None
 
 
+def _noun(purpose: str) -> str:
+    return {"plan": "plan", "evaluate": "evaluation"}.get(purpose, "reply")
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -103,6 +114,8 @@ class LLMClient:
         # a `client` passed in should have max_retries=0 too.
         self.client = client or build_client(settings, max_retries=0)
         self._format_level = 0  # index into FORMATS of the best format this server accepted
+        self._stream = settings.llm_stream  # off after a server refused a streamed request
+        self._cap_param = "max_tokens"  # or max_completion_tokens, after a server asked for it
 
     @property
     def base_url(self) -> str:
@@ -123,15 +136,26 @@ class LLMClient:
         validate: Callable[[Model], None] | None = None,
         context: CallContext = CallContext(),
     ) -> Model:
-        """Ask for one JSON object of `model`; re-ask up to twice with the error when it does not parse. The whole
+        """Ask for one JSON object of `model`; re-ask up to twice with the error when it does not parse, and once
+        when the reply cap cut it (a cut reply is never parsed: a repaired fragment would run half a plan). The whole
         call, fallbacks and re-asks included, ends within AUTOCODE_LLM_DEADLINE (LLMError saying how long it waited)."""
         async with watching(self._clock(purpose, context, None)) as clock:
             conversation = list(messages)
+            was_cut = False
+            error = ""
             for attempt in range(MAX_REASKS + 1):
-                text = await self._structured_call(purpose, conversation, schema_name, schema, shape_hint, context,
-                                                   clock)
+                reply = await self._structured_call(purpose, conversation, schema_name, schema, shape_hint, context,
+                                                    clock)
+                if reply.cut:
+                    log.warning("%s reply cut at %d tokens (attempt %d)", purpose, reply.completion_tokens, attempt + 1)
+                    if was_cut:
+                        raise LLMError(self._cut_off(purpose, reply))
+                    was_cut = True
+                    conversation += [{"role": "user", "content": prompts.render(
+                        "reply_cut", tokens=f"{self.settings.reply_cap(purpose):,}")}]
+                    continue
                 try:
-                    value = parse_reply(text, model)
+                    value = parse_reply(reply.text, model)
                     if validate:
                         validate(value)
                     return value
@@ -139,17 +163,27 @@ class LLMClient:
                     log.warning("%s reply unusable (attempt %d): %s", purpose, attempt + 1, exc)
                     error = str(exc)
                 conversation += [
-                    {"role": "assistant", "content": text[:_BAD_REPLY_ECHO_CHARS]},
+                    {"role": "assistant", "content": reply.text[:_BAD_REPLY_ECHO_CHARS]},
                     {"role": "user", "content": f"That reply could not be used: {error}. "
                      "Send the complete JSON object again, nothing else."},
                 ]
+            if not error:  # every try was cut
+                raise LLMError(self._cut_off(purpose, reply))
             raise LLMError(f"The LLM's {purpose} reply was unusable after {MAX_REASKS + 1} attempts: {error}")
+
+    def _cut_off(self, purpose: str, reply: Reply) -> str:
+        """The user's sentence for a reply the cap cut again after the re-ask."""
+        what = {"plan": "plan", "evaluate": "evaluation"}.get(purpose, "reply")
+        setting = "AUTOCODE_LLM_MAX_TOKENS_" + {"evaluate": "EVALUATE", "helper": "HELPER"}.get(purpose, "PLAN")
+        return (f"The model's {what} was cut off at {self.settings.reply_cap(purpose):,} tokens, twice: it kept "
+                f"writing, likely repeating itself. Try a stronger model (AUTOCODE_MODEL), or raise {setting}.")
 
     async def text(self, *, purpose: str, messages: list[dict[str, str]], context: CallContext = CallContext(),
                    deadline: Deadline | None = None) -> str:
-        """A plain-text reply, within `deadline` (default: AUTOCODE_LLM_DEADLINE) retries included."""
+        """A plain-text reply, within `deadline` (default: AUTOCODE_LLM_DEADLINE) retries included. A reply the cap
+        cut is returned as written (its record says so)."""
         async with watching(self._clock(purpose, context, deadline)) as clock:
-            return await self._call(purpose, messages, "text", None, context, clock)
+            return (await self._call(purpose, messages, "text", None, context, clock)).text
 
     def _clock(self, purpose: str, context: CallContext, deadline: Deadline | None) -> CallClock:
         return CallClock(purpose, deadline or Deadline.of(self.settings), 1 + self.settings.llm_max_retries,
@@ -158,7 +192,7 @@ class LLMClient:
     async def _structured_call(
         self, purpose: str, messages: list[dict[str, str]], schema_name: str, schema: dict[str, Any],
         shape_hint: str, context: CallContext, clock: CallClock,
-    ) -> str:
+    ) -> Reply:
         while True:
             fmt = FORMATS[self._format_level]
             response_format = response_format_for(fmt, schema_name, schema)
@@ -178,13 +212,33 @@ class LLMClient:
     async def _call(
         self, purpose: str, messages: list[dict[str, str]], fmt: str, response_format: dict[str, Any] | None,
         context: CallContext, clock: CallClock,
-    ) -> str:
-        """One request (tried again on timeouts, 429 and 5xx within the call's deadline), recorded."""
+    ) -> Reply:
+        """One request (tried again on connection errors, 429 and 5xx within the call's deadline), recorded. A
+        server that refuses `max_tokens` (newer OpenAI models want max_completion_tokens) or streaming is asked
+        again without it, and remembered."""
+        while True:
+            try:
+                return await self._send(purpose, messages, fmt, response_format, context, clock)
+            except openai.BadRequestError as exc:
+                said = str(exc.message).lower()
+                if self._cap_param == "max_tokens" and "max_completion_tokens" in said:
+                    self._cap_param = "max_completion_tokens"
+                elif self._stream and "stream" in said:
+                    self._stream = False
+                    log.warning("LLM server refused a streamed request; sending plain requests from now on")
+                else:
+                    raise
+
+    async def _send(
+        self, purpose: str, messages: list[dict[str, str]], fmt: str, response_format: dict[str, Any] | None,
+        context: CallContext, clock: CallClock,
+    ) -> Reply:
         if clock.remaining() < MIN_TRY_S:  # a re-ask or fallback with no time left: nothing is sent
             clock.past_deadline = True
             raise LLMError(self._gave_up(None, clock))
         model = context.model or self.model
-        kwargs: dict[str, Any] = {"model": model, "messages": messages}
+        kwargs: dict[str, Any] = {"model": model, "messages": messages,
+                                  self._cap_param: self.settings.reply_cap(purpose)}
         if response_format is not None:
             kwargs["response_format"] = response_format
         request_chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(response_format)) if response_format else 0)
@@ -193,38 +247,45 @@ class LLMClient:
             "response_format": fmt, "started_at": now(), "request_chars": request_chars,
             "prompt_tokens": 0, "completion_tokens": 0, "retries": 0, "response_chars": 0,
         }
+        request = Request(self.client, kwargs, clock, self._stream, self.settings.llm_timeout,
+                          request_chars=request_chars)
         started = time.monotonic()
         try:
-            raw = await send_with_retries(clock, self.settings.llm_timeout, lambda limit: (
-                self.client.chat.completions.with_raw_response.create(**kwargs, timeout=limit)))
+            reply = await send_with_retries(clock, self.settings.llm_timeout, request.send, bounded=not self._stream)
             record["retries"] = clock.attempt - 1
-            completion = raw.parse()
-            usage = completion.usage
-            message = completion.choices[0].message if completion.choices else None
-            content = (message.content or "") if message is not None else ""
-            if not content.strip() and message is not None:  # a reasoning model may leave its reply in the reasoning
-                content = next((r for r in (getattr(message, "reasoning_content", None),  # vLLM, DeepSeek
-                                            getattr(message, "reasoning", None))  # Ollama, OpenRouter
-                                if isinstance(r, str) and r.strip()), "")
-            record.update(
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-                response_chars=len(content),
-            )
-            return content
+            record.update(response_chars=len(reply.text), finish_reason=reply.finish_reason)
+            if reply.cut:
+                record["error"] = f"cut off at the reply cap ({self.settings.reply_cap(purpose):,} tokens)"
+            return reply
         except openai.BadRequestError as exc:
             record["error"] = describe_api_error(exc, self.base_url, self.settings.llm_timeout)
             raise
-        except (openai.OpenAIError, TimeoutError, PastDeadline) as exc:
+        except StillWriting as exc:
+            record["error"] = self._still_writing(purpose, exc, clock)
+            raise LLMError(record["error"]) from None
+        except WritingStalled as exc:
+            record["error"] = (f"The LLM at {self.base_url} stopped writing its {_noun(purpose)} after "
+                               f"{exc.tokens:,} tokens: nothing came for {exc.pause_s:g} s (AUTOCODE_LLM_TIMEOUT).")
+            raise LLMError(record["error"]) from None
+        except (openai.OpenAIError, TimeoutError, PastDeadline, httpx.HTTPError) as exc:
             record["retries"] = clock.attempt - 1
             record["error"] = self._gave_up(exc, clock)
             raise LLMError(record["error"]) from None
         finally:
+            # Tokens of a cut, failed or cancelled call are recorded too (and so priced): the server's usage,
+            # else counted from the stream.
+            record["prompt_tokens"], record["completion_tokens"] = request.tokens()
             record["duration_ms"] = int((time.monotonic() - started) * 1000)
             if self.storage is not None:
                 self.storage.add_llm_call(record)
             if self.record is not None:
                 self.record(record)
+
+    def _still_writing(self, purpose: str, exc: StillWriting, clock: CallClock) -> str:
+        """The deadline came while the model wrote: say how far it got, and what would help."""
+        rate = f" at {exc.rate:.0f} tokens/s" if exc.rate else ""
+        return (f"The model was still writing its {_noun(purpose)} after {clock.elapsed():.0f} s: {exc.tokens:,} "
+                f"tokens{rate}; try a faster model or raise {clock.deadline.setting}.")
 
     def _gave_up(self, exc: BaseException | None, clock: CallClock) -> str:
         """Why the call ended without an answer: how long it waited in all, over how many attempts, and the limit."""

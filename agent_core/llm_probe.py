@@ -35,6 +35,7 @@ Verdict = Literal["ok", "not_configured", "unreachable", "timeout", "auth", "unk
                   "no_structured_output", "error"]
 T = TypeVar("T")
 
+PROBE_REPLY_CAP = 200  # tokens: the probe's reply is one tiny object
 _SCHEMA_NAME = "autocode_check"
 _SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
            "additionalProperties": False}
@@ -145,11 +146,18 @@ class _Probe:
             response_format = response_format_for(fmt, _SCHEMA_NAME, _SCHEMA)
             messages = _MESSAGES if fmt == "json_schema" else [*_MESSAGES[:1], {"role": "system", "content": _SHAPE_HINT},
                                                                *_MESSAGES[1:]]
-            kwargs: dict[str, Any] = {"model": self.settings.model, "messages": messages}
+            # Capped, as every request AutoCode sends (a tiny reply; newer OpenAI models want max_completion_tokens).
+            kwargs: dict[str, Any] = {"model": self.settings.model, "messages": messages, "max_tokens": PROBE_REPLY_CAP}
             if response_format is not None:
                 kwargs["response_format"] = response_format
             try:
-                completion, elapsed = await self._timed(self.client.chat.completions.create(**kwargs))
+                try:
+                    completion, elapsed = await self._timed(self.client.chat.completions.create(**kwargs))
+                except openai.BadRequestError as exc:
+                    if "max_completion_tokens" not in str(exc.message):
+                        raise
+                    kwargs["max_completion_tokens"] = kwargs.pop("max_tokens")
+                    completion, elapsed = await self._timed(self.client.chat.completions.create(**kwargs))
             except openai.BadRequestError as exc:
                 rejected.append(f"{fmt} ({self._message(exc)})")
                 continue

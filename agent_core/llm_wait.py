@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 NOTICE_AFTER_S = 5.0  # a call waiting this long says so…
 NOTICE_EVERY_S = 10.0  # …and again this often
+WRITING_EVERY_S = 5.0  # …or this often while the model writes its reply (tokens, tokens/s)
 MIN_TRY_S = 0.1  # a try with less time than this left is not started
 HELPER_MARGIN_S = 0.5  # an llm() call ends this much before the tool host would cut it
 # The openai client's own schedule: 0.5 s doubling up to 8 s, with some jitter.
@@ -89,6 +90,8 @@ class CallClock:
     reason: str = ""  # why its previous try failed
     past_deadline: bool = False  # the call ended because its deadline came
     noticed: bool = False  # an LLMWaiting was sent
+    tokens: int = 0  # of the reply being written now (agent_core/llm_stream.py)
+    writing_since: float | None = None  # when its first chunk came
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -96,10 +99,32 @@ class CallClock:
     def remaining(self) -> float:
         return self.deadline.seconds - self.elapsed()
 
+    def writing(self, at: float) -> None:
+        """The server started answering the current request."""
+        self.writing_since, self.tokens = at, 0
+
+    def writing_for(self) -> float:
+        return 0.0 if self.writing_since is None else time.monotonic() - self.writing_since
+
+    def rate(self) -> float:
+        """Tokens a second of the reply being written."""
+        seconds = self.writing_for()
+        return self.tokens / seconds if seconds > 0.5 else 0.0
+
+    def attempts_that_fit(self) -> int:
+        """The most tries the current request can still have: `attempts`, or fewer when the deadline leaves room for
+        fewer, judged by how long the tries so far took (what a retry count shown to the user must say: "retry 1 of
+        1", not "of 3", when one more is all that fits)."""
+        per_try = self.elapsed() / max(1, self.requests) + 0.5  # a try as long as the ones so far, and a backoff
+        more = max(0, int(self.remaining() // per_try))
+        return max(self.attempt, min(self.attempts, self.attempt + more))
+
     async def notice(self) -> None:
-        """Tell the run that this call is still waiting (and on which try)."""
+        """Tell the run that this call is still waiting (and on which try), or how its reply is coming along."""
+        writing = self.writing_since is not None
         await self._send(LLMWaiting(self.run_id or "", self.purpose, round(self.elapsed(), 1), self.attempt,
-                                    self.attempts, self.reason))
+                                    self.attempts_that_fit(), self.reason, self.tokens if writing else 0,
+                                    round(self.rate(), 1) if writing else 0.0))
         self.noticed = True
 
     async def over(self, ok: bool) -> None:
@@ -173,11 +198,21 @@ class _PastTheDeadline(stop_base):
         return False
 
 
-async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[float], Awaitable[T]]) -> T:
+def retryable(exc: BaseException) -> bool:
+    """A try that may be sent again: a connection error or HTTP 408/409/429/5xx. Not a timeout: the server may be
+    busy writing the reply, and a new request would start it over."""
+    return retry_reason(exc) not in (None, "timeout")
+
+
+async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[float], Awaitable[T]], *,
+                            bounded: bool = True) -> T:
     """One request of the call: `send(limit)` tried until it answers, up to `clock.attempts` times within the
-    deadline, each try given `limit` = min(`timeout_s`, what is left) seconds. Raises the last try's error (with
-    `clock.past_deadline` set when the deadline ended it) or PastDeadline when no time was left to send it."""
+    deadline (retryable errors only), each try given `limit` = min(`timeout_s`, what is left) seconds: the whole
+    try when `bounded`, else `send` bounds itself (a streamed reply: `limit` for its first chunk, the deadline after).
+    Raises the last try's error (with `clock.past_deadline` set when the deadline ended it) or PastDeadline when no
+    time was left to send it."""
     clock.attempt, clock.reason = 1, ""
+    clock.writing_since, clock.tokens = None, 0
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -188,10 +223,20 @@ async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[
     retrying = AsyncRetrying(
         stop=_PastTheDeadline(clock) | stop_after_attempt(clock.attempts),
         wait=_AsTheServerAsks(),
-        retry=retry_if_exception(lambda exc: retry_reason(exc) is not None),
+        retry=retry_if_exception(retryable),
         before_sleep=before_sleep,
         reraise=True,
     )
+    try:
+        return await _tries(clock, retrying, timeout_s, send, bounded)
+    except BaseException:
+        if clock.remaining() < MIN_TRY_S:  # whatever ended the last try, the deadline had come
+            clock.past_deadline = True
+        raise
+
+
+async def _tries(clock: CallClock, retrying: AsyncRetrying, timeout_s: float, send: Callable[[float], Awaitable[T]],
+                 bounded: bool) -> T:
     async for attempt in retrying:
         with attempt:
             limit = min(timeout_s, clock.remaining())
@@ -201,6 +246,9 @@ async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[
             if clock.attempt > 1:
                 await clock.notice()  # the retry starts
             clock.requests += 1
+            clock.writing_since, clock.tokens = None, 0
+            if not bounded:
+                return await send(limit)
             async with asyncio.timeout(limit):  # the whole try, however slowly the server trickles
                 return await send(limit)
     raise AssertionError("unreachable: tenacity returns or raises")
@@ -235,8 +283,8 @@ async def _heartbeat(clock: CallClock) -> None:
     while True:
         await asyncio.sleep(max(0.0, due - clock.elapsed()))
         await clock.notice()
-        due += NOTICE_EVERY_S
+        due += WRITING_EVERY_S if clock.writing_since is not None else NOTICE_EVERY_S
 
 
 __all__ = ["CallClock", "Deadline", "MIN_TRY_S", "NOTICE_AFTER_S", "NOTICE_EVERY_S", "Notify", "PastDeadline", "retry_after",
-           "retry_reason", "send_with_retries", "watching"]
+           "retry_reason", "retryable", "send_with_retries", "watching"]

@@ -8,10 +8,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_core import prompts
+from agent_core import history, prompts
+from agent_core.answer_check import unsupported_numbers
 from agent_core.approvals import Approvals
 from agent_core.artifacts import select_artifacts
-from agent_core.budget import RunBudget
+from agent_core.budget import BudgetExceeded, RunBudget
 from agent_core.channel_settings import ChannelSettings, EffectiveSettings
 from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
@@ -76,6 +77,7 @@ class RunResult:
     steps: list[StepRecord] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # name, mime, size; data in storage
+    unsupported: list[str] = field(default_factory=list)  # numbers of the answer no step produced (a warning)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +94,7 @@ class RunResult:
             ],
             "usage": self.usage,
             "artifacts": self.artifacts,
+            "unsupported_numbers": self.unsupported,
         }
 
 
@@ -110,6 +113,12 @@ def _traceback_frames(traceback: str | None) -> str:
         lines = lines[1:]
     frames = [line for line in lines if line.startswith(" ") and line.strip().strip("~^")]
     return "\n".join(frames)
+
+
+def _unreachable(exc: LLMError) -> bool:
+    """An LLM error of the transport (the server did not answer, refused, or went away), not of the reply."""
+    text = str(exc)
+    return text.startswith(("The LLM at ", "The LLM server ", "Could not reach"))
 
 
 def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None) -> str:
@@ -249,6 +258,8 @@ class _Run:
         self.records: list[StepRecord] = []
         self.artifacts: list[dict[str, Any]] = []
         self.files_note: str | None = None  # what of outputs/ was bundled or left out
+        self.failure: str | None = None  # why it ended without an answer (agent_core/history.py's kinds)
+        self.unsupported: list[str] = []  # numbers of the answer found in no step output nor the task
         self.workspace = Workspace(self.storage, self.settings)  # the conversation's files (issue 13)
         self.inputs = PreparedInputs()  # the workspace as this run's inputs/, and its manifest
         self.sandbox: Sandbox | None = None  # opened when the first code needs it (a direct answer needs none)
@@ -277,15 +288,18 @@ class _Run:
         status, answer, error = "failed", "", None
         try:
             status, answer, error = await self._loop()
+        except BudgetExceeded as exc:
+            error, self.failure = str(exc), "budget"
         except LLMError as exc:
             error = str(exc)
+            self.failure = self.failure or "unreachable"
         except InputsNotPlaced as exc:  # the user's files did not fit (issue 13): their message, not the operator's
-            error = str(exc)
+            error, self.failure = str(exc), "files"
         except SandboxUnavailable as exc:
             log.error("run %s: no sandbox: %s", self.run_id, exc)
-            error = "The sandbox could not start, so no code ran; the operator can run `autocode doctor`."
+            error, self.failure = "The sandbox could not start, so no code ran; the operator can run `autocode doctor`.", "sandbox"
         except asyncio.CancelledError:
-            status, error = "cancelled", "The run was cancelled."
+            status, error, self.failure = "cancelled", "The run was cancelled.", "cancelled"
             raise
         except Exception as exc:  # a bug of ours: the user gets a short message, the operator the traceback
             log.exception("run %s crashed", self.run_id)
@@ -351,9 +365,20 @@ class _Run:
             else:
                 previous_failure = None
 
-            evaluation = await self._evaluate(plan, start, current)
+            unfinished = self._unfinished(plan, start, current)
+            evaluation = await self._evaluate(plan, start, current, unfinished)
+            if evaluation.satisfactory and unfinished is not None:
+                # A verdict of "satisfactory" over a failed or never-run step is no success: the evaluator is asked
+                # once more, told so; if it insists, the run fails with the step's error.
+                evaluation = await self._evaluate(plan, start, current, unfinished, correction=True)
+                if evaluation.satisfactory:
+                    self.failure = "steps"
+                    return "failed", "", f"The task could not be completed: {self._unfinished_sentence(unfinished)}"
             if evaluation.satisfactory:
-                return "succeeded", evaluation.final_answer.strip(), None
+                answer = evaluation.final_answer.strip()
+                self._check_answer(answer)
+                return "succeeded", answer, None
+            self.failure = "steps"
             if not evaluation.new_subtasks:
                 return "failed", evaluation.final_answer.strip(), f"The task could not be completed: {evaluation.thoughts}"
             if self.iteration == self.max_iterations:
@@ -368,9 +393,38 @@ class _Run:
                 self.run_id, self.iteration + 1, retry_from, [s.tool_name for s in plan.subtasks],
                 [s.tool_name for s in plan.subtasks[:start]],
             ))
+        why = self._unfinished_sentence(unfinished) if unfinished is not None else evaluation.thoughts
         return "failed", evaluation.final_answer.strip(), (
-            f"No satisfactory result after {self.max_iterations} iterations: {evaluation.thoughts}"
+            f"No satisfactory result after {self.max_iterations} iterations: {why}"
         )
+
+    @staticmethod
+    def _unfinished(plan: Plan, start: int, current: list[StepRecord]) -> tuple[str, str | None] | None:
+        """The first subtask of this iteration that failed (its name and error) or never ran (its name, None)."""
+        ran = {r.tool_name: r for r in current}
+        for subtask in plan.subtasks[start:]:
+            record = ran.get(subtask.tool_name)
+            if record is None:
+                return subtask.tool_name, None
+            if not record.ok:
+                return subtask.tool_name, record.error or "failed"
+        return None
+
+    @staticmethod
+    def _unfinished_sentence(unfinished: tuple[str, str | None]) -> str:
+        name, error = unfinished
+        return f"step {name} did not run." if error is None else f"step {name} failed: {_clip(error, VIEW_ERROR_CHARS)}"
+
+    def _check_answer(self, answer: str) -> None:
+        """Flag numbers of the answer that no step output, log nor the task holds: a warning on the run's log and
+        page, not a failure (the evaluator may have computed or rounded one legitimately)."""
+        sources = [self.task, *(json.dumps(r.output, ensure_ascii=False) for r in self.records if r.ok),
+                   *(r.stdout for r in self.records if r.ok)]
+        self.unsupported = unsupported_numbers(answer, sources)
+        if self.unsupported:
+            log.warning("run %s: numbers of the answer not found in any step's output: %s", self.run_id,
+                        ", ".join(self.unsupported))
+            self.storage.update_run(self.run_id, unsupported_json=json.dumps(self.unsupported))
 
     async def _plan(self) -> Plan:
         self._check_budget()  # the user's day may have been spent while the run was queued
@@ -386,6 +440,7 @@ class _Run:
                 shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
             )
         except LLMError as exc:
+            self.failure = "unreachable" if _unreachable(exc) else "plan"
             raise self._plain_if_unusable(exc, "plan") from None
         self._check_budget()
         if plan.direct:
@@ -480,7 +535,10 @@ class _Run:
             blocks.append("\n".join(lines))
         return "\n".join(blocks)
 
-    async def _evaluate(self, plan: Plan, start: int, current: list[StepRecord]) -> Evaluation:
+    async def _evaluate(self, plan: Plan, start: int, current: list[StepRecord],
+                        unfinished: tuple[str, str | None] | None = None, correction: bool = False) -> Evaluation:
+        """The evaluator's verdict on this iteration. A "satisfactory" over a failed or never-run step (`unfinished`)
+        is stored and shown as overruled; with `correction` the evaluator is told so first."""
         messages = [
             {"role": "system", "content": self.evaluator_system},
             {"role": "user", "content": prompts.render(
@@ -489,6 +547,10 @@ class _Run:
                 iteration=f"{self.iteration} of {self.max_iterations}", steps=self._steps_view(plan, start, current),
             )},
         ]
+        if correction and unfinished is not None:
+            messages.append({"role": "user", "content": prompts.render(
+                "evaluator_correction", step=unfinished[0],
+                what="did not run" if unfinished[1] is None else "failed")})
         try:
             evaluation = await self.agent.llm.structured(
                 purpose="evaluate", messages=messages, schema_name="evaluation", schema=EVALUATION_SCHEMA,
@@ -496,13 +558,19 @@ class _Run:
                 validate=lambda e: e.check_against(plan), context=self._context(),
             )
         except LLMError as exc:
+            self.failure = "unreachable" if _unreachable(exc) else "evaluate"
             raise self._plain_if_unusable(exc, "evaluate") from None
+        satisfactory, thoughts = evaluation.satisfactory, evaluation.thoughts
+        if satisfactory and unfinished is not None:
+            satisfactory = False
+            thoughts = (f"Not satisfactory: {self._unfinished_sentence(unfinished)} "
+                        f"(The evaluator had called it satisfactory: {_clip(thoughts, 300)})")
         self.storage.add_evaluation({
-            "run_id": self.run_id, "iteration": self.iteration, "satisfactory": int(evaluation.satisfactory),
-            "thoughts": evaluation.thoughts, "final_answer": evaluation.final_answer,
+            "run_id": self.run_id, "iteration": self.iteration, "satisfactory": int(satisfactory),
+            "thoughts": thoughts, "final_answer": evaluation.final_answer,
             "retry_from": evaluation.retry_from, "evaluation_json": evaluation.model_dump_json(),
         })
-        await self.agent.emit(EvaluationDone(self.run_id, self.iteration, evaluation.satisfactory, evaluation.thoughts))
+        await self.agent.emit(EvaluationDone(self.run_id, self.iteration, satisfactory, thoughts))
         return evaluation
 
     def _plain_if_unusable(self, exc: LLMError, purpose: str) -> LLMError:
@@ -523,7 +591,8 @@ class _Run:
         if answer and self.files_note:  # the answer says which files it could not attach
             answer = f"{answer}\n\n{self.files_note}"
         self.storage.finish_run(self.run_id, status, answer, error, self.iteration)
-        reply = answer or (error or "")
+        # The history gets the answer, or a neutral note: never error text (agent_core/history.py).
+        reply = answer if status == "succeeded" else history.note(self.failure or status)
         if reply:
             self.storage.add_message(self.conversation, "assistant", reply, self.run_id)
         usage = self.storage.usage(self.run_id)
@@ -550,7 +619,7 @@ class _Run:
     def _result(self, status: str, answer: str, error: str | None) -> RunResult:
         return RunResult(
             self.run_id, self.conversation, status, answer, error, self.iteration, list(self.records),
-            self.storage.usage(self.run_id), list(self.artifacts),
+            self.storage.usage(self.run_id), list(self.artifacts), list(self.unsupported),
         )
 
 

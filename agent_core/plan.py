@@ -52,6 +52,15 @@ class Plan(BaseModel):
     direct_answer: str = ""
     subtasks: list[Subtask] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_reply(cls, data: Any) -> Any:
+        """The schema's `reply` (a direct answer or subtasks, PLAN_SCHEMA) read as the flat fields; a flat reply
+        (json_object and text modes, older prompts) is read as it is."""
+        if isinstance(data, dict) and isinstance(data.get("reply"), dict):
+            data = {**{k: v for k, v in data.items() if k != "reply"}, **data["reply"]}
+        return data
+
     @model_validator(mode="after")
     def _code_or_answer(self) -> "Plan":
         if not self.subtasks and not self.direct_answer.strip():
@@ -60,7 +69,9 @@ class Plan(BaseModel):
 
     @property
     def direct(self) -> bool:
-        """Answered without code: no sandbox, no evaluator. Subtasks, when given, win over a direct answer."""
+        """Answered without code: no sandbox, no evaluator. The schema makes the two exclusive (PLAN_SCHEMA's
+        `reply`); a server that does not follow it and sends both gets the subtasks run (an answer without code
+        may be made up; one from code is checked)."""
         return not self.subtasks
 
     @field_validator("subtasks")
@@ -150,10 +161,16 @@ def subtask_list() -> dict[str, Any]:
     return {"type": "array", "items": SUBTASK_SCHEMA}
 
 
+# A plan's reply is a direct answer OR subtasks, never both: `anyOf` of two objects (OpenAI's strict mode accepts
+# anyOf below the root; llama.cpp, Ollama and vLLM constrain decoding by it), so the model chooses one at the
+# reply's first key. With both fields in one object, SmolLM2 on llama-server filled both in every plan
+# (bench/RESULTS.md, "Real model"), and no greeting got a direct answer.
 PLAN_SCHEMA: dict[str, Any] = strict_object({
     "main_task_thought": {"type": "string"},
-    "direct_answer": {"type": "string"},  # "" unless no code is needed; then subtasks is []
-    "subtasks": subtask_list(),
+    "reply": {"anyOf": [
+        strict_object({"direct_answer": {"type": "string"}}),  # no code needed
+        strict_object({"subtasks": {**subtask_list(), "minItems": 1}}),
+    ]},
 })
 
 EVALUATION_SCHEMA: dict[str, Any] = strict_object({

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from agent_core import history
 from agent_core.budget import daily_tokens_used, money_refusal
 from agent_core.channel_settings import scope_of
 from agent_core.events import RunFinished
@@ -191,9 +192,11 @@ class RunScheduler:
         await self.announce_interrupted()  # the adapters are still up
 
     def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> None:
-        iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0
+        run = self.storage.get_run(run_id) or {}
         self.storage.end_pending_approvals(run_id, "interrupted")  # a decision now could reach no step
-        self.storage.finish_run(run_id, "interrupted", None, message, iterations)
+        self.storage.finish_run(run_id, "interrupted", None, message, run.get("iterations") or 0)
+        if run.get("status") == "running" and run.get("conversation"):  # its task is in the history: say it ended
+            self.storage.add_message(run["conversation"], "assistant", history.note("interrupted"), run_id)
 
     @property
     def running(self) -> list[str]:

@@ -78,6 +78,7 @@ class RunLog:
     by_purpose: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # purpose -> (calls, prompt, completion)
     cost: str | None = None  # e.g. "$0.0042", "no price (llama3.1:8b)"; None: no price table given
     settings: str | None = None  # the effective settings' one line; None for a run from before settings
+    unsupported: list[str] = field(default_factory=list)  # numbers of the answer no step produced (issue 20)
     document: str = ""  # Markdown: the summary, then every step in full
 
     @property
@@ -104,6 +105,12 @@ class RunLog:
             text += " (" + ", ".join(f"{purpose} {n}× ({p:,}+{c:,})"
                                      for purpose, (n, p, c) in self.by_purpose.items()) + ")"
         return text
+
+    def unsupported_line(self) -> str | None:
+        """E.g. "Not found in any step's output: 41.7, 1,200" (a warning, agent_core/answer_check.py)."""
+        if not self.unsupported:
+            return None
+        return "Not found in any step's output: " + ", ".join(self.unsupported)
 
 
 def step_summary(step: dict[str, Any]) -> StepSummary:
@@ -139,8 +146,17 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         completion_tokens=int(usage.get("completion_tokens", 0)), by_purpose=by_purpose,
         cost=spend(storage, prices, run_id=run_id).describe() if prices is not None else None,
         settings=effective.describe() if effective is not None else None,
+        unsupported=_unsupported(run),
     )
     return _with_document(summary, run, steps, storage.approvals(run_id))
+
+
+def _unsupported(run: dict[str, Any]) -> list[str]:
+    try:
+        found = json.loads(run.get("unsupported_json") or "[]")
+    except ValueError:
+        return []
+    return [str(n) for n in found] if isinstance(found, list) else []
 
 
 def log_to_post(storage: Storage, settings: Settings, run_id: str) -> RunLog | None:
@@ -199,6 +215,8 @@ def _with_document(log: RunLog, run: dict[str, Any], steps: list[dict[str, Any]]
     if log.settings:
         out.append(f"- Settings: {log.settings}")
     out.append(f"- Usage: {log.tokens_line()}")
+    if log.unsupported_line():
+        out.append(f"- Warning: {log.unsupported_line()}")
     if run.get("error"):
         out.append(f"- Error: {_one_line(run['error'])}")
     verdicts = {v.iteration: v for v in log.verdicts}

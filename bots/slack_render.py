@@ -435,6 +435,8 @@ def log_summary(log: Any, url: str | None, limit: int = LOG_CHARS) -> str:
         who = f" by {_who(approval.decided_by)}" if approval.decided_by else ""
         body.append(f":raised_hand: `{escape(clip(approval.tool, 80))}`: {escape(approval.status)}{who}")
     tail = [f"Tokens: {escape(log.tokens_line())}"]
+    if log.unsupported_line():
+        tail.append(f":warning: {escape(clip(log.unsupported_line(), 300))}")
     if log.settings:
         tail.append(f"Settings: {escape(clip(log.settings, 400))}")
     where = f"Code, outputs, stdout and stderr of every step: `{escape(log.filename)}` (attached)"

@@ -297,7 +297,8 @@ def log_caption(log: RunLog) -> tuple[str, str]:
     for approval in log.approvals:
         who = f" by {approval.decided_by.split(':')[-1]}" if approval.decided_by else ""
         body.append(f"{_APPROVAL_MARKS.get(approval.status, '🔐')} {approval.tool}: {approval.status}{who}")
-    tail = [clip(log.tokens_line(), 400)] + ([clip(f"Settings: {log.settings}", 300)] if log.settings else [])
+    tail = [clip(log.tokens_line(), 400)] + ([clip(f"⚠ {log.unsupported_line()}", 300)] if log.unsupported_line() else []) \
+        + ([clip(f"Settings: {log.settings}", 300)] if log.settings else [])
     body = [clip(line, LOG_LINE_CHARS) for line in body]
     room = MAX_CAPTION - sum(utf16_length(plain) + 1 for _, plain in head) - sum(utf16_length(t) + 1 for t in tail)
     kept: list[str] = []

@@ -48,6 +48,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "settings_json": str, "scope": str,
             # When its run_inputs were recorded (it started); NULL for runs of older versions and queued runs.
             "inputs_recorded_at": str,
+            # Numbers of the answer found in no step output nor the task (agent_core/answer_check.py), JSON.
+            "unsupported_json": str,
         },
         "id",
         ["conversation", "status", "user", "scope"],
@@ -75,6 +77,7 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "id": int, "run_id": str, "iteration": int, "purpose": str, "model": str, "response_format": str,
             "started_at": str, "duration_ms": int, "prompt_tokens": int, "completion_tokens": int,
             "retries": int, "request_chars": int, "response_chars": int, "error": str,
+            "finish_reason": str,  # "length": the reply cap cut it (agent_core/llm_stream.py)
             # llm() helper calls only: what the step sent and got back, clipped (agent_core/helper.py), with the
             # full lengths (the reply's is response_chars). Added to older databases on start.
             "prompt_text": str, "prompt_chars": int, "system_text": str, "system_chars": int, "reply_text": str,

@@ -16,6 +16,7 @@ MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 @pytest.fixture
 def srv():
     with FakeOpenAI() as server:
+        server.allow_uncapped()  # these tests check the fake itself; test_requests_need_a_cap checks the default
         yield server
 
 
@@ -90,11 +91,62 @@ def test_reject_response_format_keeps_queue(srv: FakeOpenAI) -> None:
     assert r.choices[0].message.content == "later"
 
 
-def test_stream_is_rejected(srv: FakeOpenAI) -> None:
-    srv.reply("unused")
+def test_stream_is_rejected_when_told(srv: FakeOpenAI) -> None:
+    srv.without_streaming().reply("unused")
     with pytest.raises(openai.BadRequestError):
         client(srv).chat.completions.create(model="m", messages=MSGS, stream=True)
     assert srv.remaining() == 1
+
+
+def test_requests_need_a_cap() -> None:
+    with FakeOpenAI() as srv:
+        srv.reply("a").reply("b")
+        with pytest.raises(openai.BadRequestError, match="no reply cap"):
+            client(srv).chat.completions.create(model="m", messages=MSGS)
+        r = client(srv).chat.completions.create(model="m", messages=MSGS, max_tokens=5)
+        assert r.choices[0].message.content == "a"
+        r = client(srv).chat.completions.create(model="m", messages=MSGS, max_completion_tokens=5)
+        assert r.choices[0].message.content == "b"
+
+
+def test_stream_sends_tokens_finish_and_usage(srv: FakeOpenAI) -> None:
+    srv.reply("hello world, streamed", prompt_tokens=9)
+    chunks = list(client(srv).chat.completions.create(model="m", messages=MSGS, stream=True,
+                                                       stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "hello world, streamed"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.prompt_tokens == 9 and chunks[-1].usage.completion_tokens == 6  # 4 characters a token
+    srv.without_stream_usage().reply("no usage")
+    chunks = list(client(srv).chat.completions.create(model="m", messages=MSGS, stream=True,
+                                                       stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks)
+
+
+def test_runaway_reply_is_cut_at_the_cap(srv: FakeOpenAI) -> None:
+    srv.writing('{"a": "', repeat="dolam_")
+    r = client(srv).chat.completions.create(model="m", messages=MSGS, max_tokens=10)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+    assert r.choices[0].message.content.startswith('{"a": "dolam_dol')
+    srv.writing('{"a": "', repeat="dolam_")
+    chunks = list(client(srv).chat.completions.create(model="m", messages=MSGS, max_tokens=7, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert srv.requests[-1].streamed_tokens == 7
+
+
+def test_stream_paced_and_client_gone(srv: FakeOpenAI) -> None:
+    srv.writing("x" * 400, delay=0.3, token_delay=0.05)
+    started = time.monotonic()
+    stream = client(srv).chat.completions.create(model="m", messages=MSGS, stream=True)
+    first = next(iter(stream))
+    assert time.monotonic() - started >= 0.25 and first.choices[0].delta.role == "assistant"
+    for _ in range(3):
+        next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 3
+    while not srv.requests[-1].client_gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.requests[-1].client_gone and srv.requests[-1].streamed_tokens < 100
 
 
 def test_empty_queue_is_500(srv: FakeOpenAI) -> None:
@@ -136,7 +188,7 @@ def test_delay_causes_client_timeout_and_server_survives(srv: FakeOpenAI) -> Non
 
 
 def test_stop_with_pending_delay_is_quick() -> None:
-    srv = FakeOpenAI().start()
+    srv = FakeOpenAI().start().allow_uncapped()
     srv.reply("x", delay=30)
     with pytest.raises(openai.APITimeoutError):
         client(srv, timeout=0.2).chat.completions.create(model="m", messages=MSGS)

@@ -13,7 +13,7 @@ async def test_repair_scenario_traffic_within_budget():
     assert len(report["calls"]) == 3
     assert report["answer"].startswith("Paris and Brussels")
     assert report["total"]["chars"] <= llm_traffic.BUDGET_CHARS
-    assert report["total"]["http_request_bytes"] + report["total"]["http_response_bytes"] <= llm_traffic.BUDGET_CHARS
+    assert report["total"]["http_request_bytes"] + report["total"]["http_response_bytes"] <= llm_traffic.BUDGET_HTTP_BYTES
 
 
 async def test_a_direct_answer_costs_one_small_call():

@@ -62,9 +62,9 @@ async def test_a_server_that_never_answers_ends_the_run_at_the_deadline_and_says
     match = re.fullmatch(rf"The LLM at {re.escape(url)} did not answer: waited (\d+\.\d) s over 1 attempt "
                          r"\(AUTOCODE_LLM_DEADLINE is 6 s\)\.", result.error or "")
     assert match and 6.0 <= float(match.group(1)) < 7.5, result.error
-    # After 5 s of waiting the run said so, on the planner's first try.
+    # After 5 s of waiting the run said so, on the planner's first try; no retry fits in the second left.
     (waiting,) = waits(agent.seen)
-    assert (waiting.purpose, waiting.attempt, waiting.attempts, waiting.reason) == ("plan", 1, 4, "")
+    assert (waiting.purpose, waiting.attempt, waiting.attempts, waiting.reason) == ("plan", 1, 1, "")
     assert 5 <= waiting.waited_s < 6
     assert waiting.describe() == "waiting for the LLM (planner)… 5 s"
     over = [e for e in agent.seen if isinstance(e, LLMWaitOver)]
@@ -77,26 +77,23 @@ async def test_a_server_that_never_answers_ends_the_run_at_the_deadline_and_says
     assert len(llm_server.chat_requests()) == 1
 
 
-async def test_each_try_is_cut_at_the_timeout_and_the_retries_stop_at_the_deadline(agent_from_env, llm_server):
+async def test_a_try_without_a_first_token_ends_at_the_timeout_and_is_not_retried(agent_from_env, llm_server):
+    """A server that does not start answering within AUTOCODE_LLM_TIMEOUT may be busy writing someone's reply: a new
+    request would only start over, so the call ends there, saying which limit it was (issue 20)."""
     llm_server.never_answer()
-    agent = agent_from_env(AUTOCODE_LLM_DEADLINE="3", AUTOCODE_LLM_TIMEOUT="1", AUTOCODE_LLM_MAX_RETRIES="3")
+    agent = agent_from_env(AUTOCODE_LLM_DEADLINE="30", AUTOCODE_LLM_TIMEOUT="1", AUTOCODE_LLM_MAX_RETRIES="3")
 
     started = time.monotonic()
     result = await agent.run("numbers")
     took = time.monotonic() - started
 
-    assert result.status == "failed" and took < 3 + 2, f"the run took {took:.1f} s with a 3 s deadline"
-    sent = len(llm_server.chat_requests())
-    match = re.fullmatch(rf"The LLM at {re.escape(llm_server.base_url)} did not answer: waited ([\d.]+) s over "
-                         rf"{sent} attempts \(AUTOCODE_LLM_DEADLINE is 3 s\)\.", result.error or "")
-    assert match, result.error
-    assert 2 <= float(match.group(1)) <= 3.2 and sent >= 2
-    retries = waits(agent.seen)
-    assert [(w.attempt, w.reason) for w in retries] == [(n, "timeout") for n in range(2, sent + 1)]
-    assert all(w.purpose == "plan" and w.attempts == 4 for w in retries)
-    assert retries[0].describe().startswith("waiting for the LLM (planner)… ")
-    assert retries[0].describe().endswith(", retry 1 of 3 (timeout)")
-    assert agent.storage.llm_calls(result.run_id)[0]["retries"] == sent - 1
+    assert result.status == "failed" and took < 1 + 3, f"the run took {took:.1f} s with a 1 s timeout"
+    assert len(llm_server.chat_requests()) == 1
+    match = re.fullmatch(rf"The LLM at {re.escape(llm_server.base_url)} did not answer: waited ([\d.]+) s "
+                         r"over 1 attempt \(AUTOCODE_LLM_TIMEOUT is 1 s\)\.", result.error or "")
+    assert match and 1 <= float(match.group(1)) < 2, result.error
+    assert not waits(agent.seen)
+    assert agent.storage.llm_calls(result.run_id)[0]["retries"] == 0
 
 
 async def test_rate_limits_and_errors_are_retried_as_the_server_asks_and_shown(agent_from_env, llm_server):
@@ -149,27 +146,24 @@ async def test_an_llm_call_from_a_step_ends_before_the_tool_timeout_saying_why(a
 
     llm_server.reply_json(plan(ASKING_STEP))
     llm_server.responder(respond)
-    agent = agent_from_env(AUTOCODE_TOOL_TIMEOUT="3", AUTOCODE_LLM_TIMEOUT="1", AUTOCODE_LLM_MAX_RETRIES="3")
+    agent = agent_from_env(AUTOCODE_TOOL_TIMEOUT="3", AUTOCODE_LLM_TIMEOUT="10", AUTOCODE_LLM_MAX_RETRIES="3")
 
     result = await agent.run("ask the llm")
 
     assert result.status == "succeeded", result.error
     error = result.steps[0].output["error"]
     assert re.fullmatch(rf"ToolCallError: llm: LLMError: The LLM at {re.escape(llm_server.base_url)} did not answer: waited [\d.]+ s "
-                        r"over \d attempts \(AUTOCODE_TOOL_TIMEOUT is 3 s\)\.", error), error
-    retries = [w for w in waits(agent.seen) if w.purpose == "helper"]
-    assert retries and retries[0].attempt == 2 and retries[0].reason == "timeout"
-    assert retries[0].describe().startswith("waiting for the LLM (llm() helper)… ")
+                        r"over 1 attempt \(AUTOCODE_TOOL_TIMEOUT is 3 s\)\.", error), error
     helper_calls = [c for c in agent.storage.llm_calls(result.run_id) if c["purpose"] == "helper"]
     assert len(helper_calls) == 1 and helper_calls[0]["error"] in error
 
 
 def test_the_console_shows_the_waiting_lines_and_the_total_wait(tmp_path, llm_server):
-    llm_server.never_answer()
+    llm_server.busy(10, 503, retry_after=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
     env.update(OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
-               AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_DEADLINE="3", AUTOCODE_LLM_TIMEOUT="1",
-               AUTOCODE_LLM_MAX_RETRIES="3")
+               AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_DEADLINE="20", AUTOCODE_LLM_TIMEOUT="5",
+               AUTOCODE_LLM_MAX_RETRIES="2")
 
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", "run", "numbers"], cwd=tmp_path, env=env,
@@ -179,8 +173,8 @@ def test_the_console_shows_the_waiting_lines_and_the_total_wait(tmp_path, llm_se
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.splitlines()
     waiting = [line for line in lines if line.startswith("· waiting for the LLM (planner)… ")]
-    assert waiting and waiting[0].endswith(", retry 1 of 3 (timeout)"), proc.stderr
+    assert waiting and waiting[0].endswith(", retry 1 of 2 (HTTP 503)"), proc.stderr
     assert any(line.startswith("· no answer from the LLM (planner) after ") for line in lines), proc.stderr
-    assert re.search(r"Run \w+ failed: The LLM at \S+ did not answer: waited [\d.]+ s over \d attempts "
-                     r"\(AUTOCODE_LLM_DEADLINE is 3 s\)\.", proc.stderr), proc.stderr
-    assert took < 3 + 12, f"autocode run took {took:.1f} s with a 3 s deadline"
+    assert re.search(r"Run \w+ failed: The LLM server answered HTTP 503: Error code: 503 - fake openai server: busy \(HTTP 503\) "
+                     r"\(waited [\d.]+ s over 3 attempts\)\.", proc.stderr), proc.stderr
+    assert took < 20, f"autocode run took {took:.1f} s"

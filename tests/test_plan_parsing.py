@@ -316,7 +316,8 @@ def _walk_objects(schema: Any, path: str = "$"):
 @pytest.mark.parametrize("schema", [PLAN_SCHEMA, EVALUATION_SCHEMA], ids=["plan", "evaluation"])
 def test_schema_is_strict_mode_valid(schema):
     objects = list(_walk_objects(schema))
-    assert len(objects) == 2  # the top object and the subtask items
+    # the top object and the subtask items; a plan's reply also has its two branches (direct answer, subtasks)
+    assert len(objects) == (4 if schema is PLAN_SCHEMA else 2)
     for path, obj in objects:
         assert obj.get("additionalProperties") is False, path
         assert sorted(obj["required"]) == sorted(obj["properties"]), path
@@ -327,8 +328,12 @@ def test_schema_is_strict_mode_valid(schema):
     "schema, model", [(PLAN_SCHEMA, Plan), (EVALUATION_SCHEMA, Evaluation)], ids=["plan", "evaluation"]
 )
 def test_schema_properties_match_models(schema, model):
-    assert set(schema["properties"]) == set(model.model_fields)
-    items = schema["properties"]["subtasks" if model is Plan else "new_subtasks"]["items"]
+    properties = dict(schema["properties"])
+    if model is Plan:  # the reply's branches hold the plan's direct_answer and subtasks
+        for branch in properties.pop("reply")["anyOf"]:
+            properties.update(branch["properties"])
+    assert set(properties) == set(model.model_fields)
+    items = properties["subtasks" if model is Plan else "new_subtasks"]["items"]
     assert set(items["properties"]) == set(Subtask.model_fields)
 
 

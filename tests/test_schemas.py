@@ -208,9 +208,11 @@ async def test_schemas_sent_carry_the_parsers_rules_within_strict_mode(make_agen
     assert all(s["strict"] is True for s in sent.values())
     plan_schema, evaluation_schema = sent["plan"]["schema"], sent["evaluation"]["schema"]
 
-    subtasks = plan_schema["properties"]["subtasks"]
-    assert "minItems" not in subtasks  # [] with a direct_answer: no code needed
-    assert plan_schema["properties"]["direct_answer"] == {"type": "string"}
+    # A reply is a direct answer or subtasks, never both (issue 20): one branch each, the model picks one.
+    direct_branch, code_branch = plan_schema["properties"]["reply"]["anyOf"]
+    assert direct_branch["properties"] == {"direct_answer": {"type": "string"}}
+    subtasks = code_branch["properties"]["subtasks"]
+    assert subtasks["minItems"] == 1 and list(code_branch["properties"]) == ["subtasks"]
     for items in (subtasks["items"], evaluation_schema["properties"]["new_subtasks"]["items"]):
         assert items["properties"]["tool_name"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]*$"
         assert items["properties"]["input_from_tool"]["pattern"] == "^([A-Za-z_][A-Za-z0-9_]*)?$"
@@ -228,21 +230,26 @@ async def test_schemas_sent_carry_the_parsers_rules_within_strict_mode(make_agen
 
 # ---------------------------------------------------------------- the schemas say what the parser demands
 
-GOOD_PLAN = plan(STEP_NUMBERS, STEP_TOTAL)
+def nested(*subtasks: dict[str, Any], direct_answer: str | None = None) -> dict[str, Any]:
+    """A plan as PLAN_SCHEMA shapes it: {"main_task_thought", "reply": {"subtasks": [...]} or {"direct_answer"}}."""
+    reply = {"direct_answer": direct_answer} if direct_answer is not None else {"subtasks": list(subtasks)}
+    return {"main_task_thought": "simple", "reply": reply}
+
+
+GOOD_PLAN = nested(STEP_NUMBERS, STEP_TOTAL)
 
 
 def _plan_with(**changes: Any) -> dict[str, Any]:
-    first = {**STEP_NUMBERS, **changes}
-    return {**GOOD_PLAN, "subtasks": [first, STEP_TOTAL]}
+    return nested({**STEP_NUMBERS, **changes}, STEP_TOTAL)
 
 
 PARSER_REJECTS = {
-    "subtasks missing": {k: v for k, v in GOOD_PLAN.items() if k != "subtasks"},
+    "subtasks missing": {"main_task_thought": "simple", "reply": {}},
     "tool_name prose": _plan_with(tool_name="The alien yourself!"),
     "tool_name starts with a digit": _plan_with(tool_name="1st"),
     "tool_name with a dash": _plan_with(tool_name="fetch-data"),
     "tool_name empty": _plan_with(tool_name=""),
-    "code missing": {**GOOD_PLAN, "subtasks": [{k: v for k, v in STEP_NUMBERS.items() if k != "code"}]},
+    "code missing": nested({k: v for k, v in STEP_NUMBERS.items() if k != "code"}),
 }
 
 
@@ -257,12 +264,17 @@ def test_what_the_parser_rejects_the_plan_schema_rules_out(case):
 
 def test_a_good_plan_and_evaluations_pass_the_schemas():
     jsonschema.validate(GOOD_PLAN, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
-    Plan.model_validate(GOOD_PLAN)
-    direct = {"main_task_thought": "a thank-you", "direct_answer": "You're welcome!", "subtasks": []}
+    assert not Plan.model_validate(GOOD_PLAN).direct
+    direct = nested(direct_answer="You're welcome!")
     jsonschema.validate(direct, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
-    assert Plan.model_validate(direct).direct
-    # What the schema cannot say (one of two fields non-empty) the model says, and the reply is asked again:
-    neither = {**direct, "direct_answer": ""}
+    assert Plan.model_validate(direct).direct and Plan.model_validate(direct).direct_answer == "You're welcome!"
+    # Both at once, or an empty list of subtasks, the schema rules out (the model must choose):
+    both = {"main_task_thought": "", "reply": {"direct_answer": "Hi!", "subtasks": [STEP_NUMBERS]}}
+    for reply in (both, nested()):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(reply, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
+    # What the schema cannot say (a non-empty direct answer) the model says, and the reply is asked again:
+    neither = nested(direct_answer="")
     jsonschema.validate(neither, PLAN_SCHEMA, cls=jsonschema.Draft202012Validator)
     with pytest.raises(ValidationError):
         Plan.model_validate(neither)

@@ -45,6 +45,8 @@ class RecordedRequest:
     raw: bytes
     response_status: int = 0
     response_body: bytes = b""
+    streamed_tokens: int = 0  # a streamed answer: tokens sent before it ended or the client went away
+    client_gone: bool = False  # the client closed the stream before its end
 
 
 @dataclass
@@ -59,6 +61,12 @@ class _Reply:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     message_fields: dict[str, Any] = field(default_factory=dict)  # more fields of the reply's message
+    # How a real model writes (streamed or not): `delay` before the first token, then `token_delay` between
+    # tokens; `repeat` makes a runaway reply: after `content`, `repeat` again and again until the reply cap
+    # (max_tokens) cuts it, as small models do ("dolam_dolam_…").
+    token_delay: float = 0.0
+    repeat: str = ""
+    finish_reason: str | None = None  # None: "stop", or "length" when the cap cut it
 
     @classmethod
     def from_spec(cls, spec: Spec) -> _Reply:
@@ -67,6 +75,26 @@ class _Reply:
         if "json" in spec:
             spec["content"] = json.dumps(spec.pop("json"))
         return cls(**spec)
+
+
+CHARS_PER_TOKEN = 4  # the fake's tokenizer: four characters a token
+
+
+def _tokens(reply: _Reply, cap: int | None) -> tuple[list[str], str]:
+    """The tokens the fake writes for `reply` under the reply cap `cap`, and its finish_reason. A runaway reply
+    without a cap is written for a long while (RUNAWAY_TOKENS), as a real one is."""
+    tokens = [reply.content[i:i + CHARS_PER_TOKEN] for i in range(0, len(reply.content), CHARS_PER_TOKEN)]
+    if reply.repeat:
+        unit = [reply.repeat[i:i + CHARS_PER_TOKEN] for i in range(0, len(reply.repeat), CHARS_PER_TOKEN)]
+        limit = cap if cap is not None else RUNAWAY_TOKENS
+        while len(tokens) < limit + 1:
+            tokens.extend(unit)
+    if cap is not None and len(tokens) > cap:
+        return tokens[:cap], "length"
+    return tokens, reply.finish_reason or "stop"
+
+
+RUNAWAY_TOKENS = 20_000
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -108,6 +136,10 @@ class _Handler(BodyHandler):
         if delay > 0 and fake._stopping.wait(delay):
             self.close_connection = True
             return  # server is stopping: don't bother answering
+        stream = payload.pop("_stream", None)
+        if stream is not None:
+            self._stream(rec, payload, stream)
+            return
         data = json.dumps(payload).encode()
         rec.response_body, rec.response_status = data, status  # body first: status marks "answered"
         try:
@@ -121,6 +153,44 @@ class _Handler(BodyHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True  # client gave up (timeout); nothing to do
+
+
+    def _stream(self, rec: RecordedRequest, payload: dict[str, Any], stream: dict[str, Any]) -> None:
+        """Answer as server-sent events: a chunk a token, `token_delay` apart, the finish_reason, then the usage
+        when the request asked for it (stream_options.include_usage), then [DONE]. A client that goes away stops
+        the writing (as llama-server does); `rec.streamed_tokens` says how many tokens were sent."""
+        fake = self.server.fake
+        rec.response_status = 200
+        base = {"id": payload["id"], "object": "chat.completion.chunk", "created": payload["created"],
+                "model": payload["model"]}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
+            body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self.wfile.write(chunk({"role": "assistant", "content": "", **stream["fields"]}))
+            self.wfile.flush()
+            for n, token in enumerate(stream["tokens"]):
+                if n and stream["token_delay"] > 0 and fake._stopping.wait(stream["token_delay"]):
+                    return
+                self.wfile.write(chunk({"content": token}))
+                self.wfile.flush()
+                rec.streamed_tokens += 1
+            self.wfile.write(chunk({}, stream["finish_reason"]))
+            if stream["usage"] is not None:
+                self.wfile.write(f"data: {json.dumps({**base, 'choices': [], 'usage': stream['usage']})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            rec.response_body = json.dumps(payload).encode()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            rec.client_gone = True
 
 
 class FakeOpenAI(FakeService):
@@ -140,6 +210,9 @@ class FakeOpenAI(FakeService):
         self._counter = 0
         self._silent = False  # never_answer
         self._busy: deque[tuple[int, dict[str, str]]] = deque()  # busy: error answers still to give
+        self._no_streaming = False  # without_streaming
+        self._usage_in_stream = True  # without_stream_usage
+        self._require_cap = True  # every chat request must carry max_tokens (or max_completion_tokens)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> FakeOpenAI:
@@ -188,7 +261,7 @@ class FakeOpenAI(FakeService):
     def responder(self, fn: Responder | None) -> FakeOpenAI:
         """Answer dynamically when the queue is empty: ``fn(body)`` returns a spec dict or None.
 
-        A spec takes the keys content / json / status / message / headers / delay /
+        A spec takes the keys content / json / status / message / headers / delay / token_delay / repeat /
         prompt_tokens / completion_tokens. None falls through to the "no reply" 500.
         """
         with self._lock:
@@ -234,6 +307,32 @@ class FakeOpenAI(FakeService):
         headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
         with self._lock:
             self._busy.extend([(status, headers)] * times)
+        return self
+
+    def writing(self, content: str = "", *, repeat: str = "", delay: float = 0.0, token_delay: float = 0.0,
+                finish_reason: str | None = None) -> FakeOpenAI:
+        """Queue a reply written as a real model writes it: `delay` before the first token, `token_delay` between
+        tokens (four characters each); with `repeat`, a runaway that repeats it until the reply cap cuts it."""
+        return self._push(_Reply(content=content, delay=delay, token_delay=token_delay, repeat=repeat,
+                                 finish_reason=finish_reason))
+
+    def without_streaming(self, on: bool = True) -> FakeOpenAI:
+        """Answer 400 to streamed requests, as a server that cannot stream does."""
+        with self._lock:
+            self._no_streaming = on
+        return self
+
+    def without_stream_usage(self, on: bool = True) -> FakeOpenAI:
+        """Send no usage chunk at the end of a stream, even when asked (the client must count)."""
+        with self._lock:
+            self._usage_in_stream = not on
+        return self
+
+    def allow_uncapped(self, on: bool = True) -> FakeOpenAI:
+        """Answer requests without a reply cap too (by default they get 400: every request AutoCode sends must
+        carry max_tokens)."""
+        with self._lock:
+            self._require_cap = not on
         return self
 
     # -- inspection ------------------------------------------------------
@@ -309,8 +408,11 @@ class FakeOpenAI(FakeService):
         body = rec.body
         if body is None:
             return 400, _error_body(400, "request body must be a JSON object"), {}, 0.0
-        if body.get("stream"):
+        if self._no_streaming and body.get("stream"):
             return 400, _error_body(400, "fake openai server: streaming is not supported"), {}, 0.0
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        if self._require_cap and not (isinstance(cap, int) and cap > 0):
+            return 400, _error_body(400, "fake openai server: the request has no reply cap (max_tokens)"), {}, 0.0
         fmt = body.get("response_format")
         fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
         with self._lock:
@@ -334,20 +436,31 @@ class FakeOpenAI(FakeService):
         prompt = reply.prompt_tokens
         if prompt is None:
             prompt = max(1, sum(_text_len(m.get("content")) for m in messages if isinstance(m, dict)) // 4)
+        tokens, finish = _tokens(reply, cap if isinstance(cap, int) else None)
+        content = "".join(tokens)
         completion = reply.completion_tokens
-        if completion is None:
-            completion = max(1, len(reply.content) // 4)
-        payload = {
+        if completion is None or finish == "length":
+            completion = max(1, len(tokens))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        payload: dict[str, Any] = {
             "id": f"chatcmpl-fake-{n}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or MODEL_ID,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
                                                     **reply.message_fields},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion},
+                         "finish_reason": finish}],
+            "usage": usage,
         }
+        if body.get("stream"):
+            options = body.get("stream_options")
+            wants_usage = isinstance(options, dict) and options.get("include_usage") and self._usage_in_stream
+            fields = {k: v for k, v in reply.message_fields.items() if k != "content" and v is not None}
+            payload["_stream"] = {"tokens": tokens if content or not fields else [], "token_delay": reply.token_delay,
+                                  "finish_reason": finish, "usage": usage if wants_usage else None,
+                                  "fields": fields}
+        elif reply.token_delay > 0:  # not streamed: the whole reply is written before anything is sent
+            return 200, payload, reply.headers, reply.delay + reply.token_delay * len(tokens)
         return 200, payload, reply.headers, reply.delay
 
 
