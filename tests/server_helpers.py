@@ -73,8 +73,9 @@ def free_port() -> int:
 #   sleep=S     the step sleeps S seconds
 #   spawn=S     the step starts a child `sleep <S>.<marker>` and then sleeps S seconds itself
 #   llmdelay=S  the planner reply is delayed by S seconds
+#   llmwrite=S  the planner reply is written (streamed) over about S seconds, as a slow model writes it
 #   tokens=N    every LLM reply of the run reports N prompt + N completion tokens
-_OPTION = re.compile(r"\b(tag|sleep|spawn|llmdelay|tokens)=(\S+)")
+_OPTION = re.compile(r"\b(tag|sleep|spawn|llmdelay|llmwrite|tokens)=(\S+)")
 _TASK_LINE = re.compile(r"^Task: (.*)$", re.MULTILINE)
 _OUTPUT_LINE = re.compile(r"^output: (.*)$", re.MULTILINE)
 
@@ -147,6 +148,8 @@ class ScriptedLLM:
             spec["json"] = {"main_task": task, "main_task_thought": "one step", "subtasks": [{
                 "tool_name": "work", "input_from_tool": "", "description": "do the work", "imports": ["subprocess", "time"],
                 "thought": "", "code": step_code(options)}]}
+            if "llmwrite" in options:  # a chunk of four characters a token, paced over the seconds asked
+                spec["token_delay"] = float(options["llmwrite"]) / (len(json.dumps(spec["json"])) / 4)
         elif kind == "evaluation":
             outputs = _OUTPUT_LINE.findall(prompt)
             answer = "no output"

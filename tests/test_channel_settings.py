@@ -96,7 +96,7 @@ async def test_max_iterations_of_a_channel_bounds_the_repairs(make_agent, llm_se
     result = await agent.run("add", "telegram:-100:5")
 
     assert result.status == "failed" and result.iterations == 1
-    assert result.error == "No satisfactory result after 1 iterations: divides by zero"
+    assert result.error == "No satisfactory result after 1 iterations: step add_up failed: ZeroDivisionError: division by zero"
     assert len(llm_server.chat_requests()) == 2  # plan, one evaluation: no repair was run
     assert "1 of 1" in user_prompt(llm_server.chat_requests()[1])
     for bad in ("0", "11", "two"):

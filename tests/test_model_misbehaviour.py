@@ -292,3 +292,23 @@ def test_autocode_run_without_a_conversation_starts_a_fresh_one(tmp_path, llm_se
     first, second = (json.loads(r.response_body) for r in llm_server.requests)  # noqa: F841 (answered)
     second_prompt = llm_server.chat_requests()[1]["messages"][-1]["content"]
     assert "first task" not in second_prompt and "First answer." not in second_prompt
+
+
+async def test_a_call_cancelled_while_the_model_writes_is_recorded_with_its_tokens(agent_from_env, llm_server):
+    import asyncio
+
+    llm_server.writing(RUNAWAY, repeat="dolam_", token_delay=0.02)
+    agent = agent_from_env(AUTOCODE_LLM_MAX_TOKENS_PLAN="5000")
+    task = asyncio.create_task(agent.run("numbers", "c5"))
+    deadline = time.monotonic() + 10
+    while (not llm_server.requests or llm_server.requests[-1].streamed_tokens < 40) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    (run,) = agent.storage.list_runs("c5")
+    assert run["status"] == "cancelled"
+    (call,) = agent.storage.llm_calls(run["id"])
+    assert call["completion_tokens"] >= 40 and call["prompt_tokens"] > 0  # recorded, and so priced
+    assert history(agent, "c5")[-1] == ("assistant", "(The previous task was cancelled before it finished.)")

@@ -730,6 +730,22 @@ def test_the_progress_message_shows_a_slow_llm_and_clears_it_once_it_answers(ser
     assert "Succeeded" in texts[-1] and "waiting for the LLM" not in texts[-1]
 
 
+def test_the_progress_message_shows_the_model_writing_its_plan(server, slack):
+    """A slow model streaming its plan (issue 20): the progress line says it is writing, with tokens and pace."""
+    channel = "CWRITING"
+    slash(server, "job tag=WRITING llmwrite=7", channel)  # the planner's reply is written over ~7 s
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded", run
+    delivered(server, run["id"])
+    settled(slack, channel)
+
+    root = in_channel(slack, "chat.postMessage", channel)[0].response["ts"]
+    texts = [message_text(c) for c in in_channel(slack, "chat.update", channel) if c.params["ts"] == root]
+    writing = [t for t in texts if re.search(r":hourglass: the LLM is writing \(planner\)… \d+ tokens at \d+ tokens/s", t)]
+    assert writing, texts
+    assert "Succeeded" in texts[-1] and "the LLM is writing" not in texts[-1]
+
+
 def test_a_long_answer_fits_one_message_within_block_kit_limits_and_the_rest_is_attached():
     from bots import slack_render as render
 

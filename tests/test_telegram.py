@@ -122,7 +122,10 @@ def bot(llm, tg, tmp_path_factory):
     (directory / "prices.toml").write_text(PRICES)
     env = telegram_env(llm, directory / "autocode.db", tg.api_url, UID_BASE,
                        TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED), TELEGRAM_ADMIN_USERS=str(ADMIN_ID),
-                       AUTOCODE_MODELS=MODELS, AUTOCODE_PRICES_FILE=str(directory / "prices.toml"))
+                       AUTOCODE_MODELS=MODELS, AUTOCODE_PRICES_FILE=str(directory / "prices.toml"),
+                       # The evaluator words LONG_ANSWER and HUGE_ANSWER (10,000 and 26,000 characters): past the
+                       # default reply cap of an evaluation (1,500 tokens), which would cut them (issue 20).
+                       AUTOCODE_LLM_MAX_TOKENS_EVALUATE="8000")
     server = Serve(env, directory / "serve.log", directory)
     try:
         server.wait_ready()
@@ -579,6 +582,19 @@ def test_the_progress_message_shows_a_slow_llm_and_clears_it_once_it_answers(bot
     later = texts[texts.index(waiting[0]) + 1:]
     assert later and all("waiting for the LLM" not in t for t in later), texts  # gone once the plan came
     assert later[-1].startswith("tag SLOW")  # the progress message became the answer
+
+
+def test_the_progress_message_shows_the_model_writing_its_plan(bot, tg):
+    """A slow model streaming its plan (issue 20): the progress line says it is writing, with tokens and pace."""
+    chat, user = private(tg, 7012)
+    update = ask(tg, chat, user, "job tag=WRITING llmwrite=7")  # the planner's reply is written over ~7 s
+    assert finished_run(bot, tg, update)["status"] == "succeeded"
+    progress_id = progress_call(tg, 7012, update["message"]["message_id"]).result["message_id"]
+    final_edit(tg, bot, 7012, progress_id)
+    texts = [c.params["text"] for c in tg.calls_of("editMessageText", 7012) if c.params["message_id"] == progress_id]
+    writing = [t for t in texts if re.search(r"⏳ the LLM is writing \(planner\)… \d+ tokens at \d+ tokens/s", t)]
+    assert writing, texts
+    assert texts[-1].startswith("tag WRITING")  # the progress message became the answer
 
 
 def test_commands(bot, tg):
