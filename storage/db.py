@@ -159,8 +159,13 @@ def _number_runs(db: sqlite_utils.Database) -> None:
                             [(number, rowid) for number, rowid in enumerate(ordered, 1)])
 
 
+def _declared(db: sqlite_utils.Database) -> None:
+    """A version whose change is all in `_TABLES` (new tables or columns): nothing more to do."""
+
+
 # Data migrations by the version they bring a database to, applied in order after `_TABLES` (so every declared table
-# and column exists when they run). Add a change as the next number and raise SCHEMA_VERSION to it.
+# and column exists when they run). Every change of the schema takes the next number, a table or column added to
+# `_TABLES` too (with `_declared`): the version is what lets a release refuse a database newer than itself.
 _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _number_runs,
 }

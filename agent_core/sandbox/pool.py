@@ -558,14 +558,17 @@ class SandboxExecutor:
     async def start(self) -> None:
         """For a long-running server: claim the uid range (ending leftovers of a process that died with it), then
         pre-start workers."""
-        await self._claim_uids()
+        if await self._claim_uids() and self._needs_guardian():
+            # Without pid namespaces, a step's orphans may outlive a killed server whose guardian died too (a whole
+            # process group killed): the uids are ours now, and so is what still runs under them.
+            await asyncio.to_thread(lambda: [(_kill_uid(uid), remove_ipc_of(uid)) for uid in self.uids.free])
         await self._fill()
 
-    async def _claim_uids(self) -> None:
-        """Claim this executor's uid range (uids.py) if it is not claimed yet. Without pid namespaces, a step's
-        orphans may outlive a killed process whose guardian died too: the uids are ours now, so are they."""
-        if await asyncio.to_thread(self.uids.ensure_claimed) and self._needs_guardian():
-            await asyncio.to_thread(lambda: [(_kill_uid(uid), remove_ipc_of(uid)) for uid in self.uids.free])
+    async def _claim_uids(self) -> bool:
+        """Claim this executor's uid range (uids.py) if it is not claimed yet; True when this call claimed it."""
+        if self.uids.claim is not None or not self.uids.enabled:
+            return False
+        return await asyncio.to_thread(self.uids.ensure_claimed)
 
     def _needs_guardian(self) -> bool:
         return self.uids.enabled and not isinstance(self.launcher, BwrapLauncher)

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import pwd
+import stat
 from pathlib import Path
 
 from agent_core.sandbox import SandboxUnavailable
@@ -97,6 +98,9 @@ def claim_range(base: int, count: int, directory: Path | None = None) -> UidClai
     when none are free within SEARCH_LIMIT uids."""
     directory = directory or claims_directory()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = os.lstat(directory)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():  # e.g. planted in a shared /tmp
+        raise SandboxUnavailable(f"{directory} is not a directory of this user's: sandbox uids cannot be claimed")
     os.chmod(directory, 0o700)  # steps run as other uids: they must not reach (and hold) these files
     held: list[int] = []
     first = uid = base
