@@ -23,6 +23,7 @@ from agent_core.events import RunFinished
 from agent_core.loop import Agent
 from storage.db import DuplicateDelivery
 from storage.owner import DatabaseOwner
+from storage.processes import is_alive_elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ class RunScheduler:
         remove_leftovers(self.storage)
         interrupted = []
         for run in self.storage.runs_with_status("running"):
+            if is_alive_elsewhere(run.get("runner")):  # e.g. `autocode run` beside this serve: still running
+                continue
             self._interrupt(run["id"])
             log.warning("run %s was interrupted by a restart", run["id"])
             interrupted.append(run["id"])

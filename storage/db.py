@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from storage.processes import current_identity
+
 
 class StorageRefused(Exception):
     """The database cannot be used by this process; the message is the sentence for the operator."""
@@ -64,6 +66,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "settings_json": str, "scope": str,
             # When its run_inputs were recorded (it started); NULL for runs of older versions and queued runs.
             "inputs_recorded_at": str,
+            # The process that set it running (storage/processes.py): restart recovery spares a live one's runs.
+            "runner": str,
         },
         "id",
         ["conversation", "status", "user", "scope"],
@@ -168,6 +172,7 @@ def _declared(db: sqlite_utils.Database) -> None:
 # `_TABLES` too (with `_declared`): the version is what lets a release refuse a database newer than itself.
 _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _number_runs,
+    2: _declared,  # runs.runner
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -406,6 +411,7 @@ class Storage:
                     "id": run_id, "conversation": conversation, "task": task, "status": status, "iterations": 0,
                     "created_at": stamp, "started_at": stamp if status == "running" else None, "user": user,
                     "adapter": adapter, "delivery_id": delivery_id, "seq": seq,
+                    "runner": current_identity() if status == "running" else None,
                     "reply_to_json": json.dumps(reply_to) if reply_to is not None else None,
                     "view_token": secrets.token_urlsafe(24),  # 192 bits
                 })
@@ -494,6 +500,8 @@ class Storage:
         """Change a run's columns. A run set to `running` also records the files it starts with (run_inputs)."""
         if "plan" in changes:
             changes["plan_json"] = json.dumps(changes.pop("plan"))
+        if changes.get("status") == "running":
+            changes["runner"] = current_identity()
         self._update("runs", run_id, changes)
         if changes.get("status") == "running":
             self._record_run_inputs(run_id)

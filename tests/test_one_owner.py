@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -121,6 +122,48 @@ def test_autocode_run_works_beside_a_serve_and_recovers_nothing(tmp_path, llm):
         assert (finished["status"], finished["answer"]) == ("succeeded", "tag served")
     finally:
         server.close()
+
+
+def test_a_serve_starting_beside_a_running_autocode_run_leaves_its_run_alone(tmp_path, llm):
+    """Restart recovery interrupts the runs of dead processes only: a run `autocode run` is running (its process
+    alive) goes on; once that process is killed, the next start interrupts it."""
+    db = tmp_path / "autocode.db"
+    env = serve_env(llm, db, AUTOCODE_SANDBOX_UID_BASE=str(UID_BASE + 32))
+
+    def cli_run(task: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-P", "-m", "agent_core.cli", "run", task, "--conversation",
+                                 "console"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def status_of(task: str) -> str | None:
+        try:
+            rows = db_rows(db, "SELECT status FROM runs WHERE task = ?", (task,))
+        except sqlite3.OperationalError:  # not made yet
+            return None
+        return rows[0]["status"] if rows else None
+
+    alive = cli_run("cli job tag=alive sleep=8")
+    killed = cli_run("cli job tag=killed sleep=60")
+    server = None
+    try:
+        for task in ("cli job tag=alive sleep=8", "cli job tag=killed sleep=60"):
+            wait_for(lambda: status_of(task) == "running", 30, what=f"{task} to be running")
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        server = start_serve(llm, db, tmp_path / "serve.log", AUTOCODE_SANDBOX_UID_BASE=str(UID_BASE + 32))
+        server.wait_ready()
+        assert status_of("cli job tag=killed sleep=60") == "interrupted"
+        assert status_of("cli job tag=alive sleep=8") == "running"
+        out, err = alive.communicate(timeout=60)
+        assert alive.returncode == 0 and out.strip() == "tag alive", err
+        assert status_of("cli job tag=alive sleep=8") == "succeeded"
+    finally:
+        for proc in (alive, killed):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if server is not None:
+            server.close()
 
 
 # ------------------------------------------------------------------------------------------------ sandbox uid ranges
