@@ -20,6 +20,7 @@ from typing import Any
 from agent_core.config import ConfigError, Settings, load_dotenv_file
 from agent_core.sandbox import SandboxUnavailable
 from agent_core.terminal import json_for_terminal, safe_for_terminal
+from storage.db import StorageRefused
 from tools.registry import ToolError
 
 EXIT_OK, EXIT_UNSATISFACTORY, EXIT_CONFIG = 0, 1, 2
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings":
             return _settings(args, settings)
         return _history(args, settings) if args.command == "history" else _show(args, settings)
-    except (ConfigError, ToolError, SandboxUnavailable) as exc:
+    except (ConfigError, ToolError, SandboxUnavailable, StorageRefused) as exc:
         print(f"autocode: {_block(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

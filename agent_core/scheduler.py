@@ -4,7 +4,11 @@ too, see agent_core/budget.py), and recovery of runs a crash left behind.
 
 A run submitted with `hold=True` is stored (and de-duplicated by its delivery id) but `held`: the dispatcher does not
 start it until `release(run_id)` (its files are in the conversation's workspace) or ends it with `fail_held(run_id,
-message)`. agent_core/uploads.py is the one caller of both; a held run found at start-up is interrupted."""
+message)`. agent_core/uploads.py is the one caller of both; a held run found at start-up is interrupted.
+
+Start-up recovery is the database owner's alone (storage/owner.py): `start()` owns the database first (serve owns it
+before building anything, and hands its lock over), so a second scheduler on the same database refuses to start
+instead of interrupting the first one's live runs."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from agent_core.channel_settings import scope_of
 from agent_core.events import RunFinished
 from agent_core.loop import Agent
 from storage.db import DuplicateDelivery
+from storage.owner import DatabaseOwner
+from storage.processes import is_alive_elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +47,11 @@ class Submission:
 class RunScheduler:
     """Owns every run's life after submission. Create it, `await start()`, `submit(...)`, `await stop()`."""
 
-    def __init__(self, agent: Agent):
+    def __init__(self, agent: Agent, owner: DatabaseOwner | None = None):
         self.agent = agent
+        # The database's lock (storage/owner.py): serve's, or taken by `start()` and given up by `stop()`.
+        self.owner = owner
+        self._own_lock = False
         self.storage = agent.storage
         self.settings = agent.settings
         self.accepting = False
@@ -138,14 +147,25 @@ class RunScheduler:
     # --- life cycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Mark runs a crash left `running` as interrupted, then accept and dispatch. Tell their users with
-        `announce_interrupted()` once the adapters are up."""
+        `announce_interrupted()` once the adapters are up. DatabaseBusy (nothing changed) when another process
+        owns the database."""
+        if self.owner is None or not self.owner.held:
+            self.owner = DatabaseOwner.acquire(self.storage.path)
+            self._own_lock = True
         self._unannounced = self._recover()
         self.accepting = True
         self._dispatcher = asyncio.create_task(self._dispatch(), name="autocode-dispatcher")
 
     def _recover(self) -> list[str]:
+        """What a crash left (the owner's alone): runs `running` or `held` are interrupted, and the temporary files
+        of uploads it cut off removed."""
+        from agent_core.uploads import remove_leftovers
+
+        remove_leftovers(self.storage)
         interrupted = []
         for run in self.storage.runs_with_status("running"):
+            if is_alive_elsewhere(run.get("runner")):  # e.g. `autocode run` beside this serve: still running
+                continue
             self._interrupt(run["id"])
             log.warning("run %s was interrupted by a restart", run["id"])
             interrupted.append(run["id"])
@@ -190,6 +210,9 @@ class RunScheduler:
             self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE)
             self._unannounced.append(run["id"])
         await self.announce_interrupted()  # the adapters are still up
+        if self._own_lock and self.owner is not None:
+            self.owner.release()
+            self.owner, self._own_lock = None, False
 
     def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> None:
         run = self.storage.get_run(run_id) or {}

@@ -31,6 +31,7 @@ from agent_core.channel_settings import EffectiveSettings, SettingError, run_set
 from agent_core.pricing import month_bounds, prices_for, spend
 from agent_core.scheduler import RunScheduler
 from bots import Runtime, build_adapters
+from storage.owner import DatabaseOwner
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -105,8 +106,14 @@ class Server:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.agent = build_agent(settings)
-        self.scheduler = RunScheduler(self.agent)
+        # Before anything touches the database: one serve per database (storage/owner.py), DatabaseBusy otherwise.
+        self.owner = DatabaseOwner.acquire(settings.db_path)
+        try:
+            self.agent = build_agent(settings)
+        except BaseException:
+            self.owner.release()
+            raise
+        self.scheduler = RunScheduler(self.agent, self.owner)
         self.runtime = Runtime(settings, self.scheduler, self.agent.storage, self.agent.events)
         self.adapters = build_adapters(self.runtime)
         for adapter in self.adapters:
@@ -140,6 +147,7 @@ class Server:
             await self.agent.executor.stop()
             await self.agent.llm.close()
             self.agent.storage.close()
+            self.owner.release()
 
     async def log_llm_check(self) -> None:
         """Log what the LLM endpoint answers (agent_core.llm_probe: reachability, latency, the model, the

@@ -23,6 +23,9 @@ the run is failed, then the CancelledError goes on). `receiver.failure` says wha
 restart finds is interrupted and its user told, like a running one.
 
 Each file is streamed to a private temporary file (0600, in a 0700 directory removed on exit), never whole in memory.
+Those directories live under `<db>.uploads/` beside the database (`upload_root`), the server's own: a serve killed
+while receiving leaves its directory there, and the next serve (the database's owner, storage/owner.py) removes
+every one at start (`remove_leftovers`, from the scheduler's restart recovery, which interrupts their held runs).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator
@@ -39,6 +43,29 @@ from agent_core.inputs import InputRefused
 from agent_core.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+
+def upload_root(storage: Any) -> Path:
+    """Where uploads being received are kept: `<db>.uploads/` beside the database."""
+    return storage.path.with_name(storage.path.name + ".uploads")
+
+
+def remove_leftovers(storage: Any) -> int:
+    """Remove what uploads cut off by a crash left in `upload_root` (only the owner of the database calls this,
+    at start, when no upload of its own is under way); returns how many directories were removed."""
+    root = upload_root(storage)
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        if entry.name.startswith("receiving-"):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.warning("removed %d upload directories a previous server left in %s", removed, root)
+    return removed
 
 
 class DownloadFailed(InputRefused):
@@ -92,7 +119,9 @@ async def receiving(scheduler: Any, run_id: str) -> AsyncIterator[Receiver]:
     run = storage.get_run(run_id)
     if run is None or run["status"] != "held":
         raise ValueError(f"run {run_id} is not held (submit it with hold=True; a duplicate has its own files)")
-    with tempfile.TemporaryDirectory(prefix="autocode-upload-") as directory:  # 0700
+    root = upload_root(storage)
+    root.mkdir(mode=0o700, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"receiving-{run_id}-", dir=root) as directory:  # 0700
         receiver = Receiver(Path(directory), settings.input_max_mb, settings.input_max_files)
         try:
             yield receiver

@@ -1,4 +1,12 @@
-"""SQLite persistence for conversations, messages, runs, steps, evaluations, LLM calls and run events."""
+"""SQLite persistence for conversations, messages, runs, steps, evaluations, LLM calls and run events.
+
+The schema has a version (`PRAGMA user_version`, SCHEMA_VERSION). Opening a database brings it up to date in one
+transaction: the tables and columns `_TABLES` declares are created where missing (so a table or column added there
+needs nothing more), then the numbered `_MIGRATIONS` above the stored version run in order (data changes, such as
+numbering the runs of releases before `seq`), then the version is stored. A database of a newer version than this
+release knows is refused (DatabaseTooNew) before anything is written to it: an older release must not write into a
+schema it does not know. Releases before versioning left 0.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,19 @@ import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import sqlite_utils
+
+from storage.processes import current_identity
+
+
+class StorageRefused(Exception):
+    """The database cannot be used by this process; the message is the sentence for the operator."""
+
+
+class DatabaseTooNew(StorageRefused):
+    """The database was written by a newer release (its schema version is above SCHEMA_VERSION)."""
 
 
 class DuplicateDelivery(Exception):
@@ -50,6 +68,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "inputs_recorded_at": str,
             # Numbers of the answer found in no step output nor the task (agent_core/answer_check.py), JSON.
             "unsupported_json": str,
+            # The process that set it running (storage/processes.py): restart recovery spares a live one's runs.
+            "runner": str,
         },
         "id",
         ["conversation", "status", "user", "scope"],
@@ -136,6 +156,40 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
 }
 
 
+def _number_runs(db: sqlite_utils.Database) -> None:
+    """Runs of releases before `seq` have none, and run numbers (`run_number`) counted only the others: number
+    every run by creation, those without a `seq` keeping their place among the others."""
+    ordered = [row[0] for row in db.execute(
+        "SELECT rowid FROM runs ORDER BY created_at, COALESCE(seq, 0), rowid").fetchall()]
+    if db.execute("SELECT 1 FROM runs WHERE seq IS NULL LIMIT 1").fetchone():
+        db.conn.executemany("UPDATE runs SET seq = ? WHERE rowid = ?",
+                            [(number, rowid) for number, rowid in enumerate(ordered, 1)])
+
+
+def _declared(db: sqlite_utils.Database) -> None:
+    """A version whose change is all in `_TABLES` (new tables or columns): nothing more to do."""
+
+
+# Data migrations by the version they bring a database to, applied in order after `_TABLES` (so every declared table
+# and column exists when they run). Every change of the schema takes the next number, a table or column added to
+# `_TABLES` too (with `_declared`): the version is what lets a release refuse a database newer than itself.
+_MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _number_runs,
+    2: _declared,  # runs.runner
+    3: _declared,  # runs.unsupported_json, llm_calls.finish_reason (issue 20)
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
+
+def schema_version(path: str | Path) -> int:
+    """The schema version stored in the database at `path` (read only)."""
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
 class Storage:
     """One SQLite file (WAL mode). Safe to share between threads of one process."""
 
@@ -144,14 +198,45 @@ class Storage:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists()
+        if not fresh:
+            self._refuse_if_newer(schema_version(self.path))  # before anything writes to it (WAL included)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         if fresh:
             os.chmod(self.path, 0o600)  # the DB holds conversations: keep it private to the server user
         self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.RLock()
-        self._create_schema()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _refuse_if_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise DatabaseTooNew(
+                f"the database {self.path} was written by a newer AutoCode (schema version {version}; this release "
+                f"knows up to {SCHEMA_VERSION}); it was left unchanged: run the newer release, or point AUTOCODE_DB "
+                "at another database")
+
+    def _migrate(self) -> None:
+        """Bring the schema up to SCHEMA_VERSION (see the module docstring), all or nothing."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time; the others then find it done
+            try:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                self._refuse_if_newer(version)
+                self._create_schema()
+                for number in range(version + 1, SCHEMA_VERSION + 1):
+                    _MIGRATIONS[number](self.db)
+                if version != SCHEMA_VERSION:
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
 
     def _create_schema(self) -> None:
         with self._lock:
@@ -330,6 +415,7 @@ class Storage:
                     "id": run_id, "conversation": conversation, "task": task, "status": status, "iterations": 0,
                     "created_at": stamp, "started_at": stamp if status == "running" else None, "user": user,
                     "adapter": adapter, "delivery_id": delivery_id, "seq": seq,
+                    "runner": current_identity() if status == "running" else None,
                     "reply_to_json": json.dumps(reply_to) if reply_to is not None else None,
                     "view_token": secrets.token_urlsafe(24),  # 192 bits
                 })
@@ -418,6 +504,8 @@ class Storage:
         """Change a run's columns. A run set to `running` also records the files it starts with (run_inputs)."""
         if "plan" in changes:
             changes["plan_json"] = json.dumps(changes.pop("plan"))
+        if changes.get("status") == "running":
+            changes["runner"] = current_identity()
         self._update("runs", run_id, changes)
         if changes.get("status") == "running":
             self._record_run_inputs(run_id)

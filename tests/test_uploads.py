@@ -249,9 +249,10 @@ async def test_a_run_held_when_serve_dies_is_interrupted_at_restart_and_its_user
     receiving = uploads.receiving(sched, submission.run_id)
     receiver = await receiving.__aenter__()
     await receiver.add("part.csv", _chunks(b"a,b\n" * 100))
-    # serve is killed here: nothing ends the held run, nothing releases it.
+    # serve is killed here: nothing ends the held run, nothing releases it; the kernel drops its database lock.
     sched.accepting = False
     sched._dispatcher.cancel()
+    sched.owner.release()
 
     restarted = RunScheduler(make_agent(sandbox_warm=0, sandbox_uid_base=next_uid_base()))
     told: list[dict] = []

@@ -4,8 +4,10 @@ Without namespaces nothing ties a step's daemons (setsid, double fork, SIGHUP ig
 of the server leaves them running. The executor therefore starts this small process next to its workers, holding
 the write end of a pipe on its stdin. The guardian blocks reading it; end of file means the executor is gone. If it
 died (however: `kill -9` included) rather than stopped in order (`stop()` writes STOPPED first, having closed its
-workers itself, and another executor may already use the same uids), the guardian kills every process of the
-executor's run uids, removes the System V IPC objects they own and the run directories they own, and exits.
+workers itself), the guardian kills every process of the executor's run uids, removes the System V IPC objects they
+own and the run directories they own, and exits. Those uids are the executor's alone: it claimed them machine-wide
+(uids.py) and the guardian inherits the claim's lock files, so no other process can take them before the sweep ends
+and the sweep never reaches another process's steps.
 
 Run as `python -I -S -B guardian.py UID_BASE COUNT RUNS_DIR`; it imports only the standard library, and the server
 imports `kill_uid` and `remove_ipc_of` from here for its own per-run cleanup.

@@ -35,6 +35,7 @@ from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher
 from agent_core.sandbox.guardian import STOPPED as GUARDIAN_STOPPED, remove_ipc_of
 from agent_core.sandbox.messages import ProtocolError, read_message
 from agent_core.sandbox.steplog import LOG_DRAIN_TIMEOUT_S, StepLog, drain_logs
+from agent_core.sandbox.uids import UidClaim, claim_range
 
 if TYPE_CHECKING:
     from agent_core.config import Settings
@@ -74,23 +75,58 @@ def cpu_seconds(limits: Limits) -> int:
 
 
 class UidPool:
-    """One uid per live worker, so RLIMIT_NPROC and kill(-1) are per run. None when not root."""
+    """One uid per live worker, so RLIMIT_NPROC and kill(-1) are per run. None when not root.
+
+    The uids are claimed machine-wide (uids.py) when first needed: the first `count` free consecutive uids from
+    `base`, so no other process's guardian or worker close can touch this pool's steps. `base` is then the claimed
+    range's first uid. `release()` gives the claim up once every uid taken is given back."""
 
     def __init__(self, base: int, count: int):
         self.base, self.count = base, count
-        self.free = list(range(base, base + count)) if os.geteuid() == 0 else []
         self.enabled = os.geteuid() == 0
+        self.claim: UidClaim | None = None
+        self.free: list[int] = []
+        self._out = 0  # uids taken and not given back
+        self._releasing = False
+
+    def ensure_claimed(self) -> bool:
+        """Claim the range if it is not claimed yet; True when this call claimed it (its uids may hold leftovers
+        of a process that died with the same range: the caller ends them). SandboxUnavailable when none is free."""
+        if not self.enabled or self.claim is not None:
+            return False
+        self.claim = claim_range(self.base, self.count)
+        self.base = self.claim.first
+        self.free = list(self.claim.uids)
+        self._releasing = False
+        return True
 
     def take(self) -> int | None:
         if not self.enabled:
             return None
+        self.ensure_claimed()
         if not self.free:
             raise SandboxUnavailable("all sandbox uids are in use (raise AUTOCODE_SANDBOX_MAX_WORKERS)")
+        self._out += 1
         return self.free.pop(0)
 
     def give_back(self, uid: int | None) -> None:
         if uid is not None:
+            self._out -= 1
             self.free.append(uid)
+            if self._releasing and not self._out:
+                self._release_now()
+
+    def release(self) -> None:
+        """Give the claim up (now, or when the last uid taken comes back)."""
+        self._releasing = True
+        if not self._out:
+            self._release_now()
+
+    def _release_now(self) -> None:
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            claim.release()
+        self.free = []
 
 
 class Worker:
@@ -520,11 +556,19 @@ class SandboxExecutor:
         )
 
     async def start(self) -> None:
-        """For a long-running server: end leftovers of a previous server (a crash), then pre-start workers."""
-        if self._needs_guardian():
-            # Without pid namespaces, a step's orphans may outlive a killed server: their uids are ours now.
+        """For a long-running server: claim the uid range (ending leftovers of a process that died with it), then
+        pre-start workers."""
+        if await self._claim_uids() and self._needs_guardian():
+            # Without pid namespaces, a step's orphans may outlive a killed server whose guardian died too (a whole
+            # process group killed): the uids are ours now, and so is what still runs under them.
             await asyncio.to_thread(lambda: [(_kill_uid(uid), remove_ipc_of(uid)) for uid in self.uids.free])
         await self._fill()
+
+    async def _claim_uids(self) -> bool:
+        """Claim this executor's uid range (uids.py) if it is not claimed yet; True when this call claimed it."""
+        if self.uids.claim is not None or not self.uids.enabled:
+            return False
+        return await asyncio.to_thread(self.uids.ensure_claimed)
 
     def _needs_guardian(self) -> bool:
         return self.uids.enabled and not isinstance(self.launcher, BwrapLauncher)
@@ -538,8 +582,11 @@ class SandboxExecutor:
         base.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, *WORKER_FLAGS, str(RUNTIME_DIR / "guardian.py"),
                    str(self.uids.base), str(self.uids.count), str(base)]
+        # It holds the uid claim too (its lock files' descriptors): the range stays ours until it has swept it.
+        claim_fds = self.uids.claim.fds if self.uids.claim is not None else []
         self._guardian = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                          pass_fds=claim_fds)
 
     async def _fill(self) -> None:
         while len(self._idle) < self.warm:
@@ -547,6 +594,7 @@ class SandboxExecutor:
             self._idle.append(worker)
 
     async def _new_worker(self) -> Worker:
+        await self._claim_uids()
         self._start_guardian()
         worker = Worker(self, self.uids.take())
         try:
@@ -586,6 +634,7 @@ class SandboxExecutor:
                 await asyncio.to_thread(guardian.wait, 10)
             except subprocess.TimeoutExpired:
                 guardian.kill()
+        self.uids.release()  # other processes may take our uids once no run of ours holds one
 
     def describe(self) -> dict[str, Any]:
         """Known after a worker started (`autocode doctor` starts one): Landlock and seccomp as really applied."""
