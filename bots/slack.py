@@ -314,17 +314,23 @@ class SlackAdapter:
                 log.info("slack: connected to team %s as %s", identity.get("team_id"), identity.get("user_id"))
             except Exception as exc:
                 log.error("slack: auth.test failed (%s); check SLACK_BOT_TOKEN and SLACK_API_URL", _short(exc))
-        if self.socket_mode:
-            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+        if self.socket_mode:  # connected in the background: never holds serve up (bots/slack_socket.py)
+            from bots.slack_socket import SocketModeSupervisor
 
-            self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token)
-            await self._socket.connect_async()
-            log.info("slack: Socket Mode connected")
+            self._socket = SocketModeSupervisor(self.app, self.settings.slack_app_token or "")
+            await self._socket.start()
         self._ready.set()
+
+    @property
+    def status(self) -> str:
+        """"up", "connecting" (Socket Mode not connected yet, retrying in the background) or "off" (Slack rejected
+        SLACK_APP_TOKEN): what serve's start-up line says of this adapter."""
+        state = self._socket.status if self._socket is not None else "connected"
+        return {"connected": "up", "off": "off"}.get(state, "connecting")
 
     async def stop(self) -> None:
         if self._socket is not None:
-            await self._socket.close_async()
+            await self._socket.stop()
         pending = [t for t in self._tasks if not t.done()]
         if pending:  # let in-flight posts finish briefly; the rest is restartable from reply_to
             await asyncio.wait(pending, timeout=5)

@@ -279,15 +279,24 @@ class TelegramAdapter:
             self._retrying = asyncio.create_task(self._keep_connecting(), name="telegram-connect")
 
     async def _keep_connecting(self) -> None:
+        said = ""  # one line per change of what goes wrong, not one per attempt
         while True:
             await asyncio.sleep(CONNECT_RETRY_S)
             try:
                 await self._connect()
                 return
             except _CannotConnect as exc:
-                log.warning("%s", exc)
+                log.log(logging.DEBUG if str(exc) == said else logging.WARNING, "%s", exc)
+                said = str(exc)
                 if not exc.retry:
                     return
+
+    @property
+    def status(self) -> str:
+        """"up", "connecting" (the Bot API unreachable, retried in the background) or "off" (token rejected)."""
+        if self._ready.is_set():
+            return "up"
+        return "connecting" if self._retrying is not None and not self._retrying.done() else "off"
 
     async def _connect(self) -> None:
         try:

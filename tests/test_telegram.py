@@ -832,6 +832,25 @@ def test_an_unreachable_bot_api_does_not_take_the_server_down(llm, tmp_path):
         server.close()
 
 
+def test_a_rejected_bot_token_is_one_line_and_the_rest_serves(llm, tmp_path):
+    """Telegram answers 401 to the token: one line says so, Telegram is off (not named as up), the rest serves."""
+    with FakeTelegram("999999:ANOTHER-bot-token", BOT) as fake:
+        server = Serve(telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 896),
+                       tmp_path / "serve.log", tmp_path)
+        try:
+            assert server.wait_ready(timeout=60)["status"] == "ok"
+            run_id = server.submit_ok("job tag=UP")
+            assert server.wait_status(run_id)["status"] == "succeeded"
+            wait_for(lambda: "autocode serve ready" in server.log_tail(10**6), 10, what="the ready line")
+        finally:
+            server.close()
+    log = server.log_tail(10**6)
+    assert log.count("Telegram rejected TELEGRAM_BOT_TOKEN") == 1 and "retrying" not in log
+    ready = [line for line in log.splitlines() if "autocode serve ready" in line][0]
+    assert "adapters: none; off: telegram" in ready
+    assert "Traceback" not in log and TOKEN not in log
+
+
 # ------------------------------------------------------------------------------------------ files (issue 13)
 CSV = b"region,month,amount\nnorth,2024-01,10\nsouth,2024-01,12\nnorth,2024-02,14\n"
 
