@@ -768,7 +768,8 @@ class SlackAdapter:
         """Post the call with Approve / Deny in the run's thread (its ts kept in reply_to)."""
         route = await self._ensure_progress(view)
         client = await self._client_for(route)
-        blocks = render.approval_blocks(event.run_id, event.number, event.tool, event.arguments,
+        shown = render.approval_call(event.tool, event.call, arguments=event.arguments)
+        blocks = render.approval_blocks(event.run_id, event.number, event.tool, shown,
                                         requester=route.get("user", ""), timeout_s=event.timeout_s)
         response = await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
                                                  blocks=blocks, text=render.fallback_text(blocks))
@@ -786,7 +787,8 @@ class SlackAdapter:
         if not ts:
             return
         client = await self._client_for(route)
-        blocks = render.approval_blocks(event.run_id, event.number, event.tool, asked.arguments,
+        blocks = render.approval_blocks(event.run_id, event.number, event.tool,
+                                        render.approval_call(asked.tool, asked.call, arguments=asked.arguments),
                                         decision=event.decision, by=event.by, timeout_s=asked.timeout_s)
         await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks, text=render.fallback_text(blocks))
 
@@ -797,8 +799,10 @@ class SlackAdapter:
             ts = route.get(f"approval_{approval['number']}_ts")
             if not ts or approval["status"] != "interrupted":
                 continue
-            blocks = render.approval_blocks(run_id, approval["number"], approval["tool"] or "",
-                                            approval.get("arguments") or "", decision="interrupted")
+            shown = render.approval_call(approval["tool"] or "", None, approval.get("call_json"),
+                                         approval.get("arguments") or "")
+            blocks = render.approval_blocks(run_id, approval["number"], approval["tool"] or "", shown,
+                                            decision="interrupted")
             try:
                 await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks,
                                          text=render.fallback_text(blocks))

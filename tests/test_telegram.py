@@ -83,8 +83,8 @@ def scripted_llm() -> ScriptedLLM:
             found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
             return {"json": verdict("Read: " + (found.group(1) if found else "nothing"))}
         if kind == "plan" and "email" in task.split():
-            from tests.test_approvals import SEND
-            return {"json": plan(SEND)}
+            from tests.test_approvals import ATTACK, SEND
+            return {"json": plan(ATTACK if "attack" in task.split() else SEND)}
         if kind == "evaluation" and "email" in task.split():
             found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
             return {"json": verdict("Result: " + (found.group(1) if found else "none"))}
@@ -1147,6 +1147,25 @@ def test_approvals_with_an_inline_keyboard(llm, tmp_path):
         assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
                                              (run["id"],))] == ["cancelled"]
         assert len(_sent(sent)) == 1
+
+
+def test_the_approval_shows_the_last_argument_after_a_long_first_one(llm, tmp_path):
+    from tests.test_approvals import _sent, shows_the_whole_shape
+
+    with mail_bot(llm, tmp_path, UID_BASE + 960) as (fake, server):
+        chat, user = private(fake, 7420)
+        update = ask(fake, chat, user, "email the team attack")
+        message = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7420
+                             and "approve:" in json.dumps(c.params.get("reply_markup")), "the approval message",
+                             server)[0]
+        shown = visible_text(message)
+        assert len(shown) <= 4096
+        shows_the_whole_shape(shown)
+        data = [b["callback_data"] for row in message.params["reply_markup"]["inline_keyboard"] for b in row
+                if b["callback_data"].startswith("deny:")][0]
+        fake.queue(fake.update(callback_query=fake.callback(user, message.result, data)))
+        assert finished_run(server, fake, update)["status"] == "succeeded"
+        assert _sent(tmp_path / "sent.jsonl") == []
 
 
 def test_an_approval_nobody_decides_in_time_is_denied_in_telegram(llm, tmp_path):
