@@ -109,7 +109,7 @@ class SocketModeSupervisor:
     `status` is "starting", "connected", "retrying" (not connected; the next attempt is scheduled), "off" (the token
     was rejected) or "stopped"."""
 
-    FIRST_WAIT_S = 5.0  # start() returns after the first attempt, or after this long
+    FIRST_WAIT_S = 3.0  # start() returns after the first attempt, or after this long (serve allows an adapter 5 s)
     ATTEMPT_S = 30.0  # one attempt (apps.connections.open, then the handshake) at most
     BACKOFF_S = (1.0, 60.0)  # first retry after 1 s, doubling up to 60 s
     CHECK_S = 1.0  # how often a connected session is looked at

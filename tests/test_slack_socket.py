@@ -234,3 +234,22 @@ def test_serve_with_socket_mode_connected_names_slack_ready(slack, socket, llm, 
         serve.close()
     log = serve.log_tail(10**6)
     assert "adapters: slack)" in log and log.count("Socket Mode connected") == 2 and "Traceback" not in log
+
+
+def test_sigterm_during_start_up_with_a_hanging_websocket(slack, llm, tmp_path):
+    """SIGTERM while serve's start-up waits on Slack (a websocket handshake nobody answers): serve ends promptly."""
+    import socket as sockets
+
+    listener = sockets.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    slack.socket_url = f"ws://127.0.0.1:{listener.getsockname()[1]}/link"
+    serve = socket_serve(slack, llm, tmp_path, APP_TOKEN)
+    try:
+        wait_for(lambda: "Waiting for application startup" in serve.log_tail(10**6), 30, what="the start-up")
+        wait_for(lambda: slack.socket_opens >= 1, 10, what="the first Socket Mode attempt")
+        stops_promptly(serve, within=12)
+    finally:
+        serve.close()
+        listener.close()
+    assert "Traceback" not in serve.log_tail(10**6)
