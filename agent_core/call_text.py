@@ -150,10 +150,16 @@ def _shares(sizes: list[int], available: int) -> list[int] | None:
 
 def _some(tool: str, parts: list[Part], limit: int, cost: Cost) -> str:
     """As many arguments as fit, each clipped hard, then how many are not shown."""
-    short = [(name, clip_middle(value, 2 * KEEP_CHARS + len(_hidden(len(value))), cost)) for name, value in parts]
-    for count in range(len(short) - 1, -1, -1):
-        more = f"…[{len(parts) - count} more arguments not shown: see the whole call on the run page]"
-        text = whole(tool, short[:count] + [(None, more)])
-        if cost(text) <= limit:
-            return text
-    return f"{tool}(…[{len(parts)} arguments: see the whole call on the run page])"
+    pieces = [_part(name, clip_middle(value, 2 * KEEP_CHARS + len(_hidden(len(value))), cost)) for name, value in parts]
+    used, shown, comma = cost(f"{tool}()"), [], cost(", ")
+    for piece in pieces:
+        more = _more(len(parts) - len(shown) - 1)
+        if used + cost(piece) + comma + cost(more) > limit:
+            break
+        shown.append(piece)
+        used += cost(piece) + comma
+    return f"{tool}({', '.join([*shown, _more(len(parts) - len(shown))])})"
+
+
+def _more(count: int) -> str:
+    return f"…[{count} more arguments not shown: see the whole call on the run page]"
