@@ -24,8 +24,6 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
-
 import aiohttp
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
@@ -86,7 +84,7 @@ class _OneAttemptClient(SocketModeClient):
 class _Handler(AsyncSocketModeHandler):
     """Bolt's Socket Mode handler (its `handle` runs the app for each envelope and acks it) on our client."""
 
-    def __init__(self, app: AsyncApp, client: SocketModeClient):  # noqa: super().__init__ would build its own client
+    def __init__(self, app: AsyncApp, client: SocketModeClient):  # not super().__init__: it builds its own client
         self.app, self.app_token, self.client = app, client.app_token, client
         client.socket_mode_request_listeners.append(self.handle)
 
@@ -106,8 +104,8 @@ def _reason(exc: BaseException) -> str:
 class SocketModeSupervisor:
     """One Slack app's Socket Mode connection, kept up in the background (see the module docstring).
 
-    `status` is "starting", "connected", "retrying" (not connected; the next attempt is scheduled), "off" (the token
-    was rejected) or "stopped"."""
+    `status` is "starting", "connected", "reconnecting" (the connection was just lost), "retrying" (not connected;
+    the next attempt is scheduled), "off" (the token was rejected) or "stopped"."""
 
     FIRST_WAIT_S = 3.0  # start() returns after the first attempt, or after this long (serve allows an adapter 5 s)
     ATTEMPT_S = 30.0  # one attempt (apps.connections.open, then the handshake) at most
@@ -187,8 +185,10 @@ class SocketModeSupervisor:
                 delay = min(delay * 2, self.BACKOFF_S[1])
                 continue
             if self.status != "connected":
-                if was_connected or failing_since:
+                if was_connected:
                     log.info("slack: Socket Mode connected again (after %.0f s)", time.monotonic() - failing_since)
+                elif failing_since:
+                    log.info("slack: Socket Mode connected (after %.0f s of retrying)", time.monotonic() - failing_since)
                 else:
                     log.info("slack: Socket Mode connected")
             self.status, was_connected, delay, failing_since = "connected", True, self.BACKOFF_S[0], 0.0
@@ -207,6 +207,3 @@ class SocketModeSupervisor:
             async with client.connect_operation_lock:  # an SDK refresh under way: wait for its outcome
                 if not await client.is_connected():
                     return
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": "socket", "status": self.status}

@@ -130,7 +130,10 @@ async def test_an_unreachable_endpoint_is_retried_quietly_with_backoff(slack, so
     assert len(cannot) == 2 and all(r.levelno == logging.WARNING for r in cannot), [r.getMessage() for r in cannot]
     assert "ConnectionRefused" in cannot[0].getMessage() or "Cannot connect" in cannot[0].getMessage()
     assert "HTTP 503" in cannot[1].getMessage()
-    assert len(lines(caplog, "connected again")) == 1 and len(lines(caplog, "connection lost")) == 1
+    (connected,) = lines(caplog, "Socket Mode connected")
+    message = connected.getMessage()
+    assert message.startswith("slack: Socket Mode connected (after ") and "of retrying" in message
+    assert len(lines(caplog, "connection lost")) == 1 and not lines(caplog, "connected again")
     assert not [r for r in caplog.records if r.exc_info and r.levelno > logging.DEBUG]
 
 
