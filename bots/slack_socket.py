@@ -188,7 +188,8 @@ class SocketModeSupervisor:
                 if was_connected:
                     log.info("slack: Socket Mode connected again (after %.0f s)", time.monotonic() - failing_since)
                 elif failing_since:
-                    log.info("slack: Socket Mode connected (after %.0f s of retrying)", time.monotonic() - failing_since)
+                    log.info("slack: Socket Mode connected (after %.0f s of retrying)",
+                             time.monotonic() - failing_since)
                 else:
                     log.info("slack: Socket Mode connected")
             self.status, was_connected, delay, failing_since = "connected", True, self.BACKOFF_S[0], 0.0
