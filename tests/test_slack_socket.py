@@ -96,12 +96,19 @@ async def test_connects_handles_envelopes_and_comes_back_after_a_drop(slack, soc
         await until(lambda: socket.connections == 2 and supervisor.status == "connected", "a reconnect")
         socket.push(mention_envelope("E2", "again"))
         await until(lambda: "E2" in socket.acks() and seen == ["hello", "again"], "the second envelope")
+        # Slack's routine refresh: the SDK itself moves to a fresh URL; nothing was lost, nothing is logged.
+        socket.push({"type": "disconnect", "reason": "refresh_requested", "debug_info": {"host": "fake"}})
+        await until(lambda: socket.connections == 3 and socket.open_connections == 1, "the refreshed connection")
+        await asyncio.sleep(0.5)
+        assert supervisor.status == "connected"
+        socket.push(mention_envelope("E3", "after the refresh"))
+        await until(lambda: "E3" in socket.acks(), "an envelope on the refreshed connection")
     finally:
         await supervisor.stop()
     assert len(lines(caplog, "Socket Mode connected")) == 2  # connected, connected again
     assert len(lines(caplog, "connected again")) == 1
     assert len(lines(caplog, "connection lost")) == 1
-    assert slack.socket_opens == 2  # a fresh URL for each connection
+    assert slack.socket_opens == 3  # a fresh URL for each connection
 
 
 async def test_an_unreachable_endpoint_is_retried_quietly_with_backoff(slack, socket, caplog):
