@@ -3,9 +3,12 @@
 The seed's own example of a trusted tool is `send_email`; a code agent must not send mail because generated code
 decided to. When a step calls such a tool, the tool host (tools/host.py) asks `Approvals.ask`, which
 
-- stores a pending approval (table `approvals`: the run, its number in the run, the tool, the call's arguments as
-  clipped text) and emits ApprovalRequested, which each adapter renders to the requester: Slack buttons, a Telegram
-  inline keyboard, a y/N prompt in `autocode chat`/`run`; the API answers `POST /api/runs/{id}/approvals/{n}`;
+- stores a pending approval (table `approvals`: the run, its number in the run, the tool, the whole call as text
+  and its parts as JSON) and emits ApprovalRequested, which each adapter renders to the requester: Slack buttons,
+  a Telegram inline keyboard, a y/N prompt in `autocode chat`/`run`; the API answers
+  `POST /api/runs/{id}/approvals/{n}`. Each shows the call fitted to its platform's limit by
+  agent_core/call_text.py: every argument named, each long value clipped in its middle, so that a long first
+  argument cannot hide a later `to=` from the person deciding; the run page shows the whole call;
 - stops the step's timeout and gives back its step slot while it waits (agent_core/sandbox/clock.py): a person
   may take minutes, and other runs' steps should not wait for them;
 - resolves with the first decision (`decide`), or denies after AUTOCODE_APPROVAL_TIMEOUT seconds; a cancelled run
@@ -20,18 +23,18 @@ Who may decide is the adapter's business (the requester or an admin: bots/permis
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from agent_core import call_text
 from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent
 from agent_core.sandbox.clock import paused
 from storage.db import Storage
 
 log = logging.getLogger(__name__)
 
-ARGUMENTS_CHARS = 1500  # of the call as shown to the person deciding (and stored)
+ARGUMENTS_CHARS = 2000  # ApprovalRequested.arguments: the call fitted for a generic display (adapters fit `call`)
 DECISIONS = ("approved", "denied")
 
 
@@ -50,13 +53,10 @@ class Decided:
 
 
 def render_call(tool: str, args: list[Any], kwargs: dict[str, Any], limit: int = ARGUMENTS_CHARS) -> str:
-    """The call as a person reads it: `send_email(to='a@b.c', subject='Q3')`, values as JSON, clipped. Untrusted
-    text (generated code chose the values): renderers escape it for their platform."""
-    parts = [json.dumps(a, ensure_ascii=False, default=str) for a in args]
-    parts += [f"{key}={json.dumps(value, ensure_ascii=False, default=str)}" for key, value in kwargs.items()]
-    text = f"{tool}({', '.join(parts)})"
-    text = "".join(ch if ch.isprintable() or ch == "\n" else "?" for ch in text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """The call as a person reads it: `send_email(to="a@b.c", subject="Q3")`, values as JSON, within `limit`:
+    every argument named, each long value clipped in its middle (agent_core/call_text.py). Untrusted text
+    (generated code chose the values): renderers escape it for their platform."""
+    return call_text.fit(tool, call_text.parts_of(args, kwargs), limit)
 
 
 class Approvals:
@@ -71,8 +71,9 @@ class Approvals:
 
     async def ask(self, run_id: str, tool: str, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Wait for the decision on one call; returns when approved, raises ToolDenied otherwise."""
-        arguments = render_call(tool, args, kwargs)
-        number = self.storage.add_approval(run_id, tool, arguments)
+        parts = call_text.parts_of(args, kwargs)
+        arguments = call_text.fit(tool, parts, ARGUMENTS_CHARS)
+        number = self.storage.add_approval(run_id, tool, call_text.whole(tool, parts), call_text.encode(parts))
         future: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
         self._waiting[(run_id, number)] = future
         decision, by = "timeout", ""
@@ -81,7 +82,8 @@ class Approvals:
                 if self.approve_all_as is not None:
                     self.decide(run_id, number, True, self.approve_all_as)
                 else:
-                    await self.emit(ApprovalRequested(run_id, number, tool, arguments, self.timeout_s))
+                    await self.emit(ApprovalRequested(run_id, number, tool, arguments, self.timeout_s,
+                                                      tuple(parts)))
                 try:
                     decision, by = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
                 except TimeoutError:

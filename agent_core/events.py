@@ -134,14 +134,16 @@ class LLMWaitOver:
 @dataclass(frozen=True)
 class ApprovalRequested:
     """A step called a tool declared with `"confirm": True` and waits: the requester (or an admin) decides with
-    Approve / Deny (agent_core/approvals.py). `arguments` is the call rendered as text, clipped; untrusted (the
-    generated code chose it): adapters escape it."""
+    Approve / Deny (agent_core/approvals.py). `arguments` is the call as text, fitted to ARGUMENTS_CHARS; `call` its
+    parts (name or None, value as JSON), which adapters fit to their platform's limit (agent_core/call_text.py).
+    Untrusted (the generated code chose them): adapters escape them."""
 
     run_id: str
     number: int  # 1-based within the run: POST /api/runs/{id}/approvals/{number}
     tool: str
     arguments: str
     timeout_s: float
+    call: tuple[tuple[str | None, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from storage.owner import DatabaseOwner
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+ADAPTER_START_S = 5.0  # serve's start-up waits this long at most for each chat adapter (then it goes on alone)
 
 
 class RequestGauge:
@@ -119,25 +120,30 @@ class Server:
         for adapter in self.adapters:
             self.scheduler.on_interrupted(adapter.name, adapter.notify_interrupted)
         self._llm_check: asyncio.Task[None] | None = None
+        self._starting: list[asyncio.Task] = []  # adapter starts that outlasted ADAPTER_START_S
+        self._failed: set[str] = set()  # adapters whose start raised
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.agent.executor.start()
         await self.scheduler.start()
-        started = []
+        started: list[Any] = []
         try:
             for adapter in self.adapters:
-                await adapter.start()
-                started.append(adapter)
+                started.append(adapter)  # stopped at the end even when its start failed or is still going on
+                await self._start_adapter(adapter)
             await self.scheduler.announce_interrupted()
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
-                     ", ".join(a.name for a in self.adapters) or "none")
+                     self._adapters_line())
             if self.settings.llm_startup_check:  # in the background: readiness never waits for the LLM
                 self._llm_check = asyncio.create_task(self.log_llm_check(), name="llm-startup-check")
             yield
         finally:
             if self._llm_check is not None:
                 self._llm_check.cancel()
+            for task in self._starting:  # an adapter still starting when serve stops
+                task.cancel()
+            await asyncio.gather(*self._starting, return_exceptions=True)
             await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:
@@ -148,6 +154,44 @@ class Server:
             await self.agent.llm.close()
             self.agent.storage.close()
             self.owner.release()
+
+    async def _start_adapter(self, adapter: Any) -> None:
+        """Start one chat adapter without letting it hold serve up: after ADAPTER_START_S its start goes on in the
+        background, and a start that fails leaves that adapter off (one line) while the rest serves. Adapters retry
+        what can be retried themselves (Slack Socket Mode: bots/slack_socket.py; Telegram's Bot API)."""
+        task = asyncio.create_task(adapter.start(), name=f"{adapter.name}-start")
+        done, _ = await asyncio.wait({task}, timeout=ADAPTER_START_S)
+        if not done:
+            log.warning("%s: still starting after %g s; serving meanwhile", adapter.name, ADAPTER_START_S)
+            self._starting.append(task)
+            task.add_done_callback(self._late_start)
+        elif task.exception() is not None:
+            exc = task.exception()
+            log.error("%s: could not start (%s: %s); serving without it", adapter.name, type(exc).__name__, exc,
+                      exc_info=exc)
+            self._failed.add(adapter.name)
+
+    def _late_start(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            name = task.get_name().removesuffix("-start")
+            log.error("%s: could not start (%s); serving without it", name, task.exception())
+            self._failed.add(name)
+
+    def adapter_status(self, adapter: Any) -> str:
+        """"up", "connecting" (retrying or still starting in the background) or "off"."""
+        if adapter.name in self._failed:
+            return "off"
+        if any(t.get_name() == f"{adapter.name}-start" and not t.done() for t in self._starting):
+            return "connecting"
+        return getattr(adapter, "status", "up")
+
+    def _adapters_line(self) -> str:
+        """The adapters for serve's ready line: only those up by name; the others said as what they are."""
+        status = {a.name: self.adapter_status(a) for a in self.adapters}
+        line = ", ".join([n for n, s in status.items() if s == "up"]
+                         + [f"{n} (connecting in the background)" for n, s in status.items() if s == "connecting"])
+        off = [n for n, s in status.items() if s == "off"]
+        return (line or "none") + (f"; off: {', '.join(off)} (see above)" if off else "")
 
     async def log_llm_check(self) -> None:
         """Log what the LLM endpoint answers (agent_core.llm_probe: reachability, latency, the model, the

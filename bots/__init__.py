@@ -59,7 +59,14 @@ class Adapter(Protocol):
         """HTTP routes mounted on `serve`'s app (may be empty, e.g. Socket Mode or long polling)."""
 
     async def start(self) -> None:
-        """Connect (clients, polling, webhook registration). Run events may arrive before this returns."""
+        """Connect (clients, polling, webhook registration). Run events may arrive before this returns. Keep it
+        short and let it not raise for what the platform does (serve waits 5 s at most, then goes on): retry in the
+        background, and say in one line when the platform refuses for good."""
+
+    @property
+    def status(self) -> str:
+        """"up", "connecting" (retrying in the background) or "off" (refused for good): serve's ready line names
+        only the adapters that are up (optional: without it an adapter whose start returned counts as up)."""
 
     async def stop(self) -> None: ...
 

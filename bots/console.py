@@ -11,12 +11,15 @@ import sys
 import threading
 from typing import TextIO
 
+from agent_core import call_text
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
     RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.loop import Agent
 from agent_core.terminal import safe_for_terminal
+
+CALL_CHARS = 4000  # a call waiting for approval, as the terminal shows it
 
 
 class ConsoleRenderer:
@@ -58,8 +61,10 @@ class ConsoleRenderer:
                 return f"· repair from {name}{kept}"
             case LLMWaiting() | LLMWaitOver():
                 return f"· {event.describe()}"  # "· waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"
-            case ApprovalRequested(tool=tool, arguments=arguments):
-                return f"· {tool} needs your approval: {arguments}"
+            case ApprovalRequested(tool=tool, arguments=arguments, call=call):
+                # every argument named, each long value clipped in its middle (agent_core/call_text.py)
+                shown = call_text.fit(tool, list(call), CALL_CHARS) if call else arguments
+                return f"· {tool} needs your approval: {shown}"
             case ApprovalDecided(tool=tool, decision="timeout"):
                 return f"· {tool}: no answer in time: denied"
             case ApprovalDecided(tool=tool, decision=decision, by=by):

@@ -18,6 +18,7 @@ from typing import Any
 
 import logging
 
+from agent_core import call_text
 from agent_core.channel_settings import run_settings
 from agent_core.config import ConfigError, Settings
 from agent_core.pricing import PriceTable, prices_for, spend
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # A document bigger than this is cut (labelled) at the end: the run page and `autocode show` keep the whole run.
 DOCUMENT_MAX_CHARS = 2_000_000
+LOG_CALL_CHARS = 2000  # an approved or denied call in the log: every argument named, long values clipped in the middle
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,9 @@ def _with_document(log: RunLog, run: dict[str, Any], steps: list[dict[str, Any]]
             who = f" by {approval['decided_by']}" if approval.get("decided_by") else ""
             out += ["", f"- #{approval['number']} {approval.get('tool') or ''}: {approval.get('status')}{who} "
                         f"({approval.get('decided_at') or 'waiting'})",
-                    f"  arguments: {_one_line(str(approval.get('arguments') or ''))[:2000]}"]
+                    "  arguments: " + _one_line(call_text.fit_stored(
+                        approval.get("tool") or "", approval.get("call_json"), str(approval.get("arguments") or ""),
+                        LOG_CALL_CHARS))]
     document = "\n".join(out) + "\n"
     if len(document) > DOCUMENT_MAX_CHARS:
         document = document[:DOCUMENT_MAX_CHARS] + "\n\n… (cut here: the run page and `autocode show` have all)\n"

@@ -314,17 +314,23 @@ class SlackAdapter:
                 log.info("slack: connected to team %s as %s", identity.get("team_id"), identity.get("user_id"))
             except Exception as exc:
                 log.error("slack: auth.test failed (%s); check SLACK_BOT_TOKEN and SLACK_API_URL", _short(exc))
-        if self.socket_mode:
-            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+        if self.socket_mode:  # connected in the background: never holds serve up (bots/slack_socket.py)
+            from bots.slack_socket import SocketModeSupervisor
 
-            self._socket = AsyncSocketModeHandler(self.app, self.settings.slack_app_token)
-            await self._socket.connect_async()
-            log.info("slack: Socket Mode connected")
+            self._socket = SocketModeSupervisor(self.app, self.settings.slack_app_token or "")
+            await self._socket.start()
         self._ready.set()
+
+    @property
+    def status(self) -> str:
+        """"up", "connecting" (Socket Mode not connected yet, retrying in the background) or "off" (Slack rejected
+        SLACK_APP_TOKEN): what serve's start-up line says of this adapter."""
+        state = self._socket.status if self._socket is not None else "connected"
+        return {"connected": "up", "off": "off"}.get(state, "connecting")
 
     async def stop(self) -> None:
         if self._socket is not None:
-            await self._socket.close_async()
+            await self._socket.stop()
         pending = [t for t in self._tasks if not t.done()]
         if pending:  # let in-flight posts finish briefly; the rest is restartable from reply_to
             await asyncio.wait(pending, timeout=5)
@@ -762,7 +768,8 @@ class SlackAdapter:
         """Post the call with Approve / Deny in the run's thread (its ts kept in reply_to)."""
         route = await self._ensure_progress(view)
         client = await self._client_for(route)
-        blocks = render.approval_blocks(event.run_id, event.number, event.tool, event.arguments,
+        shown = render.approval_call(event.tool, event.call, arguments=event.arguments)
+        blocks = render.approval_blocks(event.run_id, event.number, event.tool, shown,
                                         requester=route.get("user", ""), timeout_s=event.timeout_s)
         response = await client.chat_postMessage(channel=route["channel"], thread_ts=route.get("thread_ts"),
                                                  blocks=blocks, text=render.fallback_text(blocks))
@@ -780,7 +787,8 @@ class SlackAdapter:
         if not ts:
             return
         client = await self._client_for(route)
-        blocks = render.approval_blocks(event.run_id, event.number, event.tool, asked.arguments,
+        blocks = render.approval_blocks(event.run_id, event.number, event.tool,
+                                        render.approval_call(asked.tool, asked.call, arguments=asked.arguments),
                                         decision=event.decision, by=event.by, timeout_s=asked.timeout_s)
         await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks, text=render.fallback_text(blocks))
 
@@ -791,8 +799,10 @@ class SlackAdapter:
             ts = route.get(f"approval_{approval['number']}_ts")
             if not ts or approval["status"] != "interrupted":
                 continue
-            blocks = render.approval_blocks(run_id, approval["number"], approval["tool"] or "",
-                                            approval.get("arguments") or "", decision="interrupted")
+            shown = render.approval_call(approval["tool"] or "", None, approval.get("call_json"),
+                                         approval.get("arguments") or "")
+            blocks = render.approval_blocks(run_id, approval["number"], approval["tool"] or "", shown,
+                                            decision="interrupted")
             try:
                 await client.chat_update(channel=route["channel"], ts=ts, blocks=blocks,
                                          text=render.fallback_text(blocks))

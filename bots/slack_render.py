@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent_core import call_text
+
 SECTION_CHARS = 3000  # Block Kit: section text limit
 MAX_BLOCKS = 50  # Block Kit: blocks per message
 MESSAGE_CHARS = 11000  # block text per message: well under Slack's practical msg_too_long
@@ -16,7 +18,7 @@ CANCEL_ACTION = "autocode_cancel"
 RERUN_ACTION = "autocode_rerun"
 APPROVE_ACTION = "autocode_approve"  # value: "<run id>:<approval number>"
 DENY_ACTION = "autocode_deny"
-APPROVAL_CALL_CHARS = 2000  # the call as shown in the approval message, escaped, in a code block
+APPROVAL_CALL_CHARS = 2700  # the call in the approval message, escaped, in a code block (the section holds 3,000)
 ACTIVE = ("held", "queued", "running")  # a run not over yet (held: its files are still being received)
 STATUS_ICONS = {"held": ":inbox_tray:", "queued": ":hourglass:", "running": ":hourglass_flowing_sand:",
                 "succeeded": ":white_check_mark:", "failed": ":x:", "cancelled": ":no_entry_sign:",
@@ -243,10 +245,22 @@ def _who(by: str) -> str:
     return escape(by) or "someone"
 
 
+_CALL_COST = call_text.escaped_cost(lambda ch: escape(ch))
+
+
+def approval_call(tool: str, parts: Any, call_json: str | None = None, arguments: str = "") -> str:
+    """The call as the approval message shows it: every argument named, each long value clipped in its middle,
+    within APPROVAL_CALL_CHARS once escaped (agent_core/call_text.py). From the event's parts, or a stored row's."""
+    limit = APPROVAL_CALL_CHARS - len(code_block(""))
+    if parts:
+        return call_text.fit(tool, list(parts), limit, _CALL_COST)
+    return call_text.fit_stored(tool, call_json, arguments, limit, _CALL_COST)
+
+
 def approval_blocks(run_id: str, number: int, tool: str, arguments: str, requester: str = "",
                     decision: str = "", by: str = "", timeout_s: float = 0) -> Blocks:
-    """The call a step waits on (generated code chose the arguments: escaped, in a code block, clipped) with
-    Approve / Deny while pending; after the decision, the same call and who decided, without buttons."""
+    """The call a step waits on (`approval_call`; generated code chose the arguments: escaped, in a code block)
+    with Approve / Deny while pending; after the decision, the same call and who decided, without buttons."""
     asker = f"<@{requester}>, " if requester and not decision else ""
     head = f":raised_hand: {asker}AutoCode wants to run `{escape(clip(tool, 80))}`"
     blocks: Blocks = [section(head + ("" if decision else " — approve?") + "\n"

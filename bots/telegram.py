@@ -55,7 +55,8 @@ from bots import Runtime
 from bots.permissions import may_act_on_run, may_change_settings, refusal_text
 from bots.run_log import log_to_post
 from bots.telegram_render import (
-    SETTINGS_USAGE, AnswerPlan, FilesReceived, Progress, answer_plan, draft_texts, failure_text, html_to_plain,
+    SETTINGS_USAGE, AnswerPlan, FilesReceived, Progress, answer_plan, approval_text, draft_texts, failure_text,
+    html_to_plain,
     log_caption, settings_text,
 )
 
@@ -279,15 +280,24 @@ class TelegramAdapter:
             self._retrying = asyncio.create_task(self._keep_connecting(), name="telegram-connect")
 
     async def _keep_connecting(self) -> None:
+        said = ""  # one line per change of what goes wrong, not one per attempt
         while True:
             await asyncio.sleep(CONNECT_RETRY_S)
             try:
                 await self._connect()
                 return
             except _CannotConnect as exc:
-                log.warning("%s", exc)
+                log.log(logging.DEBUG if str(exc) == said else logging.WARNING, "%s", exc)
+                said = str(exc)
                 if not exc.retry:
                     return
+
+    @property
+    def status(self) -> str:
+        """"up", "connecting" (the Bot API unreachable, retried in the background) or "off" (token rejected)."""
+        if self._ready.is_set():
+            return "up"
+        return "connecting" if self._retrying is not None and not self._retrying.done() else "off"
 
     async def _connect(self) -> None:
         try:
@@ -608,8 +618,7 @@ class TelegramAdapter:
             return
         key = (run["id"], event.number)
         if isinstance(event, ApprovalRequested):
-            text = (f"🔐 <b>{html_escape(event.tool)}</b> needs your approval before it runs:\n"
-                    f"<pre>{html_escape(event.arguments)}</pre>\nNo answer within {event.timeout_s:g} s denies it.")
+            text = approval_text(event.tool, event.call, event.arguments, event.timeout_s)
             markup = InlineKeyboardMarkup([[
                 InlineKeyboardButton("Approve", callback_data=f"approve:{run['id']}:{event.number}"),
                 InlineKeyboardButton("Deny", callback_data=f"deny:{run['id']}:{event.number}")]])

@@ -13,6 +13,7 @@ from typing import Callable
 from agent_core.events import (
     EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
+from agent_core import call_text
 from agent_core.channel_settings import Choices, EffectiveSettings
 from agent_core.pricing import format_usd
 from bots.run_log import RunLog
@@ -265,6 +266,23 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------- the log
+
+def _utf16(text: str) -> int:
+    """Length as Telegram counts it (UTF-16 code units: an emoji may be two)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def approval_text(tool: str, parts: tuple | list, arguments: str, timeout_s: float) -> str:
+    """The approval request (HTML): the call with every argument named and each long value clipped in its middle
+    (agent_core/call_text.py), so that the message stays within MAX_TEXT and a long first argument cannot hide a
+    later one."""
+    head, foot = f"🔐 {tool} needs your approval before it runs:\n", f"\nNo answer within {timeout_s:g} s denies it."
+    room = MAX_TEXT - _utf16(head + foot) - 8
+    shown = (call_text.fit(tool, list(parts), room, _utf16) if parts
+             else call_text.clip_middle(arguments, room, _utf16))
+    return (f"🔐 <b>{html.escape(tool)}</b> needs your approval before it runs:\n<pre>{html.escape(shown)}</pre>"
+            + html.escape(foot))
+
 
 _STEP_MARKS = {"ok": "✅", "failed": "❌", "timeout": "⌛", "cancelled": "🚫"}
 _APPROVAL_MARKS = {"approved": "✅", "denied": "🚫", "timeout": "⌛", "pending": "🔐"}

@@ -146,10 +146,11 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "scope",
         [],
     ),
-    # Calls of `confirm` tools and who decided them (agent_core/approvals.py).
+    # Calls of `confirm` tools and who decided them (agent_core/approvals.py): `arguments` the whole call as text,
+    # `call_json` its parts (agent_core/call_text.py), from which each platform fits what it shows.
     "approvals": (
         {"id": int, "run_id": str, "number": int, "tool": str, "arguments": str, "status": str,
-         "requested_at": str, "decided_by": str, "decided_at": str},
+         "requested_at": str, "decided_by": str, "decided_at": str, "call_json": str},
         "id",
         ["run_id"],
     ),
@@ -177,6 +178,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _number_runs,
     2: _declared,  # runs.runner
     3: _declared,  # runs.unsupported_json, llm_calls.finish_reason (issue 20)
+    4: _declared,  # approvals.call_json (issue 21: the whole call an approver decides)
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -341,13 +343,14 @@ class Storage:
                                      [(key, text, now()) for key, text in previews.items()])
 
     # approvals of `confirm` tool calls (agent_core/approvals.py)
-    def add_approval(self, run_id: str, tool: str, arguments: str) -> int:
+    def add_approval(self, run_id: str, tool: str, arguments: str, call_json: str | None = None) -> int:
         """A pending approval; returns its number within the run (1, 2, …)."""
         with self._lock, self.db.conn:
             number = self.db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM approvals WHERE run_id = ?",
                                      (run_id,)).fetchone()[0]
             self.db.table("approvals").insert({"run_id": run_id, "number": number, "tool": tool,
-                                               "arguments": arguments, "status": "pending", "requested_at": now()})
+                                               "arguments": arguments, "call_json": call_json,
+                                               "status": "pending", "requested_at": now()})
         return number
 
     def decide_approval(self, run_id: str, number: int, status: str, by: str = "") -> bool:

