@@ -12,7 +12,7 @@ import threading
 from typing import TextIO
 
 from agent_core.events import (
-    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, WorkerWaiting, PlanReady, RepairPlanned, RunEvent,
     RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.loop import Agent
@@ -56,7 +56,7 @@ class ConsoleRenderer:
             case RepairPlanned(retry_from=name, reused=reused):
                 kept = f" (keeping {', '.join(reused)})" if reused else ""
                 return f"· repair from {name}{kept}"
-            case LLMWaiting() | LLMWaitOver():
+            case LLMWaiting() | LLMWaitOver() | WorkerWaiting():
                 return f"· {event.describe()}"  # "· waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"
             case ApprovalRequested(tool=tool, arguments=arguments):
                 return f"· {tool} needs your approval: {arguments}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent_core.events import (
-    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    EvaluationDone, LLMWaiting, WorkerWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
 from agent_core.channel_settings import Choices, EffectiveSettings
 from agent_core.pricing import format_usd
@@ -211,7 +211,7 @@ class Progress:
             case FilesReceived():
                 if self.status == "held":
                     self.status = "queued"
-            case LLMWaiting():
+            case LLMWaiting() | WorkerWaiting():
                 self.waiting = event.describe()
             case RunStarted():
                 self.status = "running"
