@@ -1,9 +1,12 @@
 """The serve side of scale-out: an `Executor` whose sandboxes send each batch of steps to `autocode worker`s.
 
 A run's working files live in `serve` between iterations (a capped tar) and travel with every job, so any worker
-can take the next one. Nothing waits forever: a job has `steps × step timeout + AUTOCODE_JOB_MARGIN` seconds; a
-worker that stops beating mid-job is taken as lost and the job is sent again once (from the same files), then the
-step fails with a clear message.
+can take the next one. Nothing waits forever: a job may wait AUTOCODE_JOB_QUEUE_TIMEOUT seconds for a worker (the
+user is told how many jobs are ahead), after which serve takes its claim itself, so it never starts; once a worker
+has claimed it, it has `steps × step timeout + AUTOCODE_JOB_MARGIN` seconds; a worker that stops beating mid-job is
+taken as lost and the job is sent again once (from the same files), then the step fails with a clear message.
+Serve answers the workers' tool-call journal questions from its database (tools/journal.py), and rides out Redis
+outages of up to AUTOCODE_REDIS_GRACE seconds (agent_core/redis_outage.py).
 """
 
 from __future__ import annotations
