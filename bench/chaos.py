@@ -10,7 +10,8 @@ seconds. First a calm round (no faults) for the reference wall time, then the ch
 3. `--redis-after` seconds later Redis is shut down (saving its data, as a Redis with persistence does; with
    `--lose-data` it saves nothing) and started again `--down` seconds later on the same port.
 
-Reported: every run's end status, tool calls per run (must be 1: none twice, none missing), steps stored per run,
+Reported: every run's end status, its step's (the scripted evaluator accepts any output, so the steps are what
+show a failure), tool calls per run (must be 1: none twice, none missing), steps stored per run,
 wall time against the calm round, time from the kill until the last run that was on the killed worker ended, and
 from Redis's return until the next step finished.
 
@@ -193,9 +194,10 @@ def main() -> int:
         for name in ("calm", "chaos"):
             print(f"{name}: " + json.dumps(report[name]))
         print("machine: " + json.dumps(machine))
-    ok = (chaos["statuses"] == {"succeeded": args.runs} and not chaos["tool_calls_twice"]
+    # (The scripted evaluator accepts any output, so a run "succeeds" even when its step failed: the steps count.)
+    ok = (chaos["statuses"] == {"succeeded": args.runs} and not chaos["step_errors"] and not chaos["tool_calls_twice"]
           and not chaos["tool_calls_missing"] and not chaos["unfinished"])
-    print("PASS" if ok else "FAIL: a run did not succeed, or a tool call happened twice or never")
+    print("PASS" if ok else "FAIL: a run or its step did not succeed, or a tool call happened twice or never")
     return 0 if ok else 1
 
 
