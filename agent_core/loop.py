@@ -17,7 +17,7 @@ from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
 from agent_core.events import (
     EvaluationDone, EventBus, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
-    StepStarted, event_data, event_type, WorkerWaiting,
+    StepStarted, WorkerWaiting, event_data, event_type,
 )
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError

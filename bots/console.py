@@ -12,8 +12,8 @@ import threading
 from typing import TextIO
 
 from agent_core.events import (
-    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, WorkerWaiting, PlanReady, RepairPlanned, RunEvent,
-    RunFinished, RunStarted, StepFinished, StepStarted,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
+    RunFinished, RunStarted, StepFinished, StepStarted, WorkerWaiting,
 )
 from agent_core.loop import Agent
 from agent_core.terminal import safe_for_terminal

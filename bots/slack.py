@@ -49,7 +49,8 @@ from agent_core import uploads
 from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
 from agent_core.events import (
-    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, WorkerWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished,
+    RunStarted, StepFinished, StepStarted, WorkerWaiting,
 )
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime

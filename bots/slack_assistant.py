@@ -33,8 +33,8 @@ from slack_bolt.middleware.assistant.async_assistant import AsyncAssistant
 from slack_sdk.errors import SlackApiError
 
 from agent_core.events import (
-    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, WorkerWaiting, PlanReady, RepairPlanned, RunEvent,
-    RunFinished, RunStarted, StepFinished, StepStarted,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
+    RunFinished, RunStarted, StepFinished, StepStarted, WorkerWaiting,
 )
 from bots import slack_render as render
 

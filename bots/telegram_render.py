@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent_core.events import (
-    EvaluationDone, LLMWaiting, WorkerWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
+    StepStarted, WorkerWaiting,
 )
 from agent_core.channel_settings import Choices, EffectiveSettings
 from agent_core.pricing import format_usd

@@ -179,3 +179,18 @@ async def test_an_in_process_run_journals_each_call_of_its_steps(make_agent, llm
     assert [(r["iteration"], r["step"], r["number"], r["tool"], r["status"], r["result_json"]) for r in rows] == [
         (1, "notify", 1, "send_email", "done", '{"sent": true}'), (1, "notify", 2, "send_email", "done",
                                                                     '{"sent": true}')]
+
+
+def test_the_waiting_for_a_worker_line_reaches_the_console_and_telegram():
+    from agent_core.events import RunStarted, WorkerWaiting
+    from bots.console import ConsoleRenderer
+    from bots.telegram_render import Progress
+
+    event = WorkerWaiting("r1", 12, 7.4)
+    assert event.describe() == "waiting for a worker: 12 jobs ahead (7 s)"
+    assert WorkerWaiting("r1", 0, 2.0).describe() == "waiting for a worker: next in line (2 s)"
+    assert ConsoleRenderer.format(event) == "· waiting for a worker: 12 jobs ahead (7 s)"
+    progress = Progress("t")
+    progress.apply(RunStarted("r1", "c", "t"))
+    progress.apply(event)
+    assert "waiting for a worker: 12 jobs ahead" in progress.render()
