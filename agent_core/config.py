@@ -177,6 +177,8 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     job_margin: float = 30.0  # seconds a remote job may take beyond its steps' timeouts
     job_transfer_mb: int = 32  # cap on a run's working files travelling with a job
+    job_queue_timeout: float = 600.0  # seconds a job may wait in the queue for a worker (its steps' time starts later)
+    redis_grace: float = 30.0  # seconds serve and workers ride out a Redis outage before giving up
     # Run viewer pages and the links to them.
     viewer: bool = True
     public_url: str | None = None
@@ -262,6 +264,8 @@ class Settings:
             redis_url=env.get("AUTOCODE_REDIS_URL", "").strip() or None,
             job_margin=_float(env, "AUTOCODE_JOB_MARGIN", 30.0),
             job_transfer_mb=_int(env, "AUTOCODE_JOB_TRANSFER_MB", 32),
+            job_queue_timeout=_float(env, "AUTOCODE_JOB_QUEUE_TIMEOUT", 600.0),
+            redis_grace=_float(env, "AUTOCODE_REDIS_GRACE", 30.0),
             viewer=_choice(env, "AUTOCODE_VIEWER", ("on", "off"), "on") == "on",
             public_url=env.get("AUTOCODE_PUBLIC_URL", "").strip().rstrip("/") or None,
             slack_bot_token=env.get("SLACK_BOT_TOKEN", "").strip() or None,

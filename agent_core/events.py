@@ -132,6 +132,22 @@ class LLMWaitOver:
 
 
 @dataclass(frozen=True)
+class WorkerWaiting:
+    """The run's next steps wait in the job queue for an `autocode worker` (scale-out): sent when a job is not taken
+    within 2 s, then every 5 s (agent_core/sandbox/remote.py). Adapters show it as the progress line, like
+    LLMWaiting; the wait ends with the next StepStarted, or with the step's failure after AUTOCODE_JOB_QUEUE_TIMEOUT.
+    The step's own timeout starts only when a worker takes the job."""
+
+    run_id: str
+    ahead: int  # jobs queued before this one
+    waited_s: float
+
+    def describe(self) -> str:
+        ahead = f"{self.ahead} job{'s' if self.ahead != 1 else ''} ahead" if self.ahead else "next in line"
+        return f"waiting for a worker: {ahead} ({self.waited_s:.0f} s)"
+
+
+@dataclass(frozen=True)
 class ApprovalRequested:
     """A step called a tool declared with `"confirm": True` and waits: the requester (or an admin) decides with
     Approve / Deny (agent_core/approvals.py). `arguments` is the call as text, fitted to ARGUMENTS_CHARS; `call` its
@@ -156,7 +172,7 @@ class ApprovalDecided:
 
 
 RunEvent = Union[RunStarted, PlanReady, StepStarted, StepFinished, EvaluationDone, RepairPlanned, LLMWaiting,
-                 LLMWaitOver, ApprovalRequested, ApprovalDecided, RunFinished]
+                 LLMWaitOver, WorkerWaiting, ApprovalRequested, ApprovalDecided, RunFinished]
 Subscriber = Callable[[RunEvent], Union[None, Awaitable[None]]]
 
 

@@ -8,8 +8,16 @@ each `llm()` call's clipped prompt and reply for the audit), done. A job carries
 `serve`, usage at the job's start); the worker's tool host applies it to every `llm()` call as `serve` would.
 
 Redis keys of a job (all expire): `autocode:job:{id}:events` (the reports), `:beat` (the worker is alive, refreshed
-every second), `:claim` (which worker took it: a redelivered copy of a claimed job is dropped, so no job runs
-twice) and `:cancel` (serve gave up on it or the run was cancelled: the worker kills the step at once).
+every second), `:claim` (who took it, set once with SET NX: a worker's name, or `GAVE_UP` when serve gave up on the
+job or the run was cancelled before a worker took it; a redelivered copy of a claimed job, and a job serve gave up
+on, is dropped, so no job runs twice and none runs after serve stopped waiting) and `:cancel` (serve gave up on it
+or the run was cancelled: the worker kills the step at once). `autocode:queue` (a sorted set by time sent) holds
+the jobs no worker has claimed yet, for the "waiting for a worker: N jobs ahead" line.
+
+Trusted tool calls are journaled in serve's database (tools/journal.py): the worker's tool host asks serve before
+each call (`tool_begin`, answered on `:tool:{n}`) and reports after (`tool_finish`), so a job sent again after its
+worker was lost gets the recorded results instead of calling again. Every Redis command of a job rides out an
+outage of up to AUTOCODE_REDIS_GRACE seconds (agent_core/redis_outage.py).
 """
 
 from __future__ import annotations
@@ -36,10 +44,12 @@ from agent_core.budget import BudgetLimits, CountedUsage, RunBudget
 from agent_core.config import Settings
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient
+from agent_core.redis_outage import UNREACHABLE, Outage
 from agent_core.sandbox import Limits, PlannedStep, SandboxUnavailable, StepBatch, StepResult
 from agent_core.sandbox.clock import paused
 from agent_core.sandbox.pool import SandboxExecutor
 from tools.host import ToolHost
+from tools.journal import CallKey, Recorded, recorded
 from tools.registry import build_toolset
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,8 @@ KEY_TTL_S = 3600
 BEAT_EVERY_S = 1.0
 BEAT_TTL_S = 5
 CANCEL_POLL_S = 0.2
+QUEUE_KEY = "autocode:queue"  # jobs sent and not claimed yet, scored by when they were sent
+GAVE_UP = "serve:gave-up"  # the claim serve takes on a job it stopped waiting for: no worker may start it
 
 
 def job_key(job_id: str, part: str) -> str:
@@ -172,29 +184,45 @@ class JobRunner:
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["job_id"]
-        if await self.redis.exists(job_key(job_id, "cancel")):
-            return
-        if not await self.redis.set(job_key(job_id, "claim"), self.name, nx=True, ex=KEY_TTL_S):
-            log.info("job %s was already taken by another worker; dropping this copy", job_id)
+        redis = Outage(self.settings.redis_grace, f"job {job_id} of run {job['run_id']}")
+        try:
+            # The claim decides, atomically, between this worker, another (a redelivered copy) and serve (which
+            # takes the claim itself when it stops waiting for a worker): only one of them gets it.
+            if not await redis(lambda: self.redis.set(job_key(job_id, "claim"), self.name, nx=True, ex=KEY_TTL_S)):
+                holder = await redis(lambda: self.redis.get(job_key(job_id, "claim")))
+                holder = holder.decode() if isinstance(holder, bytes) else holder
+                log.info("job %s: %s; dropping this copy", job_id,
+                         "serve gave up waiting for it" if holder == GAVE_UP else f"already taken by {holder}")
+                return
+            await redis(lambda: self.redis.zrem(QUEUE_KEY, job_id))
+        except UNREACHABLE:
+            log.error("job %s: Redis stayed unreachable; not started", job_id)
             return
         work = asyncio.current_task()
         assert work is not None
         watchers = [asyncio.create_task(self._beat(job_id)), asyncio.create_task(self._watch_cancel(job_id, work))]
         try:
-            await self._execute(job)
+            await _Publisher(self.redis, job_id, redis)({"type": "claimed", "worker": self.name})
+            await self._execute(job, redis)
         except asyncio.CancelledError:
             log.info("job %s of run %s cancelled by serve", job_id, job["run_id"])
+        except UNREACHABLE:
+            log.error("job %s of run %s: Redis stayed unreachable past AUTOCODE_REDIS_GRACE; its reports are lost",
+                      job_id, job["run_id"])
         finally:
             for watcher in watchers:
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
-            await self.redis.delete(job_key(job_id, "beat"))
+            try:
+                await self.redis.delete(job_key(job_id, "beat"))
+            except UNREACHABLE:
+                pass  # it expires
 
-    async def _execute(self, job: dict[str, Any]) -> None:
+    async def _execute(self, job: dict[str, Any], redis: Outage) -> None:
         job_id, run_id = job["job_id"], job["run_id"]
-        publish = _Publisher(self.redis, job_id)
+        publish = _Publisher(self.redis, job_id, redis)
         batch = StepBatch([PlannedStep(**step) for step in job["steps"]], job["outputs"],
-                          Limits(**job["limits"]), job["tool_names"])
+                          Limits(**job["limits"]), job["tool_names"], job.get("iteration", 0))
         try:
             sandbox = await self.executor.open(run_id)
         except SandboxUnavailable as exc:
@@ -212,13 +240,16 @@ class JobRunner:
             helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"], model=job.get("model")),
                                      budget)
             host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget,
-                            approve=_RemoteApprover(self.redis, publish, job_id))
+                            approve=_RemoteApprover(self.redis, publish, job_id, redis),
+                            journal=_RemoteJournal(self.redis, publish, job_id, run_id, redis))
             await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name, budget), gate=self.slots)
             data, skipped = await sandbox.archive(self.settings.job_transfer_mb * 1024 * 1024)
             if job.get("inputs"):
                 data = without_inputs(data)
             await publish({"type": "done", "worker": self.name, "workdir": base64.b64encode(data).decode(),
                            "skipped": skipped})
+        except UNREACHABLE:
+            raise
         except Exception as exc:  # the worker's sandbox broke: serve turns this into the step's failure
             log.exception("job %s of run %s failed", job_id, run_id)
             await publish({"type": "failed", "worker": self.name,
@@ -227,24 +258,48 @@ class JobRunner:
             await asyncio.shield(sandbox.close())
 
     async def _beat(self, job_id: str) -> None:
+        """Every second: the job's heartbeat, and its claim again (a Redis that restarted without its data forgot
+        both; serve waits for them after an outage before taking the worker as lost)."""
         while True:
-            await self.redis.set(job_key(job_id, "beat"), self.name, ex=BEAT_TTL_S)
+            try:
+                await self.redis.set(job_key(job_id, "beat"), self.name, ex=BEAT_TTL_S)
+                await self.redis.set(job_key(job_id, "claim"), self.name, nx=True, ex=KEY_TTL_S)
+            except UNREACHABLE:
+                pass  # the publishes and the claim wait for Redis; the beat is simply sent again
             await asyncio.sleep(BEAT_EVERY_S)
 
     async def _watch_cancel(self, job_id: str, work: asyncio.Task) -> None:
-        while not await self.redis.exists(job_key(job_id, "cancel")):
+        while True:
+            try:
+                if await self.redis.exists(job_key(job_id, "cancel")):
+                    break
+            except UNREACHABLE:
+                pass
             await asyncio.sleep(CANCEL_POLL_S)
         work.cancel()  # the sandbox kills the running step's whole process tree
 
 
 class _Publisher:
-    def __init__(self, redis: Any, job_id: str):
+    def __init__(self, redis: Any, job_id: str, outage: Outage):
         self.redis = redis
         self.key = job_key(job_id, "events")
+        self.outage = outage
 
     async def __call__(self, message: dict[str, Any]) -> None:
-        await self.redis.rpush(self.key, json.dumps(message, default=str))
-        await self.redis.expire(self.key, KEY_TTL_S)
+        data = json.dumps(message, default=str)
+
+        async def push() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.rpush(self.key, data).expire(self.key, KEY_TTL_S).execute()
+
+        await self.outage(push)
+
+
+async def _wait_reply(redis: Any, outage: Outage, key: str) -> Any:
+    """The one reply serve pushes on `key` (an approval's decision, a journal answer)."""
+    while (popped := await outage(lambda: redis.blpop([key], timeout=1))) is None:
+        pass
+    return json.loads(popped[1])
 
 
 class _PublishedProgress:
@@ -270,23 +325,40 @@ class _RemoteApprover:
     agent_core/approvals.py) and waits for the decision on the job's approval list. The step's timeout and its
     slot are paused meanwhile (sandbox/clock.py), as on serve; a cancelled job ends the wait with the step."""
 
-    def __init__(self, redis: Any, publish: _Publisher, job_id: str):
-        self.redis, self.publish, self.job_id = redis, publish, job_id
+    def __init__(self, redis: Any, publish: _Publisher, job_id: str, outage: Outage):
+        self.redis, self.publish, self.job_id, self.outage = redis, publish, job_id, outage
         self.numbers = itertools.count(1)
 
     async def __call__(self, tool: str, args: list[Any], kwargs: dict[str, Any]) -> None:
         number = next(self.numbers)
         async with paused():
             await self.publish({"type": "approval", "number": number, "tool": tool, "args": args, "kwargs": kwargs})
-            key = job_key(self.job_id, f"approval:{number}")
-            while (popped := await self.redis.blpop([key], timeout=1)) is None:
-                pass  # serve answers within its approval timeout; a cancel of the job cancels this task
-        reply = json.loads(popped[1])
+            # serve answers within its approval timeout; a cancel of the job cancels this task
+            reply = await _wait_reply(self.redis, self.outage, job_key(self.job_id, f"approval:{number}"))
         if reply.get("approved"):
             return
         if reply.get("denied"):
             raise ToolDenied(reply.get("error") or f"{tool} was not approved")
         raise PermissionError(reply.get("error") or f"{tool} was not approved")
+
+
+class _RemoteJournal:
+    """The journal of a worker's tool calls (tools/journal.py): kept by serve, in its database. `begin` asks serve
+    (a `tool_begin` report, answered on the job's `tool:{n}` list) and waits for the answer before the tool may
+    run; `finish` reports the result. The attempt is the job's id: serve sends a lost job again under a new one."""
+
+    def __init__(self, redis: Any, publish: _Publisher, job_id: str, run_id: str, outage: Outage):
+        self.redis, self.publish, self.job_id, self.run_id, self.outage = redis, publish, job_id, run_id, outage
+        self.numbers = itertools.count(1)
+
+    async def begin(self, key: CallKey, tool: str, digest: str, mode: str = "take") -> Recorded:
+        number = next(self.numbers)
+        await self.publish({"type": "tool_begin", "number": number, "key": key.as_dict(), "tool": tool,
+                            "digest": digest, "mode": mode})
+        return recorded(await _wait_reply(self.redis, self.outage, job_key(self.job_id, f"tool:{number}")))
+
+    async def finish(self, key: CallKey, ok: bool, value: Any, error: str) -> None:
+        await self.publish({"type": "tool_finish", "key": key.as_dict(), "ok": ok, "value": value, "error": error})
 
 
 class _BudgetedHelper:

@@ -18,7 +18,7 @@ from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
 from agent_core.events import (
     EvaluationDone, EventBus, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
-    StepStarted, event_data, event_type,
+    StepStarted, WorkerWaiting, event_data, event_type,
 )
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
@@ -31,6 +31,7 @@ from agent_core.sandbox import (
 from agent_core.workspace import Workspace, result_record
 from storage.db import Storage, now
 from tools.host import ToolHost
+from tools.journal import StorageJournal
 from tools.registry import ToolSet, describe_functions, describe_guides
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,10 @@ class _StepProgress:
             _clip(json.dumps(record.output, ensure_ascii=False), 200) if record.ok else "",
         ))
 
+    async def waiting(self, ahead: int, waited_s: float) -> None:
+        """The batch waits in the job queue for a worker (agent_core/sandbox/remote.py)."""
+        await self.run.agent.emit(WorkerWaiting(self.run.run_id, ahead, round(waited_s, 1)))
+
     async def restarted(self) -> None:
         if self.first_index is not None:
             self.run._forget_steps(self.run.iteration, self.first_index)
@@ -266,7 +271,8 @@ class _Run:
         self.kept_files: list[Any] = []  # the artifacts kept: they join the workspace after the run
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
         self.tool_host = ToolHost(self.toolset, self._llm_helper, self.settings.tool_timeout, self.budget,
-                                  approve=lambda tool, args, kwargs: agent.approvals.ask(run_id, tool, args, kwargs))
+                                  approve=lambda tool, args, kwargs: agent.approvals.ask(run_id, tool, args, kwargs),
+                                  journal=StorageJournal(self.storage, run_id))
 
     def _context(self) -> CallContext:
         # emit: its waits are shown; the model is the run's, for the planner, the evaluator and llm() alike

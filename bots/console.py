@@ -14,7 +14,7 @@ from typing import TextIO
 from agent_core import call_text
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
-    RunFinished, RunStarted, StepFinished, StepStarted,
+    RunFinished, RunStarted, StepFinished, StepStarted, WorkerWaiting,
 )
 from agent_core.loop import Agent
 from agent_core.terminal import safe_for_terminal
@@ -59,7 +59,7 @@ class ConsoleRenderer:
             case RepairPlanned(retry_from=name, reused=reused):
                 kept = f" (keeping {', '.join(reused)})" if reused else ""
                 return f"· repair from {name}{kept}"
-            case LLMWaiting() | LLMWaitOver():
+            case LLMWaiting() | LLMWaitOver() | WorkerWaiting():
                 return f"· {event.describe()}"  # "· waiting for the LLM (planner)… 15 s, retry 2 of 3 (HTTP 429)"
             case ApprovalRequested(tool=tool, arguments=arguments, call=call):
                 # every argument named, each long value clipped in its middle (agent_core/call_text.py)

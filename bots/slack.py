@@ -49,7 +49,8 @@ from agent_core import uploads
 from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
 from agent_core.events import (
-    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished,
+    RunStarted, StepFinished, StepStarted, WorkerWaiting,
 )
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
@@ -183,7 +184,7 @@ class RunView:
         p = self.progress
         p.waiting = ""  # whatever the run does next, the LLM call that waited is over
         match event:
-            case LLMWaiting():
+            case LLMWaiting() | WorkerWaiting():
                 p.waiting = event.describe()
             case ApprovalRequested(tool=tool):
                 p.waiting = f"waiting for an approval of {tool} (in the thread)"

@@ -34,7 +34,7 @@ from slack_sdk.errors import SlackApiError
 
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaitOver, LLMWaiting, PlanReady, RepairPlanned, RunEvent,
-    RunFinished, RunStarted, StepFinished, StepStarted,
+    RunFinished, RunStarted, StepFinished, StepStarted, WorkerWaiting,
 )
 from bots import slack_render as render
 
@@ -102,7 +102,7 @@ class StatusLine:
         self.final = False
 
     def apply(self, event: RunEvent) -> str | None:
-        if not isinstance(event, LLMWaiting):
+        if not isinstance(event, (LLMWaiting, WorkerWaiting)):
             self.waiting = ""
         match event:
             case RunStarted():
@@ -119,7 +119,7 @@ class StatusLine:
                     self.base = "repairing…"
             case RepairPlanned(retry_from=name):
                 self.base = f"repairing from {name}…"
-            case LLMWaiting():
+            case LLMWaiting() | WorkerWaiting():
                 self.waiting = event.describe()
             case ApprovalRequested(tool=tool):
                 self.waiting = f"waiting for an approval of {tool} (in the thread)"

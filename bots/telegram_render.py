@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent_core.events import (
-    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
+    EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
+    StepStarted, WorkerWaiting,
 )
 from agent_core import call_text
 from agent_core.channel_settings import Choices, EffectiveSettings
@@ -212,7 +213,7 @@ class Progress:
             case FilesReceived():
                 if self.status == "held":
                     self.status = "queued"
-            case LLMWaiting():
+            case LLMWaiting() | WorkerWaiting():
                 self.waiting = event.describe()
             case RunStarted():
                 self.status = "running"

@@ -154,6 +154,15 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "id",
         ["run_id"],
     ),
+    # The journal of trusted tool calls (tools/journal.py): one row per call a step made, keyed by run, iteration,
+    # step and call number; written before the tool runs (`started`) and after (`done` or `failed`), so a step run
+    # again (its worker was lost) gets the recorded result instead of a second call.
+    "tool_calls": (
+        {"id": int, "run_id": str, "iteration": int, "step": str, "number": int, "tool": str, "digest": str,
+         "attempt": str, "status": str, "result_json": str, "error": str, "started_at": str, "finished_at": str},
+        "id",
+        ["run_id"],
+    ),
 }
 
 
@@ -179,6 +188,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     2: _declared,  # runs.runner
     3: _declared,  # runs.unsupported_json, llm_calls.finish_reason (issue 20)
     4: _declared,  # approvals.call_json (issue 21: the whole call an approver decides)
+    5: _declared,  # tool_calls (issue 21: no trusted tool call twice)
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -368,6 +378,36 @@ class Storage:
         with self._lock, self.db.conn:
             return self.db.execute("UPDATE approvals SET status = ?, decided_at = ? WHERE run_id = ? AND "
                                    "status = 'pending'", (status, now(), run_id)).rowcount
+
+    # the journal of trusted tool calls (tools/journal.py)
+    def begin_tool_call(self, row: dict[str, Any], insert: bool = True) -> dict[str, Any] | None:
+        """Record a call as started unless its key (run_id, iteration, step, number) is recorded: then that row.
+        `insert=False` only looks."""
+        with self._lock, self.db.conn:
+            found = list(self.db.query(
+                "SELECT * FROM tool_calls WHERE run_id = :run_id AND iteration = :iteration AND step = :step "
+                "AND number = :number", row))
+            if found:
+                return found[0]
+            if insert:
+                self.db.table("tool_calls").insert({**row, "status": "started", "started_at": now()})
+        return None
+
+    def finish_tool_call(self, key: dict[str, Any], status: str, result_json: str | None, error: str | None) -> None:
+        with self._lock, self.db.conn:
+            self.db.execute(
+                "UPDATE tool_calls SET status = ?, result_json = ?, error = ?, finished_at = ? WHERE run_id = ? "
+                "AND iteration = ? AND step = ? AND number = ? AND status = 'started'",
+                (status, result_json, error, now(), key["run_id"], key["iteration"], key["step"], key["number"]))
+
+    def retake_tool_call(self, key: dict[str, Any], attempt: str) -> None:
+        with self._lock, self.db.conn:
+            self.db.execute("UPDATE tool_calls SET attempt = ?, started_at = ? WHERE run_id = ? AND iteration = ? "
+                            "AND step = ? AND number = ? AND status = 'started'",
+                            (attempt, now(), key["run_id"], key["iteration"], key["step"], key["number"]))
+
+    def tool_calls(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM tool_calls WHERE run_id = ? ORDER BY id", (run_id,))
 
     def delete_workspace_files(self, conversation: str, names: list[str] | None = None,
                                keep_blob: str | None = None) -> int:

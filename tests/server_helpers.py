@@ -75,7 +75,7 @@ def free_port() -> int:
 #   llmdelay=S  the planner reply is delayed by S seconds
 #   llmwrite=S  the planner reply is written (streamed) over about S seconds, as a slow model writes it
 #   tokens=N    every LLM reply of the run reports N prompt + N completion tokens
-_OPTION = re.compile(r"\b(tag|sleep|spawn|llmdelay|llmwrite|tokens)=(\S+)")
+_OPTION = re.compile(r"\b(tag|sleep|spawn|llmdelay|llmwrite|tokens|mail)=(\S+)")
 _TASK_LINE = re.compile(r"^Task: (.*)$", re.MULTILINE)
 _OUTPUT_LINE = re.compile(r"^output: (.*)$", re.MULTILINE)
 
@@ -94,10 +94,45 @@ def step_code(options: dict[str, str]) -> str:
     if "spawn" in options:
         lines.append(f"    subprocess.Popen(['sleep', '{spawn_marker(options['spawn'])}'])")
         lines.append(f"    time.sleep({float(options['spawn'])})")
+    if "mail" in options:  # a trusted tool with a side effect (tests/server_helpers.MAIL_TOOLS), then the rest
+        lines.append(f"    send_email({options.get('tag', '-')!r}, {options['mail']!r})")
     if "sleep" in options:
         lines.append(f"    time.sleep({float(options['sleep'])})")
     lines.append(f"    return {{'tag': {options.get('tag', '-')!r}}}")
     return "\n".join(lines) + "\n"
+
+
+# An exact tool whose every call is a line in SENT ("job … mail=SUBJECT" calls it); a subject "slowN" makes the
+# call itself take N seconds (after its line is written: the side effect happened, its result not yet back).
+MAIL_TOOLS = '''
+SENT = {sent!r}
+
+TOOLS = [{{
+    "lib_names": [],
+    "instructions": "Send an email.",
+    "use_exactly_code_example": True,
+    "code_example": """
+def send_email(to: str, subject: str) -> dict:
+    import json, os, time
+    with open(SENT, "a") as out:
+        out.write(json.dumps({{"to": to, "subject": subject, "pid": os.getpid()}}) + "\\\\n")
+    if subject.startswith("slow"):
+        time.sleep(float(subject[4:]))
+    return {{"sent": True}}
+""".replace("SENT", repr(SENT)),
+}}]
+'''
+
+
+def mail_tools(directory: Path) -> tuple[Path, Path]:
+    """(the tools file for AUTOCODE_TOOLS, the file each send_email call appends a line to)."""
+    sent, tools = directory / "sent.jsonl", directory / "mail_tools.py"
+    tools.write_text(MAIL_TOOLS.format(sent=str(sent)))
+    return tools, sent
+
+
+def sent_mail(sent: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in sent.read_text().splitlines()] if sent.exists() else []
 
 
 @dataclass

@@ -59,12 +59,12 @@ def redis_url(tmp_path):
 class Worker:
     """One `autocode worker` subprocess."""
 
-    def __init__(self, env: dict[str, str], name: str, log_path: Path, cwd: Path):
+    def __init__(self, env: dict[str, str], name: str, log_path: Path, cwd: Path, concurrency: int = 2):
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "agent_core.cli", "worker", "--name", name, "--concurrency", "2"],
+            [sys.executable, "-P", "-m", "agent_core.cli", "worker", "--name", name, "--concurrency", str(concurrency)],
             cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             preexec_fn=_die_with_the_tests,
         )
@@ -93,15 +93,15 @@ def cluster(redis_url, tmp_path):
     """start(llm_base_url, workers=2) -> (serve, [workers]); everything is stopped at the end."""
     started: list = []
 
-    def start(llm_url: str, workers: int = 2, **env_overrides: str):
+    def start(llm_url: str, workers: int = 2, concurrency: int = 2, **env_overrides: str):
         db = tmp_path / "autocode.db"
         llm = type("L", (), {"base_url": llm_url})
-        base = serve_env(llm, db, AUTOCODE_REDIS_URL=redis_url, AUTOCODE_JOB_MARGIN="20", **env_overrides)
+        base = serve_env(llm, db, **{"AUTOCODE_REDIS_URL": str(redis_url), "AUTOCODE_JOB_MARGIN": "20", **env_overrides})
         crew = []
         for number in range(workers):
             env = {**base, "AUTOCODE_SANDBOX_UID_BASE": str(UID_BASE + 256 * number),
                    "AUTOCODE_SANDBOX_MAX_WORKERS": "64", "AUTOCODE_DB": str(tmp_path / "worker-must-not-use.db")}
-            worker = Worker(env, f"w{number}@test", tmp_path / f"worker{number}.log", tmp_path)
+            worker = Worker(env, f"w{number}@test", tmp_path / f"worker{number}.log", tmp_path, concurrency)
             started.append(worker)
             crew.append(worker)
         server = Serve(base, tmp_path / "serve.log", tmp_path)
@@ -204,13 +204,13 @@ def test_killed_worker_mid_step_is_redelivered(cluster, tmp_path):
 
 def test_killed_only_worker_fails_the_run_with_a_clear_message(cluster):
     with ScriptedLLM() as llm:
-        server, workers = cluster(llm.base_url, workers=1, AUTOCODE_STEP_TIMEOUT="10")
+        server, workers = cluster(llm.base_url, workers=1, AUTOCODE_STEP_TIMEOUT="10", AUTOCODE_JOB_QUEUE_TIMEOUT="5")
         run_id = server.submit_ok("job tag=L sleep=30")
         wait_for(lambda: live_processes_of(worker_uids(0)), 30, what="the step to be running")
         os.kill(workers[0].proc.pid, signal.SIGKILL)
-        server.wait_status(run_id, timeout=60)  # lost, sent again, nobody takes it: the job bound ends it
+        server.wait_status(run_id, timeout=60)  # lost, sent again, nobody takes it: the queue's bound ends it
         step = db_rows(server.db, "SELECT error FROM steps WHERE run_id = ?", (run_id,))[-1]
-        assert "no worker finished this step in time" in step["error"], step
+        assert "no worker took this step within 5 s (AUTOCODE_JOB_QUEUE_TIMEOUT)" in step["error"], step
         assert not live_processes_of(worker_uids(0))
 
 

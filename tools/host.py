@@ -5,6 +5,10 @@ sees JSON arguments going out and JSON results coming back. Each `llm()` call mu
 budget (calls per step, prompt size, run and daily tokens): a refusal is the step's exception. A call of a tool
 declared with `"confirm": True` first waits for a person's decision (`approve`, agent_core/approvals.py); without
 an `approve` such a tool is refused, never run unasked.
+
+Every call that reaches a tool passes through `_journaled` (one place, whatever the tool's kind): with a `journal`
+(tools/journal.py) the call is recorded before it runs and its result after, so a step run again gets the recorded
+result instead of a second side effect, and a call that started and never finished is not repeated blindly.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from typing import Any, Awaitable, Callable
 
 from agent_core.budget import RunBudget
+from tools.journal import CURRENT_STEP, CallKey, CallUncertain, ToolJournal, call_digest, replayed_failure
 from tools.registry import ToolSet
 
 LLMHelper = Callable[[str, str], Awaitable[str]]
@@ -27,14 +32,16 @@ def _to_json(value: Any) -> Any:
 
 class ToolHost:
     def __init__(self, toolset: ToolSet, llm_helper: LLMHelper, timeout_s: float, budget: RunBudget | None = None,
-                 approve: Approver | None = None):
+                 approve: Approver | None = None, journal: ToolJournal | None = None):
         """`budget`: the run's, asked before every `llm()` call (None: no limits, for tests of the host alone).
-        `approve`: asked before every call of a `confirm` tool (Approvals.ask bound to the run)."""
+        `approve`: asked before every call of a `confirm` tool (Approvals.ask bound to the run).
+        `journal`: records every call made by a step (None: calls are not recorded, for tests of the host alone)."""
         self.toolset = toolset
         self.llm_helper = llm_helper
         self.timeout_s = timeout_s
         self.budget = budget
         self.approve = approve
+        self.journal = journal
 
     @property
     def names(self) -> list[str]:
@@ -51,16 +58,74 @@ class ToolHost:
             if kwargs:
                 raise TypeError(f"llm() got unexpected arguments {sorted(kwargs)}")
             system = str(system or "")
-            if self.budget is not None:
-                self.budget.admit_helper(prompt, system)  # raises BudgetExceeded: nothing is sent
-            return await asyncio.wait_for(self.llm_helper(prompt, system), self.timeout_s)
+
+            async def ask() -> Any:
+                if self.budget is not None:
+                    self.budget.admit_helper(prompt, system)  # raises BudgetExceeded: nothing is sent
+                return await asyncio.wait_for(self.llm_helper(prompt, system), self.timeout_s)
+
+            return await self._journaled(name, [prompt, system], {}, ask, repeatable=True)
         function = self.toolset.exact_function(name)
+
+        async def run() -> Any:
+            try:
+                value = await asyncio.wait_for(asyncio.to_thread(function, *args, **kwargs), self.timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"{name} did not return within {self.timeout_s:g}s") from None
+            return _to_json(value)
+
+        before = None
         if self.toolset.needs_confirmation(name):
             if self.approve is None:
                 raise PermissionError(f"{name} needs a person's approval, and nobody can be asked here")
-            await self.approve(name, list(args), dict(kwargs))  # its time is not the tool's timeout
+
+            async def before() -> None:
+                await self.approve(name, list(args), dict(kwargs))  # its time is not the tool's timeout
+
+        return await self._journaled(name, list(args), dict(kwargs), run, before=before)
+
+    async def _journaled(self, name: str, args: list[Any], kwargs: dict[str, Any], invoke: Any,
+                         repeatable: bool = False, before: Any = None) -> Any:
+        """The one place every trusted call passes through. `before` (an approval) runs only when the call is not
+        already recorded as made; `repeatable` calls (no side effect outside) are made again when unfinished."""
+        step = CURRENT_STEP.get()
+        if self.journal is None or step is None:
+            if before is not None:
+                await before()
+            return await invoke()
+        key = CallKey(self.journal.run_id, step.iteration, step.step, next(step.numbers))
+        digest = call_digest(name, args, kwargs)
+        if before is not None:
+            # A call recorded as made answers from the record, without asking the person again; otherwise the
+            # approval comes first, and the call is recorded as started only once approved (a wait that ends with
+            # a lost worker did not call the tool).
+            found = await self.journal.begin(key, name, digest, "peek")
+            if found.status == "go":
+                await before()
+        found = await self.journal.begin(key, name, digest)
+        if found.status == "unknown" and repeatable:
+            found = await self.journal.begin(key, name, digest, "retake")
+        if found.status == "different" and repeatable:
+            return await invoke()  # not recorded (its number holds another call); it changes nothing outside
+        if found.status == "done":
+            return found.value
+        if found.status == "failed":
+            raise replayed_failure(found.error)
+        if found.status == "unknown":
+            raise CallUncertain(
+                f"{name} may or may not have run: this step called it before, on a worker that was lost before "
+                f"it reported back, so it is not called again (check whether it took effect before asking again)")
+        if found.status == "different":
+            raise CallUncertain(
+                f"{name} was not called: when this step ran before, its call number {key.number} was "
+                f"{found.tool or 'another call'} with other arguments; a step that runs again must make the same "
+                f"calls, or a side effect could happen twice")
         try:
-            value = await asyncio.wait_for(asyncio.to_thread(function, *args, **kwargs), self.timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"{name} did not return within {self.timeout_s:g}s") from None
-        return _to_json(value)
+            value = await invoke()
+        except asyncio.CancelledError:
+            raise  # the step was killed during the call: it stays `started` (may or may not have run)
+        except Exception as exc:
+            await self.journal.finish(key, False, None, f"{type(exc).__name__}: {exc}")
+            raise
+        await self.journal.finish(key, True, value, "")
+        return value

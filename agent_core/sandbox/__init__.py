@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from agent_core.sandbox.clock import STEP_SLOT, StepSlot
+from tools.journal import CURRENT_STEP, StepCalls
 
 if TYPE_CHECKING:
     from agent_core.inputs import InputFile
@@ -101,17 +102,21 @@ async def run_batch_locally(sandbox: "Sandbox", batch: StepBatch, on_call: ToolC
             code=step.code, function=step.name, input=None if step.input_from is None else outputs[step.input_from],
             limits=batch.limits, tool_names=batch.tool_names, on_call=on_call, libraries=step.libraries,
         )
-        if gate is None:
-            result = await sandbox.run_step(request)
-        else:
-            slot = StepSlot(gate)  # given back while a tool call waits for a person (clock.paused)
-            await slot.acquire()
-            token = STEP_SLOT.set(slot)
-            try:
+        calls = CURRENT_STEP.set(StepCalls(batch.iteration, step.name))  # numbers its tool calls (tools/journal.py)
+        try:
+            if gate is None:
                 result = await sandbox.run_step(request)
-            finally:
-                STEP_SLOT.reset(token)
-                slot.release()
+            else:
+                slot = StepSlot(gate)  # given back while a tool call waits for a person (clock.paused)
+                await slot.acquire()
+                token = STEP_SLOT.set(slot)
+                try:
+                    result = await sandbox.run_step(request)
+                finally:
+                    STEP_SLOT.reset(token)
+                    slot.release()
+        finally:
+            CURRENT_STEP.reset(calls)
         results.append(result)
         await progress.finished(step, result)
         if not result.ok:
