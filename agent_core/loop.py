@@ -325,7 +325,7 @@ class _Run:
         # The planner is asked before a sandbox is opened when the files' manifest is known from earlier runs (or
         # there are no files): a direct answer then costs one LLM call and no sandbox. A new file is previewed in
         # the sandbox first, since the planner must see it.
-        self.inputs = known_inputs(self.workspace, self.conversation)
+        self.inputs = known_inputs(self.workspace, self.conversation, self.run_id)
         if not self.inputs.ready:
             await self._open_sandbox()
         plan = await self._plan()

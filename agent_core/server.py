@@ -278,7 +278,7 @@ class Server:
                 run = self.agent.storage.get_run(submission.run_id)
                 return JSONResponse({"run_id": submission.run_id, "status": run["status"], "error": run["error"]},
                                     status_code=409)
-            return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": "",
+            return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": receiver.note or "",
                                  "files": len(files)}, status_code=202)
         finally:
             await form.close()

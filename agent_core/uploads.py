@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator
 
-from agent_core.inputs import InputRefused
+from agent_core.inputs import InputRefused, renamed_note
 from agent_core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Receiver:
         self.files: list[tuple[str, Path]] = []  # (the name the user gave, where its bytes are)
         self.failure: BaseException | None = None  # set on leaving the block when the run was failed
         self.released = False
+        self.note: str | None = None  # for the user, once stored: files renamed (agent_core.inputs.workspace_name)
 
     async def add(self, name: str, chunks: AsyncIterable[bytes]) -> int:
         """Stream one file to disk; returns its size. InputRefused once it is over AUTOCODE_INPUT_MAX_MB (reading
@@ -100,7 +101,7 @@ async def receiving(scheduler: Any, run_id: str) -> AsyncIterator[Receiver]:
             admitted = workspace.admit(run["conversation"], receiver.files)
             if (storage.get_run(run_id) or {}).get("status") != "held":
                 return  # cancelled or interrupted meanwhile: nothing is stored for it
-            workspace.add_uploads(run["conversation"], run_id, admitted)
+            receiver.note = renamed_note(workspace.add_uploads(run["conversation"], run_id, admitted))
             receiver.released = scheduler.release(run_id)
         except InputRefused as refused:
             receiver.failure = refused

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from agent_core.config import Settings
-from agent_core.inputs import RESULTS_DIR, InputFile, InputRefused, check_uploads, safe_name, unique_name
+from agent_core.inputs import RESULTS_DIR, InputFile, InputRefused, check_uploads, renamed_note, workspace_name
 from agent_core.sandbox import Artifact
 from storage.db import Storage
 
@@ -93,7 +93,7 @@ class Workspace:
         taken: set[str] = set()
         admitted = []
         for (given_name, _), (path, _size) in zip(given, checked):
-            name = unique_name(safe_name(given_name), taken)
+            name = workspace_name(given_name, taken)  # `results` becomes `results (upload)`
             taken.add(name)
             admitted.append((path, name))
         replaced = {existing[n]["sha256"]: existing[n]["size"] for _, n in admitted if n in existing}
@@ -147,7 +147,7 @@ class Workspace:
         for artifact in artifacts:
             # An output never replaces the user's own file (a step cannot rewrite an upload through outputs/);
             # it replaces an earlier output of the same name (the newer chart).
-            name = unique_name(safe_name(artifact.name.replace("/", "_")), uploads)
+            name = workspace_name(artifact.name.replace("/", "_"), uploads)
             entries.append((name, artifact.data, "output"))
         result_bytes = json.dumps(result, ensure_ascii=False, indent=1, default=str).encode()
         entries.append((f"{RESULTS_DIR}/run-{run_no}.json", result_bytes, "result"))
@@ -170,6 +170,11 @@ class Workspace:
         return (f"Not kept for follow-ups (this conversation's files are over {self.settings.workspace_mb} MB, "
                 f"AUTOCODE_WORKSPACE_MB; /reset clears them): {', '.join(left_out[:5])}"
                 + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "") + ".")
+
+    def renamed(self, conversation: str, run_id: str) -> str | None:
+        """What the user of `run_id` is told about their uploads renamed because the workspace uses the name."""
+        return renamed_note(r["name"] for r in self.storage.workspace_files(conversation)
+                            if r["kind"] == "upload" and r["run_id"] == run_id)
 
     def clear(self, conversation: str) -> int:
         return self.storage.delete_workspace_files(conversation)
