@@ -15,8 +15,9 @@ from typing import Awaitable, Callable
 
 from agent_core.budget import daily_tokens_used, money_refusal
 from agent_core.channel_settings import scope_of
+from agent_core.disk import disk_full
 from agent_core.events import RunFinished
-from agent_core.loop import Agent
+from agent_core.loop import DISK_FULL_MESSAGE, Agent
 from storage.db import DuplicateDelivery
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ InterruptedNotifier = Callable[[dict], Awaitable[None]]
 INTERRUPTED_MESSAGE = "AutoCode restarted while this task was running; please send it again."
 HELD_INTERRUPTED_MESSAGE = ("AutoCode restarted while this task's files were being received; nothing was run. "
                             "Please send the task and its files again.")
+CANCELLED_MESSAGE = "The run was cancelled."
+FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # an end that could not be written is tried again this often
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class RunScheduler:
         # Awaited before runs start (the server waits here, briefly, while HTTP requests are being answered).
         self.yield_to: Callable[[], Awaitable[None]] | None = None
         self._unannounced: list[str] = []
+        # Runs whose end could not be written (a full disk): run id -> (status, message), written by `_retry_ends`
+        # as soon as the database takes it; their conversations stay busy and nothing dispatches them meanwhile.
+        self._unwritten: dict[str, tuple[str, str]] = {}
+        self._retrying: asyncio.Task | None = None
 
     def on_interrupted(self, adapter: str, notify: InterruptedNotifier) -> None:
         self._notifiers[adapter] = notify
@@ -105,12 +113,12 @@ class RunScheduler:
 
     async def fail_held(self, run_id: str, message: str) -> bool:
         """End a held run as failed with `message` for the user, and its RunFinished event, so the adapter renders
-        it like any failed run. False if it is no longer held."""
+        it like any failed run. False if it is no longer held. Never raises for a full disk: the end is then
+        written as soon as the database can take it."""
         run = self.storage.get_run(run_id)
         if run is None or run["status"] != "held":
             return False
-        self.storage.finish_run(run_id, "failed", None, message, 0)
-        await self.agent.emit(RunFinished(run_id, "failed", "", message, 0, self.storage.usage(run_id)))
+        await self._end(run_id, "failed", message)  # written later if the disk is full now
         return True
 
     def daily_tokens(self, user: str) -> int:
@@ -119,20 +127,81 @@ class RunScheduler:
 
     # --- cancellation ------------------------------------------------------------------------------------------
     async def cancel(self, run_id: str) -> str | None:
-        """Cancel a queued or running run; returns its status afterwards (None: no such run)."""
+        """Cancel a queued, held or running run; returns its status afterwards (None: no such run). A run always
+        ends: one whose task is gone (it crashed, or its end could not be written) is ended here, and an end the
+        database cannot take now is written as soon as it can (`cancelled` is reported meanwhile)."""
         run = self.storage.get_run(run_id)
         if run is None:
             return None
         if run["status"] in ("queued", "held"):  # record it first, so nothing dispatches it in between
-            self.storage.finish_run(run_id, "cancelled", None, "Cancelled before it started.", 0)
-            await self.agent.emit(RunFinished(run_id, "cancelled", "", "Cancelled before it started.", 0,
-                                              self.storage.usage(run_id)))
+            await self._end(run_id, "cancelled", "Cancelled before it started.")
         task = self._running.get(run_id)
         if task is not None:
             task.cancel()  # the loop kills the step's process tree and records `cancelled`
             await asyncio.gather(task, return_exceptions=True)
+        if (self.storage.get_run(run_id) or {}).get("status") not in FINAL:  # nothing left to record it
+            await self._end(run_id, "cancelled", CANCELLED_MESSAGE)
         self._wake.set()
+        if run_id in self._unwritten:
+            return self._unwritten[run_id][0]
         return self.storage.get_run(run_id)["status"]
+
+    # --- ends the database could not take ----------------------------------------------------------------------
+    @property
+    def unwritten_ends(self) -> list[str]:
+        """Runs ended in memory whose end the database has not taken yet (a full disk); /healthz reports them."""
+        return list(self._unwritten)
+
+    async def _end(self, run_id: str, status: str, message: str) -> bool:
+        """End a run not yet final as `status` with `message` for its user, and announce it (RunFinished). If the
+        database cannot take it now, keep it and try again in the background until it can (`_retry_ends`);
+        True once written."""
+        pending = self._unwritten.get(run_id)
+        if pending is not None and pending[0] == "cancelled":  # a cancel replaces a pending failure, not the reverse
+            status, message = pending
+        if pending is not None:
+            self._unwritten[run_id] = (status, message)
+        try:
+            written = await self._write_end(run_id, status, message)
+        except Exception as exc:
+            level = logging.ERROR if disk_full(exc) else logging.WARNING
+            log.log(level, "run %s: could not record its end (%s); trying again until the database takes it",
+                    run_id, exc)
+            self._unwritten.setdefault(run_id, (status, message))
+            if self._retrying is None or self._retrying.done():
+                self._retrying = asyncio.create_task(self._retry_ends(), name="autocode-unwritten-ends")
+            return False
+        self._unwritten.pop(run_id, None)
+        return written
+
+    async def _write_end(self, run_id: str, status: str, message: str) -> bool:
+        run = self.storage.get_run(run_id)
+        if run is None or run["status"] in FINAL:
+            return False
+        self.storage.end_pending_approvals(run_id, "interrupted" if status == "interrupted" else "cancelled")
+        self.storage.finish_run(run_id, status, None, message, run.get("iterations") or 0)
+        log.info("run %s ended %s: %s", run_id, status, message)
+        event = RunFinished(run_id, status, "", message, run.get("iterations") or 0, self.storage.usage(run_id))
+        try:
+            await self.agent.emit(event)
+        except Exception as exc:  # the end is stored; the adapters still hear of it
+            log.warning("run %s: its end event was not stored (%s)", run_id, exc)
+            await self.agent.events.emit(event)
+        return True
+
+    async def _retry_ends(self) -> None:
+        delay = RETRY_FIRST_S
+        while self._unwritten:
+            await asyncio.sleep(delay)
+            for run_id, (status, message) in list(self._unwritten.items()):
+                try:
+                    await self._write_end(run_id, status, message)
+                except Exception:
+                    delay = min(delay * 2, RETRY_MAX_S)
+                    break
+                self._unwritten.pop(run_id, None)
+                log.info("run %s: its end is recorded now (%s)", run_id, status)
+                self._wake.set()  # its conversation is free
 
     # --- life cycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,6 +242,11 @@ class RunScheduler:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._retrying is not None:  # one last try below; what is still unwritten is interrupted at next start
+            self._retrying.cancel()
+            await asyncio.gather(self._retrying, return_exceptions=True)
+        for run_id, (status, message) in list(self._unwritten.items()):
+            await self._end(run_id, status, message)
         running = list(self._running.items())
         if running:
             grace = self.settings.shutdown_grace if grace is None else grace
@@ -192,8 +266,11 @@ class RunScheduler:
 
     def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> None:
         iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0
-        self.storage.end_pending_approvals(run_id, "interrupted")  # a decision now could reach no step
-        self.storage.finish_run(run_id, "interrupted", None, message, iterations)
+        try:
+            self.storage.end_pending_approvals(run_id, "interrupted")  # a decision now could reach no step
+            self.storage.finish_run(run_id, "interrupted", None, message, iterations)
+        except Exception as exc:  # a full disk: the next start interrupts it
+            log.error("run %s: could not record it interrupted (%s)", run_id, exc)
 
     @property
     def running(self) -> list[str]:
@@ -224,7 +301,7 @@ class RunScheduler:
         busy = {row["conversation"] for row in self.storage.runs_with_status("running")}
         picked: list[dict] = []
         for run in self.storage.runs_with_status("queued"):
-            if run["conversation"] in busy or run["id"] in self._running:
+            if run["conversation"] in busy or run["id"] in self._running or run["id"] in self._unwritten:
                 busy.add(run["conversation"])  # later tasks of a conversation wait for the earlier ones
                 continue
             busy.add(run["conversation"])
@@ -239,6 +316,12 @@ class RunScheduler:
         try:
             await self.agent.execute(run_id)
         except asyncio.CancelledError:
-            pass  # the run is recorded as cancelled by the loop
-        except Exception:
-            log.exception("run %s crashed outside the loop", run_id)
+            pass  # the run is recorded as cancelled by the loop (cancel() ends it if the loop could not)
+        except Exception as exc:  # its end was not recorded: end it here, or as soon as the database can take it
+            if disk_full(exc):
+                log.error("run %s: the disk is full (%s)", run_id, exc)
+                message = DISK_FULL_MESSAGE
+            else:
+                log.exception("run %s crashed outside the loop", run_id)
+                message = f"Internal error ({type(exc).__name__}); see the server log for run {run_id}."
+            await asyncio.shield(self._end(run_id, "failed", message))

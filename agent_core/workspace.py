@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from agent_core.config import Settings
+from agent_core.disk import NoRoom, room_refusal
 from agent_core.inputs import RESULTS_DIR, InputFile, InputRefused, check_uploads, renamed_note, workspace_name
 from agent_core.sandbox import Artifact
 from storage.db import Storage
@@ -97,12 +98,31 @@ class Workspace:
             taken.add(name)
             admitted.append((path, name))
         replaced = {existing[n]["sha256"]: existing[n]["size"] for _, n in admitted if n in existing}
-        after = self.usage(conversation) - sum(replaced.values()) + sum(size for _, size in checked)
+        adding = sum(size for _, size in checked)
+        after = self.usage(conversation) - sum(replaced.values()) + adding
         if after > self.quota:
             raise InputRefused(
                 f"these files would make this conversation's files {after / 1048576:.1f} MB, over its quota of "
                 f"{self.settings.workspace_mb} MB (AUTOCODE_WORKSPACE_MB); /reset clears them. Nothing was run.")
+        self.check_room(adding)
         return admitted
+
+    def check_room(self, adding: int) -> None:
+        """NoRoom (the user's sentence) when `adding` bytes more would take the kept files of all conversations
+        over AUTOCODE_WORKSPACES_MAX_MB, or leave less than AUTOCODE_DISK_RESERVE_MB free where they are kept."""
+        cap = self.settings.workspaces_max_mb
+        if cap:
+            total = self.storage.blobs_total() + adding
+            if total > cap * 1024 * 1024:
+                raise NoRoom(f"AutoCode keeps {cap} MB of files over all conversations at most "
+                             f"(AUTOCODE_WORKSPACES_MAX_MB), and these would make {total / 1048576:.1f} MB, so "
+                             "they were not taken; nothing was run. Older files are removed after "
+                             f"{self.settings.workspace_days} days (AUTOCODE_WORKSPACE_DAYS), and /reset clears a "
+                             "conversation's files.")
+        refusal = room_refusal(adding, self.settings.disk_reserve_mb * 1024 * 1024,
+                               {"AutoCode's files": self.storage.blob_dir})
+        if refusal:
+            raise NoRoom(refusal)
 
     def add_uploads(self, conversation: str, run_id: str, admitted: list[tuple[Path, str]]) -> list[str]:
         """Store admitted files (see `admit`) for the run, before it starts, streamed into blobs."""

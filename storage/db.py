@@ -454,6 +454,12 @@ class Storage:
         return {r["sha256"] for r in self._rows("SELECT DISTINCT sha256 FROM workspace_files WHERE conversation = ?",
                                                 (conversation,))}
 
+    def blobs_total(self) -> int:
+        """Bytes of every conversation's kept files together (each blob counted once)."""
+        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT sha256, MAX(size) AS size "
+                              "FROM workspace_files GROUP BY sha256)").fetchone()
+        return int(row[0])
+
     def finish_run(self, run_id: str, status: str, answer: str | None, error: str | None, iterations: int) -> None:
         self._update(
             "runs", run_id,
