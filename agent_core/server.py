@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent_core import viewer
+from agent_core import retention, viewer
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.llm_probe import probe_llm
@@ -117,6 +117,7 @@ class Server:
         for adapter in self.adapters:
             self.scheduler.on_interrupted(adapter.name, adapter.notify_interrupted)
         self._llm_check: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -130,12 +131,17 @@ class Server:
             await self.scheduler.announce_interrupted()
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
                      ", ".join(a.name for a in self.adapters) or "none")
+            self._sweeper = asyncio.create_task(retention.run_periodically(self.agent.storage, self.settings),
+                                                name="retention-sweep")  # at start, then hourly
             if self.settings.llm_startup_check:  # in the background: readiness never waits for the LLM
                 self._llm_check = asyncio.create_task(self.log_llm_check(), name="llm-startup-check")
             yield
         finally:
             if self._llm_check is not None:
                 self._llm_check.cancel()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                await asyncio.gather(self._sweeper, return_exceptions=True)
             await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:

@@ -61,6 +61,7 @@ class Workspace:
             target.parent.mkdir(mode=0o700, exist_ok=True)
             if target.exists():
                 os.unlink(temporary)
+                os.utime(target)  # named again: the retention sweep's grace for unnamed blobs starts anew
             else:
                 os.replace(temporary, target)
         except BaseException:
@@ -171,25 +172,35 @@ class Workspace:
             entries.append((name, artifact.data, "output"))
         result_bytes = json.dumps(result, ensure_ascii=False, indent=1, default=str).encode()
         entries.append((f"{RESULTS_DIR}/run-{run_no}.json", result_bytes, "result"))
+        total_cap = self.settings.workspaces_max_mb * 1024 * 1024
+        total = self.storage.blobs_total() if total_cap else 0
+        over_total = []
         for name, data, kind in entries:
             old = existing.get(name)
             grows = len(data) - (old["size"] if old else 0)
             if used + grows > self.quota:
                 left_out.append(name)
                 continue
+            if total_cap and grows > 0 and total + grows > total_cap:
+                over_total.append(name)
+                continue
             sha256, size = self._store([data])
             self.storage.add_workspace_file({"conversation": conversation, "name": name, "sha256": sha256,
                                              "size": size, "kind": kind, "run_id": run_id, "run_no": run_no})
             used += grows
+            total += grows
         results = sorted((r for r in self.storage.workspace_files(conversation) if r["kind"] == "result"),
                          key=lambda r: r["run_no"])
         if len(results) > RESULTS_KEPT:
             self.storage.delete_workspace_files(conversation, names=[r["name"] for r in results[:-RESULTS_KEPT]])
-        if not left_out:
-            return None
-        return (f"Not kept for follow-ups (this conversation's files are over {self.settings.workspace_mb} MB, "
-                f"AUTOCODE_WORKSPACE_MB; /reset clears them): {', '.join(left_out[:5])}"
-                + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "") + ".")
+        notes = []
+        if left_out:
+            notes.append(f"Not kept for follow-ups (this conversation's files are over {self.settings.workspace_mb} "
+                         f"MB, AUTOCODE_WORKSPACE_MB; /reset clears them): {_names(left_out)}.")
+        if over_total:
+            notes.append(f"Not kept for follow-ups (AutoCode's files over all conversations are at their cap of "
+                         f"{self.settings.workspaces_max_mb} MB, AUTOCODE_WORKSPACES_MAX_MB): {_names(over_total)}.")
+        return "\n".join(notes) or None
 
     def renamed(self, conversation: str, run_id: str) -> str | None:
         """What the user of `run_id` is told about their uploads renamed because the workspace uses the name."""
@@ -217,6 +228,10 @@ def result_record(run_no: int, run_id: str, task: str, status: str, answer: str,
     clipped = answer if len(answer) <= RESULT_ANSWER_CHARS else answer[:RESULT_ANSWER_CHARS] + " …"
     return {"run": run_no, "run_id": run_id, "task": task, "status": status, "answer": clipped, "error": error,
             "files": files}
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _origin(row: dict[str, Any]) -> str:
