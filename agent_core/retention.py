@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -34,7 +33,7 @@ class Swept:
     conversations: int = 0
     artifacts: int = 0  # run artifacts whose bytes were dropped by age
     orphans: int = 0  # blob (or temporary) files no row named
-    freed_bytes: int = 0
+    freed_bytes: int = 0  # of those orphans
 
     def __bool__(self) -> bool:
         return bool(self.files or self.artifacts or self.orphans)
@@ -88,7 +87,7 @@ async def run_periodically(storage: Storage, settings: Settings, interval: float
             swept = await asyncio.to_thread(sweep, storage, settings)
             if swept:
                 log.info("retention: removed %d files of %d conversations and the bytes of %d artifacts older than "
-                         "%d days (AUTOCODE_WORKSPACE_DAYS), and %d unreferenced blobs; %.1f MB freed on disk",
+                         "%d days (AUTOCODE_WORKSPACE_DAYS), and %d unreferenced blobs (%.1f MB)",
                          swept.files, swept.conversations, swept.artifacts, settings.workspace_days, swept.orphans,
                          swept.freed_bytes / 1048576)
         except Exception as exc:  # a full disk or a locked database: the next sweep tries again

@@ -108,9 +108,12 @@ def test_a_10_mb_unsigned_slack_post_is_refused_before_it_is_read(server):
     grown = (vm_kb(server.pid, "VmHWM") - before) / 1024
     assert grown < 8, f"serve's peak RSS grew by {grown:.0f} MB for two 10 MB bodies"
 
-    # Over the JSON API's cap too.
+    # Over the JSON API's cap too, and the Telegram webhook's (capped before routing: whatever serves it).
     big = server.http.post("/api/runs", json={"task": "x" * (2 << 20)})
     assert big.status_code == 413 and "too large" in big.json()["error"]
+    status, body, took = raw_post(server, "/telegram/webhook", {"Content-Type": "application/json",
+                                                                "Content-Length": str(ten_mb)}, iter(()))
+    assert status == 413 and "over 1 MB" in body["error"], body
 
 
 def test_malformed_bodies_get_400_or_401_as_json_without_a_traceback(server):
