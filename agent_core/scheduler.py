@@ -60,6 +60,7 @@ class RunScheduler:
         # as soon as the database takes it; their conversations stay busy and nothing dispatches them meanwhile.
         self._unwritten: dict[str, tuple[str, str]] = {}
         self._retrying: asyncio.Task | None = None
+        self._stopping = False
 
     def on_interrupted(self, adapter: str, notify: InterruptedNotifier) -> None:
         self._notifiers[adapter] = notify
@@ -168,6 +169,8 @@ class RunScheduler:
             log.log(level, "run %s: could not record its end (%s); trying again until the database takes it",
                     run_id, exc)
             self._unwritten.setdefault(run_id, (status, message))
+            if self._stopping:
+                return False  # what is still unwritten is interrupted at the next start
             if self._retrying is None or self._retrying.done():
                 self._retrying = asyncio.create_task(self._retry_ends(), name="autocode-unwritten-ends")
             return False
@@ -181,6 +184,10 @@ class RunScheduler:
         self.storage.end_pending_approvals(run_id, "interrupted" if status == "interrupted" else "cancelled")
         self.storage.finish_run(run_id, status, None, message, run.get("iterations") or 0)
         log.info("run %s ended %s: %s", run_id, status, message)
+        if status == "interrupted":  # told through its adapter's notifier, like every interrupted run
+            if run_id not in self._unannounced:
+                self._unannounced.append(run_id)
+            return True
         event = RunFinished(run_id, status, "", message, run.get("iterations") or 0, self.storage.usage(run_id))
         try:
             await self.agent.emit(event)
@@ -202,25 +209,29 @@ class RunScheduler:
                 self._unwritten.pop(run_id, None)
                 log.info("run %s: its end is recorded now (%s)", run_id, status)
                 self._wake.set()  # its conversation is free
+                if status == "interrupted":
+                    await self.announce_interrupted()
 
     # --- life cycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Mark runs a crash left `running` as interrupted, then accept and dispatch. Tell their users with
         `announce_interrupted()` once the adapters are up."""
         self._unannounced = self._recover()
+        if self._unwritten:  # a full disk at start: recorded `interrupted` (and announced) once it can be
+            self._retrying = asyncio.create_task(self._retry_ends(), name="autocode-unwritten-ends")
         self.accepting = True
         self._dispatcher = asyncio.create_task(self._dispatch(), name="autocode-dispatcher")
 
     def _recover(self) -> list[str]:
         interrupted = []
         for run in self.storage.runs_with_status("running"):
-            self._interrupt(run["id"])
             log.warning("run %s was interrupted by a restart", run["id"])
-            interrupted.append(run["id"])
+            if self._interrupt(run["id"]):
+                interrupted.append(run["id"])
         for run in self.storage.runs_with_status("held"):  # its files' download died with the process
-            self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE)
             log.warning("held run %s was interrupted by a restart", run["id"])
-            interrupted.append(run["id"])
+            if self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE):
+                interrupted.append(run["id"])
         return interrupted
 
     async def announce_interrupted(self) -> None:
@@ -239,6 +250,7 @@ class RunScheduler:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting; let running runs finish within `grace` seconds; mark the rest interrupted."""
         self.accepting = False
+        self._stopping = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -254,23 +266,32 @@ class RunScheduler:
         for run_id, task in running:
             if not task.done():
                 # Before the cancel: an approval it waits on ends `interrupted` (the cancel would record `cancelled`).
-                self.storage.end_pending_approvals(run_id, "interrupted")
+                try:
+                    self.storage.end_pending_approvals(run_id, "interrupted")
+                except Exception as exc:  # a full disk: the next start ends them
+                    log.error("run %s: could not end its pending approvals (%s)", run_id, exc)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                self._interrupt(run_id)
-                self._unannounced.append(run_id)
+                if self._interrupt(run_id):
+                    self._unannounced.append(run_id)
         for run in self.storage.runs_with_status("held"):  # a receiver still downloading finds it no longer held
-            self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE)
-            self._unannounced.append(run["id"])
+            if self._interrupt(run["id"], HELD_INTERRUPTED_MESSAGE):
+                self._unannounced.append(run["id"])
         await self.announce_interrupted()  # the adapters are still up
 
-    def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> None:
+    def _interrupt(self, run_id: str, message: str = INTERRUPTED_MESSAGE) -> bool:
+        """Record the run `interrupted`; False if the database could not take it (then `_retry_ends` writes and
+        announces it as soon as it can, or the next start does)."""
         iterations = (self.storage.get_run(run_id) or {}).get("iterations") or 0
         try:
             self.storage.end_pending_approvals(run_id, "interrupted")  # a decision now could reach no step
             self.storage.finish_run(run_id, "interrupted", None, message, iterations)
-        except Exception as exc:  # a full disk: the next start interrupts it
-            log.error("run %s: could not record it interrupted (%s)", run_id, exc)
+        except Exception as exc:  # a full disk: written by _retry_ends as soon as it can be (or at the next start)
+            log.error("run %s: could not record it interrupted (%s); trying again until the database takes it",
+                      run_id, exc)
+            self._unwritten.setdefault(run_id, ("interrupted", message))
+            return False
+        return True
 
     @property
     def running(self) -> list[str]:

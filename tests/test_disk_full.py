@@ -5,6 +5,7 @@ refused up front with the cause, and every API error is a JSON sentence."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import subprocess
@@ -122,3 +123,38 @@ def test_cancel_ends_a_run_whose_task_is_gone(server, llm, tmpfs):
     filler.unlink()
     ended = server.wait_status(run_id, timeout=30)
     assert ended["status"] == "cancelled", ended
+
+
+async def test_a_restart_on_a_full_disk_interrupts_left_runs_once_the_database_can_be_written(make_agent, tmpfs):
+    """Serve restarts while the disk is still full: runs a crash left `running` cannot be recorded `interrupted`
+    yet. They are as soon as the database takes writes (no second restart), and their users are told once."""
+    from agent_core.scheduler import INTERRUPTED_MESSAGE, RunScheduler
+    from tests.server_helpers import next_uid_base
+
+    agent = make_agent(db_path=tmpfs / "autocode.db", sandbox_warm=0, sandbox_uid_base=next_uid_base())
+    run_id = agent.storage.create_run("left", "job tag=L", status="running", adapter="slack")
+    filler = fill(tmpfs)
+    told: list[str] = []
+
+    async def notify(run: dict) -> None:
+        told.append(run["id"])
+
+    scheduler = RunScheduler(agent)
+    scheduler.on_interrupted("slack", notify)
+    await scheduler.start()
+    try:
+        await scheduler.announce_interrupted()
+        assert scheduler.unwritten_ends == [run_id] and told == []
+        assert agent.storage.get_run(run_id)["status"] == "running"
+
+        filler.unlink()
+
+        for _ in range(100):
+            if agent.storage.get_run(run_id)["status"] != "running" and told:
+                break
+            await asyncio.sleep(0.1)
+        run = agent.storage.get_run(run_id)
+        assert run["status"] == "interrupted" and run["error"] == INTERRUPTED_MESSAGE, run
+        assert told == [run_id] and scheduler.unwritten_ends == []
+    finally:
+        await scheduler.stop(grace=1)
