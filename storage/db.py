@@ -456,13 +456,13 @@ class Storage:
 
     def blobs_total(self) -> int:
         """Bytes of every conversation's kept files together (each blob counted once)."""
-        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT sha256, MAX(size) AS size "
-                              "FROM workspace_files GROUP BY sha256)").fetchone()
-        return int(row[0])
+        rows = self._rows("SELECT COALESCE(SUM(size), 0) AS total FROM (SELECT sha256, MAX(size) AS size "
+                          "FROM workspace_files GROUP BY sha256)")
+        return int(rows[0]["total"])
 
     def all_blobs(self) -> set[str]:
         """The sha256 of every blob some conversation's workspace names (agent_core/retention.py)."""
-        return {r[0] for r in self.db.execute("SELECT DISTINCT sha256 FROM workspace_files")}
+        return {r["sha256"] for r in self._rows("SELECT DISTINCT sha256 FROM workspace_files")}
 
     def workspace_files_before(self, cutoff: str) -> dict[str, list[str]]:
         """Names of the workspace files created before `cutoff` (an ISO time), by conversation."""

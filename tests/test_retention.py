@@ -106,3 +106,36 @@ def test_a_total_cap_over_all_conversations_refuses_new_uploads_with_a_sentence(
     assert body["status"] == "failed" and "AUTOCODE_WORKSPACES_MAX_MB" in body["error"], body
     assert "nothing was run" in body["error"]
     assert len(llm_server.chat_requests()) == 2  # the first run's plan and verdict only
+
+
+def test_the_sweep_leaves_conversations_with_a_run_in_progress_and_young_blobs_alone(tmp_path):
+    from agent_core.config import Settings
+    from agent_core.retention import sweep
+    from agent_core.workspace import Workspace
+    from storage.db import Storage
+
+    settings = Settings(db_path=tmp_path / "r.db", workspace_days=30)
+    storage = Storage(settings.db_path)
+    try:
+        workspace = Workspace(storage, settings)
+        for conversation in ("idle", "busy"):
+            run_id = storage.create_run(conversation, "t", status="succeeded")
+            source = tmp_path / f"{conversation}.csv"
+            source.write_text(f"{conversation}\n")
+            workspace.add_uploads(conversation, run_id, [(source, f"{conversation}.csv")])
+        storage.create_run("busy", "a follow-up waiting", status="queued")
+        storage.db.execute("UPDATE workspace_files SET created_at = '2020-01-01T00:00:00.000+00:00'")
+        storage.db.conn.commit()
+        young = storage.blob_dir / "cd" / ("cd" + "1" * 62)  # a blob another process is about to name
+        young.parent.mkdir(exist_ok=True)
+        young.write_bytes(b"new")
+
+        swept = sweep(storage, settings)
+
+        assert (swept.files, swept.conversations) == (1, 1)
+        assert [r["name"] for r in storage.workspace_files("idle")] == []
+        assert [r["name"] for r in storage.workspace_files("busy")] == ["busy.csv"]  # left to its queued run
+        assert young.exists() and swept.orphans == 0
+        assert not workspace.inputs_for("idle") and len(workspace.inputs_for("busy")) == 1
+    finally:
+        storage.close()
