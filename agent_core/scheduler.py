@@ -29,6 +29,8 @@ INTERRUPTED_MESSAGE = "AutoCode restarted while this task was running; please se
 HELD_INTERRUPTED_MESSAGE = ("AutoCode restarted while this task's files were being received; nothing was run. "
                             "Please send the task and its files again.")
 CANCELLED_MESSAGE = "The run was cancelled."
+DISK_FULL_REFUSAL = ("The server's disk is full, so AutoCode could not take this task; nothing was run. The operator "
+                     "must free space; then please send it again.")
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0  # an end that could not be written is tried again this often
 
@@ -38,7 +40,7 @@ class Submission:
     run_id: str | None
     status: str  # queued | held | duplicate | refused
     message: str = ""
-    reason: str = ""  # when refused: empty | budget | shutting_down
+    reason: str = ""  # when refused: empty | budget | shutting_down | disk_full
 
 
 class RunScheduler:
@@ -96,6 +98,11 @@ class RunScheduler:
                                              delivery_id=delivery_id, reply_to=reply_to)
         except DuplicateDelivery as duplicate:
             return Submission(duplicate.run_id, "duplicate", "This delivery already started a run.")
+        except Exception as exc:  # the adapters tell the user the refusal's sentence, the API answers 503 with it
+            if not disk_full(exc):
+                raise
+            log.error("a task in %s was refused: the disk is full (%s)", conversation, exc)
+            return Submission(None, "refused", DISK_FULL_REFUSAL, "disk_full")
         if hold:
             return Submission(run_id, "held")
         self._wake.set()

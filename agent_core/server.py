@@ -39,6 +39,7 @@ from bots import Runtime, build_adapters
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_REFUSED = {"empty": 400, "budget": 429, "shutting_down": 503, "disk_full": 503}  # a refused submission's status
 
 
 class RequestGauge:
@@ -252,10 +253,11 @@ class Server:
             task, conversation, user=body.get("user") or "", adapter=body.get("adapter") or "api",
             delivery_id=body.get("delivery_id"),
         )
-        code = {"queued": 202, "duplicate": 200}.get(submission.status) or {
-            "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
+        code = {"queued": 202, "duplicate": 200}.get(submission.status) or _REFUSED[submission.reason]
         return JSONResponse({"run_id": submission.run_id, "status": submission.status,
-                             "message": submission.message}, status_code=code)
+                             "message": submission.message,
+                             **({"error": submission.message} if submission.status == "refused" else {})},
+                            status_code=code)
 
     async def submit_with_files(self, request: Request) -> JSONResponse:
         """`POST /api/runs` as multipart/form-data: fields task, conversation, user, delivery_id and `file` parts,
@@ -293,10 +295,11 @@ class Server:
                 text["task"], text["conversation"] or "api", user=text["user"] or "", adapter="api",
                 delivery_id=text["delivery_id"] or None, hold=True)
             if submission.status != "held":
-                code = {"duplicate": 200}.get(submission.status) or {
-                    "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
+                code = {"duplicate": 200}.get(submission.status) or _REFUSED[submission.reason]
                 return JSONResponse({"run_id": submission.run_id, "status": submission.status,
-                                     "message": submission.message}, status_code=code)
+                                     "message": submission.message,
+                                     **({"error": submission.message} if submission.status == "refused" else {})},
+                                    status_code=code)
             async with uploads.receiving(self.scheduler, submission.run_id) as receiver:
                 for part in files:
                     await receiver.add(part.filename or "file", _upload_chunks(part))

@@ -49,6 +49,7 @@ from starlette.routing import BaseRoute, Route
 from agent_core import uploads
 from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
+from agent_core.disk import disk_full
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished, StepStarted,
 )
@@ -369,8 +370,11 @@ class SlackAdapter:
                 await coro
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("slack: %s failed", what)
+            except Exception as exc:
+                if disk_full(exc):  # not a bug: one line (the scheduler ends the runs once the disk has room)
+                    log.error("slack: %s failed: the server's disk is full (%s)", what, exc)
+                else:
+                    log.exception("slack: %s failed", what)
 
         task = asyncio.ensure_future(guarded())
         self._tasks.add(task)

@@ -89,7 +89,7 @@ def test_a_full_disk_ends_every_run_once_writable_frees_its_conversation_and_say
     # Every API error is a JSON sentence, and uploads are refused before a byte is taken.
     submitted = server.submit("job tag=E", "conv-E")
     assert submitted.status_code == 503, submitted.text
-    assert "disk is full" in submitted.json()["error"]
+    assert submitted.json()["status"] == "refused" and "disk is full" in submitted.json()["error"]
     upload = server.http.post("/api/runs", data={"task": "read it", "conversation": "conv-F"},
                               files=[("file", ("data.csv", b"a,b\n1,2\n", "text/csv"))])
     assert upload.status_code == 507, upload.text
@@ -158,3 +158,26 @@ async def test_a_restart_on_a_full_disk_interrupts_left_runs_once_the_database_c
         assert told == [run_id] and scheduler.unwritten_ends == []
     finally:
         await scheduler.stop(grace=1)
+
+
+def test_a_slack_task_on_a_full_disk_is_refused_in_the_channel_with_the_cause(llm, tmpfs, tmp_path):
+    """A chat user whose task cannot be stored is told why in the channel (the adapters post a refusal's
+    sentence), not left without an answer while Slack retries the event."""
+    from tests.fakes.slack_server import FakeSlack
+    from tests.test_slack import SECRET, TOKEN, in_channel, mention, send_event
+
+    with FakeSlack() as slack:
+        serve = Serve(serve_env(llm, tmpfs / "autocode.db", SLACK_BOT_TOKEN=TOKEN, SLACK_SIGNING_SECRET=SECRET,
+                                SLACK_API_URL=slack.api_url), tmp_path / "slack.log", tmp_path)
+        try:
+            serve.wait_ready()
+            filler = fill(tmpfs)
+            answer = send_event(serve, mention("CFULL", "job tag=FULL"))
+            assert answer.status_code == 200, answer.text
+            posted = wait_for(lambda: in_channel(slack, "chat.postMessage", "CFULL"), 20,
+                              what="the refusal in the channel")
+            assert "disk is full" in posted[0].params["text"], posted[0].params
+            filler.unlink()
+        finally:
+            serve.close()
+        assert "Traceback" not in serve.log_tail(10**6)
