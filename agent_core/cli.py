@@ -465,7 +465,10 @@ def _save_artifacts(storage: Any, run_id: str, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for artifact in storage.artifacts(run_id, with_data=True):
         target = directory / Path(artifact["name"]).name  # flat: names come from the sandbox, trust no path
-        target.write_bytes(artifact["data"])
+        if artifact["data"] is None and artifact["size"]:  # dropped by age (agent_core/retention.py)
+            print(f"not kept any more (AUTOCODE_WORKSPACE_DAYS): {_field(artifact['name'])}")
+            continue
+        target.write_bytes(artifact["data"] or b"")
         print(f"saved {_field(target)}")
 
 

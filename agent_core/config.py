@@ -159,6 +159,9 @@ class Settings:
     input_max_files: int = 10  # files given to one run, at most
     workspace_mb: int = 200  # a conversation's kept files (agent_core/workspace.py), at most
     workspace_days: int = 30  # a kept file is removed after this many days
+    workspaces_max_mb: int = 0  # all conversations' kept files together, at most (uploads refused over it); 0: no cap
+    disk_reserve_mb: int = 64  # free space uploads must leave on the data directory's (and temp) filesystem
+    body_timeout: float = 30.0  # seconds to receive a request body (plus its size at 64 KB/s), and between chunks
     max_concurrent_runs: int = 32
     sandbox_slots: int = field(default_factory=lambda: os.cpu_count() or 2)
     max_tokens_per_run: int = 200_000  # 0: no limit
@@ -248,6 +251,9 @@ class Settings:
             input_max_files=_int(env, "AUTOCODE_INPUT_MAX_FILES", 10),
             workspace_mb=_int(env, "AUTOCODE_WORKSPACE_MB", 200),
             workspace_days=_int(env, "AUTOCODE_WORKSPACE_DAYS", 30),
+            workspaces_max_mb=_int(env, "AUTOCODE_WORKSPACES_MAX_MB", 0, minimum=0),
+            disk_reserve_mb=_int(env, "AUTOCODE_DISK_RESERVE_MB", 64, minimum=0),
+            body_timeout=_float(env, "AUTOCODE_BODY_TIMEOUT", 30.0),
             max_concurrent_runs=_int(env, "AUTOCODE_MAX_CONCURRENT_RUNS", 32),
             sandbox_slots=_int(env, "AUTOCODE_SANDBOX_SLOTS", os.cpu_count() or 2),
             max_tokens_per_run=_int(env, "AUTOCODE_MAX_TOKENS_PER_RUN", 200_000, minimum=0),

@@ -18,6 +18,11 @@ from typing import IO, Iterable
 
 MAX_NAME_BYTES = 120  # well under NAME_MAX (255), so "name (12).csv" still fits
 RESULTS_DIR = "results"  # inputs/results/run-N.json: earlier runs' result dicts
+# Names the workspace uses itself inside a run's working directory: results/ under inputs/ (an upload named
+# `results` made that directory impossible: FileExistsError in every later run), and inputs/ and outputs/ beside
+# it (a file inputs/outputs would only mislead the planner). A file given one of them is renamed `NAME (upload)`.
+RESERVED_NAMES = frozenset({RESULTS_DIR, "inputs", "outputs"})
+RENAMED_SUFFIX = " (upload)"
 
 
 class InputRefused(Exception):
@@ -75,6 +80,24 @@ def unique_name(name: str, taken: set[str]) -> str:
         number += 1
 
 
+def workspace_name(name: str, taken: set[str]) -> str:
+    """A safe name for a file joining a workspace: `safe_name`, renamed `NAME (upload)` if the workspace uses NAME
+    itself (RESERVED_NAMES, compared without case), then made unique against `taken`."""
+    name = safe_name(name)
+    if name.lower() in RESERVED_NAMES:
+        name += RENAMED_SUFFIX
+    return unique_name(name, taken)
+
+
+def renamed_note(names: Iterable[str]) -> str | None:
+    """What the user is told about their files `workspace_name` renamed because of a reserved name, or None."""
+    renamed = [n for n in names if RENAMED_SUFFIX in n and n.split(RENAMED_SUFFIX)[0].lower() in RESERVED_NAMES]
+    if not renamed:
+        return None
+    told = "; ".join(f"{n.split(RENAMED_SUFFIX)[0]} is inputs/{n}" for n in renamed)
+    return f"Renamed, as AutoCode's working directory uses the name itself: {told}."
+
+
 def check_uploads(paths: Iterable[Path], max_mb: int, max_files: int) -> list[tuple[Path, int]]:
     """The files with their sizes, or InputRefused saying which limit a file is over (nothing is read)."""
     paths = list(paths)
@@ -114,5 +137,5 @@ def write_inputs_tar(files: list[InputFile], out: IO[bytes]) -> None:
                 tar.addfile(entry, handle)
 
 
-__all__ = ["InputFile", "InputRefused", "RESULTS_DIR", "check_uploads", "safe_name", "unique_name",
-           "write_inputs_tar"]
+__all__ = ["InputFile", "InputRefused", "RESERVED_NAMES", "RESULTS_DIR", "check_uploads", "renamed_note",
+           "safe_name", "unique_name", "workspace_name", "write_inputs_tar"]

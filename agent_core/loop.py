@@ -16,6 +16,7 @@ from agent_core.budget import BudgetExceeded, RunBudget
 from agent_core.channel_settings import ChannelSettings, EffectiveSettings
 from agent_core.checks import CheckError, check_subtask
 from agent_core.config import Settings
+from agent_core.disk import DISK_FULL, disk_full
 from agent_core.events import (
     EvaluationDone, EventBus, PlanReady, RepairPlanned, RunEvent, RunFinished, RunStarted, StepFinished,
     StepStarted, WorkerWaiting, event_data, event_type,
@@ -131,6 +132,10 @@ def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None)
         text = message["text"] if limit_each is None else _clip(message["text"], limit_each)
         lines.append(f"{who}: {text}")
     return "\n".join(lines)
+
+
+DISK_FULL_MESSAGE = (f"{DISK_FULL}, so this run stopped and could not be finished. The operator must free space; "
+                     "then please send the task again.")
 
 
 class Agent:
@@ -308,8 +313,12 @@ class _Run:
             status, error, self.failure = "cancelled", "The run was cancelled.", "cancelled"
             raise
         except Exception as exc:  # a bug of ours: the user gets a short message, the operator the traceback
-            log.exception("run %s crashed", self.run_id)
-            error = f"Internal error ({type(exc).__name__}); see the server log for run {self.run_id}."
+            if disk_full(exc):  # not a bug: the user is told the cause (the end may not be writable either)
+                log.error("run %s: the disk is full (%s)", self.run_id, exc)
+                error = DISK_FULL_MESSAGE
+            else:
+                log.exception("run %s crashed", self.run_id)
+                error = f"Internal error ({type(exc).__name__}); see the server log for run {self.run_id}."
         finally:
             if self.sandbox is not None:
                 await asyncio.shield(self._close_sandbox(self.sandbox, keep_outputs=status != "cancelled"))
@@ -345,7 +354,7 @@ class _Run:
         # The planner is asked before a sandbox is opened when the files' manifest is known from earlier runs (or
         # there are no files): a direct answer then costs one LLM call and no sandbox. A new file is previewed in
         # the sandbox first, since the planner must see it.
-        self.inputs = known_inputs(self.workspace, self.conversation)
+        self.inputs = known_inputs(self.workspace, self.conversation, self.run_id)
         if not self.inputs.ready:
             await self._open_sandbox()
         plan = await self._plan()

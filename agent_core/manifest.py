@@ -45,11 +45,15 @@ class PreparedInputs:
         return not self.missing
 
 
-def known_inputs(workspace: Workspace, conversation: str) -> PreparedInputs:
+def known_inputs(workspace: Workspace, conversation: str, run_id: str | None = None) -> PreparedInputs:
     """The conversation's workspace as the next run's inputs, with the manifest built from the previews earlier
     runs made of the same bytes (stored by content); `missing` names the files still to preview in a sandbox.
-    Files older than AUTOCODE_WORKSPACE_DAYS are dropped first (`notes` tells the user)."""
+    Files older than AUTOCODE_WORKSPACE_DAYS are dropped first (`notes` tells the user, and names the uploads of
+    `run_id` renamed because the workspace uses their name itself)."""
     notes = workspace.expire(conversation)
+    renamed = workspace.renamed(conversation, run_id) if run_id else None
+    if renamed:
+        notes.append(renamed)
     files = workspace.inputs_for(conversation)
     prepared = PreparedInputs(files, notes=notes)
     if files:

@@ -11,21 +11,26 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent_core import viewer
+from agent_core import retention, viewer
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.llm_probe import probe_llm
 from agent_core import uploads
+from agent_core.disk import NoRoom, directory_writable, room_refusal
+from agent_core.http_guard import BodyGuard, error_response, http_error
 from agent_core.budget import monthly_status
 from agent_core.channel_settings import EffectiveSettings, SettingError, run_settings, scope_of
 from agent_core.pricing import month_bounds, prices_for, spend
@@ -36,6 +41,7 @@ from storage.owner import DatabaseOwner
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ADAPTER_START_S = 5.0  # serve's start-up waits this long at most for each chat adapter (then it goes on alone)
+_REFUSED = {"empty": 400, "budget": 429, "shutting_down": 503, "disk_full": 503}  # a refused submission's status
 
 
 class RequestGauge:
@@ -122,6 +128,7 @@ class Server:
         self._llm_check: asyncio.Task[None] | None = None
         self._starting: list[asyncio.Task] = []  # adapter starts that outlasted ADAPTER_START_S
         self._failed: set[str] = set()  # adapters whose start raised
+        self._sweeper: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -135,6 +142,8 @@ class Server:
             await self.scheduler.announce_interrupted()
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
                      self._adapters_line())
+            self._sweeper = asyncio.create_task(retention.run_periodically(self.agent.storage, self.settings),
+                                                name="retention-sweep")  # at start, then hourly
             if self.settings.llm_startup_check:  # in the background: readiness never waits for the LLM
                 self._llm_check = asyncio.create_task(self.log_llm_check(), name="llm-startup-check")
             yield
@@ -144,6 +153,9 @@ class Server:
             for task in self._starting:  # an adapter still starting when serve stops
                 task.cancel()
             await asyncio.gather(*self._starting, return_exceptions=True)
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                await asyncio.gather(self._sweeper, return_exceptions=True)
             await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:
@@ -206,7 +218,7 @@ class Server:
         if result.notes:
             log.log(level, "LLM check notes: %s", "; ".join(result.notes))
 
-    def app(self) -> "RequestGauge":
+    def app(self) -> BodyGuard:
         routes = [
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/api/runs", self._guarded(self.submit), methods=["POST"]),
@@ -220,31 +232,45 @@ class Server:
         ]
         for adapter in self.adapters:
             routes.extend(adapter.routes)
-        gauge = RequestGauge(Starlette(routes=routes, lifespan=self.lifespan))
+        app = Starlette(routes=routes, lifespan=self.lifespan,
+                        exception_handlers={Exception: error_response, HTTPException: http_error})
+        gauge = RequestGauge(app)
         self.scheduler.yield_to = self.runtime.quiet = gauge.quiet
-        return gauge
+        return BodyGuard(gauge, self.settings)  # outermost: bodies are capped before anything reads them
 
     # --- routes ----------------------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> JSONResponse:
+        """200 "ok"; 503 "degraded" while the database or the data directory cannot be written (a full disk: runs
+        cannot end, nothing new can be stored); 503 "unavailable" while shutting down or the workers are
+        unreachable."""
         try:
             self.agent.storage.db.execute("SELECT 1").fetchone()
             database = "ok"
         except Exception as exc:  # reported, not raised: this is the health check
             database = f"error: {type(exc).__name__}"
+        data = await asyncio.to_thread(directory_writable, self.agent.storage.path.absolute().parent)
+        unwritten = self.scheduler.unwritten_ends
+        storage: dict[str, Any] = {"writable": data is None and not unwritten}
+        if data is not None:
+            storage["error"] = f"cannot write {data}"
+        if unwritten:
+            storage["runs_not_yet_ended"] = unwritten  # their end is written as soon as the database can be
         sandbox = self.agent.executor.describe()
         workers: Any = "in-process"
         if self.settings.redis_url:
             workers = {"mode": "celery", "redis": sandbox["redis"], "status": await self.agent.executor.health()}
         reachable = workers == "in-process" or workers["status"] == "ok"
-        healthy = database == "ok" and self.scheduler.accepting and reachable
+        available = database == "ok" and self.scheduler.accepting and reachable
+        status = "ok" if available and storage["writable"] else "degraded" if available else "unavailable"
         return JSONResponse({
-            "status": "ok" if healthy else "unavailable",
+            "status": status,
             "database": database,
+            "storage": storage,
             "sandbox": {"backend": sandbox["backend"], "fallback_reason": sandbox["fallback_reason"],
                         "network": sandbox["network"]},
             "workers": workers,
             "runs": {"running": len(self.scheduler.running), "max": self.settings.max_concurrent_runs},
-        }, status_code=200 if healthy else 503)
+        }, status_code=200 if status == "ok" else 503)
 
     def _authorized(self, request: Request) -> bool:
         """With AUTOCODE_API_TOKEN set, a matching bearer token; without it, loopback clients only."""
@@ -279,10 +305,11 @@ class Server:
             task, conversation, user=body.get("user") or "", adapter=body.get("adapter") or "api",
             delivery_id=body.get("delivery_id"),
         )
-        code = {"queued": 202, "duplicate": 200}.get(submission.status) or {
-            "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
+        code = {"queued": 202, "duplicate": 200}.get(submission.status) or _REFUSED[submission.reason]
         return JSONResponse({"run_id": submission.run_id, "status": submission.status,
-                             "message": submission.message}, status_code=code)
+                             "message": submission.message,
+                             **({"error": submission.message} if submission.status == "refused" else {})},
+                            status_code=code)
 
     async def submit_with_files(self, request: Request) -> JSONResponse:
         """`POST /api/runs` as multipart/form-data: fields task, conversation, user, delivery_id and `file` parts,
@@ -295,6 +322,11 @@ class Server:
             return JSONResponse({"error": f"the request is over {settings.input_max_files} files of "
                                  f"{settings.input_max_mb} MB (AUTOCODE_INPUT_MAX_FILES, AUTOCODE_INPUT_MAX_MB); "
                                  "nothing was run."}, status_code=413)
+        refusal = room_refusal(int(length) if length.isdigit() else 0, settings.disk_reserve_mb * 1024 * 1024,
+                               {"AutoCode's files": self.agent.storage.blob_dir,
+                                "temporary files": Path(tempfile.gettempdir())})
+        if refusal:  # before a byte is read (the parser spools files to temporary files)
+            return JSONResponse({"error": refusal}, status_code=507)
         parser = CappedMultiPartParser(request.headers, request.stream(), max_files=settings.input_max_files,
                                        max_fields=16, max_part_size=64 * 1024, max_file_bytes=max_file)
         try:
@@ -315,22 +347,24 @@ class Server:
                 text["task"], text["conversation"] or "api", user=text["user"] or "", adapter="api",
                 delivery_id=text["delivery_id"] or None, hold=True)
             if submission.status != "held":
-                code = {"duplicate": 200}.get(submission.status) or {
-                    "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
+                code = {"duplicate": 200}.get(submission.status) or _REFUSED[submission.reason]
                 return JSONResponse({"run_id": submission.run_id, "status": submission.status,
-                                     "message": submission.message}, status_code=code)
+                                     "message": submission.message,
+                                     **({"error": submission.message} if submission.status == "refused" else {})},
+                                    status_code=code)
             async with uploads.receiving(self.scheduler, submission.run_id) as receiver:
                 for part in files:
                     await receiver.add(part.filename or "file", _upload_chunks(part))
             if receiver.failure is not None:
                 return JSONResponse({"run_id": submission.run_id, "status": "failed",
                                      "error": self.agent.storage.get_run(submission.run_id)["error"]},
-                                    status_code=413 if isinstance(receiver.failure, uploads.InputRefused) else 500)
+                                    status_code=507 if isinstance(receiver.failure, NoRoom) else
+                                    413 if isinstance(receiver.failure, uploads.InputRefused) else 500)
             if not receiver.released:  # cancelled or interrupted while its files were being stored
                 run = self.agent.storage.get_run(submission.run_id)
                 return JSONResponse({"run_id": submission.run_id, "status": run["status"], "error": run["error"]},
                                     status_code=409)
-            return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": "",
+            return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": receiver.note or "",
                                  "files": len(files)}, status_code=202)
         finally:
             await form.close()

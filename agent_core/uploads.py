@@ -39,7 +39,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator
 
-from agent_core.inputs import InputRefused
+from agent_core.disk import DISK_FULL, NoRoom, disk_full, room_refusal
+from agent_core.inputs import InputRefused, renamed_note
 from agent_core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,14 @@ class Receiver:
         self.files: list[tuple[str, Path]] = []  # (the name the user gave, where its bytes are)
         self.failure: BaseException | None = None  # set on leaving the block when the run was failed
         self.released = False
+        self.note: str | None = None  # for the user, once stored: files renamed (agent_core.inputs.workspace_name)
+        self.refusal: str | None = None  # no room on the disk: `add` takes nothing
 
     async def add(self, name: str, chunks: AsyncIterable[bytes]) -> int:
         """Stream one file to disk; returns its size. InputRefused once it is over AUTOCODE_INPUT_MAX_MB (reading
         stops there) or when it would be one file too many."""
+        if self.refusal:
+            raise NoRoom(self.refusal)
         if len(self.files) >= self.max_files:
             raise InputRefused(f"more than the {self.max_files} files a task can take (AUTOCODE_INPUT_MAX_FILES); "
                                "nothing was run.")
@@ -120,16 +125,26 @@ async def receiving(scheduler: Any, run_id: str) -> AsyncIterator[Receiver]:
     if run is None or run["status"] != "held":
         raise ValueError(f"run {run_id} is not held (submit it with hold=True; a duplicate has its own files)")
     root = upload_root(storage)
-    root.mkdir(mode=0o700, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"receiving-{run_id}-", dir=root) as directory:  # 0700
+    reserve = settings.disk_reserve_mb * 1024 * 1024
+    # Checked before anything is received: a full disk is told as such (sending again cannot help until then).
+    # The files are received beside the database (upload_root), then kept as blobs there: one filesystem.
+    refusal = room_refusal(0, reserve, {"AutoCode's files": storage.path.parent})
+    with contextlib.ExitStack() as stack:
+        if not refusal:
+            root.mkdir(mode=0o700, exist_ok=True)
+        directory = tempfile.gettempdir() if refusal else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix=f"receiving-{run_id}-", dir=root))  # 0700
         receiver = Receiver(Path(directory), settings.input_max_mb, settings.input_max_files)
+        receiver.refusal = refusal
         try:
             yield receiver
+            if refusal:
+                raise NoRoom(refusal)
             workspace = Workspace(storage, settings)
             admitted = workspace.admit(run["conversation"], receiver.files)
             if (storage.get_run(run_id) or {}).get("status") != "held":
                 return  # cancelled or interrupted meanwhile: nothing is stored for it
-            workspace.add_uploads(run["conversation"], run_id, admitted)
+            receiver.note = renamed_note(workspace.add_uploads(run["conversation"], run_id, admitted))
             receiver.released = scheduler.release(run_id)
         except InputRefused as refused:
             receiver.failure = refused
@@ -140,8 +155,15 @@ async def receiving(scheduler: Any, run_id: str) -> AsyncIterator[Receiver]:
                                                              "Please send them again."))
             raise
         except Exception as exc:
-            log.exception("receiving the files of run %s failed", run_id)
             receiver.failure = exc
+            if disk_full(exc):
+                log.error("receiving the files of run %s: the disk is full (%s)", run_id, exc)
+                receiver.failure = NoRoom(f"{DISK_FULL}, so AutoCode could not take these files; nothing was run. "
+                                          "The operator must free space (sending them again will not help "
+                                          "until then).")
+                await scheduler.fail_held(run_id, str(receiver.failure))
+                return
+            log.exception("receiving the files of run %s failed", run_id)
             await scheduler.fail_held(run_id, f"AutoCode could not receive the files ({type(exc).__name__}); "
                                               "nothing was run. Please send them again.")
 

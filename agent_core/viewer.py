@@ -293,6 +293,14 @@ def _not_found() -> Response:
     return PlainTextResponse("not found", status_code=404, headers=SECURITY_HEADERS)
 
 
+def _gone(workspace_days: int) -> Response:
+    """410 for a file whose bytes are no longer kept (agent_core/retention.py, /reset, a later replacement)."""
+    return PlainTextResponse(
+        f"This file is no longer kept: AutoCode removes a conversation's files after {workspace_days} days "
+        "(AUTOCODE_WORKSPACE_DAYS), and /reset or a newer file of the same name removes them sooner.",
+        status_code=410, headers=SECURITY_HEADERS)
+
+
 def _disposition(kind: str, name: str) -> str:
     """`attachment; filename=...` safe for any stored name (ASCII fallback plus RFC 5987 UTF-8)."""
     base = Path(name).name or "artifact"
@@ -377,6 +385,8 @@ class Viewer:
         artifact = await run_in_threadpool(find)
         if artifact is None:
             return _not_found()
+        if artifact["data"] is None and artifact["size"]:  # its bytes were dropped by age
+            return _gone(self.workspace_days)
         image = artifact["mime"] in INLINE_IMAGES
         headers = {**SECURITY_HEADERS, "Content-Security-Policy": "default-src 'none'; sandbox",
                    "Content-Disposition": _disposition("inline" if image else "attachment", artifact["name"])}
@@ -385,22 +395,26 @@ class Viewer:
 
     async def input_file(self, request: Request) -> Response:
         """One of the files the run started with, always as a download, while its conversation still holds it."""
-        def find() -> tuple[dict[str, Any], IO[bytes], int] | None:
+        def find() -> tuple[dict[str, Any], IO[bytes], int] | str | None:
             run = self._run(request)
             if run is None:
                 return None
             row = self.storage.run_input(run["id"], request.path_params["input_id"])
-            if row is None or not row["kept"] or not SHA256.match(row["sha256"] or ""):
+            if row is None or not SHA256.match(row["sha256"] or ""):
                 return None
+            if not row["kept"]:
+                return "gone"
             try:
                 handle = open(self.storage.blob_path(row["sha256"]), "rb")
             except OSError:
-                return None
+                return "gone"
             return row, handle, os.fstat(handle.fileno()).st_size
 
         found = await run_in_threadpool(find)
         if found is None:
             return _not_found()
+        if found == "gone":
+            return _gone(self.workspace_days)
         row, handle, size = found
         headers = {**SECURITY_HEADERS, "Content-Security-Policy": "default-src 'none'; sandbox",
                    "Content-Disposition": _disposition("attachment", row["name"]), "Content-Length": str(size)}

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from agent_core.config import Settings
-from agent_core.inputs import RESULTS_DIR, InputFile, InputRefused, check_uploads, safe_name, unique_name
+from agent_core.disk import NoRoom, room_refusal
+from agent_core.inputs import RESULTS_DIR, InputFile, InputRefused, check_uploads, renamed_note, workspace_name
 from agent_core.sandbox import Artifact
 from storage.db import Storage
 
@@ -60,6 +61,7 @@ class Workspace:
             target.parent.mkdir(mode=0o700, exist_ok=True)
             if target.exists():
                 os.unlink(temporary)
+                os.utime(target)  # named again: the retention sweep's grace for unnamed blobs starts anew
             else:
                 os.replace(temporary, target)
         except BaseException:
@@ -93,16 +95,35 @@ class Workspace:
         taken: set[str] = set()
         admitted = []
         for (given_name, _), (path, _size) in zip(given, checked):
-            name = unique_name(safe_name(given_name), taken)
+            name = workspace_name(given_name, taken)  # `results` becomes `results (upload)`
             taken.add(name)
             admitted.append((path, name))
         replaced = {existing[n]["sha256"]: existing[n]["size"] for _, n in admitted if n in existing}
-        after = self.usage(conversation) - sum(replaced.values()) + sum(size for _, size in checked)
+        adding = sum(size for _, size in checked)
+        after = self.usage(conversation) - sum(replaced.values()) + adding
         if after > self.quota:
             raise InputRefused(
                 f"these files would make this conversation's files {after / 1048576:.1f} MB, over its quota of "
                 f"{self.settings.workspace_mb} MB (AUTOCODE_WORKSPACE_MB); /reset clears them. Nothing was run.")
+        self.check_room(adding)
         return admitted
+
+    def check_room(self, adding: int) -> None:
+        """NoRoom (the user's sentence) when `adding` bytes more would take the kept files of all conversations
+        over AUTOCODE_WORKSPACES_MAX_MB, or leave less than AUTOCODE_DISK_RESERVE_MB free where they are kept."""
+        cap = self.settings.workspaces_max_mb
+        if cap:
+            total = self.storage.blobs_total() + adding
+            if total > cap * 1024 * 1024:
+                raise NoRoom(f"AutoCode keeps {cap} MB of files over all conversations at most "
+                             f"(AUTOCODE_WORKSPACES_MAX_MB), and these would make {total / 1048576:.1f} MB, so "
+                             "they were not taken; nothing was run. Older files are removed after "
+                             f"{self.settings.workspace_days} days (AUTOCODE_WORKSPACE_DAYS), and /reset clears a "
+                             "conversation's files.")
+        refusal = room_refusal(adding, self.settings.disk_reserve_mb * 1024 * 1024,
+                               {"AutoCode's files": self.storage.blob_dir})
+        if refusal:
+            raise NoRoom(refusal)
 
     def add_uploads(self, conversation: str, run_id: str, admitted: list[tuple[Path, str]]) -> list[str]:
         """Store admitted files (see `admit`) for the run, before it starts, streamed into blobs."""
@@ -147,29 +168,44 @@ class Workspace:
         for artifact in artifacts:
             # An output never replaces the user's own file (a step cannot rewrite an upload through outputs/);
             # it replaces an earlier output of the same name (the newer chart).
-            name = unique_name(safe_name(artifact.name.replace("/", "_")), uploads)
+            name = workspace_name(artifact.name.replace("/", "_"), uploads)
             entries.append((name, artifact.data, "output"))
         result_bytes = json.dumps(result, ensure_ascii=False, indent=1, default=str).encode()
         entries.append((f"{RESULTS_DIR}/run-{run_no}.json", result_bytes, "result"))
+        total_cap = self.settings.workspaces_max_mb * 1024 * 1024
+        total = self.storage.blobs_total() if total_cap else 0
+        over_total = []
         for name, data, kind in entries:
             old = existing.get(name)
             grows = len(data) - (old["size"] if old else 0)
             if used + grows > self.quota:
                 left_out.append(name)
                 continue
+            if total_cap and grows > 0 and total + grows > total_cap:
+                over_total.append(name)
+                continue
             sha256, size = self._store([data])
             self.storage.add_workspace_file({"conversation": conversation, "name": name, "sha256": sha256,
                                              "size": size, "kind": kind, "run_id": run_id, "run_no": run_no})
             used += grows
+            total += grows
         results = sorted((r for r in self.storage.workspace_files(conversation) if r["kind"] == "result"),
                          key=lambda r: r["run_no"])
         if len(results) > RESULTS_KEPT:
             self.storage.delete_workspace_files(conversation, names=[r["name"] for r in results[:-RESULTS_KEPT]])
-        if not left_out:
-            return None
-        return (f"Not kept for follow-ups (this conversation's files are over {self.settings.workspace_mb} MB, "
-                f"AUTOCODE_WORKSPACE_MB; /reset clears them): {', '.join(left_out[:5])}"
-                + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "") + ".")
+        notes = []
+        if left_out:
+            notes.append(f"Not kept for follow-ups (this conversation's files are over {self.settings.workspace_mb} "
+                         f"MB, AUTOCODE_WORKSPACE_MB; /reset clears them): {_names(left_out)}.")
+        if over_total:
+            notes.append(f"Not kept for follow-ups (AutoCode's files over all conversations are at their cap of "
+                         f"{self.settings.workspaces_max_mb} MB, AUTOCODE_WORKSPACES_MAX_MB): {_names(over_total)}.")
+        return "\n".join(notes) or None
+
+    def renamed(self, conversation: str, run_id: str) -> str | None:
+        """What the user of `run_id` is told about their uploads renamed because the workspace uses the name."""
+        return renamed_note(r["name"] for r in self.storage.workspace_files(conversation)
+                            if r["kind"] == "upload" and r["run_id"] == run_id)
 
     def clear(self, conversation: str) -> int:
         return self.storage.delete_workspace_files(conversation)
@@ -192,6 +228,10 @@ def result_record(run_no: int, run_id: str, task: str, status: str, answer: str,
     clipped = answer if len(answer) <= RESULT_ANSWER_CHARS else answer[:RESULT_ANSWER_CHARS] + " …"
     return {"run": run_no, "run_id": run_id, "task": task, "status": status, "answer": clipped, "error": error,
             "files": files}
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _origin(row: dict[str, Any]) -> str:

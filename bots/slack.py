@@ -37,17 +37,19 @@ import aiohttp
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler, AsyncRateLimitErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from agent_core import uploads
 from agent_core.channel_settings import scope_of
 from agent_core.config import ConfigError, Settings
+from agent_core.disk import disk_full
 from agent_core.events import (
     ApprovalDecided, ApprovalRequested, EvaluationDone, LLMWaiting, PlanReady, RepairPlanned, RunEvent, RunFinished,
     RunStarted, StepFinished, StepStarted, WorkerWaiting,
@@ -302,7 +304,17 @@ class SlackAdapter:
         return routes
 
     async def _endpoint(self, request: Request) -> Response:
-        return await self.handler.handle(request)
+        """slack_bolt's handler, after the signature is checked on the body (capped by agent_core/http_guard.py):
+        bolt parses a body before verifying it, so an unsigned malformed one was a 500 with a traceback."""
+        if request.method == "POST" and self.settings.slack_signing_secret:
+            body = await request.body()  # kept by the request: bolt reads it again from there
+            if not SignatureVerifier(self.settings.slack_signing_secret).is_valid_request(body, request.headers):
+                return JSONResponse({"error": "invalid or stale Slack signature"}, status_code=401)
+        try:
+            return await self.handler.handle(request)
+        except ValueError as exc:  # a signed body bolt cannot parse (not JSON, a broken `payload`)
+            log.warning("slack: a malformed request body (%s)", exc)
+            return JSONResponse({"error": "the Slack request body is malformed"}, status_code=400)
 
     async def start(self) -> None:
         # One pooled HTTP session for every Web API call (a session per call costs a connection setup each).
@@ -365,8 +377,11 @@ class SlackAdapter:
                 await coro
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("slack: %s failed", what)
+            except Exception as exc:
+                if disk_full(exc):  # not a bug: one line (the scheduler ends the runs once the disk has room)
+                    log.error("slack: %s failed: the server's disk is full (%s)", what, exc)
+                else:
+                    log.exception("slack: %s failed", what)
 
         task = asyncio.ensure_future(guarded())
         self._tasks.add(task)

@@ -588,6 +588,31 @@ class Storage:
         return {r["sha256"] for r in self._rows("SELECT DISTINCT sha256 FROM workspace_files WHERE conversation = ?",
                                                 (conversation,))}
 
+    def blobs_total(self) -> int:
+        """Bytes of every conversation's kept files together (each blob counted once)."""
+        rows = self._rows("SELECT COALESCE(SUM(size), 0) AS total FROM (SELECT sha256, MAX(size) AS size "
+                          "FROM workspace_files GROUP BY sha256)")
+        return int(rows[0]["total"])
+
+    def all_blobs(self) -> set[str]:
+        """The sha256 of every blob some conversation's workspace names (agent_core/retention.py)."""
+        return {r["sha256"] for r in self._rows("SELECT DISTINCT sha256 FROM workspace_files")}
+
+    def workspace_files_before(self, cutoff: str) -> dict[str, list[str]]:
+        """Names of the workspace files created before `cutoff` (an ISO time), by conversation."""
+        found: dict[str, list[str]] = {}
+        for row in self._rows("SELECT conversation, name FROM workspace_files WHERE created_at < ? "
+                              "ORDER BY conversation, id", (cutoff,)):
+            found.setdefault(row["conversation"], []).append(row["name"])
+        return found
+
+    def drop_artifact_data_before(self, cutoff: str) -> int:
+        """Drop the bytes of run artifacts created before `cutoff` (the rows stay: the run page names them and
+        answers 410 Gone); returns how many."""
+        with self._lock, self.db.conn:
+            return self.db.execute("UPDATE artifacts SET data = NULL WHERE created_at < ? AND data IS NOT NULL",
+                                   (cutoff,)).rowcount
+
     def finish_run(self, run_id: str, status: str, answer: str | None, error: str | None, iterations: int) -> None:
         self._update(
             "runs", run_id,

@@ -561,7 +561,8 @@ def test_after_reset_the_page_still_lists_the_inputs_but_serves_them_no_more(ser
     inputs = server.http.get(f"/runs/{token}").text.split('id="inputs"')[1].split("</section>")[0]
     assert "inputs/notes.txt · 18 B · uploaded with this run · no longer kept" in inputs
     assert f"{token}/inputs/" not in inputs
-    assert server.http.get(f"/runs/{token}/inputs/{row['id']}").status_code == 404
+    gone = server.http.get(f"/runs/{token}/inputs/{row['id']}")  # no longer kept: 410 Gone, saying why
+    assert gone.status_code == 410 and "no longer kept" in gone.text
 
 
 def test_a_file_removed_by_age_as_the_run_started_is_not_listed_as_its_input(server):

@@ -367,3 +367,54 @@ def test_a_long_conversation_keeps_only_the_latest_results_and_each_blob_once(ma
     assert len([p for p in storage.blob_dir.rglob("*") if p.is_file()]) == RESULTS_KEPT + 1
     assert storage.clear_conversation("long") == 0 and storage.workspace_files("long") == []
     assert [p for p in storage.blob_dir.rglob("*") if p.is_file()] == []
+
+
+async def test_an_upload_named_results_is_renamed_and_its_conversation_keeps_working(make_agent, llm_server,
+                                                                                       tmp_path):
+    """Issue 21 item 10: inputs/results/ holds earlier runs' result dicts, so an upload named `results` made every
+    later run of its conversation fail (FileExistsError: 'results'). It becomes `results (upload)`, the user is
+    told, and the follow-ups run with both."""
+    from agent_core.workspace import run_with_files
+
+    agent = make_agent(sandbox_warm=0)
+    given = tmp_path / "results"
+    given.write_text("the user's own results\n")
+    look = subtask("look", "def look():\n    import os\n    return {'inputs': sorted(os.listdir('inputs')), "
+                   "'text': open('inputs/results (upload)').read()}", imports=["os"])
+    llm_server.reply_json(plan(look))
+    llm_server.reply_json(verdict("I read your results."))
+
+    first = await run_with_files(agent, "read my results file", "r", [given])
+
+    assert first.status == "succeeded", first.error
+    assert first.steps[0].output == {"inputs": ["results (upload)"], "text": "the user's own results\n"}
+    assert "results is inputs/results (upload)" in first.answer
+    assert "inputs/results (upload)" in user_prompt(llm_server.chat_requests()[0])
+
+    for number in (2, 3):  # later runs place results/run-N.json beside it
+        llm_server.reply_json(plan(look))
+        llm_server.reply_json(verdict("again"))
+        later = await agent.run("and again", "r")
+        assert later.status == "succeeded", later.error
+        assert "results (upload)" in later.steps[0].output["inputs"] and "results" in later.steps[0].output["inputs"]
+        assert "Renamed" not in later.answer  # told once, with the run that brought the file
+
+    # An output a step writes as outputs/results is renamed the same way when it joins the workspace.
+    write = subtask("write", "def write():\n    open('outputs/results', 'w').write('made')\n    return {'ok': True}")
+    llm_server.reply_json(plan(write))
+    llm_server.reply_json(verdict("written"))
+    assert (await agent.run("write results", "r")).status == "succeeded"
+    llm_server.reply_json(plan(look))
+    llm_server.reply_json(verdict("fine"))
+    after = await agent.run("look again", "r")
+    assert after.status == "succeeded", after.error
+    assert "results (upload) (2)" in after.steps[0].output["inputs"]
+
+
+def test_workspace_names_rename_only_the_names_the_workspace_uses():
+    from agent_core.inputs import workspace_name
+
+    assert workspace_name("results", set()) == "results (upload)"
+    assert workspace_name("Outputs", set()) == "Outputs (upload)"
+    assert workspace_name("inputs", {"inputs (upload)"}) == "inputs (upload) (2)"
+    assert workspace_name("results.csv", set()) == "results.csv"
