@@ -131,8 +131,8 @@ class Settings:
     llm_deadline: float = 180.0  # one LLM call in all: its retries, format fallbacks and re-asks
     llm_stream: bool = True  # stream replies: "no answer" and "still writing" told apart (agent_core/llm_stream.py)
     # Reply caps (max_tokens) by purpose: a small model left uncapped repeats itself until the deadline.
-    llm_max_tokens_plan: int = 2000
-    llm_max_tokens_evaluate: int = 1500
+    llm_max_tokens_plan: int = 1500
+    llm_max_tokens_evaluate: int = 1200
     llm_max_tokens_helper: int = 1000
     db_path: Path = Path("autocode.db")
     tools_file: Path | None = None
@@ -223,8 +223,8 @@ class Settings:
             llm_startup_check=_choice(env, "AUTOCODE_LLM_STARTUP_CHECK", ("on", "off"), "on") == "on",
             llm_deadline=_float(env, "AUTOCODE_LLM_DEADLINE", 180.0),
             llm_stream=_choice(env, "AUTOCODE_LLM_STREAM", ("on", "off"), "on") == "on",
-            llm_max_tokens_plan=_int(env, "AUTOCODE_LLM_MAX_TOKENS_PLAN", 2000, minimum=64),
-            llm_max_tokens_evaluate=_int(env, "AUTOCODE_LLM_MAX_TOKENS_EVALUATE", 1500, minimum=64),
+            llm_max_tokens_plan=_int(env, "AUTOCODE_LLM_MAX_TOKENS_PLAN", 1500, minimum=64),
+            llm_max_tokens_evaluate=_int(env, "AUTOCODE_LLM_MAX_TOKENS_EVALUATE", 1200, minimum=64),
             llm_max_tokens_helper=_int(env, "AUTOCODE_LLM_MAX_TOKENS_HELPER", 1000, minimum=16),
             db_path=Path(env.get("AUTOCODE_DB", "").strip() or "autocode.db"),
             tools_file=Path(tools) if tools else None,

@@ -24,7 +24,7 @@ from agent_core.events import (
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient, LLMError
 from agent_core.manifest import InputsNotPlaced, PreparedInputs, known_inputs, place_inputs
-from agent_core.plan import EVALUATION_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
+from agent_core.plan import EVALUATION_SCHEMA, PLAN_CODE_SCHEMA, PLAN_SCHEMA, Evaluation, Plan
 from agent_core.pricing import prices_for
 from agent_core.sandbox import (
     Executor, Limits, PlannedStep, Sandbox, SandboxUnavailable, StepBatch, StepResult,
@@ -360,6 +360,7 @@ class _Run:
         plan = await self._plan()
         if plan.direct:
             self.storage.update_run(self.run_id, plan=plan.model_dump())
+            self._check_answer(plan.direct_answer.strip())  # a server that ignored the subtasks-only schema
             return "succeeded", plan.direct_answer.strip(), None
         sandbox = await self._open_sandbox()
         outputs: dict[str, dict[str, Any]] = {}
@@ -433,7 +434,7 @@ class _Run:
     def _check_answer(self, answer: str) -> None:
         """Flag numbers of the answer that no step output, log nor the task holds: a warning on the run's log and
         page, not a failure (the evaluator may have computed or rounded one legitimately)."""
-        sources = [self.task, *(json.dumps(r.output, ensure_ascii=False) for r in self.records if r.ok),
+        sources = [*self._known_texts(), *(json.dumps(r.output, ensure_ascii=False) for r in self.records if r.ok),
                    *(r.stdout for r in self.records if r.ok)]
         self.unsupported = unsupported_numbers(answer, sources)
         if self.unsupported:
@@ -449,14 +450,17 @@ class _Run:
                 "planner_user", history=_history_text(self.history), files=self.inputs.manifest,
                 task=self.task)},
         ]
-        try:
-            plan = await self.agent.llm.structured(
-                purpose="plan", messages=messages, schema_name="plan", schema=PLAN_SCHEMA,
-                shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
-            )
-        except LLMError as exc:
-            self.failure = "unreachable" if _unreachable(exc) else "plan"
-            raise self._plain_if_unusable(exc, "plan") from None
+        plan = await self._ask_planner(messages, PLAN_SCHEMA)
+        if plan.direct:
+            # A direct answer may not state numbers that nothing computed: a small model answers "17 * 23" with
+            # "420" without code (issue 20). It is asked once more, for subtasks only.
+            made_up = unsupported_numbers(plan.direct_answer, self._known_texts())
+            if made_up:
+                log.info("run %s: a direct answer with numbers nothing computed (%s): asking for code", self.run_id,
+                         ", ".join(made_up))
+                messages += [{"role": "assistant", "content": _clip(plan.direct_answer, 500)},
+                             {"role": "user", "content": prompts.render("direct_numbers", numbers=", ".join(made_up))}]
+                plan = await self._ask_planner(messages, PLAN_CODE_SCHEMA)
         self._check_budget()
         if plan.direct:
             return plan  # no steps to announce: the answer comes with RunFinished
@@ -465,6 +469,20 @@ class _Run:
             [s.description for s in plan.subtasks],
         ))
         return plan
+
+    async def _ask_planner(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> Plan:
+        try:
+            return await self.agent.llm.structured(
+                purpose="plan", messages=messages, schema_name="plan", schema=schema,
+                shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
+            )
+        except LLMError as exc:
+            self.failure = "unreachable" if _unreachable(exc) else "plan"
+            raise self._plain_if_unusable(exc, "plan") from None
+
+    def _known_texts(self) -> list[str]:
+        """What an answer may quote without computing it: the task, the conversation, the files' manifest."""
+        return [self.task, *(m["text"] for m in self.history), self.inputs.manifest or ""]
 
     async def _execute_steps(
         self, plan: Plan, start: int, outputs: dict[str, dict[str, Any]], sandbox: Sandbox,

@@ -161,16 +161,21 @@ def subtask_list() -> dict[str, Any]:
     return {"type": "array", "items": SUBTASK_SCHEMA}
 
 
+_DIRECT_BRANCH = strict_object({"direct_answer": {"type": "string"}})  # no code needed
+_CODE_BRANCH = strict_object({"subtasks": {**subtask_list(), "minItems": 1}})
+
 # A plan's reply is a direct answer OR subtasks, never both: `anyOf` of two objects (OpenAI's strict mode accepts
 # anyOf below the root; llama.cpp, Ollama and vLLM constrain decoding by it), so the model chooses one at the
 # reply's first key. With both fields in one object, SmolLM2 on llama-server filled both in every plan
 # (bench/RESULTS.md, "Real model"), and no greeting got a direct answer.
 PLAN_SCHEMA: dict[str, Any] = strict_object({
     "main_task_thought": {"type": "string"},
-    "reply": {"anyOf": [
-        strict_object({"direct_answer": {"type": "string"}}),  # no code needed
-        strict_object({"subtasks": {**subtask_list(), "minItems": 1}}),
-    ]},
+    "reply": {"anyOf": [_DIRECT_BRANCH, _CODE_BRANCH]},
+})
+# The same shape with subtasks only: asked for when a direct answer stated numbers nothing computed.
+PLAN_CODE_SCHEMA: dict[str, Any] = strict_object({
+    "main_task_thought": {"type": "string"},
+    "reply": {"anyOf": [_CODE_BRANCH]},
 })
 
 EVALUATION_SCHEMA: dict[str, Any] = strict_object({

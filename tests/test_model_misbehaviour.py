@@ -312,3 +312,25 @@ async def test_a_call_cancelled_while_the_model_writes_is_recorded_with_its_toke
     (call,) = agent.storage.llm_calls(run["id"])
     assert call["completion_tokens"] >= 40 and call["prompt_tokens"] > 0  # recorded, and so priced
     assert history(agent, "c5")[-1] == ("assistant", "(The previous task was cancelled before it finished.)")
+
+
+async def test_a_direct_answer_stating_a_number_nothing_computed_is_asked_for_code(agent_from_env, llm_server):
+    """What SmolLM2 on llama-server did with "what is 17 * 23?": a direct answer, "420" (issue 20). The planner is
+    asked once more with the subtasks-only schema, and the steps compute it."""
+    multiply = subtask("multiply", "def multiply():\n    return {'product': 17 * 23}")
+    llm_server.reply_json({"main_task_thought": "", "reply": {"direct_answer": "17 * 23 = 420"}})
+    llm_server.reply_json({"main_task_thought": "compute it", "reply": {"subtasks": [multiply]}})
+    llm_server.reply_json(verdict("17 × 23 = 391"))
+    agent = agent_from_env()
+
+    result = await agent.run("what is 17 * 23?")
+
+    assert result.status == "succeeded" and result.answer == "17 × 23 = 391" and result.unsupported == []
+    first, second = llm_server.chat_requests()[:2]
+    assert "420" in second["messages"][-1]["content"] and "computes the answer" in second["messages"][-1]["content"]
+    branches = second["response_format"]["json_schema"]["schema"]["properties"]["reply"]["anyOf"]
+    assert [list(b["properties"]) for b in branches] == [["subtasks"]]  # only code this time
+    # A greeting's direct answer, or one quoting the task or the conversation, goes out as it is: no second call.
+    llm_server.reply_json(direct("You asked about 17 and 23: 391, as computed above."))
+    result = await agent.run("thanks! what were the numbers?")
+    assert result.status == "succeeded" and len(llm_server.chat_requests()) == 4

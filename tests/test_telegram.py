@@ -124,7 +124,7 @@ def bot(llm, tg, tmp_path_factory):
                        TELEGRAM_ALLOWED_CHATS=",".join(str(c) for c in ALLOWED), TELEGRAM_ADMIN_USERS=str(ADMIN_ID),
                        AUTOCODE_MODELS=MODELS, AUTOCODE_PRICES_FILE=str(directory / "prices.toml"),
                        # The evaluator words LONG_ANSWER and HUGE_ANSWER (10,000 and 26,000 characters): past the
-                       # default reply cap of an evaluation (1,500 tokens), which would cut them (issue 20).
+                       # default reply cap of an evaluation (1,200 tokens), which would cut them (issue 20).
                        AUTOCODE_LLM_MAX_TOKENS_EVALUATE="8000")
     server = Serve(env, directory / "serve.log", directory)
     try:
