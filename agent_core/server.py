@@ -22,15 +22,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent_core import viewer
+from agent_core.viewer import run_url
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.llm_probe import probe_llm
+from agent_core.outputs import run_link
 from agent_core import uploads
 from agent_core.budget import monthly_status
 from agent_core.channel_settings import EffectiveSettings, SettingError, run_settings, scope_of
 from agent_core.pricing import month_bounds, prices_for, spend
 from agent_core.scheduler import RunScheduler
-from bots import Runtime, build_adapters
+from bots import Runtime, adapters_report, build_adapters
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -124,7 +126,7 @@ class Server:
                 started.append(adapter)
             await self.scheduler.announce_interrupted()
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
-                     ", ".join(a.name for a in self.adapters) or "none")
+                     adapters_report(started))
             if self.settings.llm_startup_check:  # in the background: readiness never waits for the LLM
                 self._llm_check = asyncio.create_task(self.log_llm_check(), name="llm-startup-check")
             yield
@@ -230,7 +232,12 @@ class Server:
         code = {"queued": 202, "duplicate": 200}.get(submission.status) or {
             "empty": 400, "budget": 429, "shutting_down": 503}[submission.reason]
         return JSONResponse({"run_id": submission.run_id, "status": submission.status,
-                             "message": submission.message}, status_code=code)
+                             "message": submission.message, "url": self._link(submission.run_id)},
+                            status_code=code)
+
+    def _link(self, run_id: str | None) -> str | None:
+        """The run's page (AUTOCODE_PUBLIC_URL/runs/…), or None: no run, no public URL, or the viewer is off."""
+        return run_link(self.settings, self.agent.storage, run_id) if run_id else None
 
     async def submit_with_files(self, request: Request) -> JSONResponse:
         """`POST /api/runs` as multipart/form-data: fields task, conversation, user, delivery_id and `file` parts,
@@ -279,7 +286,7 @@ class Server:
                 return JSONResponse({"run_id": submission.run_id, "status": run["status"], "error": run["error"]},
                                     status_code=409)
             return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": "",
-                                 "files": len(files)}, status_code=202)
+                                 "files": len(files), "url": self._link(submission.run_id)}, status_code=202)
         finally:
             await form.close()
 
@@ -295,7 +302,7 @@ class Server:
         cost = spend(self.agent.storage, prices_for(self.settings), run_id=run["id"])
         return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"]),
                              "cost": cost.to_json(), "settings": ran_with.to_json() if ran_with else None,
-                             "approvals": approvals})
+                             "approvals": approvals, "url": run_url(self.settings, run)})
 
     async def decide(self, request: Request) -> JSONResponse:
         """Approve or deny a `confirm` tool call: body {"approve": true|false, "by": "who (for the log)"}. The API

@@ -66,6 +66,16 @@ class Adapter(Protocol):
     async def notify_interrupted(self, run: dict[str, Any]) -> None:
         """Tell the run's user that a restart interrupted it."""
 
+    # Optional: `start_problem` (str | None), why start() returned without the adapter connected (e.g. a token
+    # the chat service rejected). serve's ready line lists such an adapter as not connected, with the reason.
+
+
+def adapters_report(adapters: list[Any]) -> str:
+    """For serve's ready line: the adapters that came up, then those that did not, with why."""
+    up = [a.name for a in adapters if not getattr(a, "start_problem", None)]
+    down = [f"{a.name} ({a.start_problem})" for a in adapters if getattr(a, "start_problem", None)]
+    return (", ".join(up) or "none") + (f"; not connected: {'; '.join(down)}" if down else "")
+
 
 def build_adapters(runtime: Runtime) -> list[Adapter]:
     """The adapters the configuration enables, logged (a warning when none: serve then only answers its own API)."""

@@ -15,6 +15,7 @@ from tests.conftest import STEP_NUMBERS, plan, png_step_code, subtask, verdict
 from tests.server_helpers import ROOT
 
 PUBLIC_URL = "https://autocode.example.com"
+# This file's sandbox uids: 96000-96015 (above the ranges of tests/server_helpers.py and test_scaleout.py)
 CHART = subtask("chart", png_step_code("chart", "outputs/sales_by_month.png"))
 
 
@@ -24,7 +25,7 @@ def cli(tmp_path, llm_server):
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODE_"))}
         environ.update(AUTOCODE_DB=str(tmp_path / "cli.db"), AUTOCODE_LLM_MAX_RETRIES="0",
                        OPENAI_BASE_URL=llm_server.base_url, OPENAI_API_KEY="sk-cli", AUTOCODE_MODEL="fake-model",
-                       AUTOCODE_SANDBOX_UID_BASE="88000", AUTOCODE_SANDBOX_MAX_WORKERS="16",
+                       AUTOCODE_SANDBOX_UID_BASE="96000", AUTOCODE_SANDBOX_MAX_WORKERS="16",
                        PYTHONPATH=str(ROOT))  # this checkout's code, not an editable install's
         environ.update(env or {})
         proc = subprocess.run(
