@@ -35,12 +35,6 @@ def save_files(storage: Any, run_id: str, directory: Path) -> list[Path]:
     return saved
 
 
-def size_text(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    return f"{size / 1024:.1f} KB" if size < 1024 * 1024 else f"{size / 1048576:.1f} MB"
-
-
 def files_report(run_id: str, files: list[dict[str, Any]], saved: list[Path] | None, link: str | None) -> list[str]:
     """The lines `autocode run` ends with: each file the run made, and where it is. Names are untrusted (made safe
     for the terminal)."""
@@ -53,7 +47,7 @@ def files_report(run_id: str, files: list[dict[str, Any]], saved: list[Path] | N
             where = f"  -> {places[name]}" if name in places else ""
             lines.append(f"  {safe_for_terminal(name, single_line=True)}  "
                          f"({safe_for_terminal(item.get('mime') or '-', single_line=True)}, "
-                         f"{size_text(int(item.get('size') or 0))}){safe_for_terminal(where, single_line=True)}")
+                         f"{int(item.get('size') or 0)} bytes){safe_for_terminal(where, single_line=True)}")
         if saved is None:
             lines.append(f"  stored with the run: save them with --save-to DIR, or later with "
                          f"`autocode show {run_id} --save-artifacts DIR`")
