@@ -190,7 +190,12 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
             result = await run_with_files(agent, args.task, args.conversation, files)
         else:
             result = await agent.run(args.task, args.conversation)
-        saved = save_files(agent.storage, result.run_id, args.save_to) if args.save_to else None
+        saved, unsaved = None, None
+        if args.save_to:
+            try:
+                saved = save_files(agent.storage, result.run_id, args.save_to)
+            except OSError as exc:  # the run's files stay stored with it: say so, and where to get them later
+                unsaved = f"could not save the run's files into {args.save_to}: {exc.strerror or exc}"
         link = run_link(settings, agent.storage, result.run_id)
     finally:
         await agent.executor.stop()
@@ -209,6 +214,9 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:  # after the answer: what the run made and where it is
         for line in files_report(result.run_id, result.artifacts, saved, link):
             print(line, file=sys.stderr)
+    if unsaved:
+        print(f"autocode: {_field(unsaved)}", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
     return EXIT_OK if result.status == "succeeded" else EXIT_UNSATISFACTORY
 
 

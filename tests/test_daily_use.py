@@ -69,6 +69,15 @@ def test_run_ends_listing_its_files_and_saves_them_with_save_to(cli, llm_server,
     assert f"save them with --save-to DIR, or later with `autocode show {run_id} --save-artifacts DIR`" in proc.stderr
     assert not (tmp_path / "outputs").exists()
 
+    (tmp_path / "taken").write_text("a file, not a directory")
+    llm_server.reply_json(plan(CHART))
+    llm_server.reply_json(verdict("Once more."))
+    proc = cli("run", "Plot it once more", "--save-to", "taken")  # cannot save: said, the answer still printed
+    run_id = re.search(r"run (\w+) started", proc.stderr).group(1)
+    assert proc.returncode == 1 and proc.stdout.strip() == "Once more." and "Traceback" not in proc.stderr
+    assert "autocode: could not save the run's files into taken: File exists" in proc.stderr
+    assert f"`autocode show {run_id} --save-artifacts DIR`" in proc.stderr
+
 
 def test_run_page_link_in_run_json_and_show_with_a_public_url(cli, llm_server, tmp_path):
     env = {"AUTOCODE_PUBLIC_URL": PUBLIC_URL + "/"}
