@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                      help='approve every call of a "confirm" tool (otherwise each is asked for on the terminal)')
     run.add_argument("--file", type=Path, action="append", default=[], metavar="PATH",
                      help="a file for the task (repeatable): the steps read it as inputs/NAME")
+    run.add_argument("--save-to", type=Path, metavar="DIR", help="save the files the run made into DIR")
 
     chat = sub.add_parser("chat", help="a console conversation with live progress")
     chat.add_argument("--conversation", default="console")
@@ -102,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `autocode` command. Output cut short by its reader (`autocode show RUN | head -2`) ends quietly, with
+    the status a program killed by SIGPIPE has, not a BrokenPipeError traceback."""
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed under buffered output fails here, not at exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return 128 + 13
+
+
+def _command(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -149,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
     from agent_core.app import build_agent
+    from agent_core.outputs import files_report, run_link, save_files
     from bots.console import ConsoleApprovals, ConsoleRenderer, chat
 
     from agent_core.workspace import InputRefused, Workspace, run_with_files
 
+    if args.command == "run" and not args.task.strip():  # before anything starts: no run, no LLM call
+        print('autocode: the task is empty; say what to do, e.g. autocode run "Plot sales.csv by month"',
+              file=sys.stderr)
+        return EXIT_CONFIG
     settings.require_llm()
     agent = build_agent(settings)
     try:
@@ -177,12 +195,21 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
             result = await run_with_files(agent, args.task, args.conversation, files)
         else:
             result = await agent.run(args.task, args.conversation)
+        saved, unsaved = None, None
+        if args.save_to:
+            try:
+                saved = save_files(agent.storage, result.run_id, args.save_to)
+            except OSError as exc:  # the run's files stay stored with it: say so, and where to get them later
+                unsaved = f"could not save the run's files into {args.save_to}: {exc.strerror or exc}"
+        link = run_link(settings, agent.storage, result.run_id)
     finally:
         await agent.executor.stop()
         await agent.llm.close()
         agent.storage.close()
     if args.json:
-        print(json_for_terminal(result.to_json(), ensure_ascii=False, indent=2))
+        print(json_for_terminal({**result.to_json(), "url": link,
+                                 **({"saved": [str(path) for path in saved]} if saved is not None else {})},
+                                ensure_ascii=False, indent=2))
     elif result.status == "succeeded":
         print(_block(result.answer))
         if result.unsupported:
@@ -192,6 +219,12 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
         print(f"Run {result.run_id} {result.status}: {_field(result.error)}", file=sys.stderr)
         if result.answer:
             print(_block(result.answer))
+    if not args.json:  # after the answer: what the run made and where it is
+        for line in files_report(result.run_id, result.artifacts, saved, link):
+            print(line, file=sys.stderr)
+    if unsaved:
+        print(f"autocode: {_field(unsaved)}", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
     return EXIT_OK if result.status == "succeeded" else EXIT_UNSATISFACTORY
 
 
@@ -330,7 +363,10 @@ def _settings_in(args: argparse.Namespace, store: Any, scope: str) -> int:
 def _history(args: argparse.Namespace, settings: Settings) -> int:
     storage = _open_storage(settings)
     if args.conversation:
-        for message in storage.recent_messages(args.conversation, max_chars=10**9)[-args.limit:]:
+        messages = storage.recent_messages(args.conversation, max_chars=10**9)[-args.limit:]
+        if not messages:
+            print(f"No messages in conversation {_field(args.conversation)} (it is new, or was cleared with /reset).")
+        for message in messages:
             who = "you" if message["role"] == "user" else "autocode"
             print(f"{message['created_at'][:19]}  {who:>8}  [{message['run_id']}]  {_block(message['text'])}")
         _print_workspace(storage, settings, args.conversation)
@@ -390,11 +426,14 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     from agent_core.channel_settings import EffectiveSettings
     from agent_core.pricing import prices_for, spend
 
+    from agent_core.outputs import run_link, save_files
+
     storage = _open_storage(settings)
     details = run_details(storage, args.run_id, settings)
     if details is None:
         print(f"autocode: no run {args.run_id}", file=sys.stderr)
         return EXIT_UNSATISFACTORY
+    details["url"] = run_link(settings, storage, args.run_id)  # the run page (AUTOCODE_PUBLIC_URL), or None
     if args.json:
         print(json_for_terminal(details, ensure_ascii=False, indent=2))
         return EXIT_OK
@@ -411,6 +450,8 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
               f"{_field(', '.join(json.loads(run['unsupported_json'])))}")
     if run["error"]:
         print(f"Error: {_field(run['error'])}")
+    if details["url"]:
+        print(f"Run page: {_field(details['url'])}")
     for iteration in sorted({s["iteration"] for s in details["steps"]} | {e["iteration"] for e in details["evaluations"]}):
         print(f"\n=== Iteration {iteration}")
         for step in (s for s in details["steps"] if s["iteration"] == iteration):
@@ -457,19 +498,12 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
         print("Artifacts: " + ", ".join(f"{_field(a['name'])} ({_field(a['mime'])}, {a['size']} bytes)"
                                         for a in details["artifacts"]))
     if args.save_artifacts:
-        _save_artifacts(storage, run["id"], args.save_artifacts)
+        expired: list[str] = []
+        for path in save_files(storage, run["id"], args.save_artifacts, expired):
+            print(f"saved {_field(path)}")
+        for name in expired:
+            print(f"not kept any more (AUTOCODE_WORKSPACE_DAYS): {_field(name)}")
     return EXIT_OK
-
-
-def _save_artifacts(storage: Any, run_id: str, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for artifact in storage.artifacts(run_id, with_data=True):
-        target = directory / Path(artifact["name"]).name  # flat: names come from the sandbox, trust no path
-        if artifact["data"] is None and artifact["size"]:  # dropped by age (agent_core/retention.py)
-            print(f"not kept any more (AUTOCODE_WORKSPACE_DAYS): {_field(artifact['name'])}")
-            continue
-        target.write_bytes(artifact["data"] or b"")
-        print(f"saved {_field(target)}")
 
 
 async def _doctor(args: argparse.Namespace, settings: Settings) -> int:

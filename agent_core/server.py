@@ -25,9 +25,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent_core import retention, viewer
+from agent_core.viewer import run_url
 from agent_core.app import build_agent
 from agent_core.config import Settings
 from agent_core.llm_probe import probe_llm
+from agent_core.outputs import run_link
 from agent_core import uploads
 from agent_core.disk import NoRoom, directory_writable, room_refusal
 from agent_core.http_guard import BodyGuard, error_response, http_error
@@ -198,12 +200,18 @@ class Server:
         return getattr(adapter, "status", "up")
 
     def _adapters_line(self) -> str:
-        """The adapters for serve's ready line: only those up by name; the others said as what they are."""
-        status = {a.name: self.adapter_status(a) for a in self.adapters}
-        line = ", ".join([n for n, s in status.items() if s == "up"]
-                         + [f"{n} (connecting in the background)" for n, s in status.items() if s == "connecting"])
-        off = [n for n, s in status.items() if s == "off"]
-        return (line or "none") + (f"; off: {', '.join(off)} (see above)" if off else "")
+        """The adapters for serve's ready line: only those up by name; the others said as what they are, with why
+        when the adapter says (its optional `start_problem`)."""
+        up, connecting, off = [], [], []
+        for adapter in self.adapters:
+            status, problem = self.adapter_status(adapter), getattr(adapter, "start_problem", None)
+            if status == "up":
+                up.append(adapter.name)
+            elif status == "connecting":
+                connecting.append(f"{adapter.name} (connecting in the background{'; ' + problem if problem else ''})")
+            else:
+                off.append(f"{adapter.name} ({problem or 'see above'})")
+        return (", ".join(up + connecting) or "none") + (f"; off: {', '.join(off)}" if off else "")
 
     async def log_llm_check(self) -> None:
         """Log what the LLM endpoint answers (agent_core.llm_probe: reachability, latency, the model, the
@@ -307,9 +315,13 @@ class Server:
         )
         code = {"queued": 202, "duplicate": 200}.get(submission.status) or _REFUSED[submission.reason]
         return JSONResponse({"run_id": submission.run_id, "status": submission.status,
-                             "message": submission.message,
+                             "message": submission.message, "url": self._link(submission.run_id),
                              **({"error": submission.message} if submission.status == "refused" else {})},
                             status_code=code)
+
+    def _link(self, run_id: str | None) -> str | None:
+        """The run's page (AUTOCODE_PUBLIC_URL/runs/…), or None: no run, no public URL, or the viewer is off."""
+        return run_link(self.settings, self.agent.storage, run_id) if run_id else None
 
     async def submit_with_files(self, request: Request) -> JSONResponse:
         """`POST /api/runs` as multipart/form-data: fields task, conversation, user, delivery_id and `file` parts,
@@ -365,7 +377,7 @@ class Server:
                 return JSONResponse({"run_id": submission.run_id, "status": run["status"], "error": run["error"]},
                                     status_code=409)
             return JSONResponse({"run_id": submission.run_id, "status": "queued", "message": receiver.note or "",
-                                 "files": len(files)}, status_code=202)
+                                 "files": len(files), "url": self._link(submission.run_id)}, status_code=202)
         finally:
             await form.close()
 
@@ -381,7 +393,7 @@ class Server:
         cost = spend(self.agent.storage, prices_for(self.settings), run_id=run["id"])
         return JSONResponse({**{k: run[k] for k in fields}, "usage": self.agent.storage.usage(run["id"]),
                              "cost": cost.to_json(), "settings": ran_with.to_json() if ran_with else None,
-                             "approvals": approvals})
+                             "approvals": approvals, "url": run_url(self.settings, run)})
 
     async def decide(self, request: Request) -> JSONResponse:
         """Approve or deny a `confirm` tool call: body {"approve": true|false, "by": "who (for the log)"}. The API

@@ -73,6 +73,9 @@ class Adapter(Protocol):
     async def notify_interrupted(self, run: dict[str, Any]) -> None:
         """Tell the run's user that a restart interrupted it."""
 
+    # Optional: `start_problem` (str | None), why start() returned without the adapter connected (e.g. a token
+    # the chat service rejected). serve's ready line lists such an adapter as not connected, with the reason.
+
 
 def build_adapters(runtime: Runtime) -> list[Adapter]:
     """The adapters the configuration enables, logged (a warning when none: serve then only answers its own API)."""

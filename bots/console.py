@@ -145,6 +145,15 @@ class ConsoleApprovals:
         self.agent.approvals.decide(event.run_id, event.number, line.strip().lower() in ("y", "yes"), self.user)
 
 
+CHAT_HELP = """Type a task and press Enter: AutoCode plans Python steps, runs them in a sandbox and answers.
+  /attach PATH  add a file to your next task (the steps read it as inputs/NAME)
+  /reset        clear this conversation's history and files
+  /help         this help
+  /exit         quit (or Ctrl-D)
+Earlier answers and files of this conversation are seen by the next task; `autocode history --conversation KEY`
+lists them."""
+
+
 async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """A console conversation: each line is a task; /attach PATH adds a file to the next task; /reset clears the
     history and the conversation's files; /exit (or EOF) quits."""
@@ -156,7 +165,7 @@ async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdou
     agent.events.subscribe(ConsoleApprovals(agent, terminal, stdout))  # first: it ends its prompt line
     agent.events.subscribe(ConsoleRenderer(stdout))
     print(f"AutoCode chat (conversation {conversation!r}). Type a task; /attach PATH adds a file to it; "
-          "/reset clears history and files; /exit quits.", file=stdout, flush=True)
+          "/reset clears history and files; /help; /exit quits.", file=stdout, flush=True)
     attached: list[Path] = []
     while True:
         print("> ", end="", file=stdout, flush=True)
@@ -168,13 +177,21 @@ async def chat(agent: Agent, conversation: str, stdin: TextIO = sys.stdin, stdou
             continue
         if task in ("/exit", "/quit"):
             return 0
+        if task in ("/help", "/?"):  # answered here: never sent to the LLM as a task
+            print(CHAT_HELP, file=stdout, flush=True)
+            continue
         if task == "/reset":
             removed = agent.storage.clear_conversation(conversation)  # the workspace too
             attached = []
             print(f"History and files cleared ({removed} messages).", file=stdout, flush=True)
             continue
         if task.startswith("/attach"):
-            path = Path(task.removeprefix("/attach").strip()).expanduser()
+            given = task.removeprefix("/attach").strip()
+            if not given:
+                print("Give the file to attach: /attach PATH (e.g. /attach ~/sales.csv); it goes with your next "
+                      "task.", file=stdout, flush=True)
+                continue
+            path = Path(given).expanduser()
             try:
                 Workspace(agent.storage, agent.settings).admit(conversation, [*attached, path])
             except InputRefused as exc:

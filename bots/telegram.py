@@ -219,6 +219,7 @@ class TelegramAdapter:
     """The Telegram front door of `autocode serve`."""
 
     name = NAME
+    start_problem: str | None = None  # why start() left it unconnected (serve's ready line names it), or None
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -273,9 +274,11 @@ class TelegramAdapter:
         try:
             await self._connect()
         except _CannotConnect as exc:
+            self.start_problem = str(exc)
             if not exc.retry:
                 log.error("%s", exc)
                 return
+            self.start_problem += f"; retrying every {CONNECT_RETRY_S} s"
             log.error("%s; retrying every %d s", exc, CONNECT_RETRY_S)
             self._retrying = asyncio.create_task(self._keep_connecting(), name="telegram-connect")
 
@@ -307,6 +310,7 @@ class TelegramAdapter:
         except TelegramError as exc:
             raise _CannotConnect(f"telegram: the Bot API is not reachable ({exc})") from None
         self._username, self._bot_id = self.app.bot.username, self.app.bot.id
+        self.start_problem = None
         try:
             await self.app.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS])
         except TelegramError as exc:

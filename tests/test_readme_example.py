@@ -206,7 +206,7 @@ _FALLBACK_NOTE = re.compile(r"^WARNING agent_core\.sandbox\.pool: sandbox: using
 
 def run_commands(commands: list[str], directory: Path, llm: ExampleLLM) -> list[tuple[int, str]]:
     """Each `autocode …` command line in `directory` (with sales.csv): its exit code and what the terminal shows
-    (the progress on stderr, then the answer on stdout)."""
+    (the progress on stderr, then the answer on stdout, then the run's files on stderr)."""
     (directory / "sales.csv").write_text(SALES_CSV)
     done = []
     for line in commands:
@@ -214,7 +214,11 @@ def run_commands(commands: list[str], directory: Path, llm: ExampleLLM) -> list[
         assert argv[0] == "autocode", line
         proc = subprocess.run([sys.executable, "-P", "-m", "agent_core.cli", *argv[1:]], cwd=directory,
                               env=cli_env(llm, directory), capture_output=True, text=True, timeout=180)
-        done.append((proc.returncode, _FALLBACK_NOTE.sub("", proc.stderr) + proc.stdout))
+        stderr = _FALLBACK_NOTE.sub("", proc.stderr)
+        # `autocode run` lists the run's files (on stderr) after printing the answer: the terminal shows them last.
+        at = stderr.find("Files of run ")
+        progress, files = (stderr, "") if at < 0 else (stderr[:at], stderr[at:])
+        done.append((proc.returncode, progress + proc.stdout + files))
     return done
 
 

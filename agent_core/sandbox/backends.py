@@ -191,12 +191,14 @@ class BwrapLauncher:
 
     name = "bwrap"
 
-    def __init__(self, bwrap: str, is_root: bool, workdir_mb: int, network: bool):
+    def __init__(self, bwrap: str, is_root: bool, workdir_mb: int, network: bool,
+                 extra_read_only: list[str] | tuple[str, ...] = ()):
         self.bwrap = bwrap
         self.is_root = is_root
         self.workdir_mb = workdir_mb
         self.network = network
-        self.read_only = [*SYSTEM_READ_ONLY, *(NETWORK_READ_ONLY if network else [])]
+        # extra_read_only: e.g. the matplotlib font cache (sandbox/fontcache.py), read by the worker at start
+        self.read_only = [*SYSTEM_READ_ONLY, *(NETWORK_READ_ONLY if network else []), *extra_read_only]
         # Raises SandboxUnavailable when no layout fits this Python environment.
         self.layout = mount_layout([p for p in [*self.read_only, *python_roots()] if os.path.exists(p)])
 
@@ -323,7 +325,8 @@ def bwrap_works(launcher: BwrapLauncher) -> str | None:
     return None
 
 
-def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, network: bool):
+def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, network: bool,
+                    extra_read_only: list[str] | tuple[str, ...] = ()):
     """The launcher for `backend` (auto|bwrap|process), and the reason a fallback was taken (or None)."""
     is_root = os.geteuid() == 0
     if backend in ("auto", "bwrap"):
@@ -333,7 +336,7 @@ def choose_launcher(backend: str, workdir_mb: int, workdir_root: Path | None, ne
             reason: str | None = "bubblewrap (bwrap) is not installed"
         else:
             try:
-                launcher = BwrapLauncher(bwrap, is_root, workdir_mb, network)
+                launcher = BwrapLauncher(bwrap, is_root, workdir_mb, network, extra_read_only)
                 reason = bwrap_works(launcher)
             except SandboxUnavailable as exc:  # no mount layout fits this Python environment
                 reason = str(exc)

@@ -29,7 +29,7 @@ from agent_core.sandbox import (
     Artifact, BatchProgress, CollectedOutputs, Limits, SandboxUnavailable, StepBatch, StepRequest, StepResult,
     ToolCallHandler, run_batch_locally,
 )
-from agent_core.sandbox import confine, network
+from agent_core.sandbox import confine, fontcache, network
 from agent_core.sandbox.clock import STEP_DEADLINE
 from agent_core.sandbox.backends import RUNTIME_DIR, WORKER_FLAGS, BwrapLauncher, choose_launcher, compile_runtime
 from agent_core.sandbox.guardian import STOPPED as GUARDIAN_STOPPED, remove_ipc_of
@@ -194,6 +194,7 @@ class Worker:
             self.ready = await self._request({
                 "uid": self.uid, "gid": self.uid, "workdir": launch.workdir, "preload": preload,
                 "network": self.executor.network, "seccomp": self.executor.seccomp, **launch.config,
+                "font_cache": str(self.executor.font_cache) if self.executor.font_cache else None,
             }, expect="ready", timeout=WORKER_START_TIMEOUT_S)
         except (WorkerDied, TimeoutError, OSError) as exc:
             stderr_log.seek(0)
@@ -517,7 +518,11 @@ class SandboxExecutor:
     def __init__(self, *, backend: str = "auto", network: bool = False, warm: int = 2, uid_base: int = 61000,
                  max_workers: int = 64, workdir_mb: int = 256, workdir_root: Path | None = None,
                  preload: list[str] | None = None):
-        self.launcher, self.fallback_reason = choose_launcher(backend, workdir_mb, workdir_root, network)
+        # matplotlib's font list, built once and copied into each worker's .matplotlib (sandbox/fontcache.py).
+        self.font_cache = fontcache.directory()
+        self._font_cache_built = False
+        self.launcher, self.fallback_reason = choose_launcher(
+            backend, workdir_mb, workdir_root, network, extra_read_only=[str(self.font_cache)] if self.font_cache else [])
         compile_runtime()
         # Compiled once, loaded by every step. Without namespaces it also refuses new Unix sockets and IPC.
         program, reason = confine.build_seccomp(allow_network=network,
@@ -562,6 +567,7 @@ class SandboxExecutor:
             # Without pid namespaces, a step's orphans may outlive a killed server whose guardian died too (a whole
             # process group killed): the uids are ours now, and so is what still runs under them.
             await asyncio.to_thread(lambda: [(_kill_uid(uid), remove_ipc_of(uid)) for uid in self.uids.free])
+        await self._build_font_cache(force=True)  # a long-running server: pick up fonts installed since
         await self._fill()
 
     async def _claim_uids(self) -> bool:
@@ -569,6 +575,11 @@ class SandboxExecutor:
         if self.uids.claim is not None or not self.uids.enabled:
             return False
         return await asyncio.to_thread(self.uids.ensure_claimed)
+
+    async def _build_font_cache(self, force: bool = False) -> None:
+        if self.font_cache is not None and (force or not self._font_cache_built):
+            self._font_cache_built = True
+            await asyncio.to_thread(fontcache.build, self.font_cache, force)
 
     def _needs_guardian(self) -> bool:
         return self.uids.enabled and not isinstance(self.launcher, BwrapLauncher)
@@ -596,6 +607,7 @@ class SandboxExecutor:
     async def _new_worker(self) -> Worker:
         await self._claim_uids()
         self._start_guardian()
+        await self._build_font_cache()  # once per executor, when missing (the CLI's runs)
         worker = Worker(self, self.uids.take())
         try:
             async with self._starting:

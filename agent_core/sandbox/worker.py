@@ -469,6 +469,26 @@ class Worker:
                 send(self.sock, {"op": "error", "error": f"unknown op {op!r}"})
 
 
+def _matplotlib_dir(workdir, font_cache):
+    """MPLCONFIGDIR (backends.worker_environment: the workdir's .matplotlib), made before anything imports
+    matplotlib: the worker preloads libraries as root, and a .matplotlib made then would be root's, so steps could
+    not write it (matplotlib warned and rebuilt its font list in a temporary directory every run). The executor's
+    prebuilt font list (sandbox/fontcache.py) is copied in, so no step scans the fonts."""
+    target = os.path.join(workdir, ".matplotlib")
+    os.makedirs(target, exist_ok=True)
+    os.chmod(target, 0o1777)
+    if not font_cache:
+        return
+    try:
+        names = [n for n in os.listdir(font_cache) if n.startswith("fontlist-v") and n.endswith(".json")]
+        for name in names:
+            with open(os.path.join(font_cache, name), "rb") as src, open(os.path.join(target, name), "wb") as dst:
+                dst.write(src.read())
+            os.chmod(os.path.join(target, name), 0o666)  # matplotlib may refresh it (fonts changed)
+    except OSError:
+        pass  # no prebuilt list: matplotlib builds one in the writable directory, as it would anyway
+
+
 def _tar_tree(workdir, top, out_fd, caps):
     """Tar the regular files under `top` (relative to `workdir`) into `out_fd`, within the caps of `caps`
     (max_file_bytes, max_total_bytes, max_files). Walks by directory fd from the working directory: `top` itself
@@ -571,6 +591,7 @@ def main():
     for directory in [os.path.join(worker.workdir, "outputs"), *config.get("make_dirs", [])]:
         os.makedirs(directory, exist_ok=True)
         os.chmod(directory, 0o1777)
+    _matplotlib_dir(worker.workdir, config.get("font_cache"))
     loaded = worker.preload(config.get("preload", []))
     send(sock, {"op": "ready", "pid": os.getpid(), "preloaded": loaded,
                 "probe": confine.probe(seccomp_reason=worker.seccomp_reason),
