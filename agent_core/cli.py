@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     channel.add_argument("--tools", type=Path, help="the tools file (default $AUTOCODE_TOOLS): the tool names")
     channel.add_argument("--json", action="store_true")
     channel.add_argument("action", nargs="?", choices=("show", "set", "reset"), default="show")
-    channel.add_argument("name", nargs="?", help="set/reset: model, max_iterations, tools, network or budget")
+    channel.add_argument("name", nargs="?", help="set/reset: model, max_iterations, tools, network, budget or instructions")
     channel.add_argument("value", nargs="?", help="set: the value, e.g. gpt-4o, 5, off, 12.50, none, all, numpy,llm "
                          "(only these tools), or changes after --: set tools -- -geocode,+pandas")
 

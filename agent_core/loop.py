@@ -426,13 +426,18 @@ class _Run:
                         ", ".join(self.unsupported))
             self.storage.update_run(self.run_id, unsupported_json=json.dumps(self.unsupported))
 
+    def _instructions(self) -> str:
+        """The channel's own instructions as a delimited block of the planner's and evaluator's user message."""
+        text = self.effective.instructions
+        return prompts.render("team_instructions", text=text.replace(">>>", "> > >")) if text else ""
+
     async def _plan(self) -> Plan:
         self._check_budget()  # the user's day may have been spent while the run was queued
         messages = [
             {"role": "system", "content": self.planner_system},
             {"role": "user", "content": prompts.render(
-                "planner_user", history=_history_text(self.history), files=self.inputs.manifest,
-                task=self.task)},
+                "planner_user", instructions=self._instructions(), history=_history_text(self.history),
+                files=self.inputs.manifest, task=self.task)},
         ]
         try:
             plan = await self.agent.llm.structured(
@@ -542,7 +547,8 @@ class _Run:
         messages = [
             {"role": "system", "content": self.evaluator_system},
             {"role": "user", "content": prompts.render(
-                "evaluator_user", history=_history_text(self.history[-2:], 400), files=self.inputs.manifest,
+                "evaluator_user", instructions=self._instructions(),
+                history=_history_text(self.history[-2:], 400), files=self.inputs.manifest,
                 task=self.task,
                 iteration=f"{self.iteration} of {self.max_iterations}", steps=self._steps_view(plan, start, current),
             )},

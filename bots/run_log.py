@@ -79,6 +79,7 @@ class RunLog:
     cost: str | None = None  # e.g. "$0.0042", "no price (llama3.1:8b)"; None: no price table given
     settings: str | None = None  # the effective settings' one line; None for a run from before settings
     unsupported: list[str] = field(default_factory=list)  # numbers of the answer no step produced (issue 20)
+    instructions: str = ""  # the channel's own instructions the run was given (clean text), "": none
     document: str = ""  # Markdown: the summary, then every step in full
 
     @property
@@ -146,7 +147,7 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         completion_tokens=int(usage.get("completion_tokens", 0)), by_purpose=by_purpose,
         cost=spend(storage, prices, run_id=run_id).describe() if prices is not None else None,
         settings=effective.describe() if effective is not None else None,
-        unsupported=_unsupported(run),
+        unsupported=_unsupported(run), instructions=effective.instructions if effective is not None else "",
     )
     return _with_document(summary, run, steps, storage.approvals(run_id))
 
@@ -215,6 +216,9 @@ def _with_document(log: RunLog, run: dict[str, Any], steps: list[dict[str, Any]]
     if log.settings:
         out.append(f"- Settings: {log.settings}")
     out.append(f"- Usage: {log.tokens_line()}")
+    if log.instructions:  # what the planner and the evaluator were told about the team's data
+        fence = _fence(log.instructions)
+        out += ["- The channel's instructions:", "", f"{fence}text", log.instructions, fence, ""]
     if log.unsupported_line():
         out.append(f"- Warning: {log.unsupported_line()}")
     if run.get("error"):
