@@ -66,7 +66,10 @@ def tool_names(toolset: ToolSet) -> list[str]:
     `llm()` helper by their function names."""
     names: dict[str, None] = {}
     for tool in toolset.tools:
-        names.update(dict.fromkeys(tool.functions if tool.kind in ("exact", "llm") else tool.lib_names))
+        if tool.kind == "mcp" and tool.mcp is not None:
+            names[tool.mcp.name] = None  # an MCP server is enabled or disabled as a whole
+        else:
+            names.update(dict.fromkeys(tool.functions if tool.kind in ("exact", "llm") else tool.lib_names))
     return list(names)
 
 
@@ -77,7 +80,10 @@ def restrict_toolset(toolset: ToolSet, enabled: frozenset[str] | set[str] | None
         return toolset
     kept = []
     for tool in toolset.tools:
-        if tool.kind in ("exact", "llm"):
+        if tool.kind == "mcp":
+            if tool.mcp is not None and tool.mcp.name in enabled:
+                kept.append(tool)
+        elif tool.kind in ("exact", "llm"):
             functions = {name: sig for name, sig in tool.functions.items() if name in enabled}
             if functions:
                 kept.append(replace(tool, functions=functions))
@@ -85,7 +91,7 @@ def restrict_toolset(toolset: ToolSet, enabled: frozenset[str] | set[str] | None
             libs = [lib for lib in tool.lib_names if lib in enabled]
             if libs:
                 kept.append(replace(tool, lib_names=libs))
-    return ToolSet(kept)  # its own cache of callables: none of a disabled function
+    return ToolSet(kept, mcp_host=toolset.mcp_host)  # its own cache of callables: none of a disabled function
 
 
 # --- what may be chosen, what applies ---------------------------------------------------------------------------------

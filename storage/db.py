@@ -126,6 +126,15 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "scope",
         [],
     ),
+    # Calls of MCP servers' tools made by steps (tools/mcp_host.py), for audit: arguments and result clipped, with
+    # their full lengths.
+    "mcp_calls": (
+        {"id": int, "run_id": str, "iteration": int, "server": str, "tool": str, "arguments": str,
+         "arguments_chars": int, "ok": int, "error": str, "result_text": str, "result_chars": int,
+         "duration_ms": int, "started_at": str},
+        "id",
+        ["run_id"],
+    ),
     # Calls of `confirm` tools and who decided them (agent_core/approvals.py).
     "approvals": (
         {"id": int, "run_id": str, "number": int, "tool": str, "arguments": str, "status": str,
@@ -525,6 +534,12 @@ class Storage:
 
     def add_llm_call(self, row: dict[str, Any]) -> int:
         return self._insert("llm_calls", row)
+
+    def add_mcp_call(self, row: dict[str, Any]) -> int:
+        return self._insert("mcp_calls", row)
+
+    def mcp_calls(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM mcp_calls WHERE run_id = ? ORDER BY id", (run_id,))
 
     def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM llm_calls WHERE run_id = ? ORDER BY id", (run_id,))

@@ -184,6 +184,8 @@ class RemoteSandbox:
                     await progress.finished(steps[message["step"]], result)
                 elif kind == "llm_call":
                     self.executor.storage.add_llm_call(message["record"])
+                elif kind == "mcp_call":  # an MCP tool call of a step on the worker (tools/mcp_host.py)
+                    self.executor.storage.add_mcp_call(message["record"])
                 elif kind == "approval":
                     task = asyncio.create_task(self._decide(job_id, batch, message))
                     deciding.add(task)
