@@ -432,3 +432,23 @@ async def test_a_servers_env_secret_is_not_readable_from_a_step(make_agent, llm_
     assert SECRET not in caplog.text
     assert SECRET not in repr(agent.toolset.tools)
 
+
+
+def test_doctor_lists_each_server(tmp_path, llm_server, repo):
+    path = tools_file(tmp_path, git_entry(repo), {"mcp": "broken", "command": ["no-such-mcp-server", "stdio"],
+                                                  "env": {"TOKEN": SECRET}})
+    assert _cli(tmp_path, llm_server, "mcp", "accept", "git", "--tools", str(path)).returncode == 0
+    llm_server.responder(lambda body: {"json": {"ok": True}})
+
+    doctor = _cli(tmp_path, llm_server, "doctor", "--tools", str(path))
+
+    assert "Traceback" not in doctor.stderr, doctor.stderr
+    out = doctor.stdout
+    assert "MCP server git (stdio: mcp-server-git, trusted annotations): connected" in out
+    assert ("+ offered: git.git_status, git.git_commit (needs approval), git.git_add (needs approval), git.git_log"
+            in out)
+    assert "MCP server broken (stdio: no-such-mcp-server): NOT connected — FileNotFoundError" in out
+    assert SECRET not in out + doctor.stderr
+    as_json = json.loads(_cli(tmp_path, llm_server, "doctor", "--json", "--tools", str(path)).stdout)
+    servers = {entry["server"]: entry for entry in as_json["mcp"]}
+    assert servers["git"]["pinned"] and servers["git"]["connected"] and not servers["broken"]["connected"]
