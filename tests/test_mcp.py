@@ -452,3 +452,46 @@ def test_doctor_lists_each_server(tmp_path, llm_server, repo):
     as_json = json.loads(_cli(tmp_path, llm_server, "doctor", "--json", "--tools", str(path)).stdout)
     servers = {entry["server"]: entry for entry in as_json["mcp"]}
     assert servers["git"]["pinned"] and servers["git"]["connected"] and not servers["broken"]["connected"]
+
+
+# ------------------------------------------------------------------------- the same calls from a Celery worker
+
+from tests.test_scaleout import cluster, redis_url  # noqa: E402,F401 (fixtures: redis-server, serve and a worker)
+from tests.system_packages import requires  # noqa: E402
+
+
+@requires("redis-server")
+def test_mcp_calls_from_a_celery_worker(cluster, llm_server, tmp_path):
+    from tests.server_helpers import db_rows
+
+    path = tools_file(tmp_path, fake_entry(env={"FAKE_SECRET": SECRET}))
+    assert _cli(tmp_path, llm_server, "mcp", "accept", "fake", "--tools", str(path)).returncode == 0
+    step = subtask("remote", textwrap.dedent("""\
+        def remote():
+            out = {"echo": fake.echo(text="from a worker"), "pid": fake.pid()["result"]}
+            try:
+                fake.fail(reason="on a worker")
+            except ToolError as exc:
+                out["fail"] = str(exc)
+            return out
+        """))
+    llm_server.reply_json(plan(step))
+    llm_server.reply_json(verdict("done"))
+    server, [worker] = cluster(llm_server.base_url, workers=1, AUTOCODE_TOOLS=str(path))
+
+    run_id = server.submit_ok("call the fake server on a worker")
+    run = server.wait_status(run_id, timeout=90)
+
+    steps = db_rows(server.db, "SELECT status, error FROM steps WHERE run_id = ?", (run_id,))
+    assert run["status"] == "succeeded", (run.get("error"), steps)
+    [row] = db_rows(server.db, "SELECT output_json, worker FROM steps WHERE run_id = ?", (run_id,))
+    output = json.loads(row["output_json"])
+    assert row["worker"] == "w0@test"
+    assert output["echo"] == {"result": "from a worker"}
+    assert output["fail"] == "fake.fail: Error executing tool fail: failed on purpose: on a worker"
+    cmdline = Path(f"/proc/{output['pid']}/cmdline").read_bytes()
+    assert b"tests.fakes.mcp_server" in cmdline  # the worker's own server process, alive and kept
+    calls = db_rows(server.db, "SELECT tool, ok, iteration FROM mcp_calls WHERE run_id = ? ORDER BY id", (run_id,))
+    assert [(c["tool"], c["ok"], c["iteration"]) for c in calls] == [("echo", 1, 1), ("pid", 1, 1), ("fail", 0, 1)]
+    assert SECRET not in json.dumps(llm_server.chat_requests())
+    assert SECRET not in worker.log_tail() + server.log_tail()

@@ -49,6 +49,8 @@ class ToolHost:
         if mcp is not None:
             await mcp.start()  # on a worker, the first call connects this process's servers
         if name not in self.names:  # e.g. a tool the conversation's settings disabled (agent_core/channel_settings.py)
+            if mcp is not None:
+                mcp.unavailable(name)  # or its server is down: say so
             raise PermissionError(f"{name} is not a tool this run may use")
         if name == "llm":
             prompt = kwargs.pop("prompt", args[0] if args else "")

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import mimetypes
+import os
 import re
 import sys
 import time
@@ -149,6 +150,19 @@ def pins_path(tools_file: Path | None) -> Path | None:
     return None if tools_file is None else tools_file.with_name(tools_file.stem + ".mcp-pins.json")
 
 
+def _errlog() -> Any:
+    """Where a stdio server's stderr goes: the process's own stderr (fd 2), also where a Celery worker has replaced
+    sys.stderr with a logging proxy that has no file descriptor."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (AttributeError, OSError, ValueError):
+            continue
+    return open(os.devnull, "w")  # noqa: SIM115 (kept for the server's life)
+
+
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -191,7 +205,7 @@ class McpServer:
 
             params = StdioServerParameters(command=spec.command[0], args=list(spec.command[1:]), env=spec.env or None,
                                            cwd=spec.cwd)
-            async with stdio_client(params, errlog=sys.stderr) as (read, write):
+            async with stdio_client(params, errlog=_errlog()) as (read, write):
                 yield read, write
         else:
             import httpx2
@@ -416,6 +430,13 @@ class McpHost:
                               "arguments_chars": len(arguments), "ok": int(ok), "error": _clip(error),
                               "result_text": _clip(result_text), "result_chars": len(result_text),
                               "duration_ms": int((time.monotonic() - started) * 1000)})
+
+    def unavailable(self, call_name: str) -> None:
+        """For a name steps may not call: McpToolError when it is because its server is not connected."""
+        server = self.servers.get(call_name.partition(".")[0])
+        if server is not None and server.state != "connected":
+            raise McpToolError(f"{call_name}: the MCP server {server.spec.name} is not connected: "
+                               f"{server.error or server.state}")
 
     def check(self, call_name: str, args: list[Any], kwargs: dict[str, Any]) -> OfferedTool:
         """The offered tool `call_name` with `kwargs` valid for its input schema, or McpToolError saying why not."""
