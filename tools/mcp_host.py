@@ -114,15 +114,19 @@ class Pins:
         self.path = path
         self._cache: tuple[Any, dict[str, dict[str, Any]]] | None = None
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """The pins as the file has them now (read again when it changes: `autocode mcp accept` in a shell)."""
+    def version(self) -> Any:
+        """Changes when the file does (None: no file)."""
         try:
             stat = self.path.stat() if self.path is not None else None
         except OSError:
-            stat = None
-        if stat is None:
+            return None
+        return None if stat is None else (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """The pins as the file has them now (read again when it changes: `autocode mcp accept` in a shell)."""
+        key = self.version()
+        if key is None:
             return {}
-        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         try:
@@ -193,6 +197,7 @@ class McpServer:
         self._broken = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_contact = 0.0
+        self._offered: tuple[Any, list[OfferedTool]] | None = None
         self.outcomes = 0  # connection attempts concluded (connected or failed)
         self.failures = 0  # failed attempts since the last connection
 
@@ -333,6 +338,13 @@ class McpServer:
         return found
 
     def offered(self) -> list[OfferedTool]:
+        """The listed tools that match their pins (computed again when the listing or the pin file changes)."""
+        key = (id(self.listing), self.pins.version())
+        if self._offered is None or self._offered[0] != key:
+            self._offered = (key, self._offer())
+        return self._offered[1]
+
+    def _offer(self) -> list[OfferedTool]:
         accepted = set(self.review()["offered"])
         spec = self.spec
         tools = []
@@ -486,11 +498,29 @@ def _clip(text: str, limit: int = AUDIT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
+_VALIDATORS: dict[str, tuple[str, Any]] = {}  # schema JSON by call name -> its compiled validator
+
+
+def _validator(tool: OfferedTool) -> Any:
+    import jsonschema
+
+    schema = tool.input_schema or {"type": "object"}
+    text = json.dumps(schema, sort_keys=True)
+    cached = _VALIDATORS.get(tool.call_name)
+    if cached is None or cached[0] != text:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        cached = _VALIDATORS[tool.call_name] = (text, cls(schema))
+    return cached[1]
+
+
 def _check_arguments(tool: OfferedTool, arguments: dict[str, Any]) -> None:
     import jsonschema
 
     try:
-        jsonschema.validate(arguments, tool.input_schema or {"type": "object"})
+        error = jsonschema.exceptions.best_match(_validator(tool).iter_errors(arguments))
+        if error is not None:
+            raise error
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise McpToolError(f"{tool.call_name}: invalid arguments{f' at {where}' if where else ''}: "
