@@ -392,6 +392,7 @@ def run_details(storage: Any, run_id: str, settings: Settings | None = None) -> 
         "usage": storage.usage(run_id),
         "artifacts": storage.artifacts(run_id),
         "approvals": storage.approvals(run_id),
+        "mcp_calls": storage.mcp_calls(run_id),
     }
 
 
@@ -462,6 +463,17 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
             if call["system_chars"]:
                 print(f"      system ({call['system_chars']} chars): {_field(_one_line(call['system_text'], 160))}")
             print(f"      reply ({call['response_chars'] or 0} chars): {_field(_one_line(call['reply_text'], 160))}")
+    if details["mcp_calls"]:  # what steps sent to MCP servers and got back; stored clipped, in full in --json
+        print("\nMCP tool calls (arguments and result as stored; --json has the stored text):")
+        for number, call in enumerate(details["mcp_calls"], 1):
+            outcome = "ok" if call["ok"] else f"error: {_field(_one_line(call['error'] or '', 160))}"
+            print(f"  [{number}] it={call['iteration'] or '-'}  {_field(call['server'])}.{_field(call['tool'])}  "
+                  f"{call['duration_ms']} ms  {outcome}")
+            print(f"      arguments ({call['arguments_chars'] or 0} chars): "
+                  f"{_field(_one_line(call['arguments'] or '', 160))}")
+            if call["ok"]:
+                print(f"      result ({call['result_chars'] or 0} chars): "
+                      f"{_field(_one_line(call['result_text'] or '', 160))}")
     if details["artifacts"]:
         print("Artifacts: " + ", ".join(f"{_field(a['name'])} ({_field(a['mime'])}, {a['size']} bytes)"
                                         for a in details["artifacts"]))

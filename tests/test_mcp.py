@@ -194,6 +194,11 @@ def test_autocode_run_yes_commits_through_the_git_server(tmp_path, llm_server, r
     assert ran.returncode == 0, ran.stderr
     assert "git.git_add: approved by console (--yes)" in ran.stderr
     assert commits(repo) == ["add b", "first commit"]
+    import sqlite3
+    run_id = sqlite3.connect(tmp_path / "cli.db").execute("SELECT id FROM runs").fetchone()[0]
+    show = _cli(tmp_path, llm_server, "show", run_id).stdout
+    assert "MCP tool calls (arguments and result as stored" in show
+    assert "[3] it=1  git.git_commit" in show and 'arguments (' in show and '"message": "add b"' in show
 
 
 # ------------------------------------------------------------------------- the fake server: error paths
@@ -335,6 +340,21 @@ async def test_the_planner_sees_a_server_within_its_budget(make_agent, tmp_path,
     named = [line.split("(")[0].removeprefix("- ") for line in lines]
     assert named[0] == "fake.echo" and "fake.echo" not in rest and "fake.pid" not in named
     assert rest.startswith("- also (ask for their parameters by calling them with none): ")
+
+
+async def test_a_channel_can_disable_a_server(make_agent, llm_server, tmp_path):
+    agent = await accepted_agent(make_agent, tools_file(tmp_path, fake_entry()), "fake")
+    store = agent.channel_settings
+    assert "fake" in store.choices().tools
+    store.set("slack:T1:C1", "tools", "-fake")
+    llm_server.reply_json(plan(subtask("e", "def e():\n    return {'r': fake.echo(text='x')}")))
+    llm_server.reply_json(verdict(ok=False, thoughts="no fake"))
+
+    result = await agent.run("echo", "slack:T1:C1:1700000000.000100")
+
+    assert "fake.echo" not in llm_server.chat_requests()[0]["messages"][0]["content"]
+    assert result.steps[0].error.startswith("NameError: name 'fake' is not defined")
+    assert agent.storage.mcp_calls(result.run_id) == []
 
 
 # ------------------------------------------------------------------------- streamable HTTP on loopback

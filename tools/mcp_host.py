@@ -475,6 +475,9 @@ class McpHost:
                               "data": item.data})
         value: Any
         structured = result.structured_content
+        # A structured result with our marker's key is wrapped as well, so the step never takes the server's data
+        # for files to write.
+        wrap = bool(files) or (isinstance(structured, dict) and "__mcp_files__" in structured)
         if structured is not None and len(json.dumps(structured, default=str)) <= self.result_chars:
             value, shown = structured, json.dumps(structured, ensure_ascii=False, default=str)
         else:
@@ -482,7 +485,7 @@ class McpHost:
                 text = (text[: self.result_chars] + f"\n… [clipped: the first {self.result_chars:,} of "
                         f"{len(text):,} characters]")
             value, shown = text, text
-        if files:
+        if wrap:
             return {"__mcp_files__": files, "content": value}, shown
         return value, shown
 

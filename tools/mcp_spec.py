@@ -18,6 +18,7 @@ import keyword
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 _KNOWN_KEYS = {"mcp", "command", "env", "url", "headers", "tools", "confirm", "no_confirm", "trusted", "cwd"}
 
@@ -63,8 +64,13 @@ class McpServerSpec:
 
     @property
     def where(self) -> str:
-        """Where the server is, for the operator (no secrets): the program, or the URL without its query."""
-        return " ".join(self.command[:1]) if self.command else self.url.split("?")[0]
+        """Where the server is, for the operator (no secrets): the program, or the URL without credentials, query
+        and fragment."""
+        if self.command:
+            return self.command[0]
+        parts = urlsplit(self.url)
+        return urlunsplit((parts.scheme, parts.hostname or "", "", "", "")) + (
+            f":{parts.port}" if parts.port else "") + parts.path if parts.hostname else "(a URL)"
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:
