@@ -258,6 +258,9 @@ async def test_fake_server_error_paths_in_a_step(make_agent, llm_server, tmp_pat
     calls = agent.storage.mcp_calls(result.run_id)
     assert [(c["tool"], c["ok"]) for c in calls] == [
         ("fail", 0), ("hang", 0), ("huge", 1), ("pid", 1), ("crash", 0), ("pid", 1), ("image", 1), ("echo", 1)]
+    from bots.run_log import run_log
+    document = run_log(agent.storage, result.run_id).document
+    assert "## MCP tool calls" in document and "- #1 fake.fail (" in document and "- #8 fake.echo (" in document
     assert calls[2]["result_chars"] > 1024 and len(calls[2]["result_text"]) <= mcp_host.AUDIT_CHARS + 2
     # Bad arguments never reached the server (no call recorded); unknown names never left the step.
 
