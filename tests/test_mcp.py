@@ -518,3 +518,19 @@ def test_mcp_calls_from_a_celery_worker(cluster, llm_server, tmp_path):
     assert [(c["tool"], c["ok"], c["iteration"]) for c in calls] == [("echo", 1, 1), ("pid", 1, 1), ("fail", 0, 1)]
     assert SECRET not in json.dumps(llm_server.chat_requests())
     assert SECRET not in worker.log_tail() + server.log_tail()
+
+
+def test_a_server_name_that_hides_a_module_is_refused(tmp_path):
+    from tools.registry import ToolError, build_toolset
+
+    for name, what in (("time", "a standard library module"), ("print", "a Python builtin"),
+                       ("numpy", "a declared library")):
+        with pytest.raises(ToolError, match=f"MCP server name '{name}' is also {what}'s name"):
+            build_toolset(tools_file(tmp_path, {"mcp": name, "command": ["mcp-server-time"]}))
+    with pytest.raises(ToolError, match="give either command .* or url"):
+        build_toolset(tools_file(tmp_path, {"mcp": "clock"}))
+    with pytest.raises(ToolError, match="env applies to a stdio server"):
+        build_toolset(tools_file(tmp_path, {"mcp": "clock", "url": "https://x/mcp", "env": {"A": "b"}}))
+    toolset = build_toolset(tools_file(tmp_path, {"mcp": "clock", "command": ["mcp-server-time"],
+                                                  "env": {"TOKEN": SECRET}}))
+    assert SECRET not in repr(toolset) + repr(toolset.tools)

@@ -259,7 +259,11 @@ class McpServer:
                 self.failures += 1
                 self.outcomes += 1
             self._pulse()
-            await asyncio.sleep(RESTART_DELAYS_S[min(self.failures, len(RESTART_DELAYS_S) - 1)])
+            with contextlib.suppress(TimeoutError):  # a stop ends the wait
+                await asyncio.wait_for(self._stop.wait(), RESTART_DELAYS_S[min(self.failures,
+                                                                              len(RESTART_DELAYS_S) - 1)])
+            if self._stop.is_set():
+                break
             self.restarts += 1
             log.info("MCP server %s: restarting (%s)", self.spec.name, self.error)
         self.state = "stopped"
@@ -347,10 +351,15 @@ class McpServer:
     def _offer(self) -> list[OfferedTool]:
         accepted = set(self.review()["offered"])
         spec = self.spec
-        tools = []
+        tools, attributes = [], set()
         for tool in self.listing:
             if tool.name not in accepted:
                 continue
+            if python_name(tool.name) in attributes:  # "a-b" after "a_b": generated code could not tell them apart
+                log.warning("MCP server %s: tool %r not offered: its Python name %s is taken", spec.name,
+                            clean_text(tool.name, 80), python_name(tool.name))
+                continue
+            attributes.add(python_name(tool.name))
             read_only = bool(tool.annotations is not None and tool.annotations.read_only_hint)
             needs = spec.confirm_all or tool.name in spec.confirm or not (spec.trusted and read_only)
             if tool.name in spec.no_confirm and not spec.confirm_all and tool.name not in spec.confirm:

@@ -5,6 +5,7 @@ What one declaration is (the four kinds, the original AutoCodeAgent dict format)
 
 from __future__ import annotations
 
+import builtins
 import importlib.metadata
 import importlib.util
 import logging
@@ -132,6 +133,14 @@ def build_toolset(tools_file: Path | None = None, mcp_result_kb: int = 256) -> T
         if importlib.util.find_spec(lib.replace("-", "_")) is None and not _known_distribution(lib):
             log.warning("tool library %r is not installed; steps importing it will fail", lib)
     specs = [tool.mcp for tool in tools if tool.mcp is not None]
+    for spec in specs:  # the server's object in a step must not hide a module or a builtin the step may use
+        hidden = "a standard library module" if spec.attribute in sys.stdlib_module_names else \
+            "a Python builtin" if hasattr(builtins, spec.attribute) else \
+            "a declared library" if any(_normalize(spec.attribute) == _normalize(lib) for tool in tools
+                                        for lib in tool.lib_names) else None
+        if hidden:
+            raise ToolError(f"MCP server name {spec.name!r} is also {hidden}'s name, which steps could not use "
+                            f"beside the server; name it otherwise, e.g. \"{spec.attribute}_server\"")
     host = McpHost(specs, pins_path(tools_file), mcp_result_kb) if specs else None
     return ToolSet(tools, mcp_host=host)
 
