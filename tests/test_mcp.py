@@ -372,7 +372,8 @@ def _free_port() -> int:
 @pytest.fixture
 def http_server(tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([*FAKE, "http", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
+    env = {**os.environ, "FAKE_MCP_REQUIRE_HEADER": f"Authorization:Bearer {SECRET}"}
+    proc = subprocess.Popen([*FAKE, "http", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, env=env,
                             stderr=open(tmp_path / "http-server.log", "w"))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -389,10 +390,13 @@ def http_server(tmp_path):
 async def test_streamable_http_server_on_loopback(make_agent, llm_server, tmp_path, http_server):
     entry = {"mcp": "remote", "url": http_server, "headers": {"Authorization": f"Bearer {SECRET}"}, "trusted": True}
     missing = {"mcp": "gone", "url": f"http://127.0.0.1:{_free_port()}/mcp"}
-    agent = await accepted_agent(make_agent, tools_file(tmp_path, entry, missing), "remote")
+    no_token = {"mcp": "locked", "url": http_server, "headers": {"Authorization": "Bearer wrong"}}
+    agent = await accepted_agent(make_agent, tools_file(tmp_path, entry, missing, no_token), "remote")
     report = {e["server"]: e for e in await mcp_report(agent.toolset)}
     assert report["remote"]["connected"] and report["remote"]["transport"] == "streamable HTTP"
     assert not report["gone"]["connected"] and "ConnectError" in report["gone"]["error"]
+    assert not report["locked"]["connected"] and report["locked"]["error"].endswith(
+        "(HTTP 401: check its headers (a missing or wrong token?))"), report["locked"]
     llm_server.reply_json(plan(subtask("e", "def e():\n    return remote.echo(text='over http')")))
     llm_server.reply_json(verdict("ok"))
 

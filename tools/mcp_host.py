@@ -197,6 +197,7 @@ class McpServer:
         self._broken = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_contact = 0.0
+        self._http_status = 0  # a url server's last error status in this connection attempt
         self._offered: tuple[Any, list[OfferedTool]] | None = None
         self.outcomes = 0  # connection attempts concluded (connected or failed)
         self.failures = 0  # failed attempts since the last connection
@@ -216,7 +217,12 @@ class McpServer:
             import httpx2
             from mcp.client.streamable_http import streamable_http_client
 
-            client = httpx2.AsyncClient(headers=spec.headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            async def note(response: Any) -> None:  # the SDK's error does not say the status: keep it for ours
+                if response.status_code >= 400:
+                    self._http_status = response.status_code
+
+            client = httpx2.AsyncClient(headers=spec.headers, timeout=httpx2.Timeout(30.0, read=300.0),
+                                        event_hooks={"response": [note]})
             async with client, streamable_http_client(spec.url, http_client=client) as (read, write):
                 yield read, write
 
@@ -224,7 +230,7 @@ class McpServer:
         from mcp.client.session import ClientSession
 
         while not self._stop.is_set():
-            self.state, self._broken = "connecting", asyncio.Event()
+            self.state, self._broken, self._http_status = "connecting", asyncio.Event(), 0
             try:
                 async with self._streams() as (read, write), ClientSession(read, write) as session:
                     await asyncio.wait_for(session.initialize(), CONNECT_TIMEOUT_S)
@@ -246,6 +252,9 @@ class McpServer:
                 raise
             except BaseException as exc:  # noqa: BLE001 (anyio's groups): the server failed; say why, try again
                 self.error = describe_error(exc)
+                if self._http_status:
+                    hint = ": check its headers (a missing or wrong token?)" if self._http_status in (401, 403) else ""
+                    self.error += f" (HTTP {self._http_status}{hint})"
                 log.warning("MCP server %s (%s): %s", self.spec.name, self.spec.where, self.error)
             finally:
                 self.session = None

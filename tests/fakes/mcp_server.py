@@ -71,6 +71,23 @@ def pid() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "http":
-        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+        import uvicorn
+
+        app = server.streamable_http_app(host="127.0.0.1")
+        required = os.environ.get("FAKE_MCP_REQUIRE_HEADER", "")
+        if required:  # a server behind a token: requests without the header are refused with 401
+            name, _, value = required.partition(":")
+            inner = app
+
+            async def app(scope, receive, send):  # noqa: F811
+                headers = dict(scope.get("headers") or [])
+                if scope["type"] == "http" and headers.get(name.lower().encode()) != value.encode():
+                    await send({"type": "http.response.start", "status": 401,
+                                "headers": [(b"content-type", b"text/plain")]})
+                    await send({"type": "http.response.body", "body": b"missing or wrong token"})
+                    return
+                await inner(scope, receive, send)
+
+        uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
     else:
         server.run()
