@@ -187,6 +187,14 @@ def test_autocode_run_yes_commits_through_the_git_server(tmp_path, llm_server, r
     assert "Accepted 4 tools of git" in accepted.stdout
     code = {**COMMIT_STEP, "code": COMMIT_STEP["code"].replace("REPO", repr(str(repo)))}
     llm_server.reply_json(plan(code))
+    llm_server.reply_json(verdict("Not committed."))
+
+    unasked = _cli(tmp_path, llm_server, "run", "--tools", str(path), "commit b.txt")  # nobody answers y/N
+
+    assert unasked.returncode == 0, unasked.stderr
+    assert "git.git_add needs your approval" in unasked.stderr and "denied by console" in unasked.stderr
+    assert commits(repo) == ["first commit"]
+    llm_server.reply_json(plan(code))
     llm_server.reply_json(verdict("Committed."))
 
     ran = _cli(tmp_path, llm_server, "run", "--tools", str(path), "--yes", "commit b.txt")
@@ -195,7 +203,7 @@ def test_autocode_run_yes_commits_through_the_git_server(tmp_path, llm_server, r
     assert "git.git_add: approved by console (--yes)" in ran.stderr
     assert commits(repo) == ["add b", "first commit"]
     import sqlite3
-    run_id = sqlite3.connect(tmp_path / "cli.db").execute("SELECT id FROM runs").fetchone()[0]
+    run_id = sqlite3.connect(tmp_path / "cli.db").execute("SELECT id FROM runs ORDER BY created_at DESC").fetchone()[0]
     show = _cli(tmp_path, llm_server, "show", run_id).stdout
     assert "MCP tool calls (arguments and result as stored" in show
     assert "[3] it=1  git.git_commit" in show and 'arguments (' in show and '"message": "add b"' in show
