@@ -65,14 +65,14 @@ class ToolHost:
             return await asyncio.wait_for(self.llm_helper(prompt, system), self.timeout_s)
         if mcp is not None:
             mcp.check(name, args, kwargs)  # bad arguments: the step's ToolError, nobody asked to approve them
+            if self.budget is not None:
+                self.budget.admit_tool_call(name)  # before a person is asked: nobody approves a refused call
         function = None if mcp is not None else self.toolset.exact_function(name)
         if self.toolset.needs_confirmation(name):
             if self.approve is None:
                 raise PermissionError(f"{name} needs a person's approval, and nobody can be asked here")
             await self.approve(name, list(args), dict(kwargs))  # its time is not the tool's timeout
         if mcp is not None:
-            if self.budget is not None:
-                self.budget.admit_tool_call(name)
             return await mcp.call(name, args, kwargs, self.timeout_s, self.record_mcp)
         assert function is not None
         try:

@@ -1,6 +1,7 @@
 """The set of tools a run may use: the built-in tools plus an operator's tools file, and how prompts describe them.
 
-What one declaration is (the four kinds, the original AutoCodeAgent dict format) lives in tools/declarations.py.
+What one declaration is (the five kinds, the original AutoCodeAgent dict format plus MCP servers) lives in
+tools/declarations.py; MCP servers are kept connected by tools/mcp_host.py, whose offered tools join the set.
 """
 
 from __future__ import annotations
