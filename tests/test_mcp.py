@@ -5,7 +5,6 @@ sandboxed steps, with the scripted OpenAI server recording every request."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -21,9 +20,9 @@ import pytest
 from agent_core.events import ApprovalRequested
 from agent_core.mcp_doctor import accept, mcp_report
 from tests.conftest import plan, subtask, verdict
+from tests.system_packages import requires
+from tests.test_scaleout import cluster, redis_url  # noqa: F401 (fixtures: redis-server, serve and a worker)
 from tools import mcp_host
-from tools.mcp_host import McpHost
-from tools.mcp_spec import spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-mcp-secret-5b1e9f"
@@ -491,8 +490,6 @@ def test_doctor_lists_each_server(tmp_path, llm_server, repo):
 
 # ------------------------------------------------------------------------- the same calls from a Celery worker
 
-from tests.test_scaleout import cluster, redis_url  # noqa: E402,F401 (fixtures: redis-server, serve and a worker)
-from tests.system_packages import requires  # noqa: E402
 
 
 @requires("redis-server")
