@@ -358,7 +358,14 @@ class McpServer:
         return self._offered[1]
 
     def _offer(self) -> list[OfferedTool]:
-        accepted = set(self.review()["offered"])
+        review = self.review()
+        accepted = set(review["offered"])
+        waiting = review["new"] + review["changed"]
+        if waiting and self.listing:  # once per listing and pin file: the operator's cue
+            log.warning("MCP server %s: %d tool(s) not offered until the operator accepts them (new: %s; changed: "
+                        "%s): review `autocode mcp show`, then `autocode mcp accept %s`", self.spec.name, len(waiting),
+                        clean_text(", ".join(review["new"]), 200) or "none",
+                        clean_text(", ".join(review["changed"]), 200) or "none", self.spec.name)
         spec = self.spec
         tools, attributes = [], set()
         for tool in self.listing:
