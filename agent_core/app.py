@@ -14,7 +14,7 @@ from tools.registry import build_toolset
 
 def build_agent(settings: Settings, executor: Executor | None = None, storage: Storage | None = None) -> Agent:
     """Raises ConfigError (no LLM configured) or ToolError (bad tools file) before anything runs."""
-    toolset = build_toolset(settings.tools_file)
+    toolset = build_toolset(settings.tools_file, settings.mcp_result_kb)
     storage = storage or Storage(settings.db_path)
     llm = LLMClient(settings, storage)
     if executor is None and settings.redis_url:  # scale-out: steps run on `autocode worker` processes

@@ -53,6 +53,7 @@ class BudgetLimits:
     run_tokens: int = 0
     daily_tokens: int = 0
     calls_per_step: int = 20
+    mcp_calls_per_step: int = 50  # calls of MCP tools (tools/mcp_host.py) one step may make
     prompt_max_chars: int = 20_000
     user_month_usd: float = 0.0  # the user's budget for this calendar month
     scope_month_usd: float = 0.0  # the channel's or chat's budget for this calendar month
@@ -65,6 +66,7 @@ class BudgetLimits:
             run_tokens=settings.max_tokens_per_run,
             daily_tokens=settings.daily_tokens_per_user if user else 0,
             calls_per_step=settings.llm_calls_per_step,
+            mcp_calls_per_step=settings.mcp_calls_per_step,
             prompt_max_chars=settings.llm_prompt_max_chars,
             user_month_usd=settings.monthly_budget_per_user if user else 0.0,
             scope_month_usd=scope_month_usd or 0.0,
@@ -175,6 +177,7 @@ class RunBudget:
         self.run_id = run_id  # for log lines
         self.price = price
         self.step_calls = 0
+        self.step_tool_calls = 0  # MCP tool calls of the current step
         self._refusal_logged = False
 
     @classmethod
@@ -218,7 +221,15 @@ class RunBudget:
     def new_step(self) -> None:
         """A step starts: its `llm()` calls are counted from zero."""
         self.step_calls = 0
+        self.step_tool_calls = 0
         self._refusal_logged = False
+
+    def admit_tool_call(self, name: str) -> None:
+        """Count one MCP tool call of the current step, or raise `BudgetExceeded` past AUTOCODE_MCP_CALLS_PER_STEP."""
+        if self.step_tool_calls >= self.limits.mcp_calls_per_step:
+            raise BudgetExceeded(f"This step already made {self.step_tool_calls} MCP tool calls, the most one step "
+                                 f"may make (AUTOCODE_MCP_CALLS_PER_STEP); {name} was not called.")
+        self.step_tool_calls += 1
 
     def admit_helper(self, prompt: str, system: str) -> None:
         """Count one `llm()` call of the current step, or raise `BudgetExceeded` naming the limit it would break.

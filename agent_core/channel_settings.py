@@ -1,4 +1,5 @@
-"""Settings per channel or chat: model, iterations, tools, sandbox network and a monthly budget, stored in SQLite.
+"""Settings per channel or chat: model, iterations, tools, sandbox network, a monthly budget and the channel's own
+instructions (context for the planner and the evaluator: "revenue is in cents"), stored in SQLite.
 
 A conversation's settings are those of its *scope* (`scope_of`): a Slack channel holds many threads (conversation
 `slack:{team}:{channel}:{thread}` → scope `slack:{team}:{channel}`), a Telegram chat many topics
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,7 +35,10 @@ from tools.registry import ToolSet
 log = logging.getLogger(__name__)
 
 MAX_ITERATIONS = 10  # the most a channel may set (or AUTOCODE_MAX_ITERATIONS if higher, which is the default)
-SETTING_NAMES = ("model", "max_iterations", "tools", "network", "budget")
+SETTING_NAMES = ("model", "max_iterations", "tools", "network", "budget", "instructions")
+MAX_INSTRUCTIONS_CHARS = 2000  # a channel's own instructions: context, not a document
+# Control characters other than newline, and the bidirectional overrides that make text read other than it is.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _ON = {"on", "true", "yes", "1", "enabled"}
 _OFF = {"off", "false", "no", "0", "disabled"}
 _NONE = {"none", "off", "no", "unlimited", "0", ""}
@@ -61,7 +66,10 @@ def tool_names(toolset: ToolSet) -> list[str]:
     `llm()` helper by their function names."""
     names: dict[str, None] = {}
     for tool in toolset.tools:
-        names.update(dict.fromkeys(tool.functions if tool.kind in ("exact", "llm") else tool.lib_names))
+        if tool.kind == "mcp" and tool.mcp is not None:
+            names[tool.mcp.name] = None  # an MCP server is enabled or disabled as a whole
+        else:
+            names.update(dict.fromkeys(tool.functions if tool.kind in ("exact", "llm") else tool.lib_names))
     return list(names)
 
 
@@ -72,7 +80,10 @@ def restrict_toolset(toolset: ToolSet, enabled: frozenset[str] | set[str] | None
         return toolset
     kept = []
     for tool in toolset.tools:
-        if tool.kind in ("exact", "llm"):
+        if tool.kind == "mcp":
+            if tool.mcp is not None and tool.mcp.name in enabled:
+                kept.append(tool)
+        elif tool.kind in ("exact", "llm"):
             functions = {name: sig for name, sig in tool.functions.items() if name in enabled}
             if functions:
                 kept.append(replace(tool, functions=functions))
@@ -80,7 +91,7 @@ def restrict_toolset(toolset: ToolSet, enabled: frozenset[str] | set[str] | None
             libs = [lib for lib in tool.lib_names if lib in enabled]
             if libs:
                 kept.append(replace(tool, lib_names=libs))
-    return ToolSet(kept)  # its own cache of callables: none of a disabled function
+    return ToolSet(kept, mcp_host=toolset.mcp_host)  # its own cache of callables: none of a disabled function
 
 
 # --- what may be chosen, what applies ---------------------------------------------------------------------------------
@@ -110,6 +121,7 @@ class EffectiveSettings:
     network_applied: bool  # what the run's sandbox has: the operator's AUTOCODE_SANDBOX_NETWORK
     budget_usd: float | None  # the scope's monthly budget; None: none
     overridden: tuple[str, ...] = field(default=())
+    instructions: str = ""  # the channel's own instructions (clean text, see `clean_instructions`); "": none
 
     def describe(self) -> str:
         """One line for logs and run pages, e.g. "model gpt-4o · 3 iterations · tools: all · network off ·
@@ -122,13 +134,16 @@ class EffectiveSettings:
             network += " (not applied: the sandbox's network is on for all runs)"
         budget = f"budget {format_usd(self.budget_usd)}/month" if self.budget_usd else "no budget"
         iterations = f"{self.max_iterations} iteration{'' if self.max_iterations == 1 else 's'}"
-        return " · ".join((f"model {self.model}", iterations, f"tools: {tools}", network, budget))
+        parts = [f"model {self.model}", iterations, f"tools: {tools}", network, budget]
+        if self.instructions:
+            parts.append(f"instructions: {len(self.instructions):,} characters")
+        return " · ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         return {"scope": self.scope, "model": self.model, "max_iterations": self.max_iterations,
                 "tools": None if self.tools is None else list(self.tools), "network": self.network,
                 "network_applied": self.network_applied, "budget_usd": self.budget_usd,
-                "overridden": list(self.overridden)}
+                "overridden": list(self.overridden), "instructions": self.instructions}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "EffectiveSettings":
@@ -136,7 +151,15 @@ class EffectiveSettings:
         return cls(str(data.get("scope") or ""), str(data["model"]), int(data["max_iterations"]),
                    None if tools is None else tuple(tools), bool(data.get("network")),
                    bool(data.get("network_applied", data.get("network"))), data.get("budget_usd"),
-                   tuple(data.get("overridden") or ()))
+                   tuple(data.get("overridden") or ()), clean_instructions(data.get("instructions") or ""))
+
+
+def clean_instructions(text: str) -> str:
+    """A channel's instructions as they may reach a prompt or a log: untrusted text without control characters
+    (newlines kept, tabs as spaces, \\r\\n as \\n) or bidirectional overrides, trimmed, at most
+    MAX_INSTRUCTIONS_CHARS characters."""
+    text = str(text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    return _CONTROL.sub("", text).strip()[:MAX_INSTRUCTIONS_CHARS]
 
 
 def run_settings(run: dict[str, Any] | None) -> EffectiveSettings | None:
@@ -184,7 +207,7 @@ class ChannelSettings:
             max_iterations=kept.get("max_iterations", operator.max_iterations),
             tools=None if tools is None else tuple(tools), network=network,
             network_applied=operator.sandbox_network, budget_usd=kept.get("budget"),
-            overridden=tuple(n for n in SETTING_NAMES if n in kept),
+            overridden=tuple(n for n in SETTING_NAMES if n in kept), instructions=kept.get("instructions", ""),
         )
 
     def set(self, scope: str, name: str, value: Any, by: str = "") -> EffectiveSettings:
@@ -227,6 +250,8 @@ class ChannelSettings:
         text = value.strip() if isinstance(value, str) else None
         if name == "tools" and text is not None:
             return self._parse_tools(text, stored.get("tools"))
+        if name == "instructions" and text is not None and text.lower() in ("", "none"):
+            return None
         if name == "budget" and text is not None:
             if text.lower() in _NONE:
                 return None
@@ -312,10 +337,20 @@ class ChannelSettings:
                 raise SettingError(f"The budget is an amount in USD per month, e.g. 5 or 12.50 (or none), not "
                                    f"{value!r}.")
             return float(value) or None  # 0: no budget
+        if name == "instructions":
+            if not isinstance(value, str):
+                raise SettingError("instructions are text (or none).")
+            cleaned = clean_instructions(value[:MAX_INSTRUCTIONS_CHARS * 4])
+            kept = _CONTROL.sub("", value.replace("\t", " ")).strip()
+            if len(kept) > MAX_INSTRUCTIONS_CHARS:
+                raise SettingError(f"The instructions are {len(kept):,} characters; at most "
+                                   f"{MAX_INSTRUCTIONS_CHARS:,} fit (a few sentences of context: units, "
+                                   "definitions, conventions).")
+            return cleaned or None
         raise SettingError(f"There is no setting {name!r}; the settings are {', '.join(SETTING_NAMES)}.")
 
 
 __all__ = [
-    "MAX_ITERATIONS", "SETTING_NAMES", "ChannelSettings", "Choices", "EffectiveSettings", "SettingError",
+    "MAX_INSTRUCTIONS_CHARS", "MAX_ITERATIONS", "SETTING_NAMES", "clean_instructions", "ChannelSettings", "Choices", "EffectiveSettings", "SettingError",
     "restrict_toolset", "run_settings", "scope_of", "tool_names",
 ]

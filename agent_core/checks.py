@@ -52,7 +52,7 @@ def _imported_modules(tree: ast.AST) -> list[str]:
 def check_subtask(subtask: Subtask, earlier: list[str], toolset: ToolSet) -> CheckedSubtask:
     """Validate one subtask given the names of the subtasks before it in the plan."""
     name = subtask.tool_name
-    trusted = set(toolset.trusted_names)
+    trusted = toolset.reserved_names  # trusted functions, and MCP servers' objects (called as server.tool(...))
     if name in trusted:
         raise CheckError(f"{name!r} is the name of a trusted tool; give the subtask another name and call {name}()")
     try:

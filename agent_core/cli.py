@@ -92,13 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     channel.add_argument("--tools", type=Path, help="the tools file (default $AUTOCODE_TOOLS): the tool names")
     channel.add_argument("--json", action="store_true")
     channel.add_argument("action", nargs="?", choices=("show", "set", "reset"), default="show")
-    channel.add_argument("name", nargs="?", help="set/reset: model, max_iterations, tools, network or budget")
+    channel.add_argument("name", nargs="?", help="set/reset: model, max_iterations, tools, network, budget or instructions")
     channel.add_argument("value", nargs="?", help="set: the value, e.g. gpt-4o, 5, off, 12.50, none, all, numpy,llm "
                          "(only these tools), or changes after --: set tools -- -geocode,+pandas")
 
     doctor = sub.add_parser("doctor", help="check the configuration and which sandbox protections are active")
     doctor.add_argument("--tools", type=Path)
     doctor.add_argument("--json", action="store_true")
+
+    mcp = sub.add_parser("mcp", help="the MCP servers of the tools file: show them, accept what a server offers")
+    mcp.add_argument("action", choices=["show", "accept"])
+    mcp.add_argument("server", nargs="?", help="accept: the server whose tools to pin (review `show` first)")
+    mcp.add_argument("--tools", type=Path, help="the tools file (default $AUTOCODE_TOOLS)")
+    mcp.add_argument("--json", action="store_true")
     return parser
 
 
@@ -131,6 +137,8 @@ def _command(argv: list[str] | None) -> int:
             return asyncio.run(_run_or_chat(args, settings))
         if args.command == "doctor":
             return asyncio.run(_doctor(args, settings))
+        if args.command == "mcp":
+            return asyncio.run(_mcp(args, settings))
         if args.command == "serve":
             from agent_core.server import serve
 
@@ -204,6 +212,8 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
         link = run_link(settings, agent.storage, result.run_id)
     finally:
         await agent.executor.stop()
+        if agent.toolset.mcp_host is not None:
+            await agent.toolset.mcp_host.close()  # the MCP servers stop with the process
         await agent.llm.close()
         agent.storage.close()
     if args.json:
@@ -419,6 +429,7 @@ def run_details(storage: Any, run_id: str, settings: Settings | None = None) -> 
         "usage": storage.usage(run_id),
         "artifacts": storage.artifacts(run_id),
         "approvals": storage.approvals(run_id),
+        "mcp_calls": storage.mcp_calls(run_id),
     }
 
 
@@ -494,6 +505,17 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
             if call["system_chars"]:
                 print(f"      system ({call['system_chars']} chars): {_field(_one_line(call['system_text'], 160))}")
             print(f"      reply ({call['response_chars'] or 0} chars): {_field(_one_line(call['reply_text'], 160))}")
+    if details["mcp_calls"]:  # what steps sent to MCP servers and got back; stored clipped, in full in --json
+        print("\nMCP tool calls (arguments and result as stored; --json has the stored text):")
+        for number, call in enumerate(details["mcp_calls"], 1):
+            outcome = "ok" if call["ok"] else f"error: {_field(_one_line(call['error'] or '', 160))}"
+            print(f"  [{number}] it={call['iteration'] or '-'}  {_field(call['server'])}.{_field(call['tool'])}  "
+                  f"{call['duration_ms']} ms  {outcome}")
+            print(f"      arguments ({call['arguments_chars'] or 0} chars): "
+                  f"{_field(_one_line(call['arguments'] or '', 160))}")
+            if call["ok"]:
+                print(f"      result ({call['result_chars'] or 0} chars): "
+                      f"{_field(_one_line(call['result_text'] or '', 160))}")
     if details["artifacts"]:
         print("Artifacts: " + ", ".join(f"{_field(a['name'])} ({_field(a['mime'])}, {a['size']} bytes)"
                                         for a in details["artifacts"]))
@@ -522,7 +544,14 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
         "llm": {"configured": settings.llm_configured, "api_key": "set" if settings.openai_api_key else "not set",
                 **llm_check.to_json()},
     }
-    toolset = build_toolset(settings.tools_file)
+    from agent_core.mcp_doctor import mcp_report, print_report
+
+    toolset = build_toolset(settings.tools_file, settings.mcp_result_kb)
+    try:
+        report["mcp"] = await mcp_report(toolset)
+    finally:
+        if toolset.mcp_host is not None:
+            await toolset.mcp_host.close()
     report["tools"] = {"libraries": toolset.libraries, "trusted functions": toolset.trusted_names}
     executor = SandboxExecutor.from_settings(settings)
     ok = True
@@ -549,12 +578,40 @@ async def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Python {report['python']}; database {report['database']}")
     _print_llm_check(llm_check, report["llm"]["api_key"])
     print(f"Tools: libraries {', '.join(toolset.libraries) or '-'}; trusted functions {', '.join(toolset.trusted_names)}")
+    print_report(report["mcp"])
     print(f"Sandbox backend: {sandbox_info['backend']}"
           + (f" (fallback: {sandbox_info['fallback_reason']})" if sandbox_info["fallback_reason"] else ""))
     for protection in sandbox_info["protections"]:
         print(f"  {'!' if protection.startswith('NO ') else '+'} {protection}")  # "!": missing on this host
     print(f"Sandbox check: {'ok' if ok else 'FAILED'} — {report['sandbox_check']}")
     return verdict
+
+
+async def _mcp(args: argparse.Namespace, settings: Settings) -> int:
+    """`autocode mcp show` (the servers as doctor lists them) and `autocode mcp accept SERVER` (pin its tools)."""
+    from agent_core.mcp_doctor import accept, mcp_report, print_report
+    from tools.registry import build_toolset
+
+    toolset = build_toolset(settings.tools_file, settings.mcp_result_kb)
+    host = toolset.mcp_host
+    if host is None:
+        print("autocode: the tools file declares no MCP server (an entry {\"mcp\": NAME, \"command\": [...]} or "
+              "{\"mcp\": NAME, \"url\": ...}; see the README's Tools section)", file=sys.stderr)
+        return EXIT_UNSATISFACTORY
+    try:
+        if args.action == "accept":
+            if not args.server:
+                raise ConfigError("give the server to accept: autocode mcp accept SERVER")
+            done, sentence = await accept(host, args.server)
+            print(_field(sentence), file=sys.stdout if done else sys.stderr)
+            return EXIT_OK if done else EXIT_UNSATISFACTORY
+        report = await mcp_report(toolset)
+        if args.json:
+            print(json_for_terminal(report, indent=2))
+            return EXIT_OK if all(entry["connected"] for entry in report) else EXIT_UNSATISFACTORY
+        return EXIT_OK if print_report(report) else EXIT_UNSATISFACTORY
+    finally:
+        await host.close()
 
 
 def _print_llm_check(check: Any, api_key: str) -> None:

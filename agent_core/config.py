@@ -171,6 +171,8 @@ class Settings:
     monthly_budget_per_user: float = 0.0  # USD per calendar month (UTC) of one user's runs; 0: no budget
     prices_file: Path | None = None  # price table (agent_core/pricing.py); None: agent_core/prices.toml
     llm_calls_per_step: int = 20  # llm() helper calls one step may make
+    mcp_calls_per_step: int = 50  # calls of MCP servers' tools one step may make (tools/mcp_host.py)
+    mcp_result_kb: int = 256  # an MCP tool's result handed to a step is clipped to this many KB of text
     llm_prompt_max_chars: int = 20_000  # largest llm() prompt (with its system text)
     shutdown_grace: float = 30.0
     api_token: str | None = field(default=None, repr=False)
@@ -262,6 +264,8 @@ class Settings:
             monthly_budget_per_user=_money(env, "AUTOCODE_MONTHLY_BUDGET_PER_USER"),
             prices_file=Path(prices) if prices else None,
             llm_calls_per_step=_int(env, "AUTOCODE_LLM_CALLS_PER_STEP", 20),
+            mcp_calls_per_step=_int(env, "AUTOCODE_MCP_CALLS_PER_STEP", 50),
+            mcp_result_kb=_int(env, "AUTOCODE_MCP_RESULT_KB", 256),
             llm_prompt_max_chars=_int(env, "AUTOCODE_LLM_PROMPT_MAX_CHARS", 20_000),
             shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
             api_token=env.get("AUTOCODE_API_TOKEN") or None,

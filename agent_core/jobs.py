@@ -50,6 +50,7 @@ from agent_core.sandbox.clock import paused
 from agent_core.sandbox.pool import SandboxExecutor
 from tools.host import ToolHost
 from tools.journal import CallKey, Recorded, recorded
+from storage.db import now
 from tools.registry import build_toolset
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class JobRunner:
     def __init__(self, settings: Settings, name: str):
         self.settings = settings
         self.name = name
-        self.toolset = build_toolset(settings.tools_file)
+        self.toolset = build_toolset(settings.tools_file, settings.mcp_result_kb)
         self.executor = SandboxExecutor.from_settings(settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="autocode-jobs", daemon=True)
@@ -178,6 +179,8 @@ class JobRunner:
 
     async def _close(self) -> None:
         await self.executor.stop()
+        if self.toolset.mcp_host is not None:
+            await self.toolset.mcp_host.close()  # the MCP servers stop with the worker
         if self.llm is not None:
             await self.llm.close()
         await self.redis.aclose()
@@ -239,9 +242,14 @@ class JobRunner:
             budget = job_budget(job, self.settings)
             helper = _BudgetedHelper(self.llm, publish, CallContext(run_id, job["iteration"], model=job.get("model")),
                                      budget)
+            context = {"run_id": run_id, "iteration": job["iteration"]}
+
+            async def record_mcp(record: dict[str, Any]) -> None:
+                await publish({"type": "mcp_call", "record": {**record, **context, "started_at": now()}})
+
             host = ToolHost(self.toolset, helper, self.settings.tool_timeout, budget,
                             approve=_RemoteApprover(self.redis, publish, job_id, redis),
-                            journal=_RemoteJournal(self.redis, publish, job_id, run_id, redis))
+                            journal=_RemoteJournal(self.redis, publish, job_id, run_id, redis), record_mcp=record_mcp)
             await sandbox.run_batch(batch, host.call, _PublishedProgress(publish, self.name, budget), gate=self.slots)
             data, skipped = await sandbox.archive(self.settings.job_transfer_mb * 1024 * 1024)
             if job.get("inputs"):

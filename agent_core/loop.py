@@ -166,16 +166,17 @@ class Agent:
     def system_prompts(self, toolset: ToolSet) -> tuple[str, str]:
         """The planner's and the evaluator's system prompts for a run with `toolset` (made once per set of tools:
         a channel may enable only some, agent_core/channel_settings.py)."""
-        key = (*toolset.libraries, "|", *toolset.trusted_names)
+        functions = describe_functions(toolset)  # with the MCP tools offered now (accepted, connected)
+        key = (*toolset.libraries, "|", *toolset.trusted_names, "|", functions)
         if key not in self._system_prompts:
             libraries = ", ".join(toolset.libraries) or "none"
             planner = prompts.render(
-                "planner_system", libraries=libraries, guides=describe_guides(toolset),
-                functions=describe_functions(toolset),
+                "planner_system", libraries=libraries, guides=describe_guides(toolset), functions=functions,
             )
             evaluator = prompts.render(
                 "evaluator_system", libraries=libraries,
-                functions=", ".join(f.split(" ->")[0] for t in toolset.tools for f in t.functions.values()) or "none",
+                functions=", ".join([*(f.split(" ->")[0] for t in toolset.tools for f in t.functions.values()),
+                                     *(t.signature().split(" ->")[0] for t in toolset.mcp_tools())]) or "none",
             )
             self._system_prompts[key] = (planner, evaluator)
         return self._system_prompts[key]
@@ -277,7 +278,7 @@ class _Run:
         self.budget = RunBudget.for_run(self.settings, self.storage, run_id)
         self.tool_host = ToolHost(self.toolset, self._llm_helper, self.settings.tool_timeout, self.budget,
                                   approve=lambda tool, args, kwargs: agent.approvals.ask(run_id, tool, args, kwargs),
-                                  journal=StorageJournal(self.storage, run_id))
+                                  journal=StorageJournal(self.storage, run_id), record_mcp=self._store_mcp_call)
 
     def _context(self) -> CallContext:
         # emit: its waits are shown; the model is the run's, for the planner, the evaluator and llm() alike
@@ -294,10 +295,20 @@ class _Run:
     async def _store_llm_call(self, record: dict[str, Any]) -> None:
         self.storage.add_llm_call(record)
 
+    async def _store_mcp_call(self, record: dict[str, Any]) -> None:
+        self.storage.add_mcp_call({**record, "run_id": self.run_id, "iteration": self.iteration, "started_at": now()})
+
+    async def _start_mcp(self) -> None:
+        """Connect the MCP servers (once per process; kept), so the planner sees the tools they offer now."""
+        if self.toolset.mcp_host is not None and self.toolset.mcp_servers:
+            await self.toolset.mcp_host.start()
+            self.planner_system, self.evaluator_system = self.agent.system_prompts(self.toolset)
+
     async def execute(self) -> RunResult:
         await self.agent.emit(RunStarted(self.run_id, self.conversation, self.task))
         status, answer, error = "failed", "", None
         try:
+            await self._start_mcp()
             status, answer, error = await self._loop()
         except BudgetExceeded as exc:
             error, self.failure = str(exc), "budget"
@@ -442,13 +453,18 @@ class _Run:
                         ", ".join(self.unsupported))
             self.storage.update_run(self.run_id, unsupported_json=json.dumps(self.unsupported))
 
+    def _instructions(self) -> str:
+        """The channel's own instructions as a delimited block of the planner's and evaluator's user message."""
+        text = self.effective.instructions
+        return prompts.render("team_instructions", text=text.replace(">>>", "> > >")) if text else ""
+
     async def _plan(self) -> Plan:
         self._check_budget()  # the user's day may have been spent while the run was queued
         messages = [
             {"role": "system", "content": self.planner_system},
             {"role": "user", "content": prompts.render(
-                "planner_user", history=_history_text(self.history), files=self.inputs.manifest,
-                task=self.task)},
+                "planner_user", instructions=self._instructions(), history=_history_text(self.history),
+                files=self.inputs.manifest, task=self.task)},
         ]
         plan = await self._ask_planner(messages, PLAN_SCHEMA)
         if plan.direct:
@@ -575,7 +591,8 @@ class _Run:
         messages = [
             {"role": "system", "content": self.evaluator_system},
             {"role": "user", "content": prompts.render(
-                "evaluator_user", history=_history_text(self.history[-2:], 400), files=self.inputs.manifest,
+                "evaluator_user", instructions=self._instructions(),
+                history=_history_text(self.history[-2:], 400), files=self.inputs.manifest,
                 task=self.task,
                 iteration=f"{self.iteration} of {self.max_iterations}", steps=self._steps_view(plan, start, current),
             )},

@@ -165,6 +165,8 @@ class Server:
                 except Exception:
                     log.exception("adapter %s did not stop cleanly", adapter.name)
             await self.agent.executor.stop()
+            if self.agent.toolset.mcp_host is not None:
+                await self.agent.toolset.mcp_host.close()  # the MCP servers stop with serve
             await self.agent.llm.close()
             self.agent.storage.close()
             self.owner.release()

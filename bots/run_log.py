@@ -81,6 +81,7 @@ class RunLog:
     cost: str | None = None  # e.g. "$0.0042", "no price (llama3.1:8b)"; None: no price table given
     settings: str | None = None  # the effective settings' one line; None for a run from before settings
     unsupported: list[str] = field(default_factory=list)  # numbers of the answer no step produced (issue 20)
+    instructions: str = ""  # the channel's own instructions the run was given (clean text), "": none
     document: str = ""  # Markdown: the summary, then every step in full
 
     @property
@@ -148,9 +149,9 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         completion_tokens=int(usage.get("completion_tokens", 0)), by_purpose=by_purpose,
         cost=spend(storage, prices, run_id=run_id).describe() if prices is not None else None,
         settings=effective.describe() if effective is not None else None,
-        unsupported=_unsupported(run),
+        unsupported=_unsupported(run), instructions=effective.instructions if effective is not None else "",
     )
-    return _with_document(summary, run, steps, storage.approvals(run_id))
+    return _with_document(summary, run, steps, storage.approvals(run_id), storage.mcp_calls(run_id))
 
 
 def _unsupported(run: dict[str, Any]) -> list[str]:
@@ -212,11 +213,14 @@ def _one_line(text: str) -> str:
 
 
 def _with_document(log: RunLog, run: dict[str, Any], steps: list[dict[str, Any]],
-                   approvals: list[dict[str, Any]]) -> RunLog:
+                   approvals: list[dict[str, Any]], mcp_calls: list[dict[str, Any]] = ()) -> RunLog:
     out = [f"# Execution log of run {log.run_id}", "", f"- Task: {_one_line(log.task)}", f"- Status: {log.status}"]
     if log.settings:
         out.append(f"- Settings: {log.settings}")
     out.append(f"- Usage: {log.tokens_line()}")
+    if log.instructions:  # what the planner and the evaluator were told about the team's data
+        fence = _fence(log.instructions)
+        out += ["- The channel's instructions:", "", f"{fence}text", log.instructions, fence, ""]
     if log.unsupported_line():
         out.append(f"- Warning: {log.unsupported_line()}")
     if run.get("error"):
@@ -238,6 +242,14 @@ def _with_document(log: RunLog, run: dict[str, Any], steps: list[dict[str, Any]]
             mark = "satisfactory" if verdict.satisfactory else "not satisfactory"
             retry = f" (retry from {verdict.retry_from})" if verdict.retry_from else ""
             out += ["", f"Evaluator: {mark}{retry} — {_one_line(verdict.thoughts)}"]
+    if mcp_calls:  # what steps asked of MCP servers (arguments and result clipped, as stored)
+        out += ["", "## MCP tool calls"]
+        for number, call in enumerate(mcp_calls, 1):
+            outcome = "ok" if call.get("ok") else f"error: {_one_line(str(call.get('error') or ''))[:300]}"
+            out += ["", f"- #{number} {call.get('server')}.{call.get('tool')} ({call.get('duration_ms')} ms): {outcome}",
+                    f"  arguments: {_one_line(str(call.get('arguments') or ''))[:500]}"]
+            if call.get("ok"):
+                out.append(f"  result: {_one_line(str(call.get('result_text') or ''))[:500]}")
     if approvals:
         out += ["", "## Approvals"]
         for approval in approvals:

@@ -6,7 +6,7 @@ modal the App Home opens (bots/slack_home.py).
   read, only SLACK_ADMIN_USERS may change (bots/permissions.py). Replies are ephemeral; a refused value gets
   SettingError's sentence.
 - The modal: model (a select of AUTOCODE_MODEL and AUTOCODE_MODELS), max iterations, tools (by name), sandbox
-  network (only when the operator has it on) and the monthly budget. On submission every changed field is set
+  network (only when the operator has it on), the monthly budget and the channel's instructions. On submission every changed field is set
   through `ChannelSettings.set`; a refused one is shown under its field (`response_action: errors`) and nothing
   of that submission is kept.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from agent_core.channel_settings import ChannelSettings, EffectiveSettings, SettingError
+from agent_core.channel_settings import MAX_INSTRUCTIONS_CHARS, ChannelSettings, EffectiveSettings, SettingError
 from bots import slack_render as render
 from bots.permissions import may_change_settings
 
@@ -36,7 +36,7 @@ ERROR_CHARS = 200
 NOT_ADMIN = "Only AutoCode admins (SLACK_ADMIN_USERS) can change settings."
 USAGE = ("`/autocode settings` shows this channel's settings; admins change them with "
          "`/autocode settings set NAME VALUE` or `/autocode settings reset [NAME]` "
-         "(NAME: model, max_iterations, tools, network, budget), or in AutoCode's Home tab.")
+         "(NAME: model, max_iterations, tools, network, budget, instructions), or in AutoCode's Home tab.")
 
 
 def is_settings_command(words: list[str]) -> bool:
@@ -107,6 +107,16 @@ def settings_modal(scope: str, effective: EffectiveSettings, channels: ChannelSe
                    "optional": True, "hint": plain("New tasks are refused once the channel's runs cost this "
                                                    "much in a month; empty for no budget", 150),
                    "element": budget})
+    instructions: dict[str, Any] = {"type": "plain_text_input", "action_id": "value", "multiline": True,
+                                    "max_length": MAX_INSTRUCTIONS_CHARS,
+                                    "placeholder": plain("e.g. revenue is in cents; our fiscal year starts in April",
+                                                         150)}
+    if effective.instructions:
+        instructions["initial_value"] = effective.instructions
+    blocks.append({"type": "input", "block_id": "instructions", "label": plain("Instructions for this channel"),
+                   "optional": True, "hint": plain("What the planner and the evaluator should know about this "
+                                                   "channel's data; empty for none", 150),
+                   "element": instructions})
     return {"type": "modal", "callback_id": SETTINGS_VIEW, "private_metadata": scope[:3000],
             "title": plain("Channel settings", 24), "submit": plain("Save", 24), "close": plain("Cancel", 24),
             "blocks": blocks}
@@ -146,6 +156,10 @@ def changes(values: dict[str, Any], current: EffectiveSettings, tools: list[str]
         text = (values["budget"] or "").strip()
         if text != (f"{current.budget_usd:.2f}" if current.budget_usd else ""):
             found.append(("budget", text or "none"))
+    if "instructions" in values:
+        text = (values["instructions"] or "").strip()
+        if text != current.instructions:
+            found.append(("instructions", text or "none"))
     return found
 
 

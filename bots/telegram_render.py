@@ -175,7 +175,9 @@ def settings_text(effective: EffectiveSettings, choices: Choices, admin: bool) -
     lines = ["Settings of this chat:", f"• model: {effective.model}{mark('model')}",
              f"• max_iterations: {effective.max_iterations}{mark('max_iterations')}",
              f"• tools: {clip(tools, 800)}{mark('tools')}", f"• network: {network}{mark('network')}",
-             f"• budget: {budget}{mark('budget')}", "",
+             f"• budget: {budget}{mark('budget')}",
+             f"• instructions: {clip(effective.instructions, 600) if effective.instructions else 'none'}"
+             f"{mark('instructions')}", "",
              f"Models: {clip(', '.join(choices.models), 800)}",
              f"Tools: {clip(', '.join(choices.tools) or 'none', 800)} (or all, none; -name/+name to change one)",
              f"Iterations: {choices.max_iterations[0]} to {choices.max_iterations[1]} · network: "

@@ -146,6 +146,15 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "scope",
         [],
     ),
+    # Calls of MCP servers' tools made by steps (tools/mcp_host.py), for audit: arguments and result clipped, with
+    # their full lengths.
+    "mcp_calls": (
+        {"id": int, "run_id": str, "iteration": int, "server": str, "tool": str, "arguments": str,
+         "arguments_chars": int, "ok": int, "error": str, "result_text": str, "result_chars": int,
+         "duration_ms": int, "started_at": str},
+        "id",
+        ["run_id"],
+    ),
     # Calls of `confirm` tools and who decided them (agent_core/approvals.py): `arguments` the whole call as text,
     # `call_json` its parts (agent_core/call_text.py), from which each platform fits what it shows.
     "approvals": (
@@ -189,6 +198,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     3: _declared,  # runs.unsupported_json, llm_calls.finish_reason (issue 20)
     4: _declared,  # approvals.call_json (issue 21: the whole call an approver decides)
     5: _declared,  # tool_calls (issue 21: no trusted tool call twice)
+    6: _declared,  # mcp_calls (issue 24: MCP calls audited)
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -681,6 +691,12 @@ class Storage:
 
     def add_llm_call(self, row: dict[str, Any]) -> int:
         return self._insert("llm_calls", row)
+
+    def add_mcp_call(self, row: dict[str, Any]) -> int:
+        return self._insert("mcp_calls", row)
+
+    def mcp_calls(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM mcp_calls WHERE run_id = ? ORDER BY id", (run_id,))
 
     def llm_calls(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM llm_calls WHERE run_id = ? ORDER BY id", (run_id,))

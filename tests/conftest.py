@@ -90,6 +90,8 @@ async def close_agents(agents: list[Any]) -> None:
     """Stop what each test agent started: its sandbox pool, its LLM client, its database."""
     for agent in agents:
         await agent.executor.stop()
+        if agent.toolset.mcp_host is not None:  # its MCP servers' processes and connections
+            await agent.toolset.mcp_host.close()
         await agent.llm.close()
         agent.storage.close()
 

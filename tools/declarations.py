@@ -8,6 +8,9 @@ Kinds:
            (the misspelling `use_exaclty_code_example` found in the wild is accepted too); with
            `"confirm": True` each call waits for the requester's Approve/Deny (agent_core/approvals.py)
   llm      the built-in `llm()` helper, answered by the tool host with the server's LLM client
+  mcp      {"mcp": "github", "command": [...], "env": {...}} or {"mcp": "sentry", "url": ..., "headers": {...}}:
+           an MCP server whose tools generated code calls as `github.list_issues(...)` (tools/mcp_spec.py,
+           tools/mcp_host.py)
 
 The built-in tools (tools/builtin.py) and an operator's tools file are both made of these; tools/registry.py puts
 them together into the set a run may use.
@@ -21,9 +24,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tools.mcp_spec import McpServerSpec, McpSpecError, spec_from_dict
+
 log = logging.getLogger(__name__)
 
-Kind = Literal["library", "guide", "exact", "llm"]
+Kind = Literal["library", "guide", "exact", "llm", "mcp"]
 _KNOWN_KEYS = {
     "lib_name", "lib_names", "instructions", "code_example", "use_exactly_code_example", "use_exaclty_code_example",
     "confirm",
@@ -42,6 +47,7 @@ class Tool:
     code_example: str = ""
     functions: dict[str, str] = field(default_factory=dict)  # exact/llm: name -> "name(signature)" for prompts
     confirm: bool = False  # exact: every call waits for a person's approval (a side effect: email, payment, …)
+    mcp: McpServerSpec | None = None  # mcp: the server (its env and headers are secrets)
 
 
 def _normalize(name: str) -> str:
@@ -62,6 +68,11 @@ def tool_from_dict(spec: dict[str, Any], where: str = "tool") -> Tool:
     """Validate one declaration; the error names the declaration and what is wrong."""
     if not isinstance(spec, dict):
         raise ToolError(f"{where}: expected a dict, got {type(spec).__name__}")
+    if "mcp" in spec:
+        try:
+            return Tool("mcp", mcp=spec_from_dict(spec, where))
+        except McpSpecError as exc:
+            raise ToolError(str(exc)) from None
     unknown = set(spec) - _KNOWN_KEYS
     if unknown:
         log.warning("%s: ignoring unknown keys %s", where, sorted(unknown))

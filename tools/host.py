@@ -4,7 +4,9 @@ It runs in the server process, which holds the operator's secrets and the LLM ke
 sees JSON arguments going out and JSON results coming back. Each `llm()` call must first be admitted by the run's
 budget (calls per step, prompt size, run and daily tokens): a refusal is the step's exception. A call of a tool
 declared with `"confirm": True` first waits for a person's decision (`approve`, agent_core/approvals.py); without
-an `approve` such a tool is refused, never run unasked.
+an `approve` such a tool is refused, never run unasked. Calls of MCP tools ("server.tool", tools/mcp_host.py) come
+through the same entry point: arguments checked, the step's MCP call budget, approval when the tool needs it, the
+call recorded by `record_mcp` for audit.
 
 Every call that reaches a tool passes through `_journaled` (one place, whatever the tool's kind): with a `journal`
 (tools/journal.py) the call is recorded before it runs and its result after, so a step run again gets the recorded
@@ -23,6 +25,7 @@ from tools.registry import ToolSet
 
 LLMHelper = Callable[[str, str], Awaitable[str]]
 Approver = Callable[[str, list[Any], dict[str, Any]], Awaitable[None]]  # returns when approved, raises otherwise
+McpRecorder = Callable[[dict[str, Any]], Awaitable[None]]  # stores one MCP call's audit record
 
 
 def _to_json(value: Any) -> Any:
@@ -32,23 +35,31 @@ def _to_json(value: Any) -> Any:
 
 class ToolHost:
     def __init__(self, toolset: ToolSet, llm_helper: LLMHelper, timeout_s: float, budget: RunBudget | None = None,
-                 approve: Approver | None = None, journal: ToolJournal | None = None):
+                 approve: Approver | None = None, journal: ToolJournal | None = None,
+                 record_mcp: McpRecorder | None = None):
         """`budget`: the run's, asked before every `llm()` call (None: no limits, for tests of the host alone).
         `approve`: asked before every call of a `confirm` tool (Approvals.ask bound to the run).
-        `journal`: records every call made by a step (None: calls are not recorded, for tests of the host alone)."""
+        `journal`: records every call made by a step (None: calls are not recorded, for tests of the host alone).
+        `record_mcp`: stores each MCP call's audit record."""
         self.toolset = toolset
         self.llm_helper = llm_helper
         self.timeout_s = timeout_s
         self.budget = budget
         self.approve = approve
         self.journal = journal
+        self.record_mcp = record_mcp
 
     @property
     def names(self) -> list[str]:
         return self.toolset.trusted_names
 
     async def call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        mcp = self.toolset.mcp_host if "." in name else None
+        if mcp is not None:
+            await mcp.start()  # on a worker, the first call connects this process's servers
         if name not in self.names:  # e.g. a tool the conversation's settings disabled (agent_core/channel_settings.py)
+            if mcp is not None:
+                mcp.unavailable(name)  # or its server is down: say so
             raise PermissionError(f"{name} is not a tool this run may use")
         if name == "llm":
             prompt = kwargs.pop("prompt", args[0] if args else "")
@@ -65,9 +76,16 @@ class ToolHost:
                 return await asyncio.wait_for(self.llm_helper(prompt, system), self.timeout_s)
 
             return await self._journaled(name, [prompt, system], {}, ask, repeatable=True)
-        function = self.toolset.exact_function(name)
+        if mcp is not None:
+            mcp.check(name, args, kwargs)  # bad arguments: the step's ToolError, nobody asked to approve them
+            if self.budget is not None:
+                self.budget.admit_tool_call(name)  # before a person is asked: nobody approves a refused call
+        function = None if mcp is not None else self.toolset.exact_function(name)
 
         async def run() -> Any:
+            if mcp is not None:
+                return await mcp.call(name, args, kwargs, self.timeout_s, self.record_mcp)
+            assert function is not None
             try:
                 value = await asyncio.wait_for(asyncio.to_thread(function, *args, **kwargs), self.timeout_s)
             except TimeoutError:

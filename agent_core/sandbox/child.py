@@ -26,6 +26,42 @@ class ToolDenied(ToolCallError):
     Generated code may catch it by this name (it is a builtin of the step)."""
 
 
+class ToolError(ToolCallError):
+    """A tool of an MCP server failed (its own error, bad arguments, its server unavailable): nothing to rely on.
+    Generated code may catch it by this name (it is a builtin of the step)."""
+
+
+class _McpServer:
+    """An MCP server as generated code sees it: `server.tool(**arguments)`."""
+
+    def __init__(self, name, stubs):
+        self._name = name
+        self.__dict__.update(stubs)
+
+    def __getattr__(self, attribute):
+        tools = ", ".join(sorted(k for k in self.__dict__ if not k.startswith("_"))) or "none"
+        raise AttributeError(f"the MCP server {self._name} offers no tool {attribute!r} to this run; its tools: {tools}")
+
+    def __repr__(self):
+        return f"<MCP server {self._name}>"
+
+
+def _save_files(value):
+    """An MCP result with images: the images written under outputs/, their paths in the value."""
+    if not (isinstance(value, dict) and isinstance(value.get("__mcp_files__"), list)):
+        return value
+    import base64
+
+    os.makedirs("outputs", exist_ok=True)
+    paths = []
+    for item in value["__mcp_files__"]:
+        name = os.path.basename(str(item.get("name") or "image.bin"))
+        with open(os.path.join("outputs", name), "wb") as out:
+            out.write(base64.b64decode(item.get("data") or ""))
+        paths.append(f"outputs/{name}")
+    return {"content": value.get("content"), "images": paths}
+
+
 def _jsonable(value):
     # numpy scalars and arrays are common in generated code; everything else must already be JSON.
     if hasattr(value, "tolist"):
@@ -84,19 +120,29 @@ def run_job(fd):
             if not reply.get("ok"):
                 if reply.get("raise_as") == "ToolDenied":
                     raise ToolDenied(reply.get("error"))
+                if reply.get("raise_as") == "ToolError":
+                    raise ToolError(reply.get("error"))
                 raise ToolCallError(f"{name}: {reply.get('error')}")
-            return reply.get("value")
+            return _save_files(reply.get("value"))
 
-        stub.__name__ = stub.__qualname__ = name
+        stub.__name__ = stub.__qualname__ = name.rpartition(".")[2]
         return stub
 
     filename = f"<{job['function']}>"
     source = job["code"]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"__name__": "__autocode_step__", "__builtins__": builtins}
+    servers = {}
     for name in job["tools"]:
-        namespace[name] = make_stub(name)
+        if "." in name:  # an MCP tool, "server.tool"
+            server, _, tool = name.partition(".")
+            servers.setdefault(server, {})[tool] = make_stub(name)
+        else:
+            namespace[name] = make_stub(name)
+    for server, stubs in servers.items():
+        namespace[server] = _McpServer(server, stubs)
     namespace["ToolDenied"] = ToolDenied
+    namespace["ToolError"] = ToolError
 
     try:
         exec(compile(source, filename, "exec"), namespace)

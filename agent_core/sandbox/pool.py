@@ -486,8 +486,9 @@ async def _answer_call(message: dict[str, Any], request: StepRequest) -> dict[st
         value = await request.on_call(name, list(message.get("args", [])), dict(message.get("kwargs", {})))
     except Exception as exc:  # a tool's failure is the step's error, reported to its code
         reply = {"id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        if getattr(exc, "raised_in_step_as", None) == "ToolDenied":  # the step may catch ToolDenied by name
-            reply.update(error=str(exc), raise_as="ToolDenied")
+        raise_as = getattr(exc, "raised_in_step_as", None)
+        if raise_as in ("ToolDenied", "ToolError"):  # the step may catch ToolDenied and ToolError by name
+            reply.update(error=str(exc), raise_as=raise_as)
         return reply
     return {"id": message.get("id"), "ok": True, "value": value}
 

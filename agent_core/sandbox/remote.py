@@ -260,6 +260,8 @@ class RemoteSandbox:
                                   str(message.get("error") or ""))
                 elif kind == "llm_call":
                     self.executor.storage.add_llm_call(message["record"])
+                elif kind == "mcp_call":  # an MCP tool call of a step on the worker (tools/mcp_host.py)
+                    self.executor.storage.add_mcp_call(message["record"])
                 elif kind == "approval":
                     task = asyncio.create_task(self._decide(job_id, batch, message, redis))
                     deciding.add(task)
