@@ -10,6 +10,7 @@ Small integers (below 10) are not checked: counts and ordinals ("3 regions", "st
 
 from __future__ import annotations
 
+import json
 import re
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Iterable
@@ -48,6 +49,15 @@ def _matches(value: Decimal, places: int, known: set[Decimal]) -> bool:
     return False
 
 
+def stored_unsupported(run: dict) -> list[str]:
+    """The flagged numbers a run row keeps (`unsupported_json`), for its log and page; [] when none or unreadable."""
+    try:
+        found = json.loads(run.get("unsupported_json") or "[]")
+    except ValueError:
+        return []
+    return [str(n) for n in found] if isinstance(found, list) else []
+
+
 def unsupported_numbers(answer: str, sources: Iterable[str]) -> list[str]:
     """The numbers of `answer` (as written) found in none of `sources`, at most MAX_FLAGGED, in order."""
     known: set[Decimal] = {value for text in sources for _, value in _numbers(text)}
@@ -64,4 +74,4 @@ def unsupported_numbers(answer: str, sources: Iterable[str]) -> list[str]:
     return flagged
 
 
-__all__ = ["unsupported_numbers"]
+__all__ = ["stored_unsupported", "unsupported_numbers"]

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from agent_core.answer_check import stored_unsupported
 from agent_core.config import Settings
 from storage.db import Storage
 
@@ -224,22 +225,13 @@ def build_view(storage: Storage, run: dict[str, Any], workspace_days: int = 0) -
         "inputs": _inputs(storage, run, workspace_days), "approvals": storage.approvals(run_id),
         "run": run, "finished": run["status"] in FINISHED, "doing": doing, "timeline": timeline,
         "calls": calls, "total": total, "artifacts": artifacts, "poll_ms": POLL_MS,
-        "unsupported": _unsupported(run),
+        "unsupported": stored_unsupported(run),
         "created": clock(run["created_at"]), "started": clock(run["started_at"]),
         "finished_at": clock(run["finished_at"]),
         # Only once finished: a ticking clock would change the live part on every poll.
         "elapsed": duration(_between_ms(run["started_at"], run["finished_at"])) if run["finished_at"] else "",
         "waited": duration(_between_ms(run["created_at"], run["started_at"])),
     }
-
-
-def _unsupported(run: dict[str, Any]) -> list[str]:
-    """Numbers of the answer that no step produced (agent_core/answer_check.py), shown as a warning."""
-    try:
-        found = json.loads(run.get("unsupported_json") or "[]")
-    except ValueError:
-        return []
-    return [str(n) for n in found] if isinstance(found, list) else []
 
 
 def _inputs(storage: Storage, run: dict[str, Any], workspace_days: int = 0) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import logging
 
+from agent_core.answer_check import stored_unsupported
 from agent_core import call_text
 from agent_core.channel_settings import run_settings
 from agent_core.config import ConfigError, Settings
@@ -149,17 +150,9 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         completion_tokens=int(usage.get("completion_tokens", 0)), by_purpose=by_purpose,
         cost=spend(storage, prices, run_id=run_id).describe() if prices is not None else None,
         settings=effective.describe() if effective is not None else None,
-        unsupported=_unsupported(run), instructions=effective.instructions if effective is not None else "",
+        unsupported=stored_unsupported(run), instructions=effective.instructions if effective is not None else "",
     )
     return _with_document(summary, run, steps, storage.approvals(run_id), storage.mcp_calls(run_id))
-
-
-def _unsupported(run: dict[str, Any]) -> list[str]:
-    try:
-        found = json.loads(run.get("unsupported_json") or "[]")
-    except ValueError:
-        return []
-    return [str(n) for n in found] if isinstance(found, list) else []
 
 
 def log_to_post(storage: Storage, settings: Settings, run_id: str) -> RunLog | None:

@@ -79,7 +79,12 @@ class DatabaseOwner:
 
 def owner_pid(db_path: str | Path) -> int | None:
     """The pid owning the database now (None when no process does)."""
-    path = lock_path(db_path)
+    return lock_holder(lock_path(db_path))
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid written in the lock file `path` while a process holds its flock (-1 when it holds it but wrote no
+    pid); None when nobody holds it. Also used for the sandbox's uid claims (agent_core/sandbox/uids.py)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

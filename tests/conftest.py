@@ -86,6 +86,26 @@ async def make_agent(make_settings):
     await close_agents(agents)
 
 
+@pytest.fixture
+async def agent_from_env(tmp_path: Path, llm_server: FakeOpenAI):
+    """An agent built from environment-style settings, with every run event it emits collected."""
+    agents = []
+
+    def make(**env: str):
+        settings = Settings.from_env({
+            "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm_server.base_url, "AUTOCODE_MODEL": "fake-model",
+            "AUTOCODE_DB": str(tmp_path / "autocode.db"), "AUTOCODE_STEP_TIMEOUT": "20", **env,
+        })
+        agent = build_agent(settings)
+        agent.seen = []  # every RunEvent it emits
+        agent.events.subscribe(agent.seen.append)
+        agents.append(agent)
+        return agent
+
+    yield make
+    await close_agents(agents)
+
+
 async def close_agents(agents: list[Any]) -> None:
     """Stop what each test agent started: its sandbox pool, its LLM client, its database."""
     for agent in agents:

@@ -10,36 +10,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import pytest
 
-from agent_core.app import build_agent
-from agent_core.config import Settings
 from agent_core.events import LLMWaitOver, LLMWaiting, RunEvent, RunFinished
-from tests.conftest import STEP_NUMBERS, close_agents, plan, subtask, verdict
-from tests.fakes.openai_server import FakeOpenAI
-
-
-@pytest.fixture
-async def agent_from_env(tmp_path: Path, llm_server: FakeOpenAI):
-    """An agent built from environment-style settings, with every run event it emits collected."""
-    agents = []
-
-    def make(**env: str):
-        settings = Settings.from_env({
-            "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": llm_server.base_url, "AUTOCODE_MODEL": "fake-model",
-            "AUTOCODE_DB": str(tmp_path / "autocode.db"), "AUTOCODE_STEP_TIMEOUT": "20", **env,
-        })
-        agent = build_agent(settings)
-        agent.seen: list[RunEvent] = []
-        agent.events.subscribe(agent.seen.append)
-        agents.append(agent)
-        return agent
-
-    yield make
-    await close_agents(agents)
+from tests.conftest import STEP_NUMBERS, plan, subtask, verdict
 
 
 def waits(events: list[RunEvent]) -> list[LLMWaiting]:

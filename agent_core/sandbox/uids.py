@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from agent_core.sandbox import SandboxUnavailable
+from storage.owner import lock_holder
 
 UID_MAX = 2**31 - 2  # far below (uid_t)-1 and the overflow uid
 SEARCH_LIMIT = 1 << 20  # uids looked at past the base before giving up
@@ -76,21 +77,7 @@ def _try_lock(directory: Path, uid: int) -> int | None:
 
 def holder_of(uid: int, directory: Path | None = None) -> int | None:
     """The pid that claimed `uid` (as its file says) while the claim is held; None when it is free."""
-    path = (directory or claims_directory()) / f"{uid}.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return lock_holder((directory or claims_directory()) / f"{uid}.lock")
 
 
 def claim_range(base: int, count: int, directory: Path | None = None) -> UidClaim:
