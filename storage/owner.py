@@ -56,8 +56,11 @@ class DatabaseOwner:
             raise DatabaseBusy(
                 f"another autocode serve ({who}) already owns the database {db_path}; one server per database: "
                 f"stop that one first, or give this one another AUTOCODE_DB (lock: {path})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the sentence a second serve gets
+        except OSError:  # a full disk: the lock holds all the same; a second serve names "another process"
+            pass
         return cls(db_path, fd)
 
     @property

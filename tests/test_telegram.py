@@ -861,7 +861,9 @@ def test_a_rejected_bot_token_is_one_line_and_the_rest_serves(llm, tmp_path):
         finally:
             server.close()
     log = server.log_tail(10**6)
-    assert log.count("Telegram rejected TELEGRAM_BOT_TOKEN") == 1 and "retrying" not in log
+    said = [line for line in log.splitlines() if "Telegram rejected TELEGRAM_BOT_TOKEN" in line]
+    assert len(said) == 2 and "retrying" not in log, said  # one error line; the ready line names why it is off
+    assert said[0].startswith("ERROR") and "adapters: none; off: telegram (Telegram rejected" in said[1]
     ready = [line for line in log.splitlines() if "autocode serve ready" in line][0]
     assert "adapters: none; off: telegram" in ready
     assert "Traceback" not in log and TOKEN not in log
