@@ -170,6 +170,12 @@ class Settings:
     llm_calls_per_step: int = 20  # llm() helper calls one step may make
     llm_prompt_max_chars: int = 20_000  # largest llm() prompt (with its system text)
     shutdown_grace: float = 30.0
+    # Routines (agent_core/routines.py): the shortest gap between two firings, how late a firing missed while serve
+    # was down may still run, the zone a cron is read in when none is given, and routines a channel may have.
+    routine_min_interval: float = 300.0
+    routine_grace: float = 3600.0
+    routine_tz: str = "UTC"
+    routines_per_channel: int = 20
     api_token: str | None = field(default=None, repr=False)
     port: int = 3000
     server_url: str | None = None
@@ -256,6 +262,10 @@ class Settings:
             llm_calls_per_step=_int(env, "AUTOCODE_LLM_CALLS_PER_STEP", 20),
             llm_prompt_max_chars=_int(env, "AUTOCODE_LLM_PROMPT_MAX_CHARS", 20_000),
             shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
+            routine_min_interval=_float(env, "AUTOCODE_ROUTINE_MIN_INTERVAL", 300.0),
+            routine_grace=_float(env, "AUTOCODE_ROUTINE_GRACE", 3600.0),
+            routine_tz=env.get("AUTOCODE_ROUTINE_TZ", "").strip() or "UTC",
+            routines_per_channel=_int(env, "AUTOCODE_ROUTINES_PER_CHANNEL", 20),
             api_token=env.get("AUTOCODE_API_TOKEN") or None,
             port=_int(env, "PORT", 3000),
             server_url=env.get("AUTOCODE_SERVER_URL", "").strip() or None,

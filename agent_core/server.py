@@ -29,6 +29,8 @@ from agent_core import uploads
 from agent_core.budget import monthly_status
 from agent_core.channel_settings import EffectiveSettings, SettingError, run_settings, scope_of
 from agent_core.pricing import month_bounds, prices_for, spend
+from agent_core.routine_clock import RoutineClock
+from agent_core.routines_api import RoutinesAPI
 from agent_core.scheduler import RunScheduler
 from bots import Runtime, build_adapters
 
@@ -107,6 +109,7 @@ class Server:
         self.settings = settings
         self.agent = build_agent(settings)
         self.scheduler = RunScheduler(self.agent)
+        self.routine_clock = RoutineClock(self.scheduler)  # fires routines (agent_core/routines.py) on time
         self.runtime = Runtime(settings, self.scheduler, self.agent.storage, self.agent.events)
         self.adapters = build_adapters(self.runtime)
         for adapter in self.adapters:
@@ -123,6 +126,7 @@ class Server:
                 await adapter.start()
                 started.append(adapter)
             await self.scheduler.announce_interrupted()
+            self.routine_clock.start()  # after the adapters: a firing missed while down may run at once
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
                      ", ".join(a.name for a in self.adapters) or "none")
             if self.settings.llm_startup_check:  # in the background: readiness never waits for the LLM
@@ -131,6 +135,7 @@ class Server:
         finally:
             if self._llm_check is not None:
                 self._llm_check.cancel()
+            await self.routine_clock.stop()
             await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:
@@ -164,6 +169,7 @@ class Server:
             Route("/api/usage", self._guarded(self.usage), methods=["GET"]),
             Route("/api/settings", self._guarded(self.get_settings), methods=["GET"]),
             Route("/api/settings", self._guarded(self.change_settings), methods=["POST"]),
+            *RoutinesAPI(self.routine_clock).routes(self._guarded),
             *viewer.routes(self.settings, self.agent.storage),
         ]
         for adapter in self.adapters:
