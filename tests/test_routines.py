@@ -172,6 +172,9 @@ def test_a_routine_from_a_run_reruns_its_code_and_a_repaired_plan_is_pinned(serv
     assert llm.count("evaluation", task) == evaluations + 1
     row = db_rows(serve.db, "SELECT routine_id, plan_version FROM runs WHERE id = ?", (run["id"],))[0]
     assert row == {"routine_id": routine["id"], "plan_version": 1}
+    token = db_rows(serve.db, "SELECT view_token FROM runs WHERE id = ?", (run["id"],))[0]["view_token"]
+    page = serve.http.get(f"/runs/{token}").text  # the run page says which routine and plan version ran
+    assert f"routine <code>{routine['id']}</code>, plan version <b>1</b>" in page
 
     # The data changed shape: the pinned step fails, the evaluator repairs it, and the repaired plan is version 2.
     write_db(serve.db, "UPDATE routine_plans SET plan_json = json_set(plan_json, '$.subtasks[0].code', ?) "
