@@ -78,11 +78,13 @@ async def _timed(agent, run_id: str, server: FakeOpenAI) -> dict:
     wall = time.perf_counter() - started
     assert result.status == "succeeded", result.error
     usage = agent.storage.usage(run_id)
-    purposes = [c["purpose"] for c in agent.storage.llm_calls(run_id)]
+    calls = agent.storage.llm_calls(run_id)
+    purposes = [c["purpose"] for c in calls]
     sent = sum(len(json.dumps(r.body or {})) for r in server.requests[seen:])
     return {"run_id": run_id, "wall_s": round(wall, 3), "llm_calls": usage["llm_calls"],
             "planner_calls": purposes.count("plan"), "evaluator_calls": purposes.count("evaluate"),
             "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "evaluator_prompt_tokens": sum(c["prompt_tokens"] for c in calls if c["purpose"] == "evaluate"),
             "request_bytes": sent}
 
 
