@@ -57,6 +57,7 @@ from bots import slack_render as render
 from bots.slack_assistant import SlackAssistant
 from bots.slack_home import SlackHome
 from bots.slack_settings import SlackSettings, is_settings_command
+from bots import routines_chat
 from bots.permissions import may_act_on_run, refusal_text
 from bots.run_log import log_to_post
 
@@ -83,6 +84,7 @@ HELP = (
     "see them and the files it made\n"
     "• `/autocode history` — your recent runs in this channel · `/autocode usage` — your LLM tokens\n"
     "• `/autocode cancel` — cancel your running tasks here · `/autocode reset` — forget your conversations here\n"
+    "• `/autocode routines` — this channel's routines (their owner or an admin can pause, resume or remove one)\n"
     "• `/autocode settings` — this channel's model, iterations, tools, network and budget (admins change them "
     "with `/autocode settings set NAME VALUE` or in AutoCode's Home tab)\n"
     "In a thread, mention AutoCode with `reset`, `cancel`, `history` or `usage` to act on that thread only."
@@ -419,6 +421,12 @@ class SlackAdapter:
         words = text.strip().split()
         if is_settings_command(words):
             await ack(text=self.settings_ui.command(team, channel, user, words), response_type="ephemeral")
+            return
+        if routines_chat.is_routines_command(words):  # bots/routines_chat.py
+            await ack(text=routines_chat.reply(
+                self.storage, f"slack:{team}:{channel}", words, actor=self._user_key(team, user), actor_id=user,
+                admins=self.settings.slack_admin_users, command="`/autocode routines`", escape=render.escape),
+                response_type="ephemeral")
             return
         if not words or (len(words) == 1 and words[0].lower() in SUBCOMMANDS):
             word = words[0].lower() if words else "help"

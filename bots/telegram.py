@@ -52,6 +52,7 @@ from agent_core.pricing import prices_for, spend
 from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
+from bots import routines_chat
 from bots.permissions import may_act_on_run, may_change_settings, refusal_text
 from bots.run_log import log_to_post
 from bots.telegram_render import (
@@ -75,6 +76,7 @@ COMMANDS = [
     ("history", "Recent tasks in this conversation"),
     ("usage", "LLM tokens and their cost"),
     ("settings", "This chat's settings (model, tools, budget)"),
+    ("routines", "This chat's routines (tasks on a schedule)"),
     ("reset", "Forget this conversation's history and files"),
     ("help", "How to use AutoCode"),
 ]
@@ -736,6 +738,15 @@ class TelegramAdapter:
         except SettingError as exc:
             return str(exc)
         return done + "\n\n" + settings_text(effective, store.choices(), admin)
+
+    def _command_routines(self, route: dict[str, Any], user: User, rest: str = "") -> str:
+        """`/routines [pause|resume|rm ID]` (bots/routines_chat.py)."""
+        words = ["routines", *rest.split()]
+        if not routines_chat.is_routines_command(words):
+            return "Send /routines to list this chat's routines, or /routines pause|resume|rm ID."
+        return routines_chat.reply(self.storage, scope_of(conversation_key(route["chat_id"], route["thread_id"])),
+                                   words, actor=f"telegram:{user.id}", actor_id=str(user.id), admins=self._admins,
+                                   command="/routines")
 
     def _command_cancel(self, route: dict[str, Any], user: User, rest: str = "") -> str:
         """Cancels (in the background) the user's active runs here; in a private chat, every active run."""

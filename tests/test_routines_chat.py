@@ -1,0 +1,132 @@
+"""Routines in Slack (bots/routines_chat.py): a routine made from a slash command's run posts its fired runs to the
+channel; `/autocode routines` lists the channel's routines; pause/resume/rm only by the owner or an admin. A real
+`autocode serve` with the Slack adapter on the fake Web API, real sandboxes, the scripted LLM."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.fakes.slack_server import FakeSlack, message_text
+from tests.server_helpers import ScriptedLLM, db_rows
+from tests.test_slack import ADMIN, ALICE, BOB, TOKEN, delivered, in_channel, slash, start_slack_serve, wait_run
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
+
+
+@pytest.fixture(scope="module")
+def slack():
+    with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with ScriptedLLM() as scripted:
+        yield scripted
+
+
+@pytest.fixture(scope="module")
+def server(slack, llm, tmp_path_factory):
+    serve = start_slack_serve(slack, llm, tmp_path_factory.mktemp("routines-slack"),
+                              SLACK_ALLOWED_USERS=f"{ALICE},{BOB},{ADMIN}", SLACK_ADMIN_USERS=ADMIN)
+    try:
+        yield serve
+    finally:
+        serve.close()
+        assert TOKEN not in serve.log_tail(10**7)
+
+
+def ephemeral(server, text: str, channel: str, user: str = ALICE) -> str:
+    response, _ = slash(server, text, channel, user)
+    assert response.status_code == 200, response.text
+    return response.json()["text"]
+
+
+def test_a_routine_posts_to_its_channel_and_is_managed_by_its_owner_or_an_admin(server, slack, llm):
+    channel = "CROUTINE"
+    slash(server, "job tag=RS", channel)
+    source = wait_run(server, channel)
+    assert source["status"] == "succeeded"
+    created = server.http.post("/api/routines", json={"from_run": source["id"], "cron": "0 9 * * 1",
+                                                       "tz": "Europe/Rome"})
+    assert created.status_code == 201, created.text
+    routine = created.json()
+    assert routine["owner"] == source["user"] and source["user"].endswith(f":{ALICE}")
+
+    listed = ephemeral(server, "routines", channel)
+    assert f"• {routine['id']} · active · 0 9 * * 1 (Europe/Rome)" in listed and "plan v1" in listed
+    assert "No routines here" in ephemeral(server, "routines", "COTHER")  # another channel's are not shown
+
+    # Fired: the pinned code runs with no planner call and the answer is posted to the channel.
+    plans = len(llm.requests_of("plan", "job tag=RS"))
+    posted_before = len(in_channel(slack, "chat.postMessage", channel))
+    fired = server.http.post(f"/api/routines/{routine['id']}/run")
+    assert fired.status_code == 202, fired.text
+    run_id = fired.json()["run_id"]
+    server.wait_status(run_id, timeout=60)
+    route = delivered(server, run_id)
+    assert route["channel"] == channel and route["kind"] == "routine"
+    assert len(llm.requests_of("plan", "job tag=RS")) == plans
+    texts = [message_text(c) for c in in_channel(slack, "chat.postMessage", channel)[posted_before:]]
+    texts += [message_text(c) for c in in_channel(slack, "chat.update", channel)]
+    assert any("tag RS" in text for text in texts), texts
+
+    # Bob neither owns it nor is an admin; the admin may pause it, Alice (its owner) resume and remove it.
+    refused = ephemeral(server, f"routines pause {routine['id']}", channel, BOB)
+    assert refused == "Only the routine's owner or an AutoCode admin can pause it."
+    assert db_rows(server.db, "SELECT state FROM routines WHERE id = ?", (routine["id"],))[0]["state"] == "active"
+    assert "Routine paused:" in ephemeral(server, f"routines pause {routine['id']}", channel, ADMIN)
+    assert "Routine resumed:" in ephemeral(server, f"routines resume {routine['id']}", channel, ALICE)
+    assert "There is no routine" in ephemeral(server, f"routines rm {routine['id']}", "COTHER", ALICE)
+    assert "removed" in ephemeral(server, f"routines rm {routine['id']}", channel, ALICE)
+    assert server.http.get(f"/api/routines/{routine['id']}").status_code == 404
+
+
+# ------------------------------------------------------------------------------------------ Telegram
+
+
+def test_a_routine_posts_to_its_telegram_chat_and_routines_lists_it(tmp_path):
+    from tests.fakes.telegram_server import FakeTelegram, visible_text
+    from tests.server_helpers import Serve, next_uid_base
+    from tests.test_telegram import BOT, TOKEN as TG_TOKEN, ask, finished_run, private, scripted_llm, \
+        telegram_env, wait_calls
+
+    with scripted_llm() as llm, FakeTelegram(TG_TOKEN, BOT) as tg:
+        server = Serve(telegram_env(llm, tmp_path / "autocode.db", tg.api_url, next_uid_base()),
+                       tmp_path / "serve.log", tmp_path)
+        try:
+            server.wait_ready()
+            server.db = tmp_path / "autocode.db"
+            chat, user = private(tg, 7301)
+            source = finished_run(server, tg, ask(tg, chat, user, "job tag=TR"))
+            assert source["status"] == "succeeded"
+            routine = server.http.post("/api/routines", json={"from_run": source["id"], "cron": "15 8 * * *",
+                                                               "tz": "Asia/Tokyo"}).json()
+            plans = len(llm.requests_of("plan", "job tag=TR"))
+
+            def answered(c) -> bool:
+                return c.chat_id == 7301 and c.method in ("sendMessage", "editMessageText") \
+                    and visible_text(c).startswith("tag TR")
+
+            before = len(wait_calls(tg, answered, "the source run's answer", server))
+            fired = server.http.post(f"/api/routines/{routine['id']}/run").json()
+            server.wait_status(fired["run_id"], timeout=60)
+            wait_calls(tg, answered, "the fired run's answer in the chat", server, count=before + 1)
+            assert len(llm.requests_of("plan", "job tag=TR")) == plans
+
+            ask(tg, chat, user, "/routines")
+            listed = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
+                                and "Routines here (1)" in visible_text(c), "the /routines reply", server)
+            assert f"• {routine['id']} · active · 15 8 * * * (Asia/Tokyo)" in visible_text(listed[0])
+            other, stranger = private(tg, 7302)
+            ask(tg, other, stranger, f"/routines rm {routine['id']}")
+            wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7302
+                       and "There is no routine" in visible_text(c), "the stranger's refusal", server)
+            ask(tg, chat, user, f"/routines pause {routine['id']}")
+            wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
+                       and "Routine paused:" in visible_text(c), "the pause reply", server)
+            assert db_rows(server.db, "SELECT state FROM routines")[0]["state"] == "paused"
+        finally:
+            server.close()
