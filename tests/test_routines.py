@@ -128,7 +128,8 @@ def routine_runs(db: Path, routine_id: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def serve(llm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("routines-serve")
-    env = serve_env(llm, directory / "autocode.db", AUTOCODE_ROUTINE_MIN_INTERVAL="120")
+    env = serve_env(llm, directory / "autocode.db", AUTOCODE_ROUTINE_MIN_INTERVAL="120",
+                    AUTOCODE_DAILY_TOKENS_PER_USER="100000")
     server = Serve(env, directory / "serve.log", directory)
     try:
         server.wait_ready()
@@ -288,6 +289,19 @@ def test_the_clock_fires_a_due_routine_within_seconds(serve, llm):
     assert row["next_fire_at"] > datetime.now(timezone.utc).isoformat()  # moved to tomorrow's 03:00
     assert row["next_fire_at"].startswith(((datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat(),
                                            datetime.now(timezone.utc).date().isoformat()))
+
+
+def test_a_firing_over_the_owners_budget_is_skipped_and_said(serve, llm):
+    task = "job tag=B1 tokens=30000"  # every reply of its runs reports 30,000 + 30,000 tokens
+    source = serve.wait_status(serve.submit_ok(task, "routine-b", user="api:spender"), timeout=60)
+    assert source["status"] == "succeeded"  # 120,000 tokens: the owner's day is spent
+    routine = serve.http.post("/api/routines", json={"from_run": source["id"], "cron": "0 12 * * *"}).json()
+    assert routine["owner"] == "api:spender"
+    refused = serve.http.post(f"/api/routines/{routine['id']}/run")
+    assert refused.status_code == 429 and refused.json()["outcome"] == "refused"
+    assert "was skipped: You have used 120000 of your 100000 LLM tokens for today" in refused.json()["message"]
+    assert db_rows(serve.db, "SELECT COUNT(*) AS n FROM runs WHERE routine_id = ?", (routine["id"],))[0]["n"] == 0
+    assert "LLM tokens for today" in routine_row(serve.db, routine["id"])["note"]  # for the next post
 
 
 def test_firings_missed_while_serve_was_down(llm, tmp_path):
