@@ -319,7 +319,7 @@ class Settings:
     def reply_cap(self, purpose: str) -> int:
         """The most tokens a reply for `purpose` (plan, evaluate, helper, probe) may have: its max_tokens."""
         return {"plan": self.llm_max_tokens_plan, "evaluate": self.llm_max_tokens_evaluate,
-                "helper": self.llm_max_tokens_helper}.get(purpose, 256)
+                "helper": self.llm_max_tokens_helper, "schedule": self.llm_max_tokens_helper}.get(purpose, 256)
 
     def require_llm(self) -> None:
         if not self.llm_configured:

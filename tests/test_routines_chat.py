@@ -4,13 +4,18 @@ channel; `/autocode routines` lists the channel's routines; pause/resume/rm only
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any
 
 import pytest
 
 from tests.fakes.slack_server import FakeSlack, message_text
 from tests.server_helpers import ScriptedLLM, db_rows
-from tests.test_slack import ADMIN, ALICE, BOB, TOKEN, delivered, in_channel, slash, start_slack_serve, wait_run
+from tests.test_slack import (
+    ADMIN, ALICE, BOB, TOKEN, delivered, in_channel, press, slash, start_slack_serve, wait_run,
+)
+from tests.server_helpers import wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
 
@@ -21,9 +26,28 @@ def slack():
         yield fake
 
 
+class ScheduleLLM(ScriptedLLM):
+    """ScriptedLLM that also reads schedule phrases: "every monday 9:00 TASK" -> 0 9 * * 1 and TASK; "every second
+    …" -> a cron firing every minute (refused: too often); anything else has no schedule."""
+
+    def _respond(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = super()._respond(body)
+        with self._lock:
+            kind = self.log[-1].kind
+        if kind == "schedule":
+            phrase = body["messages"][-1]["content"]
+            reply = {"cron": "", "task": ""}
+            if phrase.startswith("every monday 9:00 "):
+                reply = {"cron": "0 9 * * 1", "task": phrase.removeprefix("every monday 9:00 ")}
+            elif phrase.startswith("every second "):
+                reply = {"cron": "* * * * *", "task": phrase.removeprefix("every second ")}
+            spec = {"json": reply}
+        return spec
+
+
 @pytest.fixture(scope="module")
 def llm():
-    with ScriptedLLM() as scripted:
+    with ScheduleLLM() as scripted:
         yield scripted
 
 
@@ -82,6 +106,48 @@ def test_a_routine_posts_to_its_channel_and_is_managed_by_its_owner_or_an_admin(
     assert "There is no routine" in ephemeral(server, f"routines rm {routine['id']}", "COTHER", ALICE)
     assert "removed" in ephemeral(server, f"routines rm {routine['id']}", channel, ALICE)
     assert server.http.get(f"/api/routines/{routine['id']}").status_code == 404
+
+
+def test_every_shows_the_schedule_and_saves_only_on_save(server, slack, llm):
+    channel = "CEVERY"
+    assert ephemeral(server, "every monday 9:00 job tag=EV", channel) == "Reading the schedule…"
+    (proposal,) = wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel)
+                                    if "Save it as a routine" in message_text(c)], 30, what="the proposal")
+    text = proposal.params["text"]
+    assert "Repeat *job tag=EV* on `0 9 * * 1` in UTC; next: " in text and text.count(" 09:00 UTC") == 3
+    assert not db_rows(server.db, "SELECT * FROM routines WHERE task = 'job tag=EV'")  # nothing saved yet
+    save = proposal.params["blocks"][1]["elements"][0]
+    assert save["action_id"] == "autocode_routine_save"
+
+    response = press(server, save["action_id"], save["value"], channel, ALICE, thread_ts="")
+    assert response.status_code == 200
+    (routine,) = wait_for(lambda: db_rows(server.db, "SELECT * FROM routines WHERE task = 'job tag=EV'"), 10,
+                          what="the saved routine")
+    assert routine["cron"] == "0 9 * * 1" and routine["tz"] == "UTC" and routine["owner"].endswith(f":{ALICE}")
+    assert routine["conversation"].startswith(f"slack:") and f":{channel}:routine-" in routine["conversation"]
+    assert json.loads(routine["reply_to_json"]) == {"team": routine["conversation"].split(":")[1],
+                                                    "channel": channel, "user": ALICE}
+    wait_for(lambda: [c for c in in_channel(slack, "chat.postEphemeral", channel)
+                      if f"Saved routine {routine['id']}" in message_text(c)], 10, what="the saved message")
+
+    # Its first run plans the task and pins the plan.
+    fired = server.http.post(f"/api/routines/{routine['id']}/run").json()
+    run = server.wait_status(fired["run_id"], timeout=60)
+    assert run["status"] == "succeeded" and "pinned as version 1" in run["answer"]
+
+    # A schedule firing too often, and a phrase without one, are refused with a sentence; nothing is saved.
+    ephemeral(server, "every second job tag=FAST", channel)
+    ephemeral(server, "every row of the sheet summed", channel)
+
+    def refusals() -> list[str]:
+        texts = [c.params["text"] for c in in_channel(slack, "chat.postEphemeral", channel)]
+        found = [t for t in texts if "at most once every" in t or "No schedule found" in t]
+        return found if len(found) == 2 else []
+
+    too_often, none = sorted(wait_for(refusals, 30, what="both refusals"))
+    assert too_often.startswith("I read the schedule as `* * * * *`, but: '* * * * *' fires as often as every 60")
+    assert none.startswith("No schedule found in 'every row of the sheet summed'")
+    assert len(db_rows(server.db, "SELECT * FROM routines WHERE task LIKE 'job tag=FAST%'")) == 0
 
 
 # ------------------------------------------------------------------------------------------ Telegram

@@ -1,0 +1,108 @@
+"""Routines in Slack (agent_core/routines.py): `/autocode routines [pause|resume|rm ID]` (bots/routines_chat.py) and
+`/autocode every PHRASE`, e.g. `/autocode every monday 9:00 post last week's signups chart`.
+
+`every`: the slash command is acknowledged at once; the phrase is read into a cron and the task with one LLM call
+(agent_core/routine_phrases.py) and the user gets an ephemeral message with the cron, the time zone
+(AUTOCODE_ROUTINE_TZ) and the next three firings, and Save / Cancel buttons: nothing is saved before Save. The saved
+routine belongs to the user who pressed Save (its owner, whose budget its runs spend), posts to the channel, and its
+first run plans as any run and pins its plan when it succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from agent_core import routines
+from agent_core.routine_phrases import read_phrase
+from agent_core.routines import RoutineError
+from bots import routines_chat
+from bots import slack_render as render
+
+if TYPE_CHECKING:
+    from bots.slack import SlackAdapter
+
+SAVE_ACTION = "autocode_routine_save"
+DROP_ACTION = "autocode_routine_drop"
+VALUE_CHARS = 2000  # Block Kit: a button's value
+
+
+def is_routines_command(words: list[str]) -> bool:
+    """`/autocode routines …` (bots/routines_chat.py) or `/autocode every …`."""
+    return routines_chat.is_routines_command(words) or (len(words) > 1 and words[0].lower() == "every")
+
+
+class SlackRoutines:
+    def __init__(self, adapter: "SlackAdapter", app: Any):
+        self.adapter = adapter
+        self.storage, self.settings = adapter.storage, adapter.settings
+        app.action(SAVE_ACTION)(self._on_save)
+        app.action(DROP_ACTION)(self._on_drop)
+
+    def command(self, team: str, channel: str, user: str, words: list[str], enterprise: str | None) -> str:
+        """The ephemeral reply to `/autocode routines …`, or the acknowledgement of `/autocode every …` (whose
+        proposal follows as another ephemeral message)."""
+        if words[0].lower() != "every":
+            return routines_chat.reply(
+                self.storage, f"slack:{team}:{channel}", words, actor=self.adapter._user_key(team, user),
+                actor_id=user, admins=self.settings.slack_admin_users, command="`/autocode routines`",
+                escape=render.escape)
+        route = {"team": team, "channel": channel, "user": user, "enterprise": enterprise}
+        self.adapter._spawn(self._propose(route, " ".join(words)), "reading a routine's schedule")
+        return "Reading the schedule…"
+
+    async def _propose(self, route: dict[str, Any], phrase: str) -> None:
+        conversation = f"slack:{route['team']}:{route['channel']}:routine"
+        model = self.adapter.scheduler.agent.channel_settings.effective(conversation).model
+        try:
+            proposal = await read_phrase(self.adapter.scheduler.agent.llm, phrase, self.settings.routine_tz,
+                                         self.settings.routine_min_interval, model)
+        except RoutineError as exc:
+            await self.adapter._ephemeral(route, render.escape(str(exc)))
+            return
+        value = json.dumps({"cron": proposal.cron, "tz": proposal.tz, "task": proposal.task})
+        if len(value) > VALUE_CHARS:
+            await self.adapter._ephemeral(route, "That task is too long for a routine made here; make it with "
+                                                 "`autocode routines add`.")
+            return
+        text = (f"Repeat *{render.escape(proposal.task)}* on {render.escape(proposal.describe())} "
+                "Save it as a routine of this channel?")
+        client = await self.adapter._client_for(route)
+        await client.chat_postEphemeral(channel=route["channel"], user=route["user"], text=text, blocks=[
+            {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+            {"type": "actions", "elements": [
+                {"type": "button", "action_id": SAVE_ACTION, "style": "primary", "value": value,
+                 "text": {"type": "plain_text", "text": "Save routine"}},
+                {"type": "button", "action_id": DROP_ACTION, "value": "drop",
+                 "text": {"type": "plain_text", "text": "Cancel"}},
+            ]},
+        ])
+
+    async def _on_save(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user_info = body.get("user") or {}
+        team = (body.get("team") or {}).get("id") or user_info.get("team_id") or ""
+        channel, user = (body.get("channel") or {}).get("id", ""), user_info.get("id", "")
+        route = {"team": team, "channel": channel, "user": user}
+        refusal = self.adapter._refusal(team, channel, user)
+        if refusal:
+            self.adapter._spawn(self.adapter._ephemeral(route, refusal), "refusal")
+            return
+        try:
+            chosen = json.loads(action.get("value") or "")
+            routine = routines.create_with_task(
+                self.storage, self.settings, f"slack:{team}:{channel}:routine-{secrets.token_hex(4)}",
+                str(chosen["task"]), str(chosen["cron"]), str(chosen["tz"]), owner=self.adapter._user_key(team, user),
+                adapter=self.adapter.name, reply_to=route)
+            said = (f"Saved routine {routine['id']}: {render.escape(routine['task'])} on `{render.escape(routine['cron'])}` "
+                    f"({render.escape(routine['tz'])}). Its first run plans the task; later runs re-use that code. "
+                    "`/autocode routines` lists this channel's routines.")
+        except (ValueError, KeyError, TypeError):
+            said = "That button's routine could not be read; please send `/autocode every …` again."
+        except RoutineError as exc:
+            said = render.escape(str(exc))
+        self.adapter._spawn(self.adapter._ephemeral(route, said), "routine saved")
+
+    async def _on_drop(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any]) -> None:
+        await ack()
