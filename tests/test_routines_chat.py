@@ -156,10 +156,9 @@ def test_every_shows_the_schedule_and_saves_only_on_save(server, slack, llm):
 def test_a_routine_posts_to_its_telegram_chat_and_routines_lists_it(tmp_path):
     from tests.fakes.telegram_server import FakeTelegram, visible_text
     from tests.server_helpers import Serve, next_uid_base
-    from tests.test_telegram import BOT, TOKEN as TG_TOKEN, ask, finished_run, private, scripted_llm, \
-        telegram_env, wait_calls
+    from tests.test_telegram import BOT, TOKEN as TG_TOKEN, ask, finished_run, private, telegram_env, wait_calls
 
-    with scripted_llm() as llm, FakeTelegram(TG_TOKEN, BOT) as tg:
+    with ScheduleLLM() as llm, FakeTelegram(TG_TOKEN, BOT) as tg:
         server = Serve(telegram_env(llm, tmp_path / "autocode.db", tg.api_url, next_uid_base()),
                        tmp_path / "serve.log", tmp_path)
         try:
@@ -194,5 +193,25 @@ def test_a_routine_posts_to_its_telegram_chat_and_routines_lists_it(tmp_path):
             wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
                        and "Routine paused:" in visible_text(c), "the pause reply", server)
             assert db_rows(server.db, "SELECT state FROM routines")[0]["state"] == "paused"
+
+            # /every: the schedule shown with Save/Cancel; only the asker's Save saves it.
+            ask(tg, chat, user, "/every monday 9:00 job tag=TE")
+            (proposal,) = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
+                                     and "Save it as a routine" in visible_text(c), "the proposal", server)
+            assert "Repeat “job tag=TE” on 0 9 * * 1 in UTC; next: " in visible_text(proposal)
+            save, cancel = proposal.params["reply_markup"]["inline_keyboard"][0]
+            assert (save["text"], cancel["text"]) == ("Save routine", "Cancel")
+            assert len(db_rows(server.db, "SELECT * FROM routines")) == 1  # nothing saved yet
+            query = tg.callback(stranger, proposal.result, save["callback_data"])
+            tg.queue(tg.update(callback_query=query))
+            wait_calls(tg, lambda c: c.method == "answerCallbackQuery" and c.params["callback_query_id"] == query["id"]
+                       and "Only the person who asked" in c.params.get("text", ""), "the stranger's refusal", server)
+            tg.queue(tg.update(callback_query=tg.callback(user, proposal.result, save["callback_data"])))
+            saved = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
+                               and "Saved routine" in visible_text(c), "the saved message", server)
+            (routine,) = db_rows(server.db, "SELECT * FROM routines WHERE task = 'job tag=TE'")
+            assert f"Saved routine {routine['id']}" in visible_text(saved[0])
+            assert (routine["cron"], routine["owner"], routine["conversation"]) == ("0 9 * * 1", "telegram:7301",
+                                                                                     "telegram:7301")
         finally:
             server.close()
