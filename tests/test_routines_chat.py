@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from urllib.parse import urlencode
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from tests.fakes.slack_server import FakeSlack, message_text
 from tests.server_helpers import ScriptedLLM, db_rows
 from tests.test_slack import (
-    ADMIN, ALICE, BOB, TOKEN, delivered, in_channel, press, slash, start_slack_serve, wait_run,
+    ADMIN, ALICE, BOB, TEAM_ID, TOKEN, action, delivered, in_channel, post, press, slash, start_slack_serve, wait_run,
 )
 from tests.server_helpers import wait_for
 
@@ -148,6 +149,54 @@ def test_every_shows_the_schedule_and_saves_only_on_save(server, slack, llm):
     assert too_often.startswith("I read the schedule as `* * * * *`, but: '* * * * *' fires as often as every 60")
     assert none.startswith("No schedule found in 'every row of the sheet summed'")
     assert len(db_rows(server.db, "SELECT * FROM routines WHERE task LIKE 'job tag=FAST%'")) == 0
+
+
+def choose(server, action_id: str, value: str, channel: str, user: str):
+    """A choice in a select menu of an ephemeral message."""
+    payload = {
+        "type": "block_actions", "user": {"id": user, "team_id": TEAM_ID}, "team": {"id": TEAM_ID},
+        "api_app_id": "AAUTOCODE", "channel": {"id": channel}, "trigger_id": "trigger.choose",
+        "container": {"type": "message", "channel_id": channel}, "response_url": "https://hooks.slack.test/a/2",
+        "actions": [{"type": "static_select", "action_id": action_id, "block_id": "b", "action_ts": "1",
+                     "selected_option": {"text": {"type": "plain_text", "text": "x"}, "value": value}}],
+    }
+    return post(server, urlencode({"payload": json.dumps(payload)}).encode(), "application/x-www-form-urlencoded")
+
+
+def test_repeat_on_an_answer_makes_a_routine_of_that_run(server, slack, llm):
+    channel = "CREPEAT"
+    slash(server, "job tag=RP", channel)
+    run = wait_run(server, channel)
+    assert run["status"] == "succeeded"
+    delivered(server, run["id"])
+
+    def repeat_buttons() -> list[dict]:
+        calls = in_channel(slack, "chat.update", channel) + in_channel(slack, "chat.postMessage", channel)
+        return [e for c in calls for b in (c.json_param("blocks") or []) if b["type"] == "actions"
+                for e in b["elements"] if e["action_id"] == "autocode_repeat"]
+
+    (button, *_) = wait_for(repeat_buttons, 10, what="the Repeat… button")
+    assert button["value"] == run["id"] and button["text"]["text"] == "Repeat…"
+
+    def ephemerals(needle: str) -> list:
+        return [c for c in in_channel(slack, "chat.postEphemeral", channel) if needle in c.params.get("text", "")]
+
+    assert action(server, "autocode_repeat", run["id"], channel, user=BOB).status_code == 200
+    wait_for(lambda: ephemerals("Only the person who asked for this run"), 10, what="Bob's refusal")
+    assert action(server, "autocode_repeat", run["id"], channel, user=ALICE).status_code == 200
+    (menu,) = wait_for(lambda: ephemerals("Repeat this run on a schedule"), 10, what="the schedules")
+    options = menu.params["blocks"][0]["accessory"]["options"]
+    weekly = next(o["value"] for o in options if o["text"]["text"] == "Every Monday at 09:00")
+    assert choose(server, "autocode_repeat_when", weekly, channel, ALICE).status_code == 200
+    (offer,) = wait_for(lambda: ephemerals("Save it as a routine"), 10, what="the proposal")
+    assert "Repeat *job tag=RP* on `0 9 * * 1` in UTC; next: " in offer.params["text"]
+    assert not db_rows(server.db, "SELECT * FROM routines WHERE from_run_id = ?", (run["id"],))
+    save = offer.params["blocks"][1]["elements"][0]
+    assert press(server, save["action_id"], save["value"], channel, ALICE, thread_ts="").status_code == 200
+    (routine,) = wait_for(lambda: db_rows(server.db, "SELECT * FROM routines WHERE from_run_id = ?", (run["id"],)),
+                          10, what="the routine")
+    assert routine["plan_version"] == 1 and routine["cron"] == "0 9 * * 1" and routine["owner"] == run["user"]
+    wait_for(lambda: ephemerals(f"Saved routine {routine['id']}"), 10, what="the saved message")
 
 
 # ------------------------------------------------------------------------------------------ Telegram
