@@ -303,9 +303,5 @@ def after_run(storage: Storage, run_id: str, status: str, answer: str, error: st
     return answer, f"{error}\n\n{note}"
 
 
-def since_seconds(moment: str, now: datetime) -> float:
-    return (now - parse_iso(moment)).total_seconds()
-
-
 __all__ = ["RoutineError", "Schedule", "parse_schedule", "create_from_run", "create_with_task", "pause", "resume",
            "remove", "describe", "fire", "skip_missed", "pinned_plan", "after_run", "Firing", "MAX_FAILURES"]

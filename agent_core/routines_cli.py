@@ -131,6 +131,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run_here(args: argparse.Namespace, settings: Settings) -> int:
     from agent_core.app import build_agent
+    from agent_core.routine_clock import RoutineClock
+    from agent_core.scheduler import RunScheduler
 
     if not settings.db_path.exists():
         raise ConfigError(f"no database at {settings.db_path} (no routine yet, or set AUTOCODE_DB)")
@@ -142,11 +144,10 @@ async def _run_here(args: argparse.Namespace, settings: Settings) -> int:
             print(f"autocode: There is no routine {_field(args.routine_id)}.", file=sys.stderr)
             return EXIT_FAILED
 
-        def submit(task: str, conversation: str, user: str, adapter: str, reply_to: dict) -> tuple[str, str]:
-            return agent.storage.create_run(conversation, task, status="queued", user=user, adapter=adapter,
-                                            reply_to=reply_to), ""
-
-        firing = routines.fire(agent.storage, routine, submit)
+        # Submitted as serve's clock does (the owner's budgets), but run here: nothing dispatches it but us.
+        scheduler = RunScheduler(agent)
+        scheduler.accepting = True
+        firing = routines.fire(agent.storage, routine, RoutineClock(scheduler).submit)
         if firing.run_id is None:
             print(f"autocode: {_field(firing.message)}", file=sys.stderr)
             return EXIT_FAILED
