@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 SAVE_ACTION = "autocode_routine_save"
 DROP_ACTION = "autocode_routine_drop"
 CHOOSE_ACTION = "autocode_repeat_when"
+HOME_ACTION = "autocode_routine_home"  # value: "pause:ID", "resume:ID" or "rm:ID" (a button of the App Home)
+HOME_ROUTINES = 10  # routines the App Home lists (a view holds at most 100 blocks)
 VALUE_CHARS = 2000  # Block Kit: a button's value
 # What "Repeat…" offers (label, cron): common schedules, read in AUTOCODE_ROUTINE_TZ. Anything else: the CLI.
 CHOICES = (
@@ -55,6 +57,7 @@ class SlackRoutines:
         app.action(DROP_ACTION)(self._on_drop)
         app.action(render.REPEAT_ACTION)(self._on_repeat)
         app.action(CHOOSE_ACTION)(self._on_choose)
+        app.action(HOME_ACTION)(self._on_home_action)
 
     def command(self, team: str, channel: str, user: str, words: list[str], enterprise: str | None) -> str:
         """The ephemeral reply to `/autocode routines …`, or the acknowledgement of `/autocode every …` (whose
@@ -137,6 +140,44 @@ class SlackRoutines:
 
     async def _on_drop(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any]) -> None:
         await ack()
+
+    # --- the App Home's section (bots/slack_home.py) ----------------------------------------------------------------
+    def home_blocks(self, team: str, user: str) -> list[dict[str, Any]]:
+        """"Your routines": the user's routines in this workspace, each with Pause/Resume and Remove."""
+        key = self.adapter._user_key(team, user)
+        mine = [r for r in self.storage.routines() if r["owner"] == key][:HOME_ROUTINES]
+        blocks: list[dict[str, Any]] = [{"type": "divider"},
+                                        {"type": "header", "text": {"type": "plain_text", "text": "Your routines"}}]
+        if not mine:
+            blocks.append(render.section("No routines yet: `/autocode every monday 9:00 TASK`, or *Repeat…* on an "
+                                         "answer."))
+        for routine in mine:
+            item = routines.describe(self.storage, routine)
+            task = render.escape(render.clip(" ".join(item["task"].split()), 80))
+            blocks.append(render.section(
+                f"*{task}*\n`{render.escape(item['cron'])}` ({render.escape(item['tz'])}) · {item['state']} · next "
+                f"{render.escape(item['next_fire_local'] or '-')} · plan v{item['plan_version'] or '-'}"))
+            toggle = "resume" if routine["state"] == "paused" else "pause"
+            blocks.append({"type": "actions", "elements": [
+                render.button(toggle.capitalize(), HOME_ACTION, f"{toggle}:{routine['id']}"),
+                render.button("Remove", HOME_ACTION, f"rm:{routine['id']}", "danger")]})
+        return blocks
+
+    async def _on_home_action(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any],
+                              action: dict[str, Any]) -> None:
+        await ack()
+        place = self._place(body)
+        verb, _, routine_id = str(action.get("value", "")).partition(":")
+        routine = self.storage.get_routine(routine_id)
+        if routine is None or verb not in routines_chat.ACTIONS or not may_act_on_run(
+                routine["owner"], self.adapter._user_key(place["team"], place["user"]), place["user"],
+                self.settings.slack_admin_users):
+            return  # the buttons are shown to the owner only; a forged or stale press changes nothing
+        if verb == "rm":
+            routines.remove(self.storage, routine_id)
+        else:
+            (routines.pause if verb == "pause" else routines.resume)(self.storage, routine_id)
+        self.adapter.home.refresh(place["team"], place["user"])
 
     def _denied(self, run_id: str, team: str, user: str) -> str | None:
         """Why `user` may not make a routine of the run (None: they may): it is not this adapter's, or not theirs."""

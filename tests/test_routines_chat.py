@@ -198,6 +198,35 @@ def test_repeat_on_an_answer_makes_a_routine_of_that_run(server, slack, llm):
     assert routine["plan_version"] == 1 and routine["cron"] == "0 9 * * 1" and routine["owner"] == run["user"]
     wait_for(lambda: ephemerals(f"Saved routine {routine['id']}"), 10, what="the saved message")
 
+    # The owner's App Home lists it, with Pause and Remove; Bob's does not.
+    from tests.test_slack_home import interaction, open_home, publications, published
+
+    seen = publications(slack, ALICE)
+    open_home(server, ALICE)
+    view = published(slack, ALICE, after=seen)
+    text = json.dumps(view, ensure_ascii=False)
+    assert "Your routines" in text and "*job tag=RP*" in text and "`0 9 * * 1` (UTC) · active" in text
+    values = {e["text"]["text"]: e["value"] for b in view["blocks"] if b["type"] == "actions" for e in b["elements"]
+              if e["action_id"] == "autocode_routine_home"}
+    assert values["Pause"] == f"pause:{routine['id']}" and values["Remove"] == f"rm:{routine['id']}"
+    open_home(server, BOB)
+    assert "*job tag=RP*" not in json.dumps(published(slack, BOB))
+
+    def home_press(user: str, value: str) -> None:
+        assert interaction(server, {
+            "type": "block_actions", "user": {"id": user, "team_id": TEAM_ID}, "team": {"id": TEAM_ID},
+            "api_app_id": "AAUTOCODE", "trigger_id": "trigger.home", "container": {"type": "view", "view_id": "V"},
+            "view": {"id": "V", "type": "home"}, "actions": [{"type": "button", "action_id": "autocode_routine_home",
+                                                              "value": value, "block_id": "b", "action_ts": "1"}],
+        }).status_code == 200
+
+    home_press(BOB, f"rm:{routine['id']}")  # not his: nothing changes
+    seen = publications(slack, ALICE)
+    home_press(ALICE, f"pause:{routine['id']}")
+    view = published(slack, ALICE, after=seen)
+    assert "· paused" in json.dumps(view, ensure_ascii=False) and db_rows(server.db, "SELECT state FROM routines WHERE id = ?",
+                                                      (routine["id"],))[0]["state"] == "paused"
+
 
 # ------------------------------------------------------------------------------------------ Telegram
 
