@@ -111,6 +111,18 @@ def _prompts(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
     return tuple(prompts)
 
 
+def _zone(env: Mapping[str, str], name: str) -> str:
+    """An IANA time zone name (default UTC), checked against the system's zone database."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    raw = env.get(name, "").strip() or "UTC"
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name} must be an IANA time zone such as Europe/Rome, got {raw!r}") from None
+    return raw
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     raw = env.get(name, "").strip().lower() or default
     if raw not in choices:
@@ -264,7 +276,7 @@ class Settings:
             shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
             routine_min_interval=_float(env, "AUTOCODE_ROUTINE_MIN_INTERVAL", 300.0),
             routine_grace=_float(env, "AUTOCODE_ROUTINE_GRACE", 3600.0),
-            routine_tz=env.get("AUTOCODE_ROUTINE_TZ", "").strip() or "UTC",
+            routine_tz=_zone(env, "AUTOCODE_ROUTINE_TZ"),
             routines_per_channel=_int(env, "AUTOCODE_ROUTINES_PER_CHANNEL", 20),
             api_token=env.get("AUTOCODE_API_TOKEN") or None,
             port=_int(env, "PORT", 3000),

@@ -63,6 +63,28 @@ def test_the_minimum_interval_is_the_settings():
         parse_schedule("0,4 9 * * *", "UTC", 300)  # 4 minutes apart once a day: refused
 
 
+def test_settings_and_the_cap_per_channel(tmp_path):
+    from agent_core.config import ConfigError, Settings
+    from agent_core.routines import create_with_task
+    from storage.db import Storage
+
+    with pytest.raises(ConfigError, match="AUTOCODE_ROUTINE_TZ must be an IANA time zone"):
+        Settings.from_env({"AUTOCODE_ROUTINE_TZ": "Rome"})
+    settings = Settings.from_env({"AUTOCODE_ROUTINE_TZ": "Europe/Rome", "AUTOCODE_ROUTINES_PER_CHANNEL": "2",
+                                  "AUTOCODE_ROUTINE_MIN_INTERVAL": "600", "AUTOCODE_ROUTINE_GRACE": "60"})
+    assert (settings.routine_min_interval, settings.routine_grace) == (600, 60)
+    storage = Storage(tmp_path / "cap.db")
+    made = [create_with_task(storage, settings, f"slack:T1:C1:routine-{n}", f"task {n}", "0 9 * * *")
+            for n in range(2)]
+    assert [r["tz"] for r in made] == ["Europe/Rome"] * 2  # the default zone
+    create_with_task(storage, settings, "slack:T1:C2:routine-x", "elsewhere", "0 9 * * *")  # another channel
+    with pytest.raises(RoutineError, match="This channel has 2 routines already"):
+        create_with_task(storage, settings, "slack:T1:C1:routine-3", "one more", "0 9 * * *")
+    with pytest.raises(RoutineError, match="fires as often as every 300 seconds"):
+        create_with_task(storage, settings, "console", "too often", "*/5 * * * *")
+    storage.close()
+
+
 # ------------------------------------------------------------------------------------------ a scripted LLM
 
 FAILING_CODE = "def work():\n    raise KeyError('signups')  # the data changed shape\n"
