@@ -48,7 +48,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "run":
         return _run(args, settings)
-    if args.action != "add" and not settings.db_path.exists():
+    if (args.action != "add" or args.from_run) and not settings.db_path.exists():
         raise ConfigError(f"no database at {settings.db_path} (no routine yet, or set AUTOCODE_DB)")
     storage = Storage(settings.db_path)
     try:
