@@ -22,18 +22,19 @@ LIST_MAX = 20  # lines of a listing (AUTOCODE_ROUTINES_PER_CHANNEL is 20 by defa
 
 
 def is_routines_command(words: list[str]) -> bool:
-    """`routines`, `routines list`, `routines pause|resume|rm ID` (anything else is a task)."""
+    """`routines`, `routines list`, `routines pause|resume|rm …` (anything else is a task)."""
     return bool(words) and words[0].lower() == "routines" and (
-        len(words) == 1 or (len(words) == 2 and words[1].lower() == "list")
-        or (len(words) == 3 and words[1].lower() in ACTIONS))
+        len(words) == 1 or words[1].lower() in ("list", *ACTIONS))
 
 
 def reply(storage: Storage, scope: str, words: list[str], *, actor: str, actor_id: str, admins: Collection[str],
           command: str, escape: Callable[[str], str] = lambda text: text) -> str:
     """The reply to `routines …` (words as `is_routines_command` accepted them) in `scope`, by `actor` (the user key
     runs store, e.g. "slack:T1:U1") whose platform id is `actor_id`."""
-    if len(words) < 3:
+    if len(words) < 2 or words[1].lower() == "list":
         return listing(storage, scope, command, escape)
+    if len(words) != 3:
+        return f"Give one routine's id: {command} {words[1].lower()} ID ({command} lists them)."
     action, routine_id = words[1].lower(), words[2]
     routine = storage.get_routine(routine_id)
     if routine is None or scope_of(routine["conversation"]) != scope:

@@ -83,6 +83,7 @@ def test_a_routine_posts_to_its_channel_and_is_managed_by_its_owner_or_an_admin(
     listed = ephemeral(server, "routines", channel)
     assert f"• {routine['id']} · active · 0 9 * * 1 (Europe/Rome)" in listed and "plan v1" in listed
     assert "No routines here" in ephemeral(server, "routines", "COTHER")  # another channel's are not shown
+    assert ephemeral(server, "routines pause", channel).startswith("Give one routine's id: `/autocode routines` pause ID")
 
     # Fired: the pinned code runs with no planner call and the answer is posted to the channel.
     plans = len(llm.requests_of("plan", "job tag=RS"))
