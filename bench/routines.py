@@ -4,7 +4,9 @@ The task is bench/llm_traffic.py's "which two of these 5 offices are closest?" w
 steps: load, pairs, report). From scratch a run costs a planner call and an evaluator call; a routine made from that
 run re-runs its pinned code and costs one evaluator call. Real sandboxes (the host's backend), a scripted
 OpenAI-compatible server (tests/fakes/openai_server.py) whose replies may be delayed to stand for a model's latency
-(--llm-delay, seconds a call). Each kind of run is repeated --rounds times; the medians are reported.
+(--llm-delay, seconds a call). "repaired": a routine whose pinned step 2 now fails (the data changed shape): the
+evaluator repairs it (one call), the repaired plan runs and is judged (a second call) and is pinned as the next
+version. Each kind of run is repeated --rounds times; the medians are reported.
 
 Run: python bench/routines.py [--rounds 5] [--llm-delay 0] [--json]
 """
@@ -27,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agent_core import routines  # noqa: E402
 from agent_core.app import build_agent  # noqa: E402
 from agent_core.config import Settings  # noqa: E402
-from llm_traffic import DONE, LOAD, PAIRS_FIXED, REPORT, TASK  # noqa: E402
+from llm_traffic import DONE, LOAD, PAIRS_BROKEN, PAIRS_FIXED, REPAIR, REPORT, TASK  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAI  # noqa: E402
 
 PLAN = {"main_task_thought": "Compute all pairwise geodesic distances and take the minimum.", "direct_answer": "",
         "subtasks": [LOAD, PAIRS_FIXED, REPORT]}
+BROKEN = dict(PLAN, subtasks=[LOAD, PAIRS_BROKEN, REPORT])  # the data changed shape: step 2 raises KeyError
 
 
 async def measure(rounds: int, llm_delay: float) -> dict:
@@ -48,7 +51,7 @@ async def measure(rounds: int, llm_delay: float) -> dict:
                             sandbox_warm=1)
         agent = build_agent(settings)
         await agent.executor.start()
-        kinds: dict[str, list[dict]] = {"scratch": [], "routine": []}
+        kinds: dict[str, list[dict]] = {"scratch": [], "routine": [], "repaired": []}
         try:
             routine = None
             for number in range(rounds):
@@ -62,6 +65,15 @@ async def measure(rounds: int, llm_delay: float) -> dict:
                 firing = routines.fire(agent.storage, routine, lambda task, conversation, user, adapter, route: (
                     agent.storage.create_run(conversation, task, status="queued", user=user, adapter=adapter), ""))
                 kinds["routine"].append(await _timed(agent, firing.run_id, server))
+                # The data changed shape: the routine's current plan now fails at step 2.
+                current = agent.storage.get_routine(routine["id"])
+                agent.storage.add_routine_plan(routine["id"], json.dumps(BROKEN), None)
+                replies(REPAIR, DONE)
+                firing = routines.fire(agent.storage, agent.storage.get_routine(routine["id"]), lambda task, conv, user,
+                                       adapter, route: (agent.storage.create_run(conv, task, status="queued"), ""))
+                kinds["repaired"].append(await _timed(agent, firing.run_id, server))
+                assert agent.storage.get_routine(routine["id"])["plan_version"] == current["plan_version"] + 2
+                routine = agent.storage.get_routine(routine["id"])
         finally:
             await agent.executor.stop()
             await agent.llm.close()
@@ -99,10 +111,10 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"medians of {args.rounds} runs each, LLM delay {args.llm_delay:g} s a call")
-    print(f"{'run':<9}{'LLM calls':>10}{'plan':>6}{'eval':>6}{'prompt tok':>12}{'compl tok':>11}{'sent bytes':>12}"
+    print(f"{'run':<10}{'LLM calls':>10}{'plan':>6}{'eval':>6}{'prompt tok':>12}{'compl tok':>11}{'sent bytes':>12}"
           f"{'wall s':>9}")
     for kind, row in report.items():
-        print(f"{kind:<9}{row['llm_calls']:>10g}{row['planner_calls']:>6g}{row['evaluator_calls']:>6g}"
+        print(f"{kind:<10}{row['llm_calls']:>10g}{row['planner_calls']:>6g}{row['evaluator_calls']:>6g}"
               f"{row['prompt_tokens']:>12g}{row['completion_tokens']:>11g}{row['request_bytes']:>12g}"
               f"{row['wall_s']:>9.3f}")
     return 0
