@@ -46,15 +46,17 @@ class Proposal:
         return (f"`{self.cron}` in {self.tz}; next: {', '.join(self.next_firings)}.")
 
 
-async def read_phrase(llm: LLMClient, phrase: str, tz: str, min_interval: float, model: str | None = None) -> Proposal:
+async def read_phrase(llm: LLMClient, phrase: str, tz: str, min_interval: float, model: str | None = None,
+                      with_task: bool = True) -> Proposal:
     """The cron and task of `phrase` (one LLM call), checked by `routines.parse_schedule`; RoutineError with the
-    sentence for the user when the model could not be asked, found no schedule, or one AutoCode refuses."""
+    sentence for the user when the model could not be asked, found no schedule, or one AutoCode refuses. With
+    `with_task` false the phrase is only a schedule (repeating a run: its task is known)."""
     phrase = " ".join((phrase or "").split())
     if not phrase:
         raise RoutineError("Say when and what, e.g. `every monday 9:00 post last week's signups chart`.")
 
     def check(reply: _Reply) -> None:
-        if reply.cron.strip() and not reply.task.strip():
+        if with_task and reply.cron.strip() and not reply.task.strip():
             raise ReplyError("task is empty: give what to do without the schedule")
 
     try:

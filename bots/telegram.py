@@ -391,6 +391,8 @@ class TelegramAdapter:
         private = chat.type == ChatType.PRIVATE
         route = {"chat_id": chat.id, "thread_id": _topic(message), "message_id": message.message_id,
                  "chat_type": chat.type, "user_id": user.id}
+        if message.reply_to_message is not None:  # `/every …` replying to an answer repeats that run
+            route["replied_to"] = message.reply_to_message.message_id
         files = _files_of(message)
         text = message.text if message.text is not None else message.caption
         if text is None and not files:

@@ -1,5 +1,6 @@
 """Routines in Telegram (agent_core/routines.py): `/routines [pause|resume|rm ID]` (bots/routines_chat.py) and
-`/every PHRASE`, e.g. `/every monday 9:00 post last week's signups chart`.
+`/every PHRASE`, e.g. `/every monday 9:00 post last week's signups chart`; sent as a reply to one of AutoCode's
+answers (`/every monday 9:00`), it repeats that run: its code is pinned (Telegram's "Repeat…" on an answer).
 
 `/every` reads the phrase into a cron and the task with one LLM call (agent_core/routine_phrases.py) and replies with
 the cron, the time zone (AUTOCODE_ROUTINE_TZ) and the next three firings, with Save / Cancel buttons: nothing is
@@ -10,6 +11,7 @@ routine posts to the chat (or forum topic) it was asked in; its owner is the per
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ from agent_core.channel_settings import scope_of
 from agent_core.routine_phrases import read_phrase
 from agent_core.routines import RoutineError
 from bots import routines_chat
+from bots.permissions import may_act_on_run
 
 if TYPE_CHECKING:
     from bots.telegram import TelegramAdapter
@@ -50,26 +53,43 @@ class TelegramRoutines:
     def every(self, route: dict[str, Any], user: User, rest: str) -> str:
         if not rest.strip():
             return "Say when and what, e.g. /every monday 9:00 post last week's signups chart."
-        self.adapter._spawn(self._propose(route, user.id, "every " + rest.strip()))
+        run = self._answered_run(route)
+        if run is not None and not may_act_on_run(run["user"], f"telegram:{user.id}", str(user.id),
+                                                  self.adapter._admins):
+            return "Only the person who asked for that task or an AutoCode admin can repeat it."
+        self.adapter._spawn(self._propose(route, user.id, "every " + rest.strip(), run))
         return "Reading the schedule…"
 
-    async def _propose(self, route: dict[str, Any], user_id: int, phrase: str) -> None:
+    def _answered_run(self, route: dict[str, Any]) -> dict[str, Any] | None:
+        """The run whose answer (or progress message) the command replies to, in this conversation."""
+        replied = route.get("replied_to")
+        if not replied:
+            return None
+        for run in self.storage.list_runs(self._conversation(route), limit=100):
+            where = json.loads(run["reply_to_json"] or "{}")
+            if run["adapter"] == "telegram" and replied in (where.get("answer_message_id"),
+                                                            where.get("progress_message_id")):
+                return run
+        return None
+
+    async def _propose(self, route: dict[str, Any], user_id: int, phrase: str, run: dict[str, Any] | None) -> None:
         agent = self.adapter.scheduler.agent
         model = agent.channel_settings.effective(self._conversation(route)).model
         try:
             proposal = await read_phrase(agent.llm, phrase, self.settings.routine_tz,
-                                         self.settings.routine_min_interval, model)
+                                         self.settings.routine_min_interval, model, with_task=run is None)
         except RoutineError as exc:
             await self.adapter._send(route, str(exc), reply_to=route.get("message_id"))
             return
         while len(self._pending) >= PENDING_MAX:
             self._pending.pop(next(iter(self._pending)))
         token = secrets.token_hex(6)
-        self._pending[token] = {"proposal": proposal, "user": user_id, "route": route}
+        self._pending[token] = {"proposal": proposal, "user": user_id, "route": route,
+                                "from_run": run["id"] if run else None}
         markup = InlineKeyboardMarkup([[InlineKeyboardButton("Save routine", callback_data=f"{PREFIX}save:{token}"),
                                         InlineKeyboardButton("Cancel", callback_data=f"{PREFIX}drop:{token}")]])
-        text = (f"Repeat “{proposal.task}” on {proposal.describe().replace('`', '')} Save it as a routine of this "
-                "chat?")
+        what = f"“{run['task']}” (that answer's code)" if run else f"“{proposal.task}”"
+        text = f"Repeat {what} on {proposal.describe().replace('`', '')} Save it as a routine of this chat?"
         await self.adapter._send(route, text, reply_to=route.get("message_id"), markup=markup)
 
     async def callback(self, query: CallbackQuery, data: str) -> None:
@@ -90,14 +110,19 @@ class TelegramRoutines:
             return
         proposal = pending["proposal"]
         try:
-            routine = routines.create_with_task(
-                self.storage, self.settings, self._conversation(route), proposal.task, proposal.cron, proposal.tz,
-                owner=f"telegram:{query.from_user.id}", adapter="telegram",
-                reply_to={"chat_id": route["chat_id"], "thread_id": route["thread_id"]})
+            if pending["from_run"]:
+                routine = routines.create_from_run(self.storage, self.settings, pending["from_run"], proposal.cron,
+                                                   proposal.tz)
+            else:
+                routine = routines.create_with_task(
+                    self.storage, self.settings, self._conversation(route), proposal.task, proposal.cron,
+                    proposal.tz, owner=f"telegram:{query.from_user.id}", adapter="telegram",
+                    reply_to={"chat_id": route["chat_id"], "thread_id": route["thread_id"]})
         except RoutineError as exc:
             await self.adapter._answer_query(query, str(exc), alert=True)
             return
         await self.adapter._answer_query(query, "Saved.")
+        how = "re-runs that answer's code" if pending["from_run"] else \
+            "first run plans the task; later runs re-use that code"
         await self.adapter._send(route, f"Saved routine {routine['id']}: “{routine['task']}” on {routine['cron']} "
-                                        f"({routine['tz']}). Its first run plans the task; later runs re-use that "
-                                        "code. /routines lists this chat's routines.")
+                                        f"({routine['tz']}). It {how}. /routines lists this chat's routines.")

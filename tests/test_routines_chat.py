@@ -38,8 +38,8 @@ class ScheduleLLM(ScriptedLLM):
         if kind == "schedule":
             phrase = body["messages"][-1]["content"]
             reply = {"cron": "", "task": ""}
-            if phrase.startswith("every monday 9:00 "):
-                reply = {"cron": "0 9 * * 1", "task": phrase.removeprefix("every monday 9:00 ")}
+            if phrase.startswith("every monday 9:00"):  # with a task, or alone (repeating an answer's run)
+                reply = {"cron": "0 9 * * 1", "task": phrase.removeprefix("every monday 9:00").strip()}
             elif phrase.startswith("every second "):
                 reply = {"cron": "* * * * *", "task": phrase.removeprefix("every second ")}
             spec = {"json": reply}
@@ -292,5 +292,21 @@ def test_a_routine_posts_to_its_telegram_chat_and_routines_lists_it(tmp_path):
             assert f"Saved routine {routine['id']}" in visible_text(saved[0])
             assert (routine["cron"], routine["owner"], routine["conversation"]) == ("0 9 * * 1", "telegram:7301",
                                                                                      "telegram:7301")
+
+            # "Repeat…" in Telegram: /every SCHEDULE as a reply to an answer makes a routine of that run.
+            answer_id = json.loads(db_rows(server.db, "SELECT reply_to_json FROM runs WHERE id = ?",
+                                           (source["id"],))[0]["reply_to_json"])["answer_message_id"]
+            answer = {"message_id": answer_id, "date": 0, "chat": chat, "from": tg.bot_user(), "text": "tag TR"}
+            tg.queue(tg.update(message=tg.message(chat, user, "/every monday 9:00", reply_to=answer)))
+            (offer,) = wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
+                                  and "that answer's code" in visible_text(c), "the repeat proposal", server)
+            assert visible_text(offer).startswith("Repeat “job tag=TR” (that answer's code) on 0 9 * * 1 in UTC")
+            save = offer.params["reply_markup"]["inline_keyboard"][0][0]
+            tg.queue(tg.update(callback_query=tg.callback(user, offer.result, save["callback_data"])))
+            wait_calls(tg, lambda c: c.method == "sendMessage" and c.chat_id == 7301
+                       and "re-runs that answer's code" in visible_text(c), "the saved repeat", server)
+            (repeat,) = db_rows(server.db, "SELECT * FROM routines WHERE from_run_id = ? AND cron = '0 9 * * 1'",
+                                (source["id"],))
+            assert repeat["plan_version"] == 1 and repeat["owner"] == "telegram:7301"
         finally:
             server.close()
