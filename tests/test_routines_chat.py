@@ -98,6 +98,10 @@ def test_a_routine_posts_to_its_channel_and_is_managed_by_its_owner_or_an_admin(
     texts = [message_text(c) for c in in_channel(slack, "chat.postMessage", channel)[posted_before:]]
     texts += [message_text(c) for c in in_channel(slack, "chat.update", channel)]
     assert any("tag RS" in text for text in texts), texts
+    # Its log in the thread says which routine and plan version ran.
+    wait_for(lambda: [c for c in in_channel(slack, "files.completeUploadExternal", channel)
+                      if f"routine {routine['id']}, plan version 1" in str(c.params.get("initial_comment"))], 20,
+             what="the run's log")
 
     # Bob neither owns it nor is an admin; the admin may pause it, Alice (its owner) resume and remove it.
     refused = ephemeral(server, f"routines pause {routine['id']}", channel, BOB)
