@@ -1,4 +1,4 @@
-"""The `autocode` command line: run, chat, history, show, serve, worker, cancel, usage, settings, doctor.
+"""The `autocode` command line: run, chat, history, show, serve, worker, cancel, usage, settings, routines, doctor.
 
 What a run produced (answers, errors, tracebacks, stdout/stderr, outputs, tool and artifact names, evaluator
 text) is untrusted: it is printed through `agent_core.terminal` (`_field` for text inside one of our lines,
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_core.config import ConfigError, Settings, load_dotenv_file
+from agent_core.routines_cli import add_parser as add_routines_parser
 from agent_core.sandbox import SandboxUnavailable
 from agent_core.terminal import json_for_terminal, safe_for_terminal
 from storage.db import StorageRefused
@@ -96,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     channel.add_argument("value", nargs="?", help="set: the value, e.g. gpt-4o, 5, off, 12.50, none, all, numpy,llm "
                          "(only these tools), or changes after --: set tools -- -geocode,+pandas")
 
+    add_routines_parser(sub)  # agent_core/routines_cli.py
+
     doctor = sub.add_parser("doctor", help="check the configuration and which sandbox protections are active")
     doctor.add_argument("--tools", type=Path)
     doctor.add_argument("--json", action="store_true")
@@ -160,6 +163,10 @@ def _command(argv: list[str] | None) -> int:
             return _usage(args, settings)
         if args.command == "settings":
             return _settings(args, settings)
+        if args.command == "routines":
+            from agent_core.routines_cli import main as routines_main
+
+            return routines_main(args, settings)
         return _history(args, settings) if args.command == "history" else _show(args, settings)
     except (ConfigError, ToolError, SandboxUnavailable, StorageRefused) as exc:
         print(f"autocode: {_block(exc)}", file=sys.stderr)
@@ -451,6 +458,8 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     run = details["run"]
     print(f"Run {run['id']} · {run['status']} · conversation {_field(run['conversation'])} · "
           f"{run['iterations']} iteration(s)")
+    if run.get("routine_id"):
+        print(f"Routine {_field(run['routine_id'])}, plan version {run['plan_version'] or '- (planned)'}")
     if details["settings"] is not None:  # what the run ran with (its channel's settings)
         print(f"Settings: {_field(EffectiveSettings.from_json(details['settings']).describe())}")
     print(f"Task: {_block(run['task'])}")

@@ -111,6 +111,18 @@ def _prompts(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
     return tuple(prompts)
 
 
+def _zone(env: Mapping[str, str], name: str) -> str:
+    """An IANA time zone name (default UTC), checked against the system's zone database."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    raw = env.get(name, "").strip() or "UTC"
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name} must be an IANA time zone such as Europe/Rome, got {raw!r}") from None
+    return raw
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     raw = env.get(name, "").strip().lower() or default
     if raw not in choices:
@@ -175,6 +187,12 @@ class Settings:
     mcp_result_kb: int = 256  # an MCP tool's result handed to a step is clipped to this many KB of text
     llm_prompt_max_chars: int = 20_000  # largest llm() prompt (with its system text)
     shutdown_grace: float = 30.0
+    # Routines (agent_core/routines.py): the shortest gap between two firings, how late a firing missed while serve
+    # was down may still run, the zone a cron is read in when none is given, and routines a channel may have.
+    routine_min_interval: float = 300.0
+    routine_grace: float = 3600.0
+    routine_tz: str = "UTC"
+    routines_per_channel: int = 20
     api_token: str | None = field(default=None, repr=False)
     port: int = 3000
     server_url: str | None = None
@@ -268,6 +286,10 @@ class Settings:
             mcp_result_kb=_int(env, "AUTOCODE_MCP_RESULT_KB", 256),
             llm_prompt_max_chars=_int(env, "AUTOCODE_LLM_PROMPT_MAX_CHARS", 20_000),
             shutdown_grace=_float(env, "AUTOCODE_SHUTDOWN_GRACE", 30.0),
+            routine_min_interval=_float(env, "AUTOCODE_ROUTINE_MIN_INTERVAL", 300.0),
+            routine_grace=_float(env, "AUTOCODE_ROUTINE_GRACE", 3600.0),
+            routine_tz=_zone(env, "AUTOCODE_ROUTINE_TZ"),
+            routines_per_channel=_int(env, "AUTOCODE_ROUTINES_PER_CHANNEL", 20),
             api_token=env.get("AUTOCODE_API_TOKEN") or None,
             port=_int(env, "PORT", 3000),
             server_url=env.get("AUTOCODE_SERVER_URL", "").strip() or None,
@@ -323,7 +345,7 @@ class Settings:
     def reply_cap(self, purpose: str) -> int:
         """The most tokens a reply for `purpose` (plan, evaluate, helper, probe) may have: its max_tokens."""
         return {"plan": self.llm_max_tokens_plan, "evaluate": self.llm_max_tokens_evaluate,
-                "helper": self.llm_max_tokens_helper}.get(purpose, 256)
+                "helper": self.llm_max_tokens_helper, "schedule": self.llm_max_tokens_helper}.get(purpose, 256)
 
     def require_llm(self) -> None:
         if not self.llm_configured:

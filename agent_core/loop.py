@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_core import history, prompts
+from agent_core import history, prompts, routines
 from agent_core.answer_check import unsupported_numbers
 from agent_core.approvals import Approvals
 from agent_core.artifacts import select_artifacts
@@ -198,7 +198,8 @@ class Agent:
         log.info("run %s: %s", run_id, effective.describe())
         history = self.storage.recent_messages(conversation, self.settings.history_chars)
         self.storage.add_message(conversation, "user", task, run_id)
-        return await _Run(self, run_id, conversation, task, history, effective).execute()
+        pinned = routines.pinned_plan(self.storage, row)  # a routine's run re-runs its verified plan
+        return await _Run(self, run_id, conversation, task, history, effective, pinned).execute()
 
     async def emit(self, event: RunEvent) -> None:
         self.storage.add_event(event.run_id, event_type(event), event_data(event))
@@ -252,8 +253,9 @@ class _Run:
     """The state of one run while it executes."""
 
     def __init__(self, agent: Agent, run_id: str, conversation: str, task: str, history: list[dict[str, Any]],
-                 effective: EffectiveSettings):
+                 effective: EffectiveSettings, pinned: Plan | None = None):
         self.agent = agent
+        self.pinned = pinned  # a routine's pinned plan (agent_core/routines.py): run without asking the planner
         self.effective = effective  # the channel's settings: model, iterations, tools
         self.model = effective.model
         self.max_iterations = effective.max_iterations
@@ -333,7 +335,7 @@ class _Run:
         finally:
             if self.sandbox is not None:
                 await asyncio.shield(self._close_sandbox(self.sandbox, keep_outputs=status != "cancelled"))
-            answer = await self._finish(status, answer, error)
+            answer, error = await self._finish(status, answer, error)
         return self._result(status, answer, error)
 
     async def _close_sandbox(self, sandbox: Sandbox, keep_outputs: bool) -> None:
@@ -460,6 +462,17 @@ class _Run:
 
     async def _plan(self) -> Plan:
         self._check_budget()  # the user's day may have been spent while the run was queued
+        plan = self.pinned if self.pinned is not None else await self._plan_afresh()
+        if plan.direct:
+            return plan  # no steps to announce: the answer comes with RunFinished
+        await self.agent.emit(PlanReady(
+            self.run_id, 1, plan.main_task_thought, [s.tool_name for s in plan.subtasks],
+            [s.description for s in plan.subtasks],
+        ))
+        return plan
+
+    async def _plan_afresh(self) -> Plan:
+        """The planner's plan for the task (a routine's run brings its pinned plan instead)."""
         messages = [
             {"role": "system", "content": self.planner_system},
             {"role": "user", "content": prompts.render(
@@ -478,12 +491,6 @@ class _Run:
                              {"role": "user", "content": prompts.render("direct_numbers", numbers=", ".join(made_up))}]
                 plan = await self._ask_planner(messages, PLAN_CODE_SCHEMA)
         self._check_budget()
-        if plan.direct:
-            return plan  # no steps to announce: the answer comes with RunFinished
-        await self.agent.emit(PlanReady(
-            self.run_id, 1, plan.main_task_thought, [s.tool_name for s in plan.subtasks],
-            [s.description for s in plan.subtasks],
-        ))
         return plan
 
     async def _ask_planner(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> Plan:
@@ -635,11 +642,14 @@ class _Run:
             self.storage.note_llm_call_error(answered[-1]["id"], detail)
         return LLMError(UNUSABLE_REPLY[purpose])
 
-    async def _finish(self, status: str, answer: str, error: str | None) -> str:
-        """Store and announce the run's end; returns the answer as stored (with the note on its files)."""
+    async def _finish(self, status: str, answer: str, error: str | None) -> tuple[str, str | None]:
+        """Store and announce the run's end; returns the answer and error as stored (with the notes on its files
+        and its routine)."""
         self._keep_workspace(status, answer, error)
         if answer and self.files_note:  # the answer says which files it could not attach
             answer = f"{answer}\n\n{self.files_note}"
+        # A routine's run: its plan pinned or its failure counted; the post says so (and what was skipped)
+        answer, error = routines.after_run(self.storage, self.run_id, status, answer, error)
         self.storage.finish_run(self.run_id, status, answer, error, self.iteration)
         # The history gets the answer, or a neutral note: never error text (agent_core/history.py).
         reply = answer if status == "succeeded" else history.note(self.failure or status)
@@ -647,7 +657,7 @@ class _Run:
             self.storage.add_message(self.conversation, "assistant", reply, self.run_id)
         usage = self.storage.usage(self.run_id)
         await self.agent.emit(RunFinished(self.run_id, status, answer, error, self.iteration, usage))
-        return answer
+        return answer, error
 
     def _keep_workspace(self, status: str, answer: str, error: str | None) -> None:
         """The run's kept outputs and its result join the conversation's workspace (not for a cancelled run);

@@ -36,6 +36,8 @@ from agent_core.http_guard import BodyGuard, error_response, http_error
 from agent_core.budget import monthly_status
 from agent_core.channel_settings import EffectiveSettings, SettingError, run_settings, scope_of
 from agent_core.pricing import month_bounds, prices_for, spend
+from agent_core.routine_clock import RoutineClock
+from agent_core.routines_api import RoutinesAPI
 from agent_core.scheduler import RunScheduler
 from bots import Runtime, build_adapters
 from storage.owner import DatabaseOwner
@@ -123,6 +125,7 @@ class Server:
             self.owner.release()
             raise
         self.scheduler = RunScheduler(self.agent, self.owner)
+        self.routine_clock = RoutineClock(self.scheduler)  # fires routines (agent_core/routines.py) on time
         self.runtime = Runtime(settings, self.scheduler, self.agent.storage, self.agent.events)
         self.adapters = build_adapters(self.runtime)
         for adapter in self.adapters:
@@ -142,6 +145,7 @@ class Server:
                 started.append(adapter)  # stopped at the end even when its start failed or is still going on
                 await self._start_adapter(adapter)
             await self.scheduler.announce_interrupted()
+            self.routine_clock.start()  # after the adapters: a firing missed while down may run at once
             log.info("autocode serve ready (sandbox %s; adapters: %s)", self.agent.executor.name,
                      self._adapters_line())
             self._sweeper = asyncio.create_task(retention.run_periodically(self.agent.storage, self.settings),
@@ -158,6 +162,7 @@ class Server:
             if self._sweeper is not None:
                 self._sweeper.cancel()
                 await asyncio.gather(self._sweeper, return_exceptions=True)
+            await self.routine_clock.stop()
             await self.scheduler.stop()  # adapters stay up meanwhile: runs finishing in the grace are rendered
             for adapter in reversed(started):
                 try:
@@ -238,6 +243,7 @@ class Server:
             Route("/api/usage", self._guarded(self.usage), methods=["GET"]),
             Route("/api/settings", self._guarded(self.get_settings), methods=["GET"]),
             Route("/api/settings", self._guarded(self.change_settings), methods=["POST"]),
+            *RoutinesAPI(self.routine_clock).routes(self._guarded),
             *viewer.routes(self.settings, self.agent.storage),
         ]
         for adapter in self.adapters:

@@ -138,6 +138,10 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         by_purpose[call["purpose"] or "other"] = (n + 1, p + (call["prompt_tokens"] or 0),
                                                   c + (call["completion_tokens"] or 0))
     effective = run_settings(run)
+    settings = effective.describe() if effective is not None else None
+    if settings and run.get("routine_id"):  # a routine's run (agent_core/routines.py): which, with which plan
+        settings += f" · routine {run['routine_id']}, " + (
+            f"plan version {run['plan_version']}" if run.get("plan_version") else "planned")
     summary = RunLog(
         run_id=run_id, task=run.get("task") or "", status=run.get("status") or "?",
         steps=[step_summary(s) for s in steps],
@@ -149,8 +153,8 @@ def run_log(storage: Storage, run_id: str, prices: PriceTable | None = None) -> 
         llm_calls=int(usage.get("llm_calls", 0)), prompt_tokens=int(usage.get("prompt_tokens", 0)),
         completion_tokens=int(usage.get("completion_tokens", 0)), by_purpose=by_purpose,
         cost=spend(storage, prices, run_id=run_id).describe() if prices is not None else None,
-        settings=effective.describe() if effective is not None else None,
-        unsupported=stored_unsupported(run), instructions=effective.instructions if effective is not None else "",
+        settings=settings, unsupported=stored_unsupported(run),
+        instructions=effective.instructions if effective is not None else "",
     )
     return _with_document(summary, run, steps, storage.approvals(run_id), storage.mcp_calls(run_id))
 

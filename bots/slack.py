@@ -60,6 +60,7 @@ from bots import slack_render as render
 from bots.slack_assistant import SlackAssistant
 from bots.slack_home import SlackHome
 from bots.slack_settings import SlackSettings, is_settings_command
+from bots.slack_routines import SlackRoutines, is_routines_command
 from bots.permissions import may_act_on_run, refusal_text
 from bots.run_log import log_to_post
 
@@ -86,6 +87,8 @@ HELP = (
     "see them and the files it made\n"
     "• `/autocode history` — your recent runs in this channel · `/autocode usage` — your LLM tokens\n"
     "• `/autocode cancel` — cancel your running tasks here · `/autocode reset` — forget your conversations here\n"
+    "• `/autocode every monday 9:00 TASK` — a routine: the task on a schedule (you see it before it is saved); "
+    "`/autocode routines` lists this channel's (their owner or an admin can pause, resume or remove one)\n"
     "• `/autocode settings` — this channel's model, iterations, tools, network and budget (admins change them "
     "with `/autocode settings set NAME VALUE` or in AutoCode's Home tab)\n"
     "In a thread, mention AutoCode with `reset`, `cancel`, `history` or `usage` to act on that thread only."
@@ -282,6 +285,7 @@ class SlackAdapter:
         app.assistant(self.assistant.middleware)
         self.settings_ui = SlackSettings(self, app)  # /autocode settings, the settings modal
         self.home = SlackHome(self, app, self.settings_ui)  # the App Home tab
+        self.routines_ui = SlackRoutines(self, app)  # /autocode routines, /autocode every …
         app.command("/autocode")(self._on_command)
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
@@ -441,6 +445,10 @@ class SlackAdapter:
         words = text.strip().split()
         if is_settings_command(words):
             await ack(text=self.settings_ui.command(team, channel, user, words), response_type="ephemeral")
+            return
+        if is_routines_command(words):  # bots/slack_routines.py
+            await ack(text=self.routines_ui.command(team, channel, user, words, command.get("enterprise_id")),
+                      response_type="ephemeral")
             return
         if not words or (len(words) == 1 and words[0].lower() in SUBCOMMANDS):
             word = words[0].lower() if words else "help"

@@ -2,8 +2,9 @@
 
 The page shows the user's recent runs (status, task clipped and escaped, when, tokens, cost, a link to the run page
 when the viewer is on and AUTOCODE_PUBLIC_URL is set), their spend this month against AUTOCODE_MONTHLY_BUDGET_PER_USER,
-and for admins (SLACK_ADMIN_USERS) the settings of the workspace's channels that have runs or settings, each with
-a button opening the settings modal (bots/slack_settings.py). The page is published after the event is
+their routines (bots/slack_routines.py: pause, resume, remove), and for admins (SLACK_ADMIN_USERS) the settings of
+the workspace's channels that have runs or settings, each with a button opening the settings modal
+(bots/slack_settings.py). The page is published after the event is
 acknowledged, and again when one of that user's runs finishes or an admin saves settings, for users who opened it
 since the server started.
 """
@@ -90,6 +91,7 @@ class SlackHome:
         if not runs:
             blocks.append(render.section("No runs yet. Mention @AutoCode in a channel, send it a message, or use "
                                          "`/autocode TASK`."))
+        blocks += self.adapter.routines_ui.home_blocks(team, user)  # bots/slack_routines.py
         if self.settings_ui.may_change(user):
             blocks += self._settings_blocks(team)
         return {"type": "home", "blocks": blocks[:100]}

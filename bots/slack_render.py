@@ -16,6 +16,7 @@ MESSAGE_CHARS = 11000  # block text per message: well under Slack's practical ms
 PROGRESS_CHARS = 2800  # the progress message is updated often: one section
 CANCEL_ACTION = "autocode_cancel"
 RERUN_ACTION = "autocode_rerun"
+REPEAT_ACTION = "autocode_repeat"  # "Repeat…" on a succeeded run: make it a routine (bots/slack_routines.py)
 APPROVE_ACTION = "autocode_approve"  # value: "<run id>:<approval number>"
 DENY_ACTION = "autocode_deny"
 APPROVAL_CALL_CHARS = 2700  # the call in the approval message, escaped, in a code block (the section holds 3,000)
@@ -201,6 +202,8 @@ def progress_blocks(progress: Progress) -> Blocks:
     elements = []
     if progress.final:
         elements.append(button("Re-run", RERUN_ACTION, progress.run_id))
+        if progress.status == "succeeded":
+            elements.append(button("Repeat…", REPEAT_ACTION, progress.run_id))
     else:
         elements.append(button("Cancel", CANCEL_ACTION, progress.run_id, "danger"))
     if progress.url:
@@ -363,6 +366,8 @@ def final_blocks(progress: Progress, answer: str, images: list[tuple[str, str]] 
     head = context(f"*AutoCode*{asker}: {escape(clip(progress.task, 300))}")
     shown = [image_block(file_id, name) for file_id, name in list(images)[:MAX_IMAGES]]
     elements = [button("Re-run", RERUN_ACTION, progress.run_id)]
+    if progress.status == "succeeded":
+        elements.append(button("Repeat…", REPEAT_ACTION, progress.run_id))
     if progress.url:
         elements.append({"type": "button", "text": {"type": "plain_text", "text": "Full log"},
                          "action_id": "autocode_full_log", "url": progress.url})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from html import escape as html_escape
 import logging
 import os
 import re
@@ -52,6 +51,7 @@ from agent_core.pricing import prices_for, spend
 from agent_core.events import ApprovalDecided, ApprovalRequested, RunEvent, RunFinished
 from agent_core.scheduler import INTERRUPTED_MESSAGE
 from bots import Runtime
+from bots.telegram_routines import PREFIX as ROUTINE_PREFIX, TelegramRoutines
 from bots.permissions import may_act_on_run, may_change_settings, refusal_text
 from bots.run_log import log_to_post
 from bots.telegram_render import (
@@ -76,6 +76,8 @@ COMMANDS = [
     ("history", "Recent tasks in this conversation"),
     ("usage", "LLM tokens and their cost"),
     ("settings", "This chat's settings (model, tools, budget)"),
+    ("every", "A task on a schedule: /every monday 9:00 TASK"),
+    ("routines", "This chat's routines (tasks on a schedule)"),
     ("reset", "Forget this conversation's history and files"),
     ("help", "How to use AutoCode"),
 ]
@@ -87,6 +89,7 @@ HELP = (
     "read it, and follow-ups here can use it again.\n\n"
     "/cancel stops your running task · /history lists recent tasks · /usage shows tokens and their cost · "
     "/settings shows this chat's model, tools and budget (admins change them) · "
+    "/every monday 9:00 TASK repeats a task on a schedule, /routines lists them · "
     "/reset forgets this conversation's history and files."
 )
 FILES_TASK = "Analyse the attached file and tell me what it contains."
@@ -232,6 +235,7 @@ class TelegramAdapter:
         self._allowed_chats = _allowlist(self.settings.telegram_allowed_chats)
         self._allowed_users = _allowlist(self.settings.telegram_allowed_users)
         self._admins = frozenset(self.settings.telegram_admin_users)  # numeric ids only: usernames change hands
+        self.routines_ui = TelegramRoutines(self)  # /routines, /every
         self.app = self._build_application()
         self._ready = asyncio.Event()
         self._closed = False
@@ -400,6 +404,8 @@ class TelegramAdapter:
         private = chat.type == ChatType.PRIVATE
         route = {"chat_id": chat.id, "thread_id": _topic(message), "message_id": message.message_id,
                  "chat_type": chat.type, "user_id": user.id}
+        if message.reply_to_message is not None:  # `/every …` replying to an answer repeats that run
+            route["replied_to"] = message.reply_to_message.message_id
         files = _files_of(message)
         text = message.text if message.text is not None else message.caption
         if text is None and not files:
@@ -590,6 +596,9 @@ class TelegramAdapter:
         if data.startswith(("approve:", "deny:")):
             await self._approval_callback(query, data)
             return
+        if data.startswith(ROUTINE_PREFIX):  # Save / Cancel under an /every proposal
+            await self.routines_ui.callback(query, data)
+            return
         if not data.startswith("cancel:"):
             await self._answer_query(query, "")
             return
@@ -749,6 +758,12 @@ class TelegramAdapter:
         except SettingError as exc:
             return str(exc)
         return done + "\n\n" + settings_text(effective, store.choices(), admin)
+
+    def _command_routines(self, route: dict[str, Any], user: User, rest: str = "") -> str:
+        return self.routines_ui.routines(route, user, rest)  # bots/telegram_routines.py
+
+    def _command_every(self, route: dict[str, Any], user: User, rest: str = "") -> str:
+        return self.routines_ui.every(route, user, rest)
 
     def _command_cancel(self, route: dict[str, Any], user: User, rest: str = "") -> str:
         """Cancels (in the background) the user's active runs here; in a private chat, every active run."""

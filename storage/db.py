@@ -70,9 +70,12 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
             "unsupported_json": str,
             # The process that set it running (storage/processes.py): restart recovery spares a live one's runs.
             "runner": str,
+            # A routine's run (agent_core/routines.py): which routine, and the plan version it was given (NULL: it
+            # plans as any run, e.g. the first run of a routine made with a task).
+            "routine_id": str, "plan_version": int,
         },
         "id",
-        ["conversation", "status", "user", "scope"],
+        ["conversation", "status", "user", "scope", "routine_id"],
     ),
     "steps": (
         {
@@ -172,6 +175,30 @@ _TABLES: dict[str, tuple[dict[str, type], str | None, list[str]]] = {
         "id",
         ["run_id"],
     ),
+    # Routines (agent_core/routines.py): a task run on a cron schedule in an IANA time zone, re-running its pinned
+    # plan. `next_fire_at` (UTC ISO) is the durable schedule serve's clock reads; `note` is told in its next post
+    # (a firing skipped meanwhile); `failures` counts failed runs in a row (three pause it).
+    "routines": (
+        {"id": str, "task": str, "conversation": str, "cron": str, "tz": str, "owner": str, "adapter": str,
+         "reply_to_json": str, "state": str, "plan_version": int, "failures": int, "next_fire_at": str,
+         "last_fired_at": str, "note": str, "from_run_id": str, "created_at": str, "updated_at": str},
+        "id",
+        ["state", "next_fire_at"],
+    ),
+    # A routine's plan versions: the subtasks and code of the run that succeeded with them (version 1 from the run
+    # it was made from or its first run; each repaired plan that succeeded, the next).
+    "routine_plans": (
+        {"id": int, "routine_id": str, "version": int, "plan_json": str, "run_id": str, "created_at": str},
+        "id",
+        ["routine_id"],
+    ),
+    # A routine's firings: the run each started, or why none did (skipped: missed, overlap, budget, paused).
+    "routine_runs": (
+        {"id": int, "routine_id": str, "run_id": str, "scheduled_for": str, "fired_at": str, "outcome": str,
+         "note": str},
+        "id",
+        ["routine_id", "run_id"],
+    ),
 }
 
 
@@ -199,6 +226,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     4: _declared,  # approvals.call_json (issue 21: the whole call an approver decides)
     5: _declared,  # tool_calls (issue 21: no trusted tool call twice)
     6: _declared,  # mcp_calls (issue 24: MCP calls audited)
+    7: _declared,  # routines, routine_plans, routine_runs; runs.routine_id, runs.plan_version (issue 23)
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -669,6 +697,68 @@ class Storage:
                           "SELECT scope FROM channel_settings WHERE scope LIKE ? ESCAPE '\\' ORDER BY scope",
                           (like, like))
         return [row["scope"] for row in rows if row["scope"]]
+
+    # routines (agent_core/routines.py)
+    def add_routine(self, row: dict[str, Any]) -> str:
+        routine_id = row.get("id") or secrets.token_hex(4)
+        stamp = now()
+        self._insert("routines", {"failures": 0, "plan_version": 0, "state": "active", **row, "id": routine_id,
+                                  "created_at": stamp, "updated_at": stamp})
+        return routine_id
+
+    def get_routine(self, routine_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM routines WHERE id = ?", (routine_id,))
+        return rows[0] if rows else None
+
+    def routines(self, state: str | None = None) -> list[dict[str, Any]]:
+        if state:
+            return self._rows("SELECT * FROM routines WHERE state = ? ORDER BY created_at, id", (state,))
+        return self._rows("SELECT * FROM routines ORDER BY created_at, id")
+
+    def due_routines(self, at: str) -> list[dict[str, Any]]:
+        """Active routines whose next firing is at or before `at` (UTC ISO), earliest first."""
+        return self._rows("SELECT * FROM routines WHERE state = 'active' AND next_fire_at IS NOT NULL AND "
+                          "next_fire_at <= ? ORDER BY next_fire_at", (at,))
+
+    def update_routine(self, routine_id: str, **changes: Any) -> None:
+        self._update("routines", routine_id, {**changes, "updated_at": now()})
+
+    def delete_routine(self, routine_id: str) -> bool:
+        """Forget a routine and its plan versions; its runs and firings stay (their routine_id names it)."""
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM routine_plans WHERE routine_id = ?", (routine_id,))
+            return self.db.execute("DELETE FROM routines WHERE id = ?", (routine_id,)).rowcount == 1
+
+    def add_routine_plan(self, routine_id: str, plan_json: str, run_id: str | None) -> int:
+        """Pin a new plan version (the next number) and make it the routine's current one; returns the version."""
+        with self._lock, self.db.conn:
+            version = self.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM routine_plans WHERE routine_id = ?",
+                                      (routine_id,)).fetchone()[0]
+            self.db.table("routine_plans").insert({"routine_id": routine_id, "version": version,
+                                                   "plan_json": plan_json, "run_id": run_id, "created_at": now()})
+            self.db.execute("UPDATE routines SET plan_version = ?, updated_at = ? WHERE id = ?",
+                            (version, now(), routine_id))
+        return version
+
+    def routine_plan(self, routine_id: str, version: int) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM routine_plans WHERE routine_id = ? AND version = ?", (routine_id, version))
+        return rows[0] if rows else None
+
+    def add_routine_run(self, row: dict[str, Any]) -> int:
+        return self._insert("routine_runs", {"fired_at": now(), **row})
+
+    def routine_runs(self, routine_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The routine's latest firings, newest first, with their run's status and error."""
+        return self._rows(
+            "SELECT f.*, r.status AS run_status, r.error AS run_error, r.plan_version AS plan_version "
+            "FROM routine_runs f LEFT JOIN runs r ON r.id = f.run_id WHERE f.routine_id = ? "
+            "ORDER BY f.id DESC LIMIT ?", (routine_id, limit))
+
+    def active_routine_run(self, routine_id: str) -> dict[str, Any] | None:
+        """A queued, held or running run of the routine (a firing now would overlap it)."""
+        rows = self._rows("SELECT * FROM runs WHERE routine_id = ? AND status IN ('queued', 'held', 'running') "
+                          "ORDER BY seq LIMIT 1", (routine_id,))
+        return rows[0] if rows else None
 
     # steps, evaluations, LLM calls, events
     def add_step(self, row: dict[str, Any]) -> int:
