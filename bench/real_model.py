@@ -152,12 +152,12 @@ class SlotWatch:
             if isinstance(slots, list):
                 self.writing = bool(self.writing)
                 for slot in slots:
-                    decoded = int((slot.get("next_token") or [{}])[0].get("n_decoded", 0)
-                                  if isinstance(slot.get("next_token"), list)
-                                  else (slot.get("next_token") or {}).get("n_decoded", slot.get("n_decoded", 0)))
+                    next_token = slot.get("next_token") or [{}]
+                    decoded = int((next_token[0] if isinstance(next_token, list) else next_token).get("n_decoded")
+                                  or 0)
                     if slot.get("is_processing") and decoded > 0:
                         self.writing = True
-                    self.max_decoded = max(self.max_decoded, decoded)
+                        self.max_decoded = max(self.max_decoded, decoded)
             self._stop.wait(self.interval)
 
 
