@@ -9,7 +9,9 @@ from typing import Any, Iterator, TypeVar
 import json_repair
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a tool_name; also in the schemas below
+# A tool_name; also in the schemas below. Bounded (64 characters): a small model under constrained decoding otherwise
+# writes "This_is_a_tutorial_for_you_here_and_…" until the reply cap cuts it (issue 20).
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 
 
@@ -136,7 +138,11 @@ class Evaluation(BaseModel):
 # minItems, pattern; tests/test_schemas.py checks them), and patterns only in the regex subset llama.cpp's
 # json-schema-to-grammar translates: anchored by ^ and $, character classes, groups, ? * + (no \w, no lookaround).
 # Kept compact since they travel with every call.
-EMPTY_OR_IDENTIFIER_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+EMPTY_OR_IDENTIFIER_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]{0,63})?$"
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$"  # an import: a module's dotted name
+# Lists are bounded too: SmolLM2 on llama-server repeated one string in `imports` until the cap (bench/RESULTS.md).
+MAX_IMPORTS = 12
+MAX_SUBTASKS = 10
 
 
 def strict_object(properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -150,15 +156,15 @@ SUBTASK_SCHEMA: dict[str, Any] = strict_object({
     "tool_name": {"type": "string", "pattern": IDENTIFIER_PATTERN},
     "input_from_tool": {"type": "string", "pattern": EMPTY_OR_IDENTIFIER_PATTERN},
     "description": {"type": "string"},
-    "imports": {"type": "array", "items": {"type": "string"}},
+    "imports": {"type": "array", "items": {"type": "string", "pattern": MODULE_PATTERN}, "maxItems": MAX_IMPORTS},
     "thought": {"type": "string"},
     "code": {"type": "string"},
 })
 
 
 def subtask_list() -> dict[str, Any]:
-    """An array of subtasks; empty is allowed (a plan's direct answer, an evaluator giving up)."""
-    return {"type": "array", "items": SUBTASK_SCHEMA}
+    """An array of subtasks, at most MAX_SUBTASKS; empty is allowed (an evaluator giving up)."""
+    return {"type": "array", "items": SUBTASK_SCHEMA, "maxItems": MAX_SUBTASKS}
 
 
 _DIRECT_BRANCH = strict_object({"direct_answer": {"type": "string"}})  # no code needed

@@ -214,10 +214,14 @@ async def test_schemas_sent_carry_the_parsers_rules_within_strict_mode(make_agen
     subtasks = code_branch["properties"]["subtasks"]
     assert subtasks["minItems"] == 1 and list(code_branch["properties"]) == ["subtasks"]
     for items in (subtasks["items"], evaluation_schema["properties"]["new_subtasks"]["items"]):
-        assert items["properties"]["tool_name"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]*$"
-        assert items["properties"]["input_from_tool"]["pattern"] == "^([A-Za-z_][A-Za-z0-9_]*)?$"
+        assert items["properties"]["tool_name"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+        assert items["properties"]["input_from_tool"]["pattern"] == "^([A-Za-z_][A-Za-z0-9_]{0,63})?$"
+        # Bounded lists and names (issue 20): a small model otherwise repeats one until the reply cap.
+        assert items["properties"]["imports"]["maxItems"] == 12
+        assert items["properties"]["imports"]["items"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_.]{0,63}$"
     assert "minItems" not in evaluation_schema["properties"]["new_subtasks"]  # [] is how the evaluator gives up
-    assert evaluation_schema["properties"]["retry_from"]["pattern"] == "^([A-Za-z_][A-Za-z0-9_]*)?$"
+    assert evaluation_schema["properties"]["retry_from"]["pattern"] == "^([A-Za-z_][A-Za-z0-9_]{0,63})?$"
+    assert subtasks["maxItems"] == evaluation_schema["properties"]["new_subtasks"]["maxItems"] == 10
 
     for name, schema in (("plan", plan_schema), ("evaluation", evaluation_schema)):
         assert strict_mode_problems(schema) == [], name
