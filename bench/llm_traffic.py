@@ -28,7 +28,7 @@ from tests.fakes.openai_server import FakeOpenAI  # noqa: E402
 BUDGET_CHARS = 12_000
 # The HTTP bodies: the characters above plus the JSON around them. Since issue 20 every request also carries its
 # reply cap and asks for a stream with usage (~55 bytes), and the plan schema's exclusive direct-answer branch
-# (~210 bytes): 12,413 bytes where 11,958 were before.
+# (~210 bytes), and the bounds on names and lists: 12,663 bytes where 11,958 were before.
 BUDGET_HTTP_BYTES = 13_000
 ORIGINAL_CHARS = 63_252
 
