@@ -148,4 +148,7 @@ def test_a_closed_pipe_ends_quietly(cli, llm_server):
         finally:
             os.close(write_end)
         assert proc.returncode == 141, (command, proc.stderr)
-        assert proc.stderr == "", (command, proc.stderr)
+        # Nothing about the pipe: no traceback, no error. (doctor may log the sandbox backend it falls back to, on
+        # a machine without bubblewrap: that line is about the sandbox, not the pipe.)
+        said = [line for line in proc.stderr.splitlines() if "fallback 'process' backend" not in line]
+        assert said == [], (command, proc.stderr)
