@@ -15,27 +15,13 @@ import httpx
 import pytest
 
 from tests.conftest import plan, subtask, verdict
-from tests.server_helpers import Serve, db_rows, serve_env
+from tests.server_helpers import Serve, db_rows
+from tests.test_uploads import serve  # noqa: F401  (the fixture: `autocode serve` processes on one database)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server's sandbox needs Linux")
 
 WRITE = subtask("write", "def write():\n    data = open('inputs/data.csv').read()\n"
                 "    open('outputs/copy.txt', 'w').write(data)\n    return {'chars': len(data)}")
-
-
-@pytest.fixture
-def serve(tmp_path, llm_server):
-    started: list[Serve] = []
-
-    def start(**overrides: str) -> Serve:
-        server = Serve(serve_env(llm_server, tmp_path / "serve.db", **overrides), tmp_path / "serve.log", tmp_path)
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def upload(server: Serve, conversation: str, data: bytes) -> httpx.Response:
