@@ -43,7 +43,13 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class LLMError(Exception):
-    """The LLM could not give a usable answer; the message is safe to show to users."""
+    """The LLM could not give a usable answer; the message is safe to show to users. `unreachable`: the server did
+    not answer, refused, or went away (the transport failed, not the reply: a run's history then says "the model
+    could not be reached", agent_core/history.py)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -173,9 +179,8 @@ class LLMClient:
 
     def _cut_off(self, purpose: str, reply: Reply) -> str:
         """The user's sentence for a reply the cap cut again after the re-ask."""
-        what = {"plan": "plan", "evaluate": "evaluation"}.get(purpose, "reply")
         setting = "AUTOCODE_LLM_MAX_TOKENS_" + {"evaluate": "EVALUATE", "helper": "HELPER"}.get(purpose, "PLAN")
-        return (f"The model's {what} was cut off at {self.settings.reply_cap(purpose):,} tokens, twice: it kept "
+        return (f"The model's {_noun(purpose)} was cut off at {self.settings.reply_cap(purpose):,} tokens, twice: it kept "
                 f"writing, likely repeating itself. Try a stronger model (AUTOCODE_MODEL), or raise {setting}.")
 
     async def text(self, *, purpose: str, messages: list[dict[str, str]], context: CallContext = CallContext(),
@@ -205,7 +210,7 @@ class LLMClient:
                 return await self._call(purpose, sent, fmt, response_format, context, clock)
             except openai.BadRequestError:
                 if fmt == "text":
-                    raise LLMError(f"The LLM server rejected the {purpose} request (HTTP 400).") from None
+                    raise LLMError(f"The LLM server rejected the {purpose} request (HTTP 400).", unreachable=True) from None
                 self._format_level += 1
                 log.warning("LLM server rejected response_format %s; falling back to %s", fmt, FORMATS[self._format_level])
 
@@ -235,7 +240,7 @@ class LLMClient:
     ) -> Reply:
         if clock.remaining() < MIN_TRY_S:  # a re-ask or fallback with no time left: nothing is sent
             clock.past_deadline = True
-            raise LLMError(self._gave_up(None, clock))
+            raise LLMError(self._gave_up(None, clock), unreachable=True)
         model = context.model or self.model
         kwargs: dict[str, Any] = {"model": model, "messages": messages,
                                   self._cap_param: self.settings.reply_cap(purpose)}
@@ -251,7 +256,7 @@ class LLMClient:
                           request_chars=request_chars)
         started = time.monotonic()
         try:
-            reply = await send_with_retries(clock, self.settings.llm_timeout, request.send, bounded=not self._stream)
+            reply = await send_with_retries(clock, self.settings.llm_timeout, request.send)
             record["retries"] = clock.attempt - 1
             record.update(response_chars=len(reply.text), finish_reason=reply.finish_reason)
             if reply.cut:
@@ -266,11 +271,11 @@ class LLMClient:
         except WritingStalled as exc:
             record["error"] = (f"The LLM at {self.base_url} stopped writing its {_noun(purpose)} after "
                                f"{exc.tokens:,} tokens: nothing came for {exc.pause_s:g} s (AUTOCODE_LLM_TIMEOUT).")
-            raise LLMError(record["error"]) from None
+            raise LLMError(record["error"], unreachable=True) from None
         except (openai.OpenAIError, TimeoutError, PastDeadline, httpx.HTTPError) as exc:
             record["retries"] = clock.attempt - 1
             record["error"] = self._gave_up(exc, clock)
-            raise LLMError(record["error"]) from None
+            raise LLMError(record["error"], unreachable=True) from None
         finally:
             # Tokens of a cut, failed or cancelled call are recorded too (and so priced): the server's usage,
             # else counted from the stream.

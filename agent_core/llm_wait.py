@@ -204,15 +204,13 @@ def retryable(exc: BaseException) -> bool:
     return retry_reason(exc) not in (None, "timeout")
 
 
-async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[float], Awaitable[T]], *,
-                            bounded: bool = True) -> T:
+async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[float], Awaitable[T]]) -> T:
     """One request of the call: `send(limit)` tried until it answers, up to `clock.attempts` times within the
-    deadline (retryable errors only), each try given `limit` = min(`timeout_s`, what is left) seconds: the whole
-    try when `bounded`, else `send` bounds itself (a streamed reply: `limit` for its first chunk, the deadline after).
-    Raises the last try's error (with `clock.past_deadline` set when the deadline ended it) or PastDeadline when no
-    time was left to send it."""
+    deadline (retryable errors only), each try given `limit` = min(`timeout_s`, what is left) seconds, which `send`
+    applies itself (agent_core/llm_stream.Request: to the whole try, or to a streamed reply's first chunk, the
+    deadline after). Raises the last try's error (with `clock.past_deadline` set when the deadline ended it) or
+    PastDeadline when no time was left to send it."""
     clock.attempt, clock.reason = 1, ""
-    clock.writing_since, clock.tokens = None, 0
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -228,15 +226,15 @@ async def send_with_retries(clock: CallClock, timeout_s: float, send: Callable[[
         reraise=True,
     )
     try:
-        return await _tries(clock, retrying, timeout_s, send, bounded)
+        return await _tries(clock, retrying, timeout_s, send)
     except BaseException:
         if clock.remaining() < MIN_TRY_S:  # whatever ended the last try, the deadline had come
             clock.past_deadline = True
         raise
 
 
-async def _tries(clock: CallClock, retrying: AsyncRetrying, timeout_s: float, send: Callable[[float], Awaitable[T]],
-                 bounded: bool) -> T:
+async def _tries(clock: CallClock, retrying: AsyncRetrying, timeout_s: float,
+                 send: Callable[[float], Awaitable[T]]) -> T:
     async for attempt in retrying:
         with attempt:
             limit = min(timeout_s, clock.remaining())
@@ -247,10 +245,7 @@ async def _tries(clock: CallClock, retrying: AsyncRetrying, timeout_s: float, se
                 await clock.notice()  # the retry starts
             clock.requests += 1
             clock.writing_since, clock.tokens = None, 0
-            if not bounded:
-                return await send(limit)
-            async with asyncio.timeout(limit):  # the whole try, however slowly the server trickles
-                return await send(limit)
+            return await send(limit)
     raise AssertionError("unreachable: tenacity returns or raises")
 
 

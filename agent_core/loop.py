@@ -117,12 +117,6 @@ def _traceback_frames(traceback: str | None) -> str:
     return "\n".join(frames)
 
 
-def _unreachable(exc: LLMError) -> bool:
-    """An LLM error of the transport (the server did not answer, refused, or went away), not of the reply."""
-    text = str(exc)
-    return text.startswith(("The LLM at ", "The LLM server ", "Could not reach"))
-
-
 def _history_text(messages: list[dict[str, Any]], limit_each: int | None = None) -> str:
     if not messages:
         return ""
@@ -500,7 +494,7 @@ class _Run:
                 shape_hint=prompts.render("plan_shape"), model=Plan, context=self._context(),
             )
         except LLMError as exc:
-            self.failure = "unreachable" if _unreachable(exc) else "plan"
+            self.failure = "unreachable" if exc.unreachable else "plan"
             raise self._plain_if_unusable(exc, "plan") from None
 
     def _known_texts(self) -> list[str]:
@@ -615,7 +609,7 @@ class _Run:
                 validate=lambda e: e.check_against(plan), context=self._context(),
             )
         except LLMError as exc:
-            self.failure = "unreachable" if _unreachable(exc) else "evaluate"
+            self.failure = "unreachable" if exc.unreachable else "evaluate"
             raise self._plain_if_unusable(exc, "evaluate") from None
         satisfactory, thoughts = evaluation.satisfactory, evaluation.thoughts
         if satisfactory and unfinished is not None:
