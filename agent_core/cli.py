@@ -444,6 +444,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     from agent_core.channel_settings import EffectiveSettings
     from agent_core.pricing import prices_for, spend
 
+    from agent_core.answer_check import stored_unsupported
     from agent_core.outputs import run_link, save_files
 
     storage = _open_storage(settings)
@@ -465,9 +466,9 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Task: {_block(run['task'])}")
     if run["answer"]:
         print(f"Answer: {_block(run['answer'])}")
-    if run.get("unsupported_json") and run["unsupported_json"] != "[]":
-        print(f"Warning: numbers of the answer not found in any step's output: "
-              f"{_field(', '.join(json.loads(run['unsupported_json'])))}")
+    unsupported = stored_unsupported(run)
+    if unsupported:
+        print(f"Warning: numbers of the answer not found in any step's output: {_field(', '.join(unsupported))}")
     if run["error"]:
         print(f"Error: {_field(run['error'])}")
     if details["url"]:

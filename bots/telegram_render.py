@@ -270,19 +270,14 @@ class Progress:
 
 # --------------------------------------------------------------------------------------------- the log
 
-def _utf16(text: str) -> int:
-    """Length as Telegram counts it (UTF-16 code units: an emoji may be two)."""
-    return len(text.encode("utf-16-le")) // 2
-
-
 def approval_text(tool: str, parts: tuple | list, arguments: str, timeout_s: float) -> str:
     """The approval request (HTML): the call with every argument named and each long value clipped in its middle
     (agent_core/call_text.py), so that the message stays within MAX_TEXT and a long first argument cannot hide a
     later one."""
     head, foot = f"🔐 {tool} needs your approval before it runs:\n", f"\nNo answer within {timeout_s:g} s denies it."
-    room = MAX_TEXT - _utf16(head + foot) - 8
-    shown = (call_text.fit(tool, list(parts), room, _utf16) if parts
-             else call_text.clip_middle(arguments, room, _utf16))
+    room = MAX_TEXT - utf16_length(head + foot) - 8
+    shown = (call_text.fit(tool, list(parts), room, utf16_length) if parts
+             else call_text.clip_middle(arguments, room, utf16_length))
     return (f"🔐 <b>{html.escape(tool)}</b> needs your approval before it runs:\n<pre>{html.escape(shown)}</pre>"
             + html.escape(foot))
 
