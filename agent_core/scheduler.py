@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from agent_core import history
 from agent_core.budget import daily_tokens_used, money_refusal
@@ -200,6 +200,7 @@ class RunScheduler:
             return False
         self.storage.end_pending_approvals(run_id, "interrupted" if status == "interrupted" else "cancelled")
         self.storage.finish_run(run_id, status, None, message, run.get("iterations") or 0)
+        self._note_end(run, status)
         log.info("run %s ended %s: %s", run_id, status, message)
         if status == "interrupted":  # told through its adapter's notifier, like every interrupted run
             if run_id not in self._unannounced:
@@ -323,12 +324,18 @@ class RunScheduler:
                       run_id, exc)
             self._unwritten.setdefault(run_id, ("interrupted", message))
             return False
-        if run.get("status") == "running" and run.get("conversation"):
-            try:
-                self.storage.add_message(run["conversation"], "assistant", history.note("interrupted"), run_id)
-            except Exception as exc:  # the run's end stands; the history only misses its note
-                log.error("run %s: could not note its end in the history (%s)", run_id, exc)
+        self._note_end(run, "interrupted")
         return True
+
+    def _note_end(self, run: dict[str, Any], kind: str) -> None:
+        """A run ended here, not by its loop: if its task is in the history (it was running), a neutral note that
+        it got no answer (agent_core/history.py), as the loop leaves."""
+        if run.get("status") != "running" or not run.get("conversation"):
+            return
+        try:
+            self.storage.add_message(run["conversation"], "assistant", history.note(kind), run["id"])
+        except Exception as exc:  # the run's end stands; the history only misses its note
+            log.error("run %s: could not note its end in the history (%s)", run["id"], exc)
 
     @property
     def running(self) -> list[str]:
