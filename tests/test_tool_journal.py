@@ -83,6 +83,34 @@ async def test_a_failed_call_fails_again_with_the_same_text_without_running(stor
     assert len(sent(first)) == 1
 
 
+async def test_a_replayed_tool_error_reaches_the_step_as_the_tool_error_it_was(storage):
+    """An MCP tool's failure reaches the step as ToolError (catchable by that name); replayed from the journal it
+    must be the same, or the step's `except ToolError` would miss it the second time."""
+    from tools.mcp_host import McpToolError
+
+    first = host_for(storage, "job-a")
+    token = CURRENT_STEP.set(StepCalls(1, "notify"))
+    try:
+        async def fails() -> None:
+            raise McpToolError("the server said no")
+
+        with pytest.raises(McpToolError):
+            await first._journaled("send_email", ["t@x", "mcp"], {}, fails)
+    finally:
+        CURRENT_STEP.reset(token)
+    again = host_for(storage, "job-b", toolset=first.toolset)
+    token = CURRENT_STEP.set(StepCalls(1, "notify"))
+    try:
+        async def must_not_run() -> None:
+            raise AssertionError("replayed calls do not run")
+
+        with pytest.raises(Exception) as replayed:
+            await again._journaled("send_email", ["t@x", "mcp"], {}, must_not_run)
+    finally:
+        CURRENT_STEP.reset(token)
+    assert replayed.value.raised_in_step_as == "ToolError" and str(replayed.value) == "the server said no"
+
+
 async def test_a_call_started_and_never_finished_is_not_repeated(storage):
     slow = exact_toolset("import time\nCALLS = []\n\ndef send_email(to, subject):\n    CALLS.append(to)\n"
                          "    time.sleep(0.5)\n    return {'sent': True}\n")

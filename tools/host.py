@@ -78,11 +78,24 @@ class ToolHost:
             return await self._journaled(name, [prompt, system], {}, ask, repeatable=True)
         if mcp is not None:
             mcp.check(name, args, kwargs)  # bad arguments: the step's ToolError, nobody asked to approve them
-            if self.budget is not None:
-                self.budget.admit_tool_call(name)  # before a person is asked: nobody approves a refused call
         function = None if mcp is not None else self.toolset.exact_function(name)
+        confirm = self.toolset.needs_confirmation(name)
+        if confirm and self.approve is None:
+            raise PermissionError(f"{name} needs a person's approval, and nobody can be asked here")
+
+        def admit() -> None:
+            """The step's MCP call budget, only for a call that really goes out (not one answered from the
+            journal) and before a person is asked (nobody approves a refused call)."""
+            if mcp is not None and self.budget is not None:
+                self.budget.admit_tool_call(name)
+
+        async def approve() -> None:
+            admit()
+            await self.approve(name, list(args), dict(kwargs))  # its time is not the tool's timeout
 
         async def run() -> Any:
+            if not confirm:
+                admit()
             if mcp is not None:
                 return await mcp.call(name, args, kwargs, self.timeout_s, self.record_mcp)
             assert function is not None
@@ -92,15 +105,7 @@ class ToolHost:
                 raise TimeoutError(f"{name} did not return within {self.timeout_s:g}s") from None
             return _to_json(value)
 
-        before = None
-        if self.toolset.needs_confirmation(name):
-            if self.approve is None:
-                raise PermissionError(f"{name} needs a person's approval, and nobody can be asked here")
-
-            async def before() -> None:
-                await self.approve(name, list(args), dict(kwargs))  # its time is not the tool's timeout
-
-        return await self._journaled(name, list(args), dict(kwargs), run, before=before)
+        return await self._journaled(name, list(args), dict(kwargs), run, before=approve if confirm else None)
 
     async def _journaled(self, name: str, args: list[Any], kwargs: dict[str, Any], invoke: Any,
                          repeatable: bool = False, before: Any = None) -> Any:
@@ -143,7 +148,10 @@ class ToolHost:
         except asyncio.CancelledError:
             raise  # the step was killed during the call: it stays `started` (may or may not have run)
         except Exception as exc:
-            await self.journal.finish(key, False, None, f"{type(exc).__name__}: {exc}")
+            # Under the name the step catches it by (ToolError, ToolDenied: agent_core/sandbox/pool.py), so that a
+            # replay fails the same way.
+            name_in_step = getattr(exc, "raised_in_step_as", None) or type(exc).__name__
+            await self.journal.finish(key, False, None, f"{name_in_step}: {exc}")
             raise
         await self.journal.finish(key, True, value, "")
         return value

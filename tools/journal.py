@@ -76,10 +76,11 @@ class RecordedFailure(Exception):
 
 def replayed_failure(error: str) -> RecordedFailure:
     """The recorded failure as the step saw it the first time ("LookupError: no x" raises as a LookupError-named
-    exception with the text "no x")."""
+    exception with the text "no x"; "ToolError: …" as the ToolError the step can catch)."""
     name, _, message = error.partition(": ")
     if message and name.isidentifier():
-        return type(name, (RecordedFailure,), {})(message)
+        # raised_in_step_as: a ToolError or ToolDenied reaches the step as one again (others ignore it)
+        return type(name, (RecordedFailure,), {"raised_in_step_as": name})(message)
     return RecordedFailure(error)
 
 
