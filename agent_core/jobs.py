@@ -44,7 +44,7 @@ from agent_core.budget import BudgetLimits, CountedUsage, RunBudget
 from agent_core.config import Settings
 from agent_core.helper import ask_helper
 from agent_core.llm import CallContext, LLMClient
-from agent_core.redis_outage import UNREACHABLE, Outage
+from agent_core.redis_outage import UNREACHABLE, Outage, RedisUnreachable
 from agent_core.sandbox import Limits, PlannedStep, SandboxUnavailable, StepBatch, StepResult
 from agent_core.sandbox.clock import paused
 from agent_core.sandbox.pool import SandboxExecutor
@@ -198,7 +198,7 @@ class JobRunner:
                          "serve gave up waiting for it" if holder == GAVE_UP else f"already taken by {holder}")
                 return
             await redis(lambda: self.redis.zrem(QUEUE_KEY, job_id))
-        except UNREACHABLE:
+        except RedisUnreachable:
             log.error("job %s: Redis stayed unreachable; not started", job_id)
             return
         work = asyncio.current_task()
@@ -209,7 +209,7 @@ class JobRunner:
             await self._execute(job, redis)
         except asyncio.CancelledError:
             log.info("job %s of run %s cancelled by serve", job_id, job["run_id"])
-        except UNREACHABLE:
+        except RedisUnreachable:
             log.error("job %s of run %s: Redis stayed unreachable past AUTOCODE_REDIS_GRACE; its reports are lost",
                       job_id, job["run_id"])
         finally:
@@ -256,9 +256,9 @@ class JobRunner:
                 data = without_inputs(data)
             await publish({"type": "done", "worker": self.name, "workdir": base64.b64encode(data).decode(),
                            "skipped": skipped})
-        except UNREACHABLE:
-            raise
-        except Exception as exc:  # the worker's sandbox broke: serve turns this into the step's failure
+        except RedisUnreachable:
+            raise  # its reports cannot reach serve: run() logs it
+        except Exception as exc:  # the worker's sandbox broke (an OSError of its own too: not an outage): serve turns this into the step's failure
             log.exception("job %s of run %s failed", job_id, run_id)
             await publish({"type": "failed", "worker": self.name,
                            "error": f"SandboxError: the worker {self.name} could not finish the job ({type(exc).__name__})"})

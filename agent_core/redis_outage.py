@@ -28,6 +28,11 @@ RETRY_EVERY_S = 0.5
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, OperationalError)
 
 
+class RedisUnreachable(Exception):
+    """Redis stayed unreachable past the grace (raised by `Outage` from the last error). A class of its own, so that
+    a caller's `except` cannot take another OSError (a full disk in the sandbox, say) for an outage."""
+
+
 class Outage:
     """Retries Redis commands through outages of up to `grace` seconds; `what` names the job in log lines."""
 
@@ -52,7 +57,7 @@ class Outage:
                     log.warning("%s: Redis is unreachable (%s); retrying for up to %g s (AUTOCODE_REDIS_GRACE)",
                                 self.what, type(exc).__name__, self.grace)
                 if now - self.down_since > self.grace:
-                    raise
+                    raise RedisUnreachable(f"Redis unreachable for over {self.grace:g} s ({type(exc).__name__})") from exc
                 await asyncio.sleep(RETRY_EVERY_S)
                 continue
             if self.down_since is not None:
@@ -63,4 +68,4 @@ class Outage:
             return value
 
 
-__all__ = ["Outage", "UNREACHABLE"]
+__all__ = ["Outage", "RedisUnreachable", "UNREACHABLE"]

@@ -21,7 +21,6 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from kombu.exceptions import OperationalError
 
 from agent_core.budget import RunBudget
 from agent_core.channel_settings import run_settings
@@ -29,7 +28,7 @@ from agent_core.config import Settings
 from agent_core.jobs import (
     BEAT_TTL_S, GAVE_UP, KEY_TTL_S, QUEUE_KEY, TASK_NAME, celery_app, encode_job, job_key,
 )
-from agent_core.redis_outage import UNREACHABLE, Outage
+from agent_core.redis_outage import UNREACHABLE, Outage, RedisUnreachable
 from agent_core.sandbox import (
     BatchProgress, CollectedOutputs, PlannedStep, SandboxUnavailable, StepBatch, StepRequest, StepResult,
     ToolCallHandler,
@@ -137,7 +136,7 @@ class RemoteSandbox:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 outcome, results, stuck = await self._attempt(batch, progress)
-            except UNREACHABLE as exc:
+            except (RedisUnreachable, *UNREACHABLE) as exc:
                 log.error("run %s: Redis failed while its steps ran: %s", self.run_id, type(exc).__name__)
                 result = StepResult(ok=False, error=(
                     f"SandboxError: lost the connection to the job queue (Redis at "
@@ -337,7 +336,7 @@ class RemoteSandbox:
 
         try:
             await redis(stop)
-        except UNREACHABLE:
+        except (RedisUnreachable, *UNREACHABLE):
             log.error("run %s: could not tell the workers to stop job %s (Redis unreachable)", self.run_id, job_id)
 
     def _keep_workdir(self, message: dict[str, Any]) -> None:
