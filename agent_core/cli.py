@@ -218,11 +218,7 @@ async def _run_or_chat(args: argparse.Namespace, settings: Settings) -> int:
                 unsaved = f"could not save the run's files into {args.save_to}: {exc.strerror or exc}"
         link = run_link(settings, agent.storage, result.run_id)
     finally:
-        await agent.executor.stop()
-        if agent.toolset.mcp_host is not None:
-            await agent.toolset.mcp_host.close()  # the MCP servers stop with the process
-        await agent.llm.close()
-        agent.storage.close()
+        await agent.close()
     if args.json:
         print(json_for_terminal({**result.to_json(), "url": link,
                                  **({"saved": [str(path) for path in saved]} if saved is not None else {})},

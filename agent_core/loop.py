@@ -195,6 +195,14 @@ class Agent:
         pinned = routines.pinned_plan(self.storage, row)  # a routine's run re-runs its verified plan
         return await _Run(self, run_id, conversation, task, history, effective, pinned).execute()
 
+    async def close(self) -> None:
+        """Stop what the agent started: its sandbox pool, its MCP servers, its LLM client, its database."""
+        await self.executor.stop()
+        if self.toolset.mcp_host is not None:
+            await self.toolset.mcp_host.close()  # the MCP servers stop with the process
+        await self.llm.close()
+        self.storage.close()
+
     async def emit(self, event: RunEvent) -> None:
         self.storage.add_event(event.run_id, event_type(event), event_data(event))
         await self.events.emit(event)

@@ -153,9 +153,7 @@ async def _run_here(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_FAILED
         result = await agent.execute(firing.run_id)
     finally:
-        await agent.executor.stop()
-        await agent.llm.close()
-        agent.storage.close()
+        await agent.close()  # its MCP servers too
     if args.json:
         print(json_for_terminal(result.to_json(), ensure_ascii=False, indent=2))
     elif result.status == "succeeded":

@@ -169,11 +169,7 @@ class Server:
                     await adapter.stop()
                 except Exception:
                     log.exception("adapter %s did not stop cleanly", adapter.name)
-            await self.agent.executor.stop()
-            if self.agent.toolset.mcp_host is not None:
-                await self.agent.toolset.mcp_host.close()  # the MCP servers stop with serve
-            await self.agent.llm.close()
-            self.agent.storage.close()
+            await self.agent.close()  # the sandbox pool, the MCP servers, the LLM client, the database
             self.owner.release()
 
     async def _start_adapter(self, adapter: Any) -> None:

@@ -107,13 +107,9 @@ async def agent_from_env(tmp_path: Path, llm_server: FakeOpenAI):
 
 
 async def close_agents(agents: list[Any]) -> None:
-    """Stop what each test agent started: its sandbox pool, its LLM client, its database."""
+    """Stop what each test agent started: its sandbox pool, its MCP servers, its LLM client, its database."""
     for agent in agents:
-        await agent.executor.stop()
-        if agent.toolset.mcp_host is not None:  # its MCP servers' processes and connections
-            await agent.toolset.mcp_host.close()
-        await agent.llm.close()
-        agent.storage.close()
+        await agent.close()
 
 
 def subtask(name: str, code: str, input_from: str = "", imports: list[str] | None = None,
